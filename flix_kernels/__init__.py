@@ -1,0 +1,43 @@
+"""flix_kernels: fused kernels for FLix, featurized low-rank mixtures (Lin et al., 2024).
+
+Every discrete feature of an example (language, task, domain, ...) owns a low-rank update of
+each adapted linear layer; an example uses the sum of its features' updates::
+
+    y = W x + b + sum_{k in S(x)} s_k B_k A_k drop(x)
+
+Public API: :class:`FeatureSpace`, :class:`Routing`, :func:`flix_linear`, :func:`flix_delta`,
+:func:`available_backends`, :class:`FLixLinear`, :func:`inject`, :func:`set_routing`,
+:func:`use_routing`, :func:`merge`, :func:`unmerge`, :func:`save_adapters`,
+:func:`load_adapters`, :func:`export_peft`.
+"""
+
+from .backends import BackendUnavailableError, available_backends
+from .features import FeatureSpace
+from .routing import Routing
+from .ops import flix_delta, flix_linear
+from .nn import FLixLinear
+from .model import flix_layers, inject, merge, set_routing, unmerge, use_routing
+from .serialization import load_adapters, save_adapters
+from .integrations.peft import export_peft
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "FLixLinear",
+    "FeatureSpace",
+    "Routing",
+    "available_backends",
+    "export_peft",
+    "flix_delta",
+    "flix_layers",
+    "flix_linear",
+    "inject",
+    "load_adapters",
+    "merge",
+    "save_adapters",
+    "set_routing",
+    "unmerge",
+    "use_routing",
+    "__version__",
+]

@@ -1,0 +1,186 @@
+"""The feature space: named groups of discrete features, each feature owning a rank slice.
+
+Global feature ids are assigned group by group, in the order the groups were given, and
+within a group in the order of its values. Feature ``k`` owns rows
+``rank_offsets[k]:rank_offsets[k + 1]`` of ``lora_A`` (total_rank, in) and the same columns
+of ``lora_B`` (out, total_rank).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+__all__ = ["FeatureSpace"]
+
+
+class FeatureSpace:
+    """Named feature groups (``{"language": [...], "task": [...]}``) and a rank per group.
+
+    ``rank`` is one int for every group or a dict ``group -> int`` covering every group.
+    """
+
+    def __init__(self, groups: Mapping[str, Sequence[str]], rank: int | Mapping[str, int]):
+        if not isinstance(groups, Mapping) or len(groups) == 0:
+            raise ValueError("FeatureSpace needs at least one group, e.g. {'language': ['en', 'fr']}")
+        self._groups: dict[str, list[str]] = {}
+        for name, values in groups.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"group names must be non-empty strings, got {name!r}")
+            if isinstance(values, str) or not isinstance(values, Iterable):
+                raise ValueError(f"group {name!r} must be a list of feature names, got {values!r}")
+            values = list(values)
+            if not values:
+                raise ValueError(f"group {name!r} has no features")
+            for v in values:
+                if not isinstance(v, str):
+                    raise ValueError(f"feature names must be strings; group {name!r} has {v!r}")
+            dup = sorted({v for v in values if values.count(v) > 1})
+            if dup:
+                raise ValueError(f"group {name!r} lists features more than once: {dup}")
+            self._groups[name] = values
+
+        if isinstance(rank, Mapping):
+            unknown = sorted(set(rank) - set(self._groups))
+            missing = [g for g in self._groups if g not in rank]
+            if unknown:
+                raise ValueError(f"rank given for unknown group(s) {unknown}; known groups: {list(self._groups)}")
+            if missing:
+                raise ValueError(f"rank missing for group(s) {missing}")
+            group_rank = {g: rank[g] for g in self._groups}
+        else:
+            group_rank = {g: rank for g in self._groups}
+        for g, r in group_rank.items():
+            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                raise ValueError(f"rank of group {g!r} must be a positive int, got {r!r}")
+        self._group_rank = group_rank
+
+        self._index: dict[tuple[str, str], int] = {}
+        self.feature_group: list[int] = []  # group position of each global feature id
+        self.feature_names: list[tuple[str, str]] = []  # (group, value) of each global feature id
+        self.group_offsets: list[int] = [0]  # feature ids of group g: group_offsets[g]:group_offsets[g+1]
+        self.ranks: list[int] = []
+        for gi, (g, values) in enumerate(self._groups.items()):
+            for v in values:
+                self._index[(g, v)] = len(self.ranks)
+                self.feature_group.append(gi)
+                self.feature_names.append((g, v))
+                self.ranks.append(group_rank[g])
+            self.group_offsets.append(len(self.ranks))
+        self.rank_offsets: list[int] = [0]
+        for r in self.ranks:
+            self.rank_offsets.append(self.rank_offsets[-1] + r)
+
+    # -- sizes ------------------------------------------------------------------------------
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        return {g: list(v) for g, v in self._groups.items()}
+
+    @property
+    def group_names(self) -> list[str]:
+        return list(self._groups)
+
+    @property
+    def group_ranks(self) -> dict[str, int]:
+        return dict(self._group_rank)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self._groups)
+
+    @property
+    def num_features(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def total_rank(self) -> int:
+        return self.rank_offsets[-1]
+
+    # -- names <-> ids ----------------------------------------------------------------------
+    def index(self, group: str, value: str) -> int:
+        """Global feature id of ``value`` in ``group``."""
+        if group not in self._groups:
+            raise ValueError(f"unknown feature group {group!r}; known groups: {list(self._groups)}")
+        key = (group, value)
+        if key not in self._index:
+            raise ValueError(
+                f"unknown feature {value!r} in group {group!r}; known values: {self._groups[group]}"
+            )
+        return self._index[key]
+
+    def feature_ids(self, features: Mapping[str, str]) -> list[int]:
+        """Sorted global ids of one feature set given as ``{group: value}``."""
+        return sorted(self.index(g, v) for g, v in features.items())
+
+    def encode(self, examples: Sequence[Mapping[str, str]]) -> torch.Tensor:
+        """``(B, num_groups)`` int64 ids, column g holding the feature of group g or -1."""
+        out = torch.full((len(examples), self.num_groups), -1, dtype=torch.long)
+        col = {g: i for i, g in enumerate(self._groups)}
+        for b, ex in enumerate(examples):
+            if not isinstance(ex, Mapping):
+                raise ValueError(f"example {b}: expected a dict group -> value, got {type(ex).__name__}")
+            for g, v in ex.items():
+                if v is None:
+                    continue
+                try:
+                    out[b, col[g]] = self.index(g, v)
+                except (KeyError, ValueError) as e:
+                    msg = str(e) if isinstance(e, ValueError) else (
+                        f"unknown feature group {g!r}; known groups: {list(self._groups)}")
+                    raise ValueError(f"example {b}: {msg}") from None
+        return out
+
+    def decode(self, ids) -> list[dict[str, str]]:
+        """Inverse of :meth:`encode`: ``(B, G)`` ids (or one row) to a list of ``{group: value}``."""
+        t = torch.as_tensor(ids)
+        if t.dim() == 1:
+            t = t[None]
+        out = []
+        for b, row in enumerate(t.tolist()):
+            ex: dict[str, str] = {}
+            for k in row:
+                if k == -1:
+                    continue
+                if not (0 <= k < self.num_features):
+                    raise ValueError(f"example {b}: feature id {k} out of range [0, {self.num_features})")
+                g, v = self.feature_names[k]
+                ex[g] = v
+            out.append(ex)
+        return out
+
+    # -- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"groups": self.groups, "rank": self.group_ranks}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "FeatureSpace":
+        if not isinstance(d, Mapping) or "groups" not in d or "rank" not in d:
+            raise ValueError("FeatureSpace.from_dict expects a dict with keys 'groups' and 'rank'")
+        return cls(d["groups"], d["rank"])
+
+    def _key(self) -> tuple:
+        # Order matters: it decides the global ids, so two spaces are equal only if it agrees.
+        return tuple((g, tuple(v), self._group_rank[g]) for g, v in self._groups.items())
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, FeatureSpace) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def describe_difference(self, other: "FeatureSpace") -> str:
+        """One line naming the first difference between two spaces ('' when equal)."""
+        a, b = self._key(), other._key()
+        if [g for g, _, _ in a] != [g for g, _, _ in b]:
+            return f"groups differ: {[g for g, _, _ in a]} vs {[g for g, _, _ in b]}"
+        for (g, va, ra), (_, vb, rb) in zip(a, b):
+            if va != vb:
+                return f"values of group {g!r} differ: {list(va)} vs {list(vb)}"
+            if ra != rb:
+                return f"rank of group {g!r} differs: {ra} vs {rb}"
+        return ""
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{g}: {len(v)} x r{self._group_rank[g]}" for g, v in self._groups.items())
+        return f"FeatureSpace({parts}; {self.num_features} features, total_rank={self.total_rank})"

@@ -1,0 +1,139 @@
+"""Model utilities: inject FLix layers, route a whole model, merge a feature set."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Iterable, Mapping
+
+import torch.nn as nn
+
+from .features import FeatureSpace
+from .nn import FLixLinear
+from .routing import Routing
+
+__all__ = ["flix_layers", "inject", "set_routing", "use_routing", "merge", "unmerge"]
+
+
+def flix_layers(model: nn.Module) -> list[tuple[str, FLixLinear]]:
+    """``(name, layer)`` for every FLixLinear in ``model`` (the model itself included)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, FLixLinear)]
+
+
+def _require_layers(model: nn.Module) -> list[tuple[str, FLixLinear]]:
+    layers = flix_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no FLix layers; call flix_kernels.inject(model, space, ...) first")
+    return layers
+
+
+def _output_head(model: nn.Module):
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        try:
+            return get()
+        except (NotImplementedError, AttributeError):
+            return None
+    return None
+
+
+def _candidate_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """Every nn.Linear not already inside a FLix layer, each occurrence of a shared module."""
+    inside = [n + "." for n, _ in flix_layers(model)]
+    out = []
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, nn.Linear) and name and not any(name.startswith(p) for p in inside):
+            out.append((name, m))
+    return out
+
+
+def _match(names: list[str], target_modules, head_names: set[str]) -> list[str]:
+    if isinstance(target_modules, str):
+        if target_modules == "all-linear":
+            return [n for n in names if n not in head_names]
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"target_modules {target_modules!r} is not a valid regex: {e}") from None
+        return [n for n in names if pattern.fullmatch(n)]
+    if isinstance(target_modules, Iterable):
+        targets = list(target_modules)
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ValueError(f"target_modules must be non-empty names, got {targets!r}")
+        return [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
+    raise TypeError(f"target_modules must be a list of names, a regex or 'all-linear', got {type(target_modules).__name__}")
+
+
+def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+
+
+def inject(model: nn.Module, space: FeatureSpace, *, target_modules, alpha: float = 8.0, dropout: float = 0.0,
+           use_rslora: bool = False, init: str = "lora", adapter_dtype=None, backend: str = "auto") -> list[str]:
+    """Replace matching ``nn.Linear`` modules by :class:`FLixLinear` in place; freeze the rest.
+
+    ``target_modules``: module-name suffixes (``["q_proj", "v_proj"]``), a regex matched
+    against full names, or ``"all-linear"`` (every nn.Linear but the output head). Returns the
+    replaced names. Afterwards only the FLix ``lora_A``/``lora_B`` parameters require grad.
+    """
+    if not isinstance(space, FeatureSpace):
+        raise TypeError(f"space must be a FeatureSpace, got {type(space).__name__}")
+    candidates = _candidate_linears(model)
+    head = _output_head(model)
+    head_names = {n for n, m in candidates if m is head}
+    names = _match([n for n, _ in candidates], target_modules, head_names)
+    if not names:
+        shown = [n for n, _ in candidates][:20]
+        raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear in {type(model).__name__}; "
+                         f"its linear modules include {shown}")
+    by_name = dict(candidates)
+    wrapped: dict[int, FLixLinear] = {}  # a Linear shared by several names gets one FLix layer
+    for name in names:
+        lin = by_name[name]
+        if id(lin) not in wrapped:
+            wrapped[id(lin)] = FLixLinear.from_linear(lin, space, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                                                      init=init, adapter_dtype=adapter_dtype, backend=backend)
+        _replace(model, name, wrapped[id(lin)])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, layer in flix_layers(model):
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+    return names
+
+
+def set_routing(model: nn.Module, routing: Routing | None) -> None:
+    """Route every FLix layer of ``model`` with ``routing`` until replaced (None clears)."""
+    for _, layer in _require_layers(model):
+        layer.set_routing(routing)
+
+
+@contextlib.contextmanager
+def use_routing(model: nn.Module, routing: Routing):
+    """``with use_routing(model, routing): ...`` routes the model inside the block only."""
+    layers = _require_layers(model)
+    previous = [layer._routing for _, layer in layers]
+    try:
+        for _, layer in layers:
+            layer.set_routing(routing)
+        yield model
+    finally:
+        for (_, layer), r in zip(layers, previous):
+            layer._routing = r
+
+
+def merge(model: nn.Module, features: Mapping[str, str]) -> None:
+    """Fold the update of one feature set (``{group: value}``) into every FLix layer's base weight."""
+    layers = _require_layers(model)
+    for name, layer in layers:
+        if layer.merged is not None:
+            raise RuntimeError(f"layer {name!r} is already merged; call flix_kernels.unmerge(model) first")
+    for _, layer in layers:
+        layer.merge(layer.space.feature_ids(features))
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo :func:`merge` on every FLix layer."""
+    for _, layer in _require_layers(model):
+        layer.unmerge()

@@ -1,0 +1,195 @@
+"""FLixLinear: a drop-in ``nn.Linear`` with one low-rank update per feature."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from .features import FeatureSpace
+from .ops import flix_delta, flix_linear
+from .routing import Routing
+
+__all__ = ["FLixLinear"]
+
+_INITS = ("lora", "gaussian")
+
+
+def _in_backward() -> bool:
+    """True while autograd's engine runs (a checkpointed forward being recomputed)."""
+    graph_task = getattr(torch._C, "_current_graph_task_id", None)
+    return graph_task is not None and graph_task() != -1
+
+
+class FLixLinear(nn.Module):
+    """``y = base(x) + sum_{k in S(x)} s_k B_k A_k drop(x)`` with a frozen base ``nn.Linear``.
+
+    ``lora_A`` is ``(space.total_rank, in)`` and ``lora_B`` ``(out, space.total_rank)``;
+    feature k owns the rank slice ``space.rank_offsets[k]:space.rank_offsets[k+1]``. The
+    per-feature scale is ``alpha / r_k`` (``alpha / sqrt(r_k)`` with ``use_rslora``).
+    Initialised like LoRA (A Kaiming-uniform, B zero), so a fresh layer equals its base.
+
+    Args beyond ``nn.Linear``'s: ``space`` (the :class:`FeatureSpace`), ``alpha`` (default 8,
+    PEFT's default ``lora_alpha``), ``dropout`` (on the low-rank input, training only),
+    ``use_rslora``, ``init`` ("lora" or "gaussian": A ~ N(0, 1/r)), ``adapter_dtype`` (dtype
+    of lora_A/lora_B; default the base weight's), ``backend`` (see :func:`flix_linear`).
+    """
+
+    def __init__(self, in_features: int, out_features: int, space: FeatureSpace, *, bias: bool = True,
+                 alpha: float = 8.0, dropout: float = 0.0, use_rslora: bool = False, init: str = "lora",
+                 adapter_dtype: torch.dtype | None = None, backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._setup(base, space, alpha, dropout, use_rslora, init, adapter_dtype, backend)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, space: FeatureSpace, *, alpha: float = 8.0, dropout: float = 0.0,
+                    use_rslora: bool = False, init: str = "lora", adapter_dtype: torch.dtype | None = None,
+                    backend: str = "auto") -> "FLixLinear":
+        """Wrap an existing ``nn.Linear`` (kept as the frozen ``base_layer``; no weight copy)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(linear, space, alpha, dropout, use_rslora, init, adapter_dtype, backend)
+        return self
+
+    def _setup(self, base, space, alpha, dropout, use_rslora, init, adapter_dtype, backend):
+        if not isinstance(space, FeatureSpace):
+            raise TypeError(f"space must be a FeatureSpace, got {type(space).__name__}")
+        if not (0.0 <= float(dropout) < 1.0):
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if init not in _INITS:
+            raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+        self.base_layer = base
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.space = space
+        self.dropout = float(dropout)
+        self.backend = backend
+        w = base.weight
+        dt = adapter_dtype or w.dtype
+        self.lora_A = nn.Parameter(torch.empty(space.total_rank, self.in_features, device=w.device, dtype=dt))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, space.total_rank, device=w.device, dtype=dt))
+        self.register_buffer("scaling", torch.empty(space.num_features, device=w.device), persistent=False)
+        self.set_scaling(alpha, use_rslora)
+        self.reset_adapters(init)
+        self._routing: Routing | None = None
+        self._routing_at_forward: Routing | None = None  # replayed by checkpoint recomputation
+        self._merged: tuple[int, ...] | None = None
+        self._merge_backup: torch.Tensor | None = None
+
+    # -- hyper-parameters -----------------------------------------------------------------------
+    def set_scaling(self, alpha: float, use_rslora: bool = False) -> None:
+        self.alpha, self.use_rslora = float(alpha), bool(use_rslora)
+        r = torch.tensor(self.space.ranks, dtype=torch.float64)
+        s = self.alpha / (r.sqrt() if self.use_rslora else r)
+        with torch.no_grad():
+            self.scaling.copy_(s.to(self.scaling.dtype))
+
+    @torch.no_grad()
+    def reset_adapters(self, init: str = "lora") -> None:
+        """A like LoRA (Kaiming-uniform, or N(0, 1/r_k) per slice for "gaussian"), B = 0."""
+        if init == "lora":
+            # Same bound as PEFT/nn.Linear for each (r_k, in) slice: fan_in = in for all of them.
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        elif init == "gaussian":
+            offs = self.space.rank_offsets
+            for k, r in enumerate(self.space.ranks):
+                nn.init.normal_(self.lora_A[offs[k]:offs[k + 1]], std=1.0 / r)
+        else:
+            raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+        nn.init.zeros_(self.lora_B)
+
+    # -- routing --------------------------------------------------------------------------------
+    def set_routing(self, routing: Routing | None) -> None:
+        if routing is not None:
+            if not isinstance(routing, Routing):
+                raise TypeError(f"routing must be a flix_kernels.Routing or None, got {type(routing).__name__}")
+            if routing.space != self.space:
+                raise ValueError("the routing's FeatureSpace differs from this layer's: "
+                                 + routing.space.describe_difference(self.space))
+        self._routing = routing
+
+    def _resolve_routing(self, routing: Routing | None) -> Routing:
+        recompute = _in_backward()
+        if routing is None:
+            # A checkpointed forward replayed during backward must see the routing of the
+            # original forward, even if the model's routing was cleared or replaced since.
+            routing = self._routing_at_forward if recompute and self._routing_at_forward is not None else self._routing
+        if routing is None:
+            raise RuntimeError(
+                "FLixLinear has no routing: pass forward(x, routing=...) or set one for the whole model "
+                "with flix_kernels.set_routing(model, routing) or `with flix_kernels.use_routing(model, routing):`"
+            )
+        if not recompute:
+            self._routing_at_forward = routing
+        return routing
+
+    def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
+        if self._merged is not None:
+            r = routing if routing is not None else self._routing
+            if r is not None and r.num_examples and r.uniform_features != self._merged:
+                raise RuntimeError(
+                    f"this layer has feature set {self._describe(self._merged)} merged into its weights, but the "
+                    "routing asks for other features; call flix_kernels.unmerge(model) first"
+                )
+            return self.base_layer(x)
+        routing = self._resolve_routing(routing)
+        p = self.dropout if self.training else 0.0
+        if type(self.base_layer) is nn.Linear:
+            w, b = self.base_layer.weight, self.base_layer.bias
+            return flix_linear(x, w, b, self.lora_A, self.lora_B, routing, scaling=self.scaling, dropout_p=p,
+                               backend=self.backend)
+        return self.base_layer(x) + flix_delta(x, self.lora_A, self.lora_B, routing, scaling=self.scaling,
+                                               dropout_p=p, backend=self.backend)
+
+    # -- merging ------------------------------------------------------------------------------
+    def _describe(self, feature_ids: Sequence[int]) -> str:
+        return "{" + ", ".join(f"{g}={v!r}" for g, v in (self.space.feature_names[k] for k in feature_ids)) + "}"
+
+    @torch.no_grad()
+    def delta_weight(self, feature_ids: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``sum_k s_k B_k A_k`` over ``feature_ids``, an ``(out, in)`` matrix."""
+        offs = self.space.rank_offsets
+        idx = torch.cat([torch.arange(offs[k], offs[k + 1]) for k in feature_ids]).to(self.lora_A.device)
+        s = torch.cat([self.scaling[k].expand(self.space.ranks[k]) for k in feature_ids]).to(dtype)
+        return (self.lora_B[:, idx].to(dtype) * s) @ self.lora_A[idx].to(dtype)
+
+    @torch.no_grad()
+    def merge(self, feature_ids: Sequence[int]) -> None:
+        """Fold one feature set into the base weight (exact restore kept for low precision)."""
+        if self._merged is not None:
+            raise RuntimeError(f"already merged ({self._describe(self._merged)}); unmerge first")
+        ids = tuple(sorted(set(int(k) for k in feature_ids)))
+        if not ids:
+            raise ValueError("merge needs at least one feature")
+        w = self.base_layer.weight
+        high = w.dtype in (torch.float32, torch.float64)
+        self._merge_backup = None if high else w.detach().clone()
+        w.add_(self.delta_weight(ids, torch.float64 if w.dtype == torch.float64 else torch.float32).to(w.dtype))
+        self._merged = ids
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self._merged is None:
+            return
+        w = self.base_layer.weight
+        if self._merge_backup is not None:
+            w.copy_(self._merge_backup)
+        else:
+            w.sub_(self.delta_weight(self._merged, w.dtype))
+        self._merged, self._merge_backup = None, None
+
+    @property
+    def merged(self) -> tuple[int, ...] | None:
+        return self._merged
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, features={self.space.num_features}, "
+                f"total_rank={self.space.total_rank}, alpha={self.alpha}, use_rslora={self.use_rslora}, "
+                f"dropout={self.dropout}")

@@ -1,0 +1,98 @@
+"""The FLix ops: ``flix_linear`` and ``flix_delta``, with input validation and backend dispatch.
+
+Every backend receives validated inputs: the same device everywhere, matching shapes and
+dtypes, a routing that matches the input's token layout. Errors name what is wrong.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from .backends import get_backend
+from .routing import Routing
+
+__all__ = ["flix_linear", "flix_delta"]
+
+
+def _check(cond: bool, msg: str, exc=ValueError):
+    if not cond:
+        raise exc(msg)
+
+
+def _validate(x, lora_A, lora_B, routing, scaling, dropout_p, weight=None, bias=None, with_base=False):
+    _check(isinstance(routing, Routing), f"routing must be a flix_kernels.Routing, got {type(routing).__name__}", TypeError)
+    for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B)):
+        _check(torch.is_tensor(t), f"{name} must be a tensor, got {type(t).__name__}", TypeError)
+        _check(t.dtype.is_floating_point, f"{name} must be a floating-point tensor, got dtype {t.dtype}", TypeError)
+    space = routing.space
+    _check(x.dim() >= 1, "x must have at least one dimension (..., in_features)")
+    _check(lora_A.dim() == 2 and lora_B.dim() == 2,
+           f"lora_A and lora_B must be 2-D, got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+    R, in_f = lora_A.shape
+    out_f = lora_B.shape[0]
+    _check(R == space.total_rank,
+           f"lora_A has {R} rows but the routing's FeatureSpace has total_rank {space.total_rank}")
+    _check(lora_B.shape[1] == R, f"lora_B must be (out, total_rank={R}), got {tuple(lora_B.shape)}")
+    _check(x.shape[-1] == in_f, f"x has {x.shape[-1]} input features but lora_A is {tuple(lora_A.shape)} (R, in={in_f})")
+    _check(lora_A.dtype == lora_B.dtype, f"lora_A and lora_B dtypes differ: {lora_A.dtype} vs {lora_B.dtype}", TypeError)
+    devs = {("x", x.device), ("lora_A", lora_A.device), ("lora_B", lora_B.device)}
+    if with_base:
+        _check(torch.is_tensor(weight), "weight must be a tensor", TypeError)
+        _check(weight.shape == (out_f, in_f),
+               f"weight must be (out={out_f}, in={in_f}) to match lora_A/lora_B, got {tuple(weight.shape)}")
+        _check(weight.dtype == x.dtype, f"weight dtype {weight.dtype} does not match x dtype {x.dtype}", TypeError)
+        devs.add(("weight", weight.device))
+        if bias is not None:
+            _check(torch.is_tensor(bias) and bias.shape == (out_f,),
+                   f"bias must be None or a tensor of shape ({out_f},), got {getattr(bias, 'shape', bias)}")
+            _check(bias.dtype == x.dtype, f"bias dtype {bias.dtype} does not match x dtype {x.dtype}", TypeError)
+            devs.add(("bias", bias.device))
+    if torch.is_tensor(scaling):
+        _check(scaling.shape == (space.num_features,),
+               f"scaling tensor must have one scale per feature, shape ({space.num_features},), got {tuple(scaling.shape)}")
+        _check(scaling.dtype.is_floating_point, f"scaling must be floating point, got {scaling.dtype}", TypeError)
+        devs.add(("scaling", scaling.device))
+    else:
+        _check(isinstance(scaling, numbers.Real) and not isinstance(scaling, bool),
+               f"scaling must be a float or a tensor of per-feature scales, got {type(scaling).__name__}", TypeError)
+    if len({d for _, d in devs}) > 1:
+        raise ValueError("all tensors must be on one device; got " + ", ".join(f"{n} on {d}" for n, d in sorted(devs, key=str)))
+    _check(isinstance(dropout_p, numbers.Real) and 0.0 <= float(dropout_p) < 1.0, f"dropout_p must be in [0, 1), got {dropout_p}")
+    return routing.layout(x.shape[:-1])
+
+
+def flix_delta(x, lora_A, lora_B, routing, *, scaling, dropout_p: float = 0.0, backend: str = "auto",
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """The low-rank FLix update ``sum_{k in S(x)} s_k B_k A_k drop(x)`` for every token.
+
+    Args:
+        x: ``(B, L, in)``, ``(B, in)``, or packed ``(T, in)`` / ``(1, T, in)`` with the
+            routing's ``cu_seqlens``.
+        lora_A: ``(total_rank, in)``; feature k owns rows ``rank_offsets[k]:rank_offsets[k+1]``.
+        lora_B: ``(out, total_rank)``; feature k owns the same columns.
+        routing: the batch's :class:`~flix_kernels.Routing`.
+        scaling: a float, or a ``(num_features,)`` tensor of per-feature scales.
+        dropout_p: dropout on the low-rank input (pass 0 at inference).
+        backend: "torch", "triton", "cuda" or "auto".
+        generator: RNG for the dropout mask.
+
+    Returns ``x.shape[:-1] + (out,)`` in x's dtype, differentiable in x, lora_A, lora_B. The
+    low-rank path computes in lora_A's dtype.
+    """
+    layout = _validate(x, lora_A, lora_B, routing, scaling, dropout_p)
+    impl = get_backend(backend, x.device)
+    return impl.delta(x, lora_A, lora_B, routing, layout, scaling, float(dropout_p), generator)
+
+
+def flix_linear(x, weight, bias, lora_A, lora_B, routing, *, scaling, dropout_p: float = 0.0,
+                backend: str = "auto", generator: torch.Generator | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias) + flix_delta(x, lora_A, lora_B, routing, ...)``.
+
+    ``weight`` is ``(out, in)`` in x's dtype, ``bias`` ``(out,)`` or None. Differentiable in
+    x, lora_A, lora_B, and in weight/bias when they require grad. See :func:`flix_delta`.
+    """
+    layout = _validate(x, lora_A, lora_B, routing, scaling, dropout_p, weight, bias, with_base=True)
+    impl = get_backend(backend, x.device)
+    return impl.linear(x, weight, bias, lora_A, lora_B, routing, layout, scaling, float(dropout_p), generator)

@@ -1,0 +1,149 @@
+"""Save and load FLix adapters: safetensors for tensors, JSON for the space and hyper-parameters.
+
+A save is a folder with ``flix_adapters.safetensors`` (keys ``<layer>.lora_A`` and
+``<layer>.lora_B``) and ``flix_config.json``. The JSON is also stored in the safetensors
+metadata, so a pair of files from different saves is detected. Both files are written
+atomically; loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ._io import atomic_write, atomic_write_json
+from .features import FeatureSpace
+from .model import _candidate_linears, _replace, flix_layers
+from .nn import FLixLinear
+
+__all__ = ["save_adapters", "load_adapters", "TENSORS_FILE", "CONFIG_FILE"]
+
+TENSORS_FILE = "flix_adapters.safetensors"
+CONFIG_FILE = "flix_config.json"
+FORMAT = "flix_kernels.adapters"
+FORMAT_VERSION = 1
+
+
+def _config(layers: list[tuple[str, FLixLinear]]) -> dict:
+    from . import __version__
+
+    space = layers[0][1].space
+    for name, layer in layers:
+        if layer.space != space:
+            raise ValueError(f"FLix layers use different FeatureSpaces ({name!r}: {layer.space.describe_difference(space)}); "
+                             "save_adapters expects one space per model")
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "flix_kernels_version": __version__,
+        "space": space.to_dict(),
+        "layers": {
+            name: {"in_features": l.in_features, "out_features": l.out_features, "alpha": l.alpha,
+                   "use_rslora": l.use_rslora, "dropout": l.dropout, "dtype": str(l.lora_A.dtype).replace("torch.", "")}
+            for name, l in layers
+        },
+    }
+
+
+def save_adapters(model: nn.Module, path: str) -> None:
+    """Write every FLix layer's adapters of ``model`` to the folder ``path``."""
+    layers = flix_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no FLix layers to save")
+    config = _config(layers)
+    tensors = {}
+    for name, layer in layers:
+        tensors[f"{name}.lora_A"] = layer.lora_A.detach().cpu().contiguous()
+        tensors[f"{name}.lora_B"] = layer.lora_B.detach().cpu().contiguous()
+    os.makedirs(path, exist_ok=True)
+    meta = {"flix_config": json.dumps(config, sort_keys=True)}
+    atomic_write(os.path.join(path, TENSORS_FILE), lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write_json(os.path.join(path, CONFIG_FILE), config)
+
+
+def _read_config(path: str) -> dict:
+    cfg_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {path!r}: not a flix_kernels adapter folder")
+    try:
+        with open(cfg_path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(f"{cfg_path} is not a flix_kernels adapter config (format={config.get('format') if isinstance(config, dict) else None!r})")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{cfg_path} has format_version {config.get('format_version')!r}; this version reads {FORMAT_VERSION}")
+    for key in ("space", "layers"):
+        if not isinstance(config.get(key), dict):
+            raise ValueError(f"{cfg_path} lacks a valid {key!r} entry")
+    return config
+
+
+def load_adapters(model: nn.Module, path: str, *, strict: bool = True) -> list[str]:
+    """Load adapters saved by :func:`save_adapters` into ``model``; returns the layer names.
+
+    A model without FLix layers gets them injected first (at the saved layer names, with the
+    saved hyper-parameters). The FeatureSpace, every layer name and every shape are checked
+    and a mismatch raises ``ValueError`` naming it. With ``strict`` (default), FLix layers of
+    the model missing from the file are an error too. The saved alpha / use_rslora / dropout
+    replace the layers' own.
+    """
+    config = _read_config(path)
+    space = FeatureSpace.from_dict(config["space"])
+    t_path = os.path.join(path, TENSORS_FILE)
+    if not os.path.isfile(t_path):
+        raise FileNotFoundError(f"no {TENSORS_FILE} in {path!r}")
+    saved = config["layers"]
+    layers = dict(flix_layers(model))
+    if not layers:
+        linears = dict(_candidate_linears(model))
+        missing = [n for n in saved if n not in linears]
+        if missing:
+            raise ValueError(f"saved layers {missing[:5]} are not nn.Linear modules of {type(model).__name__}")
+        for n in saved:
+            _replace(model, n, FLixLinear.from_linear(linears[n], space))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        layers = dict(flix_layers(model))
+    missing = [n for n in saved if n not in layers]
+    if missing:
+        raise ValueError(f"the file has adapters for layers the model lacks (or that are not FLix layers): {missing[:5]}")
+    extra = [n for n in layers if n not in saved]
+    if strict and extra:
+        raise ValueError(f"the model's FLix layers {extra[:5]} have no adapters in {path!r} (pass strict=False to skip them)")
+    for name in saved:
+        if layers[name].space != space:
+            raise ValueError(f"layer {name!r}: the saved FeatureSpace differs from the layer's: "
+                             + space.describe_difference(layers[name].space))
+    with safe_open(t_path, framework="pt", device="cpu") as f:
+        meta = (f.metadata() or {}).get("flix_config")
+        if meta is None or json.loads(meta) != json.loads(json.dumps(config, sort_keys=True)):
+            raise ValueError(f"{TENSORS_FILE} and {CONFIG_FILE} in {path!r} come from different saves")
+        keys = set(f.keys())
+        for name in saved:
+            layer = layers[name]
+            for part in ("lora_A", "lora_B"):
+                key = f"{name}.{part}"
+                if key not in keys:
+                    raise ValueError(f"{TENSORS_FILE} lacks tensor {key!r}")
+                shape = tuple(f.get_slice(key).get_shape())
+                param = getattr(layer, part)
+                if shape != tuple(param.shape):
+                    raise ValueError(f"{key}: saved shape {shape} does not match the model's {tuple(param.shape)}")
+        with torch.no_grad():
+            for name, hp in saved.items():
+                layer = layers[name]
+                for part in ("lora_A", "lora_B"):
+                    param = getattr(layer, part)
+                    param.copy_(f.get_tensor(f"{name}.{part}").to(param.dtype))
+                layer.set_scaling(hp["alpha"], hp["use_rslora"])
+                layer.dropout = float(hp["dropout"])
+                layer.lora_A.requires_grad_(True)
+                layer.lora_B.requires_grad_(True)
+    return list(saved)

@@ -75,7 +75,9 @@ class FLixLinear(nn.Module):
         dt = adapter_dtype or w.dtype
         self.lora_A = nn.Parameter(torch.empty(space.total_rank, self.in_features, device=w.device, dtype=dt))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, space.total_rank, device=w.device, dtype=dt))
-        self.register_buffer("scaling", torch.empty(space.num_features, device=w.device), persistent=False)
+        scale_dtype = torch.float64 if dt == torch.float64 else torch.float32
+        self.register_buffer("scaling", torch.empty(space.num_features, device=w.device, dtype=scale_dtype),
+                             persistent=False)
         self.set_scaling(alpha, use_rslora)
         self.reset_adapters(init)
         self._routing: Routing | None = None

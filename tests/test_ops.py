@@ -1,0 +1,280 @@
+"""flix_delta / flix_linear (backend "torch") against the float64 per-feature loop oracle."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import flix_kernels as fk
+from conftest import TOLERANCES, assert_close, random_adapters, random_feature_ids, random_scaling, random_space
+from flix_kernels.backends import torch_backend
+from flix_kernels.reference import flix_delta_reference, flix_linear_reference
+
+ODD_DIMS = [1, 7, 97, 1000]
+
+
+def _inputs(gen, space, B, token_shape, in_f, out_f, dtype, p_absent=0.25, cu=None):
+    ids = random_feature_ids(space, B, gen, p_absent)
+    A, Bm = random_adapters(space, in_f, out_f, gen, dtype)
+    x = torch.randn(*token_shape, in_f, generator=gen, dtype=torch.float64).to(dtype)
+    return fk.Routing(ids, space, cu_seqlens=cu), ids, x, A, Bm
+
+
+def _check_forward_and_grads(x, A, Bm, routing, ids, space, scaling, dtype, cu=None, weight=None, bias=None):
+    xs, As, Bs = (t.detach().clone().requires_grad_(True) for t in (x, A, Bm))
+    if weight is None:
+        out = fk.flix_delta(xs, As, Bs, routing, scaling=scaling, backend="torch")
+    else:
+        out = fk.flix_linear(xs, weight, bias, As, Bs, routing, scaling=scaling, backend="torch")
+    x64, A64, B64 = (t.detach().double().requires_grad_(True) for t in (x, A, Bm))
+    s64 = scaling.double() if torch.is_tensor(scaling) else scaling
+    if weight is None:
+        ref = flix_delta_reference(x64, A64, B64, ids, space.rank_offsets, s64, cu_seqlens=cu)
+    else:
+        ref = flix_linear_reference(x64, weight.double(), None if bias is None else bias.double(), A64, B64, ids,
+                                    space.rank_offsets, s64, cu_seqlens=cu)
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    ref = ref + 0 * (x64.sum() + A64.sum() + B64.sum())  # zero gradients where no feature is used
+    assert_close(out, ref, dtype)
+    gout = torch.randn(ref.shape, dtype=torch.float64)
+    (out.double() * gout).sum().backward()
+    (ref * gout).sum().backward()
+    for got, want in ((xs.grad, x64.grad), (As.grad, A64.grad), (Bs.grad, B64.grad)):
+        assert got is not None
+        assert_close(got, want, dtype, scale=4)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    B=st.integers(0, 6),
+    L=st.integers(0, 5),
+    in_f=st.sampled_from(ODD_DIMS[:3] + [16]),
+    out_f=st.sampled_from(ODD_DIMS[:3] + [16]),
+    p_absent=st.sampled_from([0.0, 0.3, 1.0]),
+    single_token=st.booleans(),
+    tensor_scale=st.booleans(),
+    strategy=st.sampled_from(["auto", "dense", "grouped"]),
+)
+def test_batched_matches_oracle(seed, B, L, in_f, out_f, p_absent, single_token, tensor_scale, strategy):
+    gen = torch.Generator().manual_seed(seed)
+    space = random_space(gen, max_rank=16)
+    shape = (B,) if single_token else (B, L)
+    with _forced(strategy):
+        routing, ids, x, A, Bm = _inputs(gen, space, B, shape, in_f, out_f, torch.float64, p_absent)
+        scaling = random_scaling(space, gen, torch.float64) if tensor_scale else 0.7
+        _check_forward_and_grads(x, A, Bm, routing, ids, space, scaling, torch.float64)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    lengths=st.lists(st.integers(0, 9), min_size=0, max_size=6),
+    leading_one=st.booleans(),
+    strategy=st.sampled_from(["auto", "dense", "grouped"]),
+)
+def test_packed_matches_oracle(seed, lengths, leading_one, strategy):
+    gen = torch.Generator().manual_seed(seed)
+    space = random_space(gen)
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    T = int(cu[-1])
+    shape = (1, T) if leading_one else (T,)
+    with _forced(strategy):
+        routing, ids, x, A, Bm = _inputs(gen, space, len(lengths), shape, 13, 11, torch.float64, cu=cu)
+        _check_forward_and_grads(x, A, Bm, routing, ids, space, random_scaling(space, gen, torch.float64),
+                                 torch.float64, cu=cu)
+
+
+class _forced:
+    """Force the torch backend's strategy for one block ("auto": its cost model decides)."""
+
+    def __init__(self, strategy):
+        self.strategy = None if strategy == "auto" else strategy
+
+    def __enter__(self):
+        torch_backend.FORCE_STRATEGY = self.strategy
+
+    def __exit__(self, *exc):
+        torch_backend.FORCE_STRATEGY = None
+
+
+def test_cost_model_picks_dense_for_one_feature_set_and_grouped_for_many():
+    space = fk.FeatureSpace({"language": [f"l{i}" for i in range(64)]}, 16)
+    same = fk.Routing([[3]] * 8, space)
+    many = fk.Routing([[i] for i in range(0, 64, 2)], space)
+    cpu = torch.device("cpu")
+    assert torch_backend.plan(same, same.layout((8, 128)), cpu).strategy == "dense"
+    assert torch_backend.plan(many, many.layout((32, 128)), cpu).strategy == "grouped"
+    with _forced("grouped"):
+        fresh = fk.Routing([[3]] * 8, space)
+        assert torch_backend.plan(fresh, fresh.layout((8, 4)), cpu).strategy == "grouped"
+
+
+@pytest.mark.parametrize("in_f,out_f", [(1, 1), (7, 97), (1000, 7), (97, 1000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_odd_shapes_and_dtypes_with_bias(seed, in_f, out_f, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    space = fk.FeatureSpace({"language": ["a", "b", "c"], "task": ["x", "y"], "domain": ["d"]},
+                            {"language": 64, "task": 1, "domain": 5})
+    routing, ids, x, A, Bm = _inputs(gen, space, 3, (3, 4), in_f, out_f, dtype)
+    W = (torch.randn(out_f, in_f, generator=gen, dtype=torch.float64) / in_f**0.5).to(dtype)
+    b = torch.randn(out_f, generator=gen, dtype=torch.float64).to(dtype)
+    _check_forward_and_grads(x, A, Bm, routing, ids, space, random_scaling(space, gen), dtype, weight=W, bias=b)
+
+
+def test_weight_and_bias_gradients_when_trainable(seed):
+    gen = torch.Generator().manual_seed(seed)
+    space = random_space(gen, num_groups=2)
+    routing, ids, x, A, Bm = _inputs(gen, space, 4, (4, 3), 9, 5, torch.float64)
+    W = torch.randn(5, 9, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = fk.flix_linear(x, W, b, A, Bm, routing, scaling=2.0)
+    W2, b2 = W.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    ref = flix_linear_reference(x, W2, b2, A, Bm, ids, space.rank_offsets, 2.0)
+    g = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    (y * g).sum().backward()
+    (ref * g).sum().backward()
+    assert_close(W.grad, W2.grad)
+    assert_close(b.grad, b2.grad)
+
+
+@pytest.mark.parametrize("case", ["all_same", "all_different", "none", "skewed"])
+def test_routing_extremes(seed, case):
+    gen = torch.Generator().manual_seed(seed)
+    space = fk.FeatureSpace({"language": [f"l{i}" for i in range(40)], "task": ["t0", "t1", "t2"]}, {"language": 8, "task": 4})
+    B = 40
+    if case == "all_same":
+        ids = torch.tensor([[5, 41]] * B)
+    elif case == "all_different":
+        ids = torch.stack([torch.arange(B), 40 + torch.arange(B) % 3], 1)
+    elif case == "none":
+        ids = torch.full((B, 2), -1)
+    else:  # one feature set on almost every example, a few others
+        ids = torch.tensor([[3, 40]] * B)
+        ids[7], ids[30] = torch.tensor([9, -1]), torch.tensor([-1, 42])
+    routing = fk.Routing(ids, space)
+    A, Bm = random_adapters(space, 24, 20, gen, torch.float64)
+    x = torch.randn(B, 3, 24, generator=gen, dtype=torch.float64)
+    _check_forward_and_grads(x, A, Bm, routing, ids, space, 0.5, torch.float64)
+
+
+def test_no_feature_anywhere_still_gives_zero_gradients():
+    space = fk.FeatureSpace({"language": ["a", "b"]}, 4)
+    routing = fk.Routing([[-1], [-1]], space)
+    A = torch.randn(4 * 2, 6, requires_grad=True)
+    Bm = torch.randn(5, 8, requires_grad=True)
+    x = torch.randn(2, 3, 6, requires_grad=True)
+    d = fk.flix_delta(x, A, Bm, routing, scaling=1.0)
+    assert torch.equal(d, torch.zeros(2, 3, 5))
+    d.sum().backward()
+    assert torch.equal(A.grad, torch.zeros_like(A)) and torch.equal(Bm.grad, torch.zeros_like(Bm))
+
+
+def test_dropout_with_fixed_generator_matches_oracle_with_same_mask(seed):
+    gen = torch.Generator().manual_seed(seed)
+    space = random_space(gen, num_groups=3)
+    routing, ids, x, A, Bm = _inputs(gen, space, 5, (5, 6), 17, 9, torch.float64)
+    p = 0.35
+    out = fk.flix_delta(x, A, Bm, routing, scaling=1.5, dropout_p=p, generator=torch.Generator().manual_seed(seed))
+    mask = torch_backend.dropout_mask((30, 17), p, torch.Generator().manual_seed(seed), "cpu")
+    ref = flix_delta_reference(x, A, Bm, ids, space.rank_offsets, 1.5, dropout_mask=mask, dropout_p=p)
+    assert_close(out, ref)
+    assert 0.25 < 1 - mask.float().mean().item() < 0.45
+    again = fk.flix_delta(x, A, Bm, routing, scaling=1.5, dropout_p=p, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(out, again)
+    no_drop = fk.flix_delta(x, A, Bm, routing, scaling=1.5)
+    assert not torch.allclose(out, no_drop)
+
+
+def test_adapters_in_float32_with_half_input_compute_in_float32(seed):
+    gen = torch.Generator().manual_seed(seed)
+    space = random_space(gen, num_groups=2)
+    routing, ids, x, A, Bm = _inputs(gen, space, 3, (3, 5), 33, 21, torch.float32)
+    out = fk.flix_delta(x.to(torch.bfloat16), A, Bm, routing, scaling=1.0)
+    assert out.dtype == torch.bfloat16
+    ref = flix_delta_reference(x.to(torch.bfloat16).double(), A.double(), Bm.double(), ids, space.rank_offsets, 1.0)
+    assert_close(out, ref, torch.bfloat16)
+
+
+def test_metadata_is_reused_across_layers_and_calls():
+    space = fk.FeatureSpace({"language": ["a", "b", "c"]}, 2)
+    routing = fk.Routing([[0], [2]], space)
+    A, Bm = torch.randn(6, 4), torch.randn(3, 6)
+    x = torch.randn(2, 5, 4)
+    fk.flix_delta(x, A, Bm, routing, scaling=1.0)
+    n = len(routing._cache)
+    for _ in range(3):
+        fk.flix_delta(x, A, Bm, routing, scaling=1.0)
+    assert len(routing._cache) == n
+
+
+def _bad_call(kind):
+    space = fk.FeatureSpace({"language": ["a", "b"]}, 2)
+    routing = fk.Routing([[0], [1]], space)
+    x, A, Bm, W = torch.randn(2, 3, 4), torch.randn(4, 4), torch.randn(5, 4), torch.randn(5, 4)
+    kw = dict(scaling=1.0)
+    if kind == "x_features":
+        return lambda: fk.flix_delta(torch.randn(2, 3, 5), A, Bm, routing, **kw)
+    if kind == "rank":
+        return lambda: fk.flix_delta(x, torch.randn(3, 4), torch.randn(5, 3), routing, **kw)
+    if kind == "lora_B":
+        return lambda: fk.flix_delta(x, A, torch.randn(5, 3), routing, **kw)
+    if kind == "dtype_mix":
+        return lambda: fk.flix_delta(x, A, Bm.double(), routing, **kw)
+    if kind == "int_x":
+        return lambda: fk.flix_delta(x.long(), A, Bm, routing, **kw)
+    if kind == "weight_shape":
+        return lambda: fk.flix_linear(x, torch.randn(5, 3), None, A, Bm, routing, **kw)
+    if kind == "weight_dtype":
+        return lambda: fk.flix_linear(x, W.double(), None, A, Bm, routing, **kw)
+    if kind == "bias_shape":
+        return lambda: fk.flix_linear(x, W, torch.randn(4), A, Bm, routing, **kw)
+    if kind == "scaling_shape":
+        return lambda: fk.flix_delta(x, A, Bm, routing, scaling=torch.ones(3))
+    if kind == "scaling_type":
+        return lambda: fk.flix_delta(x, A, Bm, routing, scaling="1")
+    if kind == "dropout":
+        return lambda: fk.flix_delta(x, A, Bm, routing, scaling=1.0, dropout_p=1.0)
+    if kind == "tokens":
+        return lambda: fk.flix_delta(torch.randn(3, 3, 4), A, Bm, routing, **kw)
+    if kind == "routing":
+        return lambda: fk.flix_delta(x, A, Bm, [[0], [1]], **kw)
+    if kind == "backend":
+        return lambda: fk.flix_delta(x, A, Bm, routing, scaling=1.0, backend="cuda")
+    if kind == "backend_name":
+        return lambda: fk.flix_delta(x, A, Bm, routing, scaling=1.0, backend="fast")
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind, exc, match",
+    [
+        ("x_features", ValueError, r"x has 5 input features"),
+        ("rank", ValueError, r"lora_A has 3 rows .* total_rank 4"),
+        ("lora_B", ValueError, r"lora_B must be \(out, total_rank=4\)"),
+        ("dtype_mix", TypeError, r"lora_A and lora_B dtypes differ"),
+        ("int_x", TypeError, r"x must be a floating-point"),
+        ("weight_shape", ValueError, r"weight must be \(out=5, in=4\)"),
+        ("weight_dtype", TypeError, r"weight dtype torch.float64 does not match x"),
+        ("bias_shape", ValueError, r"bias must be None or a tensor of shape \(5,\)"),
+        ("scaling_shape", ValueError, r"one scale per feature, shape \(2,\)"),
+        ("scaling_type", TypeError, r"scaling must be a float"),
+        ("dropout", ValueError, r"dropout_p must be in \[0, 1\)"),
+        ("tokens", ValueError, r"token dimensions \(3, 3\) does not match the routing of 2 examples"),
+        ("routing", TypeError, r"routing must be a flix_kernels.Routing"),
+        ("backend", fk.BackendUnavailableError, r"backend 'cuda' is unavailable"),
+        ("backend_name", fk.BackendUnavailableError, r"unknown backend 'fast'"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(kind, exc, match):
+    with pytest.raises(exc, match=match):
+        _bad_call(kind)()
+
+
+def test_available_backends_on_cpu():
+    assert "torch" in fk.available_backends()
+    assert fk.available_backends("cpu")[0] == "torch"
+
+
+def test_tolerance_table_covers_every_dtype_we_test():
+    assert set(TOLERANCES) >= {torch.float64, torch.float32, torch.float16, torch.bfloat16}

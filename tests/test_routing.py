@@ -1,0 +1,124 @@
+import pytest
+import torch
+
+import flix_kernels as fk
+from conftest import random_feature_ids, random_space
+
+
+def space():
+    return fk.FeatureSpace({"language": ["en", "fr", "sw"], "task": ["qa", "mt"], "domain": ["web"]},
+                           {"language": 4, "task": 2, "domain": 3})
+
+
+def test_slots_are_the_concatenated_rank_rows_of_each_examples_features(seed):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(20):
+        s = random_space(gen)
+        B = int(torch.randint(0, 9, (), generator=gen))
+        ids = random_feature_ids(s, B, gen)
+        r = fk.Routing(ids, s)
+        for b in range(B):
+            feats = r.features_of(b)
+            rows = [i for k in feats for i in range(s.rank_offsets[k], s.rank_offsets[k + 1])]
+            owners = [k for k in feats for _ in range(s.ranks[k])]
+            n = len(rows)
+            assert r.slot_valid[b].tolist() == [True] * n + [False] * (r.max_active_rank - n)
+            assert r.slot_rank_index[b, :n].tolist() == rows
+            assert r.slot_feature[b, :n].tolist() == owners
+        assert r.max_active_rank == max([sum(s.ranks[k] for k in r.features_of(b)) for b in range(B)], default=0)
+
+
+def test_invalid_ids_name_the_example():
+    s = space()
+    with pytest.raises(ValueError, match=r"example 1: feature id 6 .*invalid"):
+        fk.Routing([[0, 3, 5], [0, 3, 6]], s)
+    with pytest.raises(ValueError, match=r"example 0: feature id -2"):
+        fk.Routing([[-2, 3, 5]], s)
+    with pytest.raises(ValueError, match=r"example 2: column 1 is group 'task' but holds feature 1 .*'fr'"):
+        fk.Routing([[0, 3, -1], [1, 4, -1], [2, 1, -1]], s)
+    with pytest.raises(ValueError, match=r"example 0: .*feature 0 is repeated"):
+        fk.Routing([[0, 0, -1]], s)
+    with pytest.raises(ValueError, match=r"shape \(B, 3\)"):
+        fk.Routing([[0, 3]], s)
+    with pytest.raises(ValueError, match="integer"):
+        fk.Routing(torch.zeros(2, 3), s)
+    with pytest.raises(TypeError, match="FeatureSpace"):
+        fk.Routing([[0, 3, 5]], {"language": ["en"]})
+
+
+def test_layouts_batched_single_token_and_packed():
+    s = space()
+    r = fk.Routing(s.encode([{"language": "fr"}, {"task": "qa"}, {}]), s, cu_seqlens=[0, 2, 2, 7])
+    lay = r.layout((3, 5))
+    assert lay.kind == "batched" and lay.num_tokens == 15 and lay.lengths.tolist() == [5, 5, 5]
+    assert r.layout((3, 1)).num_tokens == 3  # decode after prefill, same routing
+    packed = r.layout((7,))
+    assert packed.kind == "packed" and packed.lengths.tolist() == [2, 0, 5]
+    assert packed.token_example().tolist() == [0, 0, 2, 2, 2, 2, 2]
+    assert r.layout((1, 7)).key == packed.key
+    assert r.layout((3, 5)) is lay  # cached
+    with pytest.raises(ValueError, match=r"token dimensions \(4, 5\) .* 3 examples"):
+        r.layout((4, 5))
+    with pytest.raises(ValueError, match=r"packed \(T=7, in\)"):
+        r.layout((8,))
+    r2 = fk.Routing(s.encode([{"language": "fr"}, {}]), s)
+    assert r2.layout((2,)).lengths.tolist() == [1, 1]
+    with pytest.raises(ValueError, match="with cu_seqlens given"):
+        r2.layout((5,))
+
+
+@pytest.mark.parametrize("cu, match", [([0, 3], "B \\+ 1 = 3"), ([1, 2, 3], "start at 0"), ([0, 4, 2], "example 1 has negative"),
+                                       ([[0, 1, 2]], "1-D"), ([0.0, 1.0, 2.0], "integer")])
+def test_bad_cu_seqlens(cu, match):
+    s = space()
+    with pytest.raises(ValueError, match=match):
+        fk.Routing([[0, 3, 5], [1, -1, -1]], s, cu_seqlens=cu)
+
+
+def test_empty_batch_and_featureless_examples():
+    s = space()
+    r = fk.Routing(torch.zeros(0, 3, dtype=torch.long), s)
+    assert r.num_examples == 0 and r.max_active_rank == 0 and r.uniform_features is None
+    assert r.layout((0, 4)).num_tokens == 0
+    r = fk.Routing(s.encode([{}, {}]), s)
+    assert r.max_active_rank == 0 and r.uniform_features == ()
+
+
+def test_uniform_features():
+    s = space()
+    same = fk.Routing(s.encode([{"language": "sw", "task": "mt"}] * 3), s)
+    assert same.uniform_features == (2, 4)
+    assert fk.Routing(s.encode([{"language": "sw"}, {"language": "en"}]), s).uniform_features is None
+
+
+def test_feature_dropout_statistics_and_determinism():
+    s = fk.FeatureSpace({"a": [str(i) for i in range(10)], "b": ["x", "y"]}, 2)
+    gen = torch.Generator().manual_seed(0)
+    ids = random_feature_ids(s, 20000, gen, p_absent=0.3)
+    p = 0.3
+    r = fk.Routing(ids, s, feature_dropout=p, generator=torch.Generator().manual_seed(1))
+    active_before = (ids >= 0).sum().item()
+    dropped = ((ids >= 0) & (r.feature_ids < 0)).sum().item()
+    # Binomial(n, p): the drop rate is p within 5 standard deviations.
+    sd = (p * (1 - p) / active_before) ** 0.5
+    assert abs(dropped / active_before - p) < 5 * sd
+    assert bool(((r.feature_ids == ids) | (r.feature_ids == -1)).all())  # only drops, never invents
+    assert torch.equal(r.requested_feature_ids, ids)
+    r2 = fk.Routing(ids, s, feature_dropout=p, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(r.feature_ids, r2.feature_ids)
+    # Independence across groups: P(both dropped | both present) = p^2.
+    both = (ids >= 0).all(1)
+    both_dropped = (r.feature_ids[both] < 0).all(1).float().mean().item()
+    assert abs(both_dropped - p * p) < 5 * (p * p * (1 - p * p) / both.sum().item()) ** 0.5
+    with pytest.raises(ValueError, match="feature_dropout"):
+        fk.Routing(ids, s, feature_dropout=1.0)
+
+
+def test_device_metadata_is_built_once_per_routing():
+    s = space()
+    r = fk.Routing(s.encode([{"language": "fr"}, {"task": "qa"}]), s)
+    calls = []
+    first = r.cached("k", lambda: calls.append(1) or object())
+    assert r.cached("k", lambda: calls.append(1) or object()) is first and calls == [1]
+    a = r.example_slots(torch.device("cpu"))
+    assert r.example_slots(torch.device("cpu")) is a

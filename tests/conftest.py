@@ -33,6 +33,21 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol * scale)
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def assert_close_to_oracle(actual: torch.Tensor, oracle64: torch.Tensor, oracle_same_dtype: torch.Tensor, what: str = ""):
+    """Low-precision check in the style of flash-attention's tests: our error against the
+    float64 oracle may be at most twice the error of the oracle itself run in the same low
+    precision, plus one unit of rounding of the largest value (a single extra rounding,
+    e.g. of the base output before the update is added). It scales with reduction length on
+    its own, so no tolerance is tuned per shape."""
+    err = (actual.double() - oracle64.double()).abs().max().item() if actual.numel() else 0.0
+    base = (oracle_same_dtype.double() - oracle64.double()).abs().max().item() if actual.numel() else 0.0
+    slack = torch.finfo(actual.dtype).eps * max(oracle64.abs().max().item() if actual.numel() else 0.0, 1.0)
+    assert err <= 2 * base + slack, f"{what}: error {err:.3g} > 2 x same-precision oracle error {base:.3g} + {slack:.3g}"
+
+
 @pytest.fixture
 def seed(request) -> int:
     """A fresh seed per test run, printed on failure through the test id in the report."""

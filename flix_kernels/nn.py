@@ -118,7 +118,10 @@ class FLixLinear(nn.Module):
         self._routing = routing
 
     def _resolve_routing(self, routing: Routing | None) -> Routing:
-        recompute = _in_backward()
+        # Under torch.compile a checkpointed region is recomputed inside the compiled graph,
+        # not by re-running this Python, so the replay bookkeeping is eager-only.
+        eager = not torch.compiler.is_compiling()
+        recompute = eager and _in_backward()
         if routing is None:
             # A checkpointed forward replayed during backward must see the routing of the
             # original forward, even if the model's routing was cleared or replaced since.
@@ -128,7 +131,7 @@ class FLixLinear(nn.Module):
                 "FLixLinear has no routing: pass forward(x, routing=...) or set one for the whole model "
                 "with flix_kernels.set_routing(model, routing) or `with flix_kernels.use_routing(model, routing):`"
             )
-        if not recompute:
+        if eager and not recompute:
             self._routing_at_forward = routing
         return routing
 

@@ -7,14 +7,17 @@ dropout_p, generator)``, with inputs already validated by :mod:`flix_kernels.ops
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
 import torch
 
+from . import torch_backend
+
 __all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "get_backend", "unavailable_reason"]
 
 BACKENDS = ("torch", "triton", "cuda")
+# Imported up front (not on first use) so that torch.compile can trace a dispatch.
+_MODULES: dict[str, ModuleType] = {"torch": torch_backend}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -45,4 +48,4 @@ def get_backend(name: str, device: torch.device) -> ModuleType:
     reason = unavailable_reason(name, device)
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} is unavailable: {reason}")
-    return importlib.import_module(f"flix_kernels.backends.{name}_backend")
+    return _MODULES[name]

@@ -56,8 +56,12 @@ class Plan:
     active_tokens: torch.Tensor | None = None  # (T_active,) or None when every token is active
 
 
+@torch.compiler.disable
 def plan(routing: Routing, layout: TokenLayout, device: torch.device) -> Plan:
-    """Build (once per routing, layout and device; cached on the routing) the strategy."""
+    """Build (once per routing, layout and device; cached on the routing) the strategy.
+
+    Host-side metadata work; kept out of torch.compile graphs (one graph break per layer
+    call; the Triton backend's custom ops take prebuilt metadata tensors instead)."""
     return routing.cached(("torch_plan", layout.key, device), lambda: _build_plan(routing, layout, device))
 
 

@@ -1,15 +1,18 @@
-"""Atomic file writes: write to a temporary file in the same folder, fsync, rename."""
+"""Atomic file writes: write to temporary files in the same folder, fsync, then rename.
+
+A set of files written together (tensors + config) is staged completely before the first
+rename, so a failure while writing any of them leaves the previous set untouched.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
-from typing import Callable
+from typing import Callable, Mapping
 
 
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then atomically rename the result to ``path``."""
+def _stage(path: str, write: Callable[[str], None]) -> str:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
@@ -18,17 +21,38 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.unlink(tmp)
         raise
+    return tmp
+
+
+def atomic_write_files(writers: Mapping[str, Callable[[str], None]]) -> None:
+    """Write every ``path -> write(tmp_path)`` to a temporary file, then rename them all."""
+    staged: dict[str, str] = {}
+    try:
+        for path, write in writers.items():
+            staged[path] = _stage(path, write)
+        for path, tmp in staged.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in staged.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    atomic_write_files({path: write})
+
+
+def json_writer(obj) -> Callable[[str], None]:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+
+    return write
 
 
 def atomic_write_json(path: str, obj) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-
-    atomic_write(path, write)
+    atomic_write(path, json_writer(obj))

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from . import _checkpoint
 from .features import FeatureSpace
 from .ops import flix_delta, flix_linear
 from .routing import Routing
@@ -15,12 +16,6 @@ from .routing import Routing
 __all__ = ["FLixLinear"]
 
 _INITS = ("lora", "gaussian")
-
-
-def _in_backward() -> bool:
-    """True while autograd's engine runs (a checkpointed forward being recomputed)."""
-    graph_task = getattr(torch._C, "_current_graph_task_id", None)
-    return graph_task is not None and graph_task() != -1
 
 
 class FLixLinear(nn.Module):
@@ -81,7 +76,7 @@ class FLixLinear(nn.Module):
         self.set_scaling(alpha, use_rslora)
         self.reset_adapters(init)
         self._routing: Routing | None = None
-        self._routing_at_forward: Routing | None = None  # replayed by checkpoint recomputation
+        self._routing_at_forward: Routing | None = None  # last grad-enabled routing (recompute fallback)
         self._merged: tuple[int, ...] | None = None
         self._merge_backup: torch.Tensor | None = None
 
@@ -118,21 +113,35 @@ class FLixLinear(nn.Module):
         self._routing = routing
 
     def _resolve_routing(self, routing: Routing | None) -> Routing:
-        # Under torch.compile a checkpointed region is recomputed inside the compiled graph,
-        # not by re-running this Python, so the replay bookkeeping is eager-only.
-        eager = not torch.compiler.is_compiling()
-        recompute = eager and _in_backward()
-        if routing is None:
-            # A checkpointed forward replayed during backward must see the routing of the
-            # original forward, even if the model's routing was cleared or replaced since.
-            routing = self._routing_at_forward if recompute and self._routing_at_forward is not None else self._routing
+        if torch.compiler.is_compiling():
+            # A compiled graph recomputes checkpointed regions itself, not by re-running this.
+            routing = routing if routing is not None else self._routing
+        else:
+            routing = self._eager_routing(routing)
         if routing is None:
             raise RuntimeError(
                 "FLixLinear has no routing: pass forward(x, routing=...) or set one for the whole model "
                 "with flix_kernels.set_routing(model, routing) or `with flix_kernels.use_routing(model, routing):`"
             )
-        if eager and not recompute:
-            self._routing_at_forward = routing
+        return routing
+
+    def _eager_routing(self, routing: Routing | None) -> Routing | None:
+        """The routing of this call, replaying the original one in a checkpoint recomputation."""
+        recompute = _checkpoint.in_backward()
+        grad = torch.is_grad_enabled()
+        # Reentrant checkpoint runs the original forward under no_grad, so a no_grad forward
+        # in training mode may be one; only then (and in recomputation) walk the stack.
+        region = _checkpoint.current_region(scan_stack=recompute or (self.training and not grad))
+        if recompute:
+            if routing is None:
+                saved = _checkpoint.recall(region, self) if region is not None else None
+                routing = saved if saved is not None else (self._routing_at_forward or self._routing)
+            return routing
+        routing = routing if routing is not None else self._routing
+        if region is not None:
+            _checkpoint.remember(region, self, routing)
+        if grad:
+            self._routing_at_forward = routing  # fallback for checkpoint implementations we do not recognise
         return routing
 
     def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ._io import atomic_write, atomic_write_json
+from ._io import atomic_write_files, json_writer
 from .features import FeatureSpace
 from .model import _candidate_linears, _replace, flix_layers
 from .nn import FLixLinear
@@ -62,8 +62,10 @@ def save_adapters(model: nn.Module, path: str) -> None:
         tensors[f"{name}.lora_B"] = layer.lora_B.detach().cpu().contiguous()
     os.makedirs(path, exist_ok=True)
     meta = {"flix_config": json.dumps(config, sort_keys=True)}
-    atomic_write(os.path.join(path, TENSORS_FILE), lambda tmp: save_file(tensors, tmp, metadata=meta))
-    atomic_write_json(os.path.join(path, CONFIG_FILE), config)
+    atomic_write_files({
+        os.path.join(path, TENSORS_FILE): lambda tmp: save_file(tensors, tmp, metadata=meta),
+        os.path.join(path, CONFIG_FILE): json_writer(config),
+    })
 
 
 def _read_config(path: str) -> dict:
@@ -106,8 +108,11 @@ def load_adapters(model: nn.Module, path: str, *, strict: bool = True) -> list[s
         missing = [n for n in saved if n not in linears]
         if missing:
             raise ValueError(f"saved layers {missing[:5]} are not nn.Linear modules of {type(model).__name__}")
-        for n in saved:
-            _replace(model, n, FLixLinear.from_linear(linears[n], space))
+        for n, hp in saved.items():
+            dtype = getattr(torch, str(hp.get("dtype", "")), None)
+            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+                raise ValueError(f"layer {n!r}: saved adapter dtype {hp.get('dtype')!r} is not a floating-point dtype")
+            _replace(model, n, FLixLinear.from_linear(linears[n], space, adapter_dtype=dtype))
         for p in model.parameters():
             p.requires_grad_(False)
         layers = dict(flix_layers(model))

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .._io import atomic_write, atomic_write_json
+from .._io import atomic_write_files, json_writer
 from ..model import _require_layers
 
 __all__ = ["export_peft"]
@@ -67,6 +67,8 @@ def export_peft(model: nn.Module, features: Mapping[str, str], out_dir: str) -> 
     }
     meta = {"format": "pt", "flix_features": json.dumps(dict(features), sort_keys=True)}
     os.makedirs(out_dir, exist_ok=True)
-    atomic_write(os.path.join(out_dir, "adapter_model.safetensors"), lambda tmp: save_file(tensors, tmp, metadata=meta))
-    atomic_write_json(os.path.join(out_dir, "adapter_config.json"), config)
+    atomic_write_files({
+        os.path.join(out_dir, "adapter_model.safetensors"): lambda tmp: save_file(tensors, tmp, metadata=meta),
+        os.path.join(out_dir, "adapter_config.json"): json_writer(config),
+    })
     return out_dir

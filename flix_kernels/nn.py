@@ -130,12 +130,17 @@ class FLixLinear(nn.Module):
         recompute = _checkpoint.in_backward()
         grad = torch.is_grad_enabled()
         # Reentrant checkpoint runs the original forward under no_grad, so a no_grad forward
-        # in training mode may be one; only then (and in recomputation) walk the stack.
+        # in training mode may be one; only then (and in recomputation) walk the stack. In
+        # eval mode a no_grad forward is not inspected (it would cost every inference forward
+        # a stack walk): a reentrant checkpoint in eval mode replays the routing current at
+        # backward time. Non-reentrant checkpoint is exact in every mode.
         region = _checkpoint.current_region(scan_stack=recompute or (self.training and not grad))
         if recompute:
             if routing is None:
-                saved = _checkpoint.recall(region, self) if region is not None else None
-                routing = saved if saved is not None else (self._routing_at_forward or self._routing)
+                if region is None:  # a checkpoint implementation we do not recognise
+                    routing = self._routing_at_forward or self._routing
+                else:  # None recorded: the original forward ran in eval mode; use the current routing
+                    routing = _checkpoint.recall(region, self) or self._routing
             return routing
         routing = routing if routing is not None else self._routing
         if region is not None:

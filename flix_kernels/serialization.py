@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 
 import torch
 import torch.nn as nn
@@ -41,6 +42,7 @@ def _config(layers: list[tuple[str, FLixLinear]]) -> dict:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "flix_kernels_version": __version__,
+        "save_id": uuid.uuid4().hex,  # pairs the two files of one save
         "space": space.to_dict(),
         "layers": {
             name: {"in_features": l.in_features, "out_features": l.out_features, "alpha": l.alpha,
@@ -87,6 +89,13 @@ def _read_config(path: str) -> dict:
     return config
 
 
+def _saved_dtype(name: str, hp: dict) -> torch.dtype:
+    dtype = getattr(torch, str(hp.get("dtype", "")), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"layer {name!r}: saved adapter dtype {hp.get('dtype')!r} is not a floating-point dtype")
+    return dtype
+
+
 def load_adapters(model: nn.Module, path: str, *, strict: bool = True) -> list[str]:
     """Load adapters saved by :func:`save_adapters` into ``model``; returns the layer names.
 
@@ -103,44 +112,54 @@ def load_adapters(model: nn.Module, path: str, *, strict: bool = True) -> list[s
         raise FileNotFoundError(f"no {TENSORS_FILE} in {path!r}")
     saved = config["layers"]
     layers = dict(flix_layers(model))
-    if not layers:
+    fresh = not layers
+    if fresh:
+        # Shapes the layers will have once injected; nothing is replaced until all checks pass.
         linears = dict(_candidate_linears(model))
         missing = [n for n in saved if n not in linears]
         if missing:
             raise ValueError(f"saved layers {missing[:5]} are not nn.Linear modules of {type(model).__name__}")
-        for n, hp in saved.items():
-            dtype = getattr(torch, str(hp.get("dtype", "")), None)
-            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-                raise ValueError(f"layer {n!r}: saved adapter dtype {hp.get('dtype')!r} is not a floating-point dtype")
-            _replace(model, n, FLixLinear.from_linear(linears[n], space, adapter_dtype=dtype))
-        for p in model.parameters():
-            p.requires_grad_(False)
-        layers = dict(flix_layers(model))
-    missing = [n for n in saved if n not in layers]
-    if missing:
-        raise ValueError(f"the file has adapters for layers the model lacks (or that are not FLix layers): {missing[:5]}")
-    extra = [n for n in layers if n not in saved]
-    if strict and extra:
-        raise ValueError(f"the model's FLix layers {extra[:5]} have no adapters in {path!r} (pass strict=False to skip them)")
-    for name in saved:
-        if layers[name].space != space:
-            raise ValueError(f"layer {name!r}: the saved FeatureSpace differs from the layer's: "
-                             + space.describe_difference(layers[name].space))
-    with safe_open(t_path, framework="pt", device="cpu") as f:
+        shapes = {n: {"lora_A": (space.total_rank, linears[n].in_features),
+                      "lora_B": (linears[n].out_features, space.total_rank)} for n in saved}
+        dtypes = {n: _saved_dtype(n, hp) for n, hp in saved.items()}
+    else:
+        missing = [n for n in saved if n not in layers]
+        if missing:
+            raise ValueError(f"the file has adapters for layers the model lacks (or that are not FLix layers): {missing[:5]}")
+        extra = [n for n in layers if n not in saved]
+        if strict and extra:
+            raise ValueError(f"the model's FLix layers {extra[:5]} have no adapters in {path!r} (pass strict=False to skip them)")
+        for name in saved:
+            if layers[name].space != space:
+                raise ValueError(f"layer {name!r}: the saved FeatureSpace differs from the layer's: "
+                                 + space.describe_difference(layers[name].space))
+        shapes = {n: {p: tuple(getattr(layers[n], p).shape) for p in ("lora_A", "lora_B")} for n in saved}
+    try:
+        f = safe_open(t_path, framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for a corrupt header
+        raise ValueError(f"{t_path} is not a valid safetensors file ({type(e).__name__}: {e})") from None
+    with f:
         meta = (f.metadata() or {}).get("flix_config")
         if meta is None or json.loads(meta) != json.loads(json.dumps(config, sort_keys=True)):
             raise ValueError(f"{TENSORS_FILE} and {CONFIG_FILE} in {path!r} come from different saves")
         keys = set(f.keys())
         for name in saved:
-            layer = layers[name]
             for part in ("lora_A", "lora_B"):
                 key = f"{name}.{part}"
                 if key not in keys:
                     raise ValueError(f"{TENSORS_FILE} lacks tensor {key!r}")
                 shape = tuple(f.get_slice(key).get_shape())
-                param = getattr(layer, part)
-                if shape != tuple(param.shape):
-                    raise ValueError(f"{key}: saved shape {shape} does not match the model's {tuple(param.shape)}")
+                if shape != shapes[name][part]:
+                    raise ValueError(f"{key}: saved shape {shape} does not match the model's {shapes[name][part]}")
+        if fresh:
+            wrapped = {id(linears[n]): FLixLinear.from_linear(linears[n], space, adapter_dtype=dtypes[n]) for n in saved}
+            # Every occurrence of a shared Linear gets the same FLix layer, as inject does.
+            for n, lin in _candidate_linears(model):
+                if id(lin) in wrapped:
+                    _replace(model, n, wrapped[id(lin)])
+            for p in model.parameters():
+                p.requires_grad_(False)
+            layers = dict(flix_layers(model))
         with torch.no_grad():
             for name, hp in saved.items():
                 layer = layers[name]

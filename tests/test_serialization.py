@@ -297,7 +297,6 @@ def test_other_feature_space_raises(seed, tmp_path, other_space, match):
     assert_same_adapters(model, before)
 
 
-@pytest.mark.parametrize("injected", [True, False])
 def test_two_saves_with_identical_configs_cannot_be_mixed(seed, tmp_path):
     """Two checkpoints of one model share every hyper-parameter; their files must still pair up."""
     model = trained_mlp(seed)

@@ -292,3 +292,28 @@ def test_available_backends_on_cpu():
 
 def test_tolerance_table_covers_every_dtype_we_test():
     assert set(TOLERANCES) >= {torch.float64, torch.float32, torch.float16, torch.bfloat16}
+
+
+def test_one_routing_serves_prefill_then_decode(seed):
+    gen = torch.Generator().manual_seed(seed)
+    space = random_space(gen, num_groups=2)
+    ids = random_feature_ids(space, 4, gen)
+    routing = fk.Routing(ids, space)
+    A, Bm = random_adapters(space, 10, 6, gen, torch.float64)
+    for shape in [(4, 7), (4, 1), (4, 1), (4,), (4, 3)]:
+        x = torch.randn(*shape, 10, generator=gen, dtype=torch.float64)
+        got = fk.flix_delta(x, A, Bm, routing, scaling=0.5)
+        assert_close(got, flix_delta_reference(x, A, Bm, ids, space.rank_offsets, 0.5))
+
+
+def test_non_contiguous_input(seed):
+    gen = torch.Generator().manual_seed(seed)
+    space = random_space(gen, num_groups=2)
+    ids = random_feature_ids(space, 3, gen)
+    A, Bm = random_adapters(space, 9, 5, gen, torch.float64)
+    x = torch.randn(9, 4, 3, generator=gen, dtype=torch.float64).permute(2, 1, 0)  # (3, 4, 9), strided
+    assert not x.is_contiguous()
+    for strategy in ("dense", "grouped"):
+        with _forced(strategy):
+            got = fk.flix_delta(x, A, Bm, fk.Routing(ids, space), scaling=1.0)
+        assert_close(got, flix_delta_reference(x.contiguous(), A, Bm, ids, space.rank_offsets, 1.0))

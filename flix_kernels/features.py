@@ -113,6 +113,16 @@ class FeatureSpace:
         """Sorted global ids of one feature set given as ``{group: value}``."""
         return sorted(self.index(g, v) for g, v in features.items())
 
+    def rank_rows(self, feature_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank rows of lora_A owned by ``feature_ids`` (in the given order) and each row's owner."""
+        ids = torch.as_tensor(feature_ids, dtype=torch.long).flatten()
+        ranks = torch.tensor(self.ranks, dtype=torch.long)[ids]
+        starts = torch.tensor(self.rank_offsets[:-1], dtype=torch.long)[ids]
+        owners = torch.repeat_interleave(ids, ranks)
+        first_row_of_owner = torch.repeat_interleave(torch.cumsum(ranks, 0) - ranks, ranks)
+        rows = torch.repeat_interleave(starts, ranks) + torch.arange(owners.numel()) - first_row_of_owner
+        return rows, owners
+
     def encode(self, examples: Sequence[Mapping[str, str]]) -> torch.Tensor:
         """``(B, num_groups)`` int64 ids, column g holding the feature of group g or -1."""
         out = torch.full((len(examples), self.num_groups), -1, dtype=torch.long)

@@ -38,11 +38,15 @@ def _output_head(model: nn.Module):
 
 
 def _candidate_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """Every nn.Linear not already inside a FLix layer, each occurrence of a shared module."""
-    inside = [n + "." for n, _ in flix_layers(model)]
+    """Every nn.Linear not already inside a FLix layer, each occurrence of a shared module.
+
+    Linears inside nn.MultiheadAttention are left out: it reads ``out_proj.weight`` directly
+    instead of calling the module, so a wrapper there would be bypassed (or break it).
+    """
+    skip = [n + "." for n, m in model.named_modules() if isinstance(m, (FLixLinear, nn.MultiheadAttention))]
     out = []
     for name, m in model.named_modules(remove_duplicate=False):
-        if isinstance(m, nn.Linear) and name and not any(name.startswith(p) for p in inside):
+        if isinstance(m, nn.Linear) and name and not any(name.startswith(p) for p in skip):
             out.append((name, m))
     return out
 

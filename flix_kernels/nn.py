@@ -70,23 +70,34 @@ class FLixLinear(nn.Module):
         dt = adapter_dtype or w.dtype
         self.lora_A = nn.Parameter(torch.empty(space.total_rank, self.in_features, device=w.device, dtype=dt))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, space.total_rank, device=w.device, dtype=dt))
-        scale_dtype = torch.float64 if dt == torch.float64 else torch.float32
-        self.register_buffer("scaling", torch.empty(space.num_features, device=w.device, dtype=scale_dtype),
-                             persistent=False)
+        self.register_buffer("scaling", torch.empty(space.num_features, device=w.device), persistent=False)
         self.set_scaling(alpha, use_rslora)
         self.reset_adapters(init)
         self._routing: Routing | None = None
-        self._routing_at_forward: Routing | None = None  # last grad-enabled routing (recompute fallback)
+        self._last_routing: Routing | None = None  # recompute fallback, see _eager_routing
         self._merged: tuple[int, ...] | None = None
         self._merge_backup: torch.Tensor | None = None
 
     # -- hyper-parameters -----------------------------------------------------------------------
     def set_scaling(self, alpha: float, use_rslora: bool = False) -> None:
+        if getattr(self, "_merged", None) is not None:
+            raise RuntimeError("cannot change the scaling of a merged layer; call flix_kernels.unmerge(model) first")
         self.alpha, self.use_rslora = float(alpha), bool(use_rslora)
+        self._refresh_scaling()
+
+    def _refresh_scaling(self) -> None:
+        """(Re)build the per-feature scale buffer: float64 for float64 adapters, else float32."""
         r = torch.tensor(self.space.ranks, dtype=torch.float64)
         s = self.alpha / (r.sqrt() if self.use_rslora else r)
-        with torch.no_grad():
-            self.scaling.copy_(s.to(self.scaling.dtype))
+        dt = torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32
+        self.scaling = s.to(device=self.scaling.device, dtype=dt)
+
+    def _apply(self, fn, recurse=True):
+        # module.to(torch.bfloat16) / .half() would round the scales (alpha / r_k) with the
+        # weights; keep them exact as PEFT does with its Python-float scaling.
+        out = super()._apply(fn, recurse)
+        self._refresh_scaling()
+        return out
 
     @torch.no_grad()
     def reset_adapters(self, init: str = "lora") -> None:
@@ -126,27 +137,27 @@ class FLixLinear(nn.Module):
         return routing
 
     def _eager_routing(self, routing: Routing | None) -> Routing | None:
-        """The routing of this call, replaying the original one in a checkpoint recomputation."""
+        """The routing of this call, replaying the original one in a checkpoint recomputation.
+
+        Exact for non-reentrant checkpoint in every mode and for reentrant checkpoint in
+        training mode: the routing is stored on the checkpoint region during the original
+        forward and read back by its recomputation. Reentrant checkpoint runs the original
+        forward under no_grad, which in eval mode is not inspected (that would cost every
+        inference forward a stack walk); there, and for checkpoint implementations we do not
+        recognise, the recomputation uses the routing of this layer's most recent forward.
+        """
         recompute = _checkpoint.in_backward()
         grad = torch.is_grad_enabled()
-        # Reentrant checkpoint runs the original forward under no_grad, so a no_grad forward
-        # in training mode may be one; only then (and in recomputation) walk the stack. In
-        # eval mode a no_grad forward is not inspected (it would cost every inference forward
-        # a stack walk): a reentrant checkpoint in eval mode replays the routing current at
-        # backward time. Non-reentrant checkpoint is exact in every mode.
         region = _checkpoint.current_region(scan_stack=recompute or (self.training and not grad))
         if recompute:
             if routing is None:
-                if region is None:  # a checkpoint implementation we do not recognise
-                    routing = self._routing_at_forward or self._routing
-                else:  # None recorded: the original forward ran in eval mode; use the current routing
-                    routing = _checkpoint.recall(region, self) or self._routing
+                saved = _checkpoint.recall(region, self) if region is not None else None
+                routing = saved or self._last_routing or self._routing
             return routing
         routing = routing if routing is not None else self._routing
         if region is not None:
             _checkpoint.remember(region, self, routing)
-        if grad:
-            self._routing_at_forward = routing  # fallback for checkpoint implementations we do not recognise
+        self._last_routing = routing
         return routing
 
     def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
@@ -174,10 +185,10 @@ class FLixLinear(nn.Module):
     @torch.no_grad()
     def delta_weight(self, feature_ids: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``sum_k s_k B_k A_k`` over ``feature_ids``, an ``(out, in)`` matrix."""
-        offs = self.space.rank_offsets
-        idx = torch.cat([torch.arange(offs[k], offs[k + 1]) for k in feature_ids]).to(self.lora_A.device)
-        s = torch.cat([self.scaling[k].expand(self.space.ranks[k]) for k in feature_ids]).to(dtype)
-        return (self.lora_B[:, idx].to(dtype) * s) @ self.lora_A[idx].to(dtype)
+        rows, owners = self.space.rank_rows(list(feature_ids))
+        rows, owners = rows.to(self.lora_A.device), owners.to(self.lora_A.device)
+        s = self.scaling.to(dtype)[owners]
+        return (self.lora_B[:, rows].to(dtype) * s) @ self.lora_A[rows].to(dtype)
 
     @torch.no_grad()
     def merge(self, feature_ids: Sequence[int]) -> None:

@@ -42,12 +42,14 @@ def _validate(x, lora_A, lora_B, routing, scaling, dropout_p, weight=None, bias=
         _check(torch.is_tensor(weight), "weight must be a tensor", TypeError)
         _check(weight.shape == (out_f, in_f),
                f"weight must be (out={out_f}, in={in_f}) to match lora_A/lora_B, got {tuple(weight.shape)}")
-        _check(weight.dtype == x.dtype, f"weight dtype {weight.dtype} does not match x dtype {x.dtype}", TypeError)
+        # Under autocast, F.linear casts x and weight itself (x arrives in the autocast dtype).
+        autocast = torch.is_autocast_enabled(x.device.type)
+        _check(autocast or weight.dtype == x.dtype, f"weight dtype {weight.dtype} does not match x dtype {x.dtype}", TypeError)
         devs.add(("weight", weight.device))
         if bias is not None:
             _check(torch.is_tensor(bias) and bias.shape == (out_f,),
                    f"bias must be None or a tensor of shape ({out_f},), got {getattr(bias, 'shape', bias)}")
-            _check(bias.dtype == x.dtype, f"bias dtype {bias.dtype} does not match x dtype {x.dtype}", TypeError)
+            _check(autocast or bias.dtype == x.dtype, f"bias dtype {bias.dtype} does not match x dtype {x.dtype}", TypeError)
             devs.add(("bias", bias.device))
     if torch.is_tensor(scaling):
         _check(scaling.shape == (space.num_features,),

@@ -216,7 +216,7 @@ class Routing:
         elif cu is not None and (len(shape) == 1 or (len(shape) == 2 and shape[0] == 1)) and shape[-1] == int(cu[-1]):
             lengths = cu[1:] - cu[:-1]
             lay = TokenLayout("packed", int(cu[-1]), lengths, cu.clone())
-        elif len(shape) == 1 and shape[0] == B and cu is None:
+        elif len(shape) == 1 and shape[0] == B:  # one token per example, e.g. decode after packed prefill
             lay = self._batched(B, 1)
         else:
             expect = f"(B={B}, L, in) or (B={B}, in)"

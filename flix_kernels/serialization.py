@@ -112,6 +112,9 @@ def load_adapters(model: nn.Module, path: str, *, strict: bool = True) -> list[s
         raise FileNotFoundError(f"no {TENSORS_FILE} in {path!r}")
     saved = config["layers"]
     layers = dict(flix_layers(model))
+    merged = [n for n, layer in layers.items() if layer.merged is not None]
+    if merged:
+        raise RuntimeError(f"layers {merged[:5]} are merged; call flix_kernels.unmerge(model) before load_adapters")
     fresh = not layers
     if fresh:
         # Shapes the layers will have once injected; nothing is replaced until all checks pass.

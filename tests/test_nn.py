@@ -142,3 +142,34 @@ def test_torch_compile_forward_and_backward_match_eager(seed):
     layer.lora_A.grad = None
     layer(x, r).square().sum().backward()
     assert torch.allclose(gA, layer.lora_A.grad, atol=1e-5)
+
+
+def test_scales_stay_exact_when_the_module_is_cast(seed):
+    s = fk.FeatureSpace({"a": ["x", "y"], "b": ["z"]}, {"a": 3, "b": 7})
+    layer = fk.FLixLinear(8, 8, s, alpha=16)
+    layer.to(torch.bfloat16)
+    assert layer.scaling.dtype == torch.float32
+    assert layer.scaling.tolist() == pytest.approx([16 / 3, 16 / 3, 16 / 7], rel=1e-7)
+    assert layer.lora_A.dtype == torch.bfloat16
+    layer.to(torch.float64)
+    assert layer.scaling.dtype == torch.float64
+
+
+def test_autocast_mixed_precision_runs_and_keeps_autocast_dtype(seed):
+    torch.manual_seed(seed)
+    s = space()
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    fk.inject(model, s, target_modules="all-linear")
+    for _, layer in fk.flix_layers(model):
+        nn.init.normal_(layer.lora_B, std=0.1)
+    r = fk.Routing([[0, 4], [2, 5]], s)
+    x = torch.randn(2, 3, 16)
+    with fk.use_routing(model, r):
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        assert out.dtype == torch.bfloat16  # what autocast gives for a plain nn.Linear
+        torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x).float().sum().backward()
+    assert all(layer.lora_B.grad is not None for _, layer in fk.flix_layers(model))

@@ -317,3 +317,16 @@ def test_non_contiguous_input(seed):
         with _forced(strategy):
             got = fk.flix_delta(x, A, Bm, fk.Routing(ids, space), scaling=1.0)
         assert_close(got, flix_delta_reference(x.contiguous(), A, Bm, ids, space.rank_offsets, 1.0))
+
+
+def test_packed_routing_also_serves_one_token_per_example(seed):
+    """Prefill packed, then decode with (B, in): the same routing, as generation does."""
+    gen = torch.Generator().manual_seed(seed)
+    space = random_space(gen, num_groups=2)
+    ids = random_feature_ids(space, 4, gen)
+    routing = fk.Routing(ids, space, cu_seqlens=[0, 3, 3, 5, 9])
+    A, Bm = random_adapters(space, 6, 5, gen, torch.float64)
+    for shape, cu in [((9,), [0, 3, 3, 5, 9]), ((4,), None), ((4, 1), None)]:
+        x = torch.randn(*shape, 6, generator=gen, dtype=torch.float64)
+        got = fk.flix_delta(x, A, Bm, routing, scaling=0.5)
+        assert_close(got, flix_delta_reference(x, A, Bm, ids, space.rank_offsets, 0.5, cu_seqlens=cu))

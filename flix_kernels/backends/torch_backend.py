@@ -117,10 +117,7 @@ def _build_plan(routing: Routing, layout: TokenLayout, device: torch.device) -> 
 
 
 def _dense_plan(routing, layout, device, present, uniform) -> Plan:
-    space = routing.space
-    offs = space.rank_offsets
-    rank_index = torch.cat([torch.arange(offs[k], offs[k + 1]) for k in present.tolist()])
-    slot_feature = torch.cat([torch.full((space.ranks[k],), k) for k in present.tolist()])
+    rank_index, slot_feature = routing.space.rank_rows(present)
     p = Plan("dense", layout.num_tokens, rank_index=rank_index.to(device), slot_feature=slot_feature.to(device))
     if not uniform or bool(((layout.lengths > 0) & (routing.active_rank == 0)).any()):
         # (B, R_p): does example b use the feature owning slot j?
@@ -203,5 +200,6 @@ def delta(x, lora_A, lora_B, routing, layout, scaling, dropout_p, generator):
 
 
 def linear(x, weight, bias, lora_A, lora_B, routing, layout, scaling, dropout_p, generator):
-    """``F.linear(x, weight, bias) + delta(...)``."""
-    return F.linear(x, weight, bias) + delta(x, lora_A, lora_B, routing, layout, scaling, dropout_p, generator)
+    """``F.linear(x, weight, bias) + delta(...)``, in the base output's dtype (autocast's if on)."""
+    y = F.linear(x, weight, bias)
+    return y + delta(x, lora_A, lora_B, routing, layout, scaling, dropout_p, generator).to(y.dtype)

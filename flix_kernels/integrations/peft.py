@@ -33,17 +33,19 @@ def export_peft(model: nn.Module, features: Mapping[str, str], out_dir: str) -> 
     ids = space.feature_ids(features)
     if not ids:
         raise ValueError("export_peft needs at least one feature, e.g. {'language': 'fr'}")
-    offs = space.rank_offsets
     rank = sum(space.ranks[k] for k in ids)
     tensors = {}
     for name, layer in layers:
         if layer.space != space:
             raise ValueError(f"layer {name!r} uses a different FeatureSpace: {layer.space.describe_difference(space)}")
-        idx = torch.cat([torch.arange(offs[k], offs[k + 1]) for k in ids]).to(layer.lora_A.device)
-        scale = torch.cat([layer.scaling[k].expand(space.ranks[k]) for k in ids]).to(layer.lora_B.dtype)
+        rows, owners = (t.to(layer.lora_A.device) for t in space.rank_rows(ids))
+        # Fold the scales in at least float32 and store at least float32, so that a bf16/fp16
+        # adapter exports exactly (PEFT casts to its own adapter dtype on load).
+        dt = torch.promote_types(layer.lora_B.dtype, torch.float32)
         with torch.no_grad():
-            tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A[idx].detach().cpu().contiguous()
-            tensors[f"base_model.model.{name}.lora_B.weight"] = (layer.lora_B[:, idx] * scale).detach().cpu().contiguous()
+            scale = layer.scaling.to(dt)[owners]
+            tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A[rows].to(dt).cpu().contiguous()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = (layer.lora_B[:, rows].to(dt) * scale).cpu().contiguous()
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     config = {
         "peft_type": "LORA",

@@ -47,10 +47,6 @@ class TokenLayout:
             return ("batched", int(self.lengths.numel()), self.num_tokens)
         return ("packed", self.num_tokens)
 
-    @property
-    def max_length(self) -> int:
-        return int(self.lengths.max()) if self.lengths.numel() else 0
-
     def token_example(self) -> torch.Tensor:
         """(num_tokens,) int64: the example of each token (CPU)."""
         return torch.repeat_interleave(torch.arange(self.lengths.numel()), self.lengths)
@@ -248,14 +244,6 @@ class Routing:
         except KeyError:
             value = self._cache[key] = build()
             return value
-
-    def example_slots(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(slot_rank_index, slot_feature, slot_valid) on ``device``, cached."""
-        device = torch.device(device)
-        return self.cached(
-            ("slots", device),
-            lambda: tuple(t.to(device) for t in (self.slot_rank_index, self.slot_feature, self.slot_valid)),
-        )
 
     def __repr__(self) -> str:
         packed = "" if self.cu_seqlens is None else f", packed T={int(self.cu_seqlens[-1])}"

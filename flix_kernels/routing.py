@@ -177,8 +177,6 @@ class Routing:
         self.slot_valid = valid  # (B, R) bool
         self.slot_feature = feat  # (B, R) global feature id (0 where invalid)
         self.slot_rank_index = torch.where(valid, offs[feat] + (j - start), 0)  # (B, R) row of lora_A
-        # Features used by at least one example, ascending.
-        self.present_features = torch.unique(ids[present]) if B else torch.zeros(0, dtype=torch.long)
 
     # -- queries ------------------------------------------------------------------------------
     def features_of(self, example: int) -> list[int]:
@@ -249,5 +247,5 @@ class Routing:
         packed = "" if self.cu_seqlens is None else f", packed T={int(self.cu_seqlens[-1])}"
         return (
             f"Routing(B={self.num_examples}, max_active_rank={self.max_active_rank}, "
-            f"present_features={self.present_features.numel()}{packed})"
+            f"features_in_batch={int(torch.unique(self.feature_ids[self.feature_ids >= 0]).numel())}{packed})"
         )

@@ -121,6 +121,10 @@ class FLixLinear(nn.Module):
             if routing.space != self.space:
                 raise ValueError("the routing's FeatureSpace differs from this layer's: "
                                  + routing.space.describe_difference(self.space))
+            device = self.lora_A.device
+            if self.backend == "triton" or (self.backend != "torch" and device.type == "cuda"):
+                # Kernel metadata built now, outside any compiled region or CUDA-graph capture.
+                routing.to(device)
         self._routing = routing
 
     def _resolve_routing(self, routing: Routing | None) -> Routing:

@@ -62,7 +62,7 @@ def _validate(x, lora_A, lora_B, routing, scaling, dropout_p, weight=None, bias=
     if len({d for _, d in devs}) > 1:
         raise ValueError("all tensors must be on one device; got " + ", ".join(f"{n} on {d}" for n, d in sorted(devs, key=str)))
     _check(isinstance(dropout_p, numbers.Real) and 0.0 <= float(dropout_p) < 1.0, f"dropout_p must be in [0, 1), got {dropout_p}")
-    return routing.layout(x.shape[:-1])
+    routing.classify(x.shape[:-1])  # raises if the token dimensions do not match the routing
 
 
 def flix_delta(x, lora_A, lora_B, routing, *, scaling, dropout_p: float = 0.0, backend: str = "auto",
@@ -83,9 +83,9 @@ def flix_delta(x, lora_A, lora_B, routing, *, scaling, dropout_p: float = 0.0, b
     Returns ``x.shape[:-1] + (out,)`` in x's dtype, differentiable in x, lora_A, lora_B. The
     low-rank path computes in lora_A's dtype.
     """
-    layout = _validate(x, lora_A, lora_B, routing, scaling, dropout_p)
-    impl = get_backend(backend, x.device)
-    return impl.delta(x, lora_A, lora_B, routing, layout, scaling, float(dropout_p), generator)
+    _validate(x, lora_A, lora_B, routing, scaling, dropout_p)
+    impl = get_backend(backend, x.device, x, lora_A)
+    return impl.delta(x, lora_A, lora_B, routing, scaling, float(dropout_p), generator)
 
 
 def flix_linear(x, weight, bias, lora_A, lora_B, routing, *, scaling, dropout_p: float = 0.0,
@@ -95,6 +95,6 @@ def flix_linear(x, weight, bias, lora_A, lora_B, routing, *, scaling, dropout_p:
     ``weight`` is ``(out, in)`` in x's dtype, ``bias`` ``(out,)`` or None. Differentiable in
     x, lora_A, lora_B, and in weight/bias when they require grad. See :func:`flix_delta`.
     """
-    layout = _validate(x, lora_A, lora_B, routing, scaling, dropout_p, weight, bias, with_base=True)
-    impl = get_backend(backend, x.device)
-    return impl.linear(x, weight, bias, lora_A, lora_B, routing, layout, scaling, float(dropout_p), generator)
+    _validate(x, lora_A, lora_B, routing, scaling, dropout_p, weight, bias, with_base=True)
+    impl = get_backend(backend, x.device, x, lora_A)
+    return impl.linear(x, weight, bias, lora_A, lora_B, routing, scaling, float(dropout_p), generator)

@@ -23,7 +23,41 @@ import torch
 
 from .features import FeatureSpace
 
-__all__ = ["Routing", "TokenLayout"]
+__all__ = ["KernelMetadata", "Routing", "TokenLayout"]
+
+
+@dataclass(frozen=True)
+class KernelMetadata:
+    """A routing's metadata as int32 tensors on one device, for the fused kernels.
+
+    Built once per routing and device (:meth:`Routing.to`), so a layer's forward and backward
+    only pass tensors: no host work, no host-device copy, nothing a CUDA graph cannot replay.
+
+    * ``slot_rank`` / ``slot_feature`` ``(B, R_max)``: per example, its rank slots (rows of
+      lora_A) and the feature owning each (-1 for padding).
+    * ``pair_example`` / ``pair_slot`` / ``pair_feature`` ``(P,)``: every (example, active
+      feature) pair, sorted by feature then example; ``pair_slot`` is where the feature's
+      slots start in the example's slot list. ``feature_pair_start`` ``(F + 1,)`` indexes the
+      pairs of each feature (empty for features absent from the batch).
+    * ``feature_rank`` ``(F,)`` and ``rank_offsets`` ``(F + 1,)``: the feature space.
+    * ``cu_seqlens`` ``(B + 1,)`` for packed routings, else None; ``max_length`` the longest
+      packed example (host int); ``max_pair_rank`` the largest rank of a feature in the batch,
+      ``max_feature_rank`` of the space.
+    """
+
+    device: torch.device
+    slot_rank: torch.Tensor
+    slot_feature: torch.Tensor
+    pair_example: torch.Tensor
+    pair_slot: torch.Tensor
+    pair_feature: torch.Tensor
+    feature_pair_start: torch.Tensor
+    feature_rank: torch.Tensor
+    rank_offsets: torch.Tensor
+    cu_seqlens: torch.Tensor | None
+    max_length: int
+    max_pair_rank: int
+    max_feature_rank: int
 
 
 @dataclass(frozen=True)
@@ -105,9 +139,11 @@ class Routing:
         self.feature_dropout = float(feature_dropout)
         self.num_examples = int(ids.shape[0])
         self.cu_seqlens = self._validate_cu_seqlens(cu_seqlens, self.num_examples)
+        self._packed_tokens = None if self.cu_seqlens is None else int(self.cu_seqlens[-1])
         self._build_slots()
         self._layouts: dict[tuple, TokenLayout] = {}
         self._cache: dict[Hashable, object] = {}
+        self._kernel_meta: KernelMetadata | None = None  # the most recent device's, see kernel_metadata
 
     # -- validation -------------------------------------------------------------------------
     @staticmethod
@@ -178,6 +214,64 @@ class Routing:
         self.slot_feature = feat  # (B, R) global feature id (0 where invalid)
         self.slot_rank_index = torch.where(valid, offs[feat] + (j - start), 0)  # (B, R) row of lora_A
 
+    # -- device metadata for the fused kernels ----------------------------------------------------
+    def to(self, device: torch.device | str) -> "Routing":
+        """Build this routing's kernel metadata on ``device`` now (returns self).
+
+        Layers do it on first use; call it (or :func:`flix_kernels.set_routing`, which does)
+        before a ``torch.compile(fullgraph=True)`` model or a CUDA-graph capture runs, so the
+        compiled or captured region only reads prebuilt tensors."""
+        self.kernel_metadata(torch.device(device))
+        return self
+
+    def kernel_metadata(self, device: torch.device) -> KernelMetadata:
+        """:class:`KernelMetadata` on ``device`` (built on first request, then cached)."""
+        meta = self._kernel_meta
+        if meta is not None and meta.device == device:
+            return meta
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"the routing's kernel metadata for {device} is not built; call routing.to({str(device)!r}) "
+                "or flix_kernels.set_routing(model, routing) before running the compiled model"
+            )
+        meta = self.cached(("kernel_metadata", device), lambda: self._build_kernel_metadata(device))
+        self._kernel_meta = meta
+        return meta
+
+    def _build_kernel_metadata(self, device: torch.device) -> KernelMetadata:
+        space, ids = self.space, self.feature_ids
+        F = space.num_features
+        ranks = torch.tensor(space.ranks, dtype=torch.long)
+        present = ids >= 0
+        r = torch.where(present, ranks[ids.clamp(min=0)], 0)
+        slot_start = r.cumsum(1) - r  # (B, G) where each column's slots start
+        ex, col = present.nonzero(as_tuple=True)
+        feat = ids[ex, col]
+        order = torch.argsort(feat * max(self.num_examples, 1) + ex)  # by feature, then example
+        ex, feat, slot = ex[order], feat[order], slot_start[ex, col][order]
+        start = torch.zeros(F + 1, dtype=torch.long)
+        start[1:] = torch.bincount(feat, minlength=F).cumsum(0)
+        if self.cu_seqlens is not None and self.num_examples:
+            max_length = int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
+        else:
+            max_length = 0
+        i32 = dict(device=device, dtype=torch.int32)
+        return KernelMetadata(
+            device=device,
+            slot_rank=self.slot_rank_index.to(**i32),
+            slot_feature=torch.where(self.slot_valid, self.slot_feature, -1).to(**i32),
+            pair_example=ex.to(**i32),
+            pair_slot=slot.to(**i32),
+            pair_feature=feat.to(**i32),
+            feature_pair_start=start.to(**i32),
+            feature_rank=ranks.to(**i32),
+            rank_offsets=torch.tensor(space.rank_offsets, **i32),
+            cu_seqlens=None if self.cu_seqlens is None else self.cu_seqlens.to(**i32),
+            max_length=max_length,
+            max_pair_rank=int(ranks[feat].max()) if feat.numel() else 0,
+            max_feature_rank=int(ranks.max()) if F else 0,
+        )
+
     # -- queries ------------------------------------------------------------------------------
     def features_of(self, example: int) -> list[int]:
         """Sorted active global feature ids of one example (after feature dropout)."""
@@ -192,36 +286,45 @@ class Routing:
             self._cache["uniform"] = tuple(self.features_of(0)) if same else None
         return self._cache["uniform"]
 
-    def layout(self, token_shape: Sequence[int]) -> TokenLayout:
-        """Map the token dimensions of a layer input (``x.shape[:-1]``) to examples.
+    def classify(self, token_shape: Sequence[int]) -> tuple[str, int, int]:
+        """``(kind, num_tokens, seq_len)`` of a layer input's token dimensions, host ints only.
 
-        ``(B, L)`` means L tokens per example, ``(B,)`` one token per example, and ``(T,)`` or
-        ``(1, T)`` packed tokens split by ``cu_seqlens``.
-        """
+        ``(B, L)`` means L tokens per example ("batched", seq_len L), ``(B,)`` one token per
+        example, and ``(T,)`` or ``(1, T)`` packed tokens split by ``cu_seqlens`` ("packed",
+        seq_len 0). Raises ``ValueError`` for a shape the routing cannot map. Pure Python, so
+        a compiled graph checks it with no tensor work."""
         shape = tuple(int(s) for s in token_shape)
-        key = shape
+        B = self.num_examples
+        T_packed = self._packed_tokens
+        if len(shape) == 2 and shape[0] == B:
+            return "batched", B * shape[1], shape[1]
+        if T_packed is not None and (len(shape) == 1 or (len(shape) == 2 and shape[0] == 1)) and shape[-1] == T_packed:
+            return "packed", T_packed, 0
+        if len(shape) == 1 and shape[0] == B:  # one token per example, e.g. decode after packed prefill
+            return "batched", B, 1
+        expect = f"(B={B}, L, in) or (B={B}, in)"
+        if T_packed is not None:
+            expect += f", or packed (T={T_packed}, in) / (1, T={T_packed}, in) as cu_seqlens says"
+        else:
+            expect += ", or packed (T, in) / (1, T, in) with cu_seqlens given to the Routing"
+        raise ValueError(
+            f"layer input with token dimensions {shape} does not match the routing of {B} "
+            f"examples: expected {expect}"
+        )
+
+    def layout(self, token_shape: Sequence[int]) -> TokenLayout:
+        """Map the token dimensions of a layer input (``x.shape[:-1]``) to examples (see
+        :meth:`classify`), with per-example lengths and offsets as host tensors."""
+        key = tuple(int(s) for s in token_shape)
         lay = self._layouts.get(key)
         if lay is not None:
             return lay
-        B = self.num_examples
-        cu = self.cu_seqlens
-        if len(shape) == 2 and shape[0] == B:
-            lay = self._batched(B, shape[1])
-        elif cu is not None and (len(shape) == 1 or (len(shape) == 2 and shape[0] == 1)) and shape[-1] == int(cu[-1]):
-            lengths = cu[1:] - cu[:-1]
-            lay = TokenLayout("packed", int(cu[-1]), lengths, cu.clone())
-        elif len(shape) == 1 and shape[0] == B:  # one token per example, e.g. decode after packed prefill
-            lay = self._batched(B, 1)
+        kind, T, L = self.classify(key)
+        if kind == "batched":
+            lay = self._batched(self.num_examples, L)
         else:
-            expect = f"(B={B}, L, in) or (B={B}, in)"
-            if cu is not None:
-                expect += f", or packed (T={int(cu[-1])}, in) / (1, T={int(cu[-1])}, in) as cu_seqlens says"
-            else:
-                expect += ", or packed (T, in) / (1, T, in) with cu_seqlens given to the Routing"
-            raise ValueError(
-                f"layer input with token dimensions {shape} does not match the routing of {B} "
-                f"examples: expected {expect}"
-            )
+            cu = self.cu_seqlens
+            lay = TokenLayout("packed", T, cu[1:] - cu[:-1], cu.clone())
         self._layouts[key] = lay
         return lay
 

@@ -13,7 +13,19 @@ import random
 import pytest
 import torch
 
-import flix_kernels as fk
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. It must be on
+# before flix_kernels (and so triton.jit) is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import flix_kernels as fk  # noqa: E402
+from flix_kernels.reference import flix_delta_reference, flix_linear_reference
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# dtypes the Triton kernels are tested in here: the interpreter computes tl.dot on bfloat16
+# wrongly (it multiplies the raw bits; triton-lang/triton issue 11584), so bf16 is GPU-only.
+KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -87,3 +99,62 @@ def random_adapters(space: fk.FeatureSpace, in_f: int, out_f: int, gen: torch.Ge
 
 def random_scaling(space: fk.FeatureSpace, gen: torch.Generator, dtype=torch.float32) -> torch.Tensor:
     return (0.5 + torch.rand(space.num_features, generator=gen, dtype=torch.float64)).to(dtype)
+
+
+def oracle(x, A, Bm, ids, space, scaling, dtype, cu=None, weight=None, bias=None, dropout_mask=None, dropout_p=0.0):
+    """The per-feature loop oracle on CPU in ``dtype`` and its leaves ``(x, A, B[, W, b])``."""
+    leaves = [t.detach().cpu().to(dtype).requires_grad_(True) for t in (x, A, Bm)]
+    xo, Ao, Bo = leaves
+    s = scaling.detach().cpu().to(dtype) if torch.is_tensor(scaling) else scaling
+    drop = dict(dropout_mask=None if dropout_mask is None else dropout_mask.cpu(), dropout_p=dropout_p)
+    if weight is None:
+        ref = flix_delta_reference(xo, Ao, Bo, ids, space.rank_offsets, s, cu_seqlens=cu, **drop)
+    else:
+        wo = weight.detach().cpu().to(dtype).requires_grad_(weight.requires_grad)
+        bo = None if bias is None else bias.detach().cpu().to(dtype).requires_grad_(bias.requires_grad)
+        leaves += [wo] + ([bo] if bo is not None else [])
+        ref = flix_linear_reference(xo, wo, bo, Ao, Bo, ids, space.rank_offsets, s, cu_seqlens=cu, **drop)
+    ref = ref + 0 * (xo.sum() + Ao.sum() + Bo.sum())  # zero gradients where no feature is used
+    return ref, leaves
+
+
+def check_against_oracle(x, A, Bm, routing, ids, space, scaling, dtype=None, *, backend, cu=None, weight=None,
+                         bias=None, dropout_p=0.0, generator=None, dropout_mask=None, grad_out=None):
+    """Run ``flix_delta`` (or ``flix_linear`` when ``weight`` is given) with ``backend`` and
+    check the output and every gradient (x, lora_A, lora_B, and weight/bias when they require
+    grad) against the float64 oracle; low precision uses :func:`assert_close_to_oracle`.
+    Returns the output and the gradients."""
+    dtype = dtype or x.dtype
+    xs, As, Bs = (t.detach().clone().requires_grad_(True) for t in (x, A, Bm))
+    ws = bs = None
+    if weight is not None:
+        ws = weight.detach().clone().requires_grad_(weight.requires_grad)
+        bs = None if bias is None else bias.detach().clone().requires_grad_(bias.requires_grad)
+    kw = dict(scaling=scaling, backend=backend, dropout_p=dropout_p, generator=generator)
+    if weight is None:
+        out = fk.flix_delta(xs, As, Bs, routing, **kw)
+    else:
+        out = fk.flix_linear(xs, ws, bs, As, Bs, routing, **kw)
+    ref, leaves64 = oracle(x, A, Bm, ids, space, scaling, torch.float64, cu, weight, bias, dropout_mask, dropout_p)
+    assert out.shape == ref.shape and out.dtype == x.dtype and out.device == x.device
+    gout = grad_out if grad_out is not None else torch.randn(ref.shape, dtype=torch.float64)
+    (out * gout.to(out.device, out.dtype)).sum().backward()
+    (ref * gout).sum().backward()
+    mine = [xs, As, Bs] + ([ws] + ([bs] if bs is not None else []) if ws is not None else [])
+    names = ["out", "dx", "dA", "dB", "dW", "db"]
+    got = [out] + [t.grad for t in mine]
+    want = [ref] + [t.grad for t in leaves64]
+    for name, g, w in zip(names, got, want):
+        assert (g is None) == (w is None), f"{name}: gradient presence differs from the oracle"
+    if dtype in LOW_PRECISION:
+        low, leaves_low = oracle(x, A, Bm, ids, space, scaling, dtype, cu, weight, bias, dropout_mask, dropout_p)
+        (low * gout.to(dtype)).sum().backward()
+        same = [low] + [t.grad for t in leaves_low]
+        for name, g, w, s in zip(names, got, want, same):
+            if g is not None:
+                assert_close_to_oracle(g.cpu(), w, s, name)
+    else:
+        for name, g, w in zip(names, got, want):
+            if g is not None:
+                assert_close(g.cpu(), w, dtype, scale=4)
+    return got

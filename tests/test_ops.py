@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flix_kernels as fk
-from conftest import LOW_PRECISION, assert_close, assert_close_to_oracle, random_adapters, random_feature_ids, random_scaling, random_space
+from conftest import LOW_PRECISION, assert_close, assert_close_to_oracle, check_against_oracle, oracle, random_adapters, random_feature_ids, random_scaling, random_space
 from flix_kernels.backends import torch_backend
 from flix_kernels.reference import flix_delta_reference, flix_linear_reference
 
@@ -20,42 +20,8 @@ def _inputs(gen, space, B, token_shape, in_f, out_f, dtype, p_absent=0.25, cu=No
     return fk.Routing(ids, space, cu_seqlens=cu), ids, x, A, Bm
 
 
-def _oracle(x, A, Bm, ids, space, scaling, dtype, cu=None, weight=None, bias=None):
-    """Oracle output and (x, A, B) leaves in ``dtype`` (float64 for the reference itself)."""
-    xo, Ao, Bo = (t.detach().to(dtype).requires_grad_(True) for t in (x, A, Bm))
-    s = scaling.to(dtype) if torch.is_tensor(scaling) else scaling
-    if weight is None:
-        ref = flix_delta_reference(xo, Ao, Bo, ids, space.rank_offsets, s, cu_seqlens=cu)
-    else:
-        ref = flix_linear_reference(xo, weight.to(dtype), None if bias is None else bias.to(dtype), Ao, Bo, ids,
-                                    space.rank_offsets, s, cu_seqlens=cu)
-    ref = ref + 0 * (xo.sum() + Ao.sum() + Bo.sum())  # zero gradients where no feature is used
-    return ref, (xo, Ao, Bo)
-
-
-def _check_forward_and_grads(x, A, Bm, routing, ids, space, scaling, dtype, cu=None, weight=None, bias=None):
-    xs, As, Bs = (t.detach().clone().requires_grad_(True) for t in (x, A, Bm))
-    if weight is None:
-        out = fk.flix_delta(xs, As, Bs, routing, scaling=scaling, backend="torch")
-    else:
-        out = fk.flix_linear(xs, weight, bias, As, Bs, routing, scaling=scaling, backend="torch")
-    ref, leaves64 = _oracle(x, A, Bm, ids, space, scaling, torch.float64, cu, weight, bias)
-    assert out.shape == ref.shape and out.dtype == x.dtype
-    gout = torch.randn(ref.shape, dtype=torch.float64)
-    (out.double() * gout).sum().backward()
-    (ref * gout).sum().backward()
-    got = [out, xs.grad, As.grad, Bs.grad]
-    want = [ref, *(t.grad for t in leaves64)]
-    assert all(g is not None for g in got)
-    if dtype in LOW_PRECISION:
-        low, leaves_low = _oracle(x, A, Bm, ids, space, scaling, dtype, cu, weight, bias)
-        (low * gout.to(dtype)).sum().backward()
-        same = [low, *(t.grad for t in leaves_low)]
-        for name, g, w, s in zip(["out", "dx", "dA", "dB"], got, want, same):
-            assert_close_to_oracle(g, w, s, name)
-    else:
-        for g, w in zip(got, want):
-            assert_close(g, w, dtype, scale=4)
+def _check_forward_and_grads(*args, **kwargs):
+    check_against_oracle(*args, backend="torch", **kwargs)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -57,6 +57,11 @@ class Plan:
 
 
 @torch.compiler.disable
+def _layout(routing: Routing, token_shape) -> TokenLayout:
+    return routing.layout(token_shape)
+
+
+@torch.compiler.disable
 def plan(routing: Routing, layout: TokenLayout, device: torch.device) -> Plan:
     """Build (once per routing, layout and device; cached on the routing) the strategy.
 
@@ -152,9 +157,10 @@ def _zero_delta(x2d, lora_A, lora_B, out_features, dtype):
     return x2d.new_zeros(x2d.shape[0], out_features, dtype=dtype) + anchor.to(dtype)
 
 
-def delta(x, lora_A, lora_B, routing, layout, scaling, dropout_p, generator):
+def delta(x, lora_A, lora_B, routing, scaling, dropout_p, generator):
     """Low-rank FLix update, shape ``x.shape[:-1] + (out,)``, dtype of x."""
     in_f, out_f = x.shape[-1], lora_B.shape[0]
+    layout = _layout(routing, x.shape[:-1])
     x2d = x.reshape(-1, in_f)
     cdt = lora_A.dtype
     p = plan(routing, layout, x.device)
@@ -199,7 +205,7 @@ def delta(x, lora_A, lora_B, routing, layout, scaling, dropout_p, generator):
     return out.to(x.dtype).view(*x.shape[:-1], out_f)
 
 
-def linear(x, weight, bias, lora_A, lora_B, routing, layout, scaling, dropout_p, generator):
+def linear(x, weight, bias, lora_A, lora_B, routing, scaling, dropout_p, generator):
     """``F.linear(x, weight, bias) + delta(...)``, in the base output's dtype (autocast's if on)."""
     y = F.linear(x, weight, bias)
-    return y + delta(x, lora_A, lora_B, routing, layout, scaling, dropout_p, generator).to(y.dtype)
+    return y + delta(x, lora_A, lora_B, routing, scaling, dropout_p, generator).to(y.dtype)

@@ -1,0 +1,268 @@
+"""Triton kernels of the FLix low-rank update (forward and backward).
+
+Notation: T tokens (rows of the flattened input), B examples, each owning a contiguous run of
+tokens (batched: ``seq_len`` tokens each; packed: ``cu_seqlens``). Example e uses the *rank
+slots* ``slot_rank[e, :]`` (rows of lora_A / columns of lora_B of its active features,
+concatenated; ``slot_feature[e, j] = -1`` marks padding). ``M`` below is a low-rank factor read
+through a row gather: ``M[slot_rank[e, j], k]`` with arbitrary strides, so lora_A (shrink of x),
+lora_B^T (shrink of dy), lora_B (expand of h) and lora_A^T (expand of dh) are one kernel each.
+
+* :func:`shrink_kernel`: ``H[t, j] = s_j * sum_k drop(X)[t, k] * M[slot[e(t), j], k]`` (fp32 out,
+  optionally split over K into a workspace that the launcher sums in a fixed order).
+* :func:`expand_kernel`: ``Y[t, n] (=|+=) [X2 W2^T + bias] + drop(sum_j H[t, j] M[slot[e(t), j], n])``;
+  MODE 0 writes the update alone, MODE 1 accumulates into Y in place, MODE 2 computes the base
+  GEMM in the same tile (fused forward or fused ``dx = dy W + dh A_S``).
+* :func:`rank_outer_kernel` + :func:`rank_reduce_kernel`: the weight gradients as segment-owned
+  reductions. A *pair* is (feature k, example e having k); program (pair, chunk, n-tile) sums
+  ``L[t, slot_k + j] * R[t, n]`` over one chunk of e's tokens into its own workspace tile, then
+  program (feature, n-tile) adds its pairs' tiles in a fixed order and writes the gradient rows
+  of k (zeros for features not in the batch). No atomics: results are bit-identical run to run.
+
+Token tiles may straddle examples (decode: one token per example); a program then loops over
+the examples its rows belong to, masking the others. Dropout regenerates its keep-mask from
+(seed, t * K + k) in every kernel that needs it; the mask is never stored.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _example_of(t, cu_ptr, B, seq_len, IS_PACKED: tl.constexpr):
+    """Example owning token t: the last e with cu[e] <= t (skips empty examples)."""
+    if IS_PACKED:
+        lo = 0
+        hi = B
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if tl.load(cu_ptr + mid) <= t:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+    else:
+        return t // seq_len
+
+
+@triton.jit
+def _token_range(e, cu_ptr, seq_len, IS_PACKED: tl.constexpr):
+    if IS_PACKED:
+        start = tl.load(cu_ptr + e)
+        end = tl.load(cu_ptr + e + 1)
+    else:
+        start = e * seq_len
+        end = start + seq_len
+    return start, end
+
+
+@triton.jit
+def _keep(seed, offs_t, offs_k, K, p_drop):
+    """Dropout keep-mask of elements (t, k) of a (T, K) input: same bits in every kernel."""
+    offset = offs_t.to(tl.int64)[:, None] * K + offs_k[None, :]
+    return tl.rand(seed, offset) >= p_drop
+
+
+@triton.jit
+def keep_mask_kernel(OUT, seed_ptr, T, K, p_drop, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Materialise the dropout keep-mask (tests and debugging only)."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = _keep(tl.load(seed_ptr), offs_t, offs_k, K, p_drop)
+    mask = (offs_t[:, None] < T) & (offs_k[None, :] < K)
+    tl.store(OUT + offs_t.to(tl.int64)[:, None] * K + offs_k[None, :], keep.to(tl.int8), mask=mask)
+
+
+@triton.jit
+def shrink_kernel(
+    X, M, H, slot_rank, slot_feature, cu_ptr, scaling, seed_ptr,
+    T, K, R_slots, B, seq_len, scale_const, p_drop,
+    stride_xt, stride_xk, stride_mr, stride_mk, stride_hs, stride_ht,
+    IS_PACKED: tl.constexpr, HAS_SCALE_TENSOR: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, PRECISION: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    t0 = pid_t * BLOCK_T
+    t_last = tl.minimum(t0 + BLOCK_T, T) - 1
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_in = offs_r < R_slots
+    k_begin = pid_s * K_PER_SPLIT
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    h_ptrs = H + pid_s * stride_hs + offs_t.to(tl.int64)[:, None] * stride_ht + offs_r[None, :]
+    e_first = _example_of(t0, cu_ptr, B, seq_len, IS_PACKED)
+    e_last = _example_of(t_last, cu_ptr, B, seq_len, IS_PACKED)
+    for e in range(e_first, e_last + 1):
+        start, end = _token_range(e, cu_ptr, seq_len, IS_PACKED)
+        rows = (offs_t >= start) & (offs_t < end)
+        feat = tl.load(slot_feature + e * R_slots + offs_r, mask=r_in, other=-1)
+        valid = feat >= 0
+        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+        if (end > start) & (tl.max(valid.to(tl.int32), axis=0) > 0):
+            ridx = tl.load(slot_rank + e * R_slots + offs_r, mask=valid, other=0).to(tl.int64)
+            for k0 in range(k_begin, tl.minimum(k_begin + K_PER_SPLIT, K), BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_in = offs_k < K
+                x = tl.load(X + offs_t.to(tl.int64)[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+                            mask=rows[:, None] & k_in[None, :], other=0.0)
+                if HAS_DROPOUT:
+                    keep = _keep(seed, offs_t, offs_k, K, p_drop)
+                    x = tl.where(keep, x.to(tl.float32) * (1.0 / (1.0 - p_drop)), 0.0)
+                m = tl.load(M + ridx[None, :] * stride_mr + offs_k[:, None] * stride_mk,
+                            mask=valid[None, :] & k_in[:, None], other=0.0)
+                acc += tl.dot(x.to(COMPUTE_DTYPE), m.to(COMPUTE_DTYPE), input_precision=PRECISION)
+            if HAS_SCALE_TENSOR:
+                s = tl.load(scaling + feat, mask=valid, other=0.0).to(tl.float32)
+            else:
+                s = tl.where(valid, scale_const, 0.0)
+            acc = acc * s[None, :]
+        tl.store(h_ptrs, acc, mask=rows[:, None] & r_in[None, :])
+
+
+@triton.jit
+def expand_kernel(
+    H, M, Y, X2, W2, bias, slot_rank, slot_feature, cu_ptr, seed_ptr,
+    T, N, K2, R_slots, B, seq_len, p_drop,
+    stride_ht, stride_mr, stride_mn, stride_yt, stride_yn, stride_xt, stride_xk, stride_wn, stride_wk,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, IS_PACKED: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, BASE_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BASE_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    t0 = pid_t * BLOCK_T
+    t_last = tl.minimum(t0 + BLOCK_T, T) - 1
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    t_in = offs_t < T
+    n_in = offs_n < N
+    offs_t64 = offs_t.to(tl.int64)
+
+    lora = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    active = 0
+    e_first = _example_of(t0, cu_ptr, B, seq_len, IS_PACKED)
+    e_last = _example_of(t_last, cu_ptr, B, seq_len, IS_PACKED)
+    for e in range(e_first, e_last + 1):
+        start, end = _token_range(e, cu_ptr, seq_len, IS_PACKED)
+        rows = (offs_t >= start) & (offs_t < end)
+        if end > start:
+            for r0 in range(0, R_slots, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                r_in = offs_r < R_slots
+                feat = tl.load(slot_feature + e * R_slots + offs_r, mask=r_in, other=-1)
+                valid = feat >= 0
+                if tl.max(valid.to(tl.int32), axis=0) > 0:
+                    active = 1
+                    ridx = tl.load(slot_rank + e * R_slots + offs_r, mask=valid, other=0).to(tl.int64)
+                    h = tl.load(H + offs_t64[:, None] * stride_ht + offs_r[None, :],
+                                mask=rows[:, None] & valid[None, :], other=0.0)
+                    m = tl.load(M + ridx[:, None] * stride_mr + offs_n[None, :] * stride_mn,
+                                mask=valid[:, None] & n_in[None, :], other=0.0)
+                    lora += tl.dot(h.to(COMPUTE_DTYPE), m.to(COMPUTE_DTYPE), input_precision=PRECISION)
+    if HAS_DROPOUT:
+        keep = _keep(tl.load(seed_ptr), offs_t, offs_n, N, p_drop)
+        lora = tl.where(keep, lora * (1.0 / (1.0 - p_drop)), 0.0)
+
+    y_ptrs = Y + offs_t64[:, None] * stride_yt + offs_n[None, :] * stride_yn
+    y_mask = t_in[:, None] & n_in[None, :]
+    if MODE == 2:
+        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K2, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_in = offs_k < K2
+            a = tl.load(X2 + offs_t64[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+                        mask=t_in[:, None] & k_in[None, :], other=0.0)
+            w = tl.load(W2 + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk,
+                        mask=n_in[None, :] & k_in[:, None], other=0.0)
+            acc += tl.dot(a.to(BASE_DTYPE), w.to(BASE_DTYPE), input_precision=BASE_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptrs, (acc + lora).to(Y.dtype.element_ty), mask=y_mask)
+    elif MODE == 1:
+        # Tiles whose tokens use no feature leave Y untouched: no read, no write.
+        if active > 0:
+            y = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+            tl.store(y_ptrs, (y + lora).to(Y.dtype.element_ty), mask=y_mask)
+    else:
+        tl.store(y_ptrs, lora.to(Y.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def rank_outer_kernel(
+    L, R, WS, pair_example, pair_slot, pair_feature, feature_rank, cu_ptr, seed_ptr,
+    N, seq_len, chunk, num_chunks, p_drop,
+    stride_lt, stride_rt, stride_rn,
+    IS_PACKED: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_RK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """WS[p, c, j, n] = sum over chunk c of pair p's tokens t of L[t, slot_p + j] * drop(R)[t, n].
+
+    BLOCK_RK covers the largest rank of the batch's features (the workspace row count)."""
+    p = tl.program_id(0)
+    c = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    e = tl.load(pair_example + p)
+    slot = tl.load(pair_slot + p)
+    rank = tl.load(feature_rank + tl.load(pair_feature + p))
+    start, end = _token_range(e, cu_ptr, seq_len, IS_PACKED)
+    t_begin = start + c * chunk
+    t_end = tl.minimum(t_begin + chunk, end)
+    offs_j = tl.arange(0, BLOCK_RK)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    j_in = offs_j < rank
+    n_in = offs_n < N
+    if t_begin < t_end:
+        seed = 0
+        if HAS_DROPOUT:
+            seed = tl.load(seed_ptr)
+        acc = tl.zeros((BLOCK_RK, BLOCK_N), dtype=tl.float32)
+        for t0 in range(t_begin, t_end, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            t_in = offs_t < t_end
+            offs_t64 = offs_t.to(tl.int64)
+            lt = tl.load(L + offs_t64[None, :] * stride_lt + (slot + offs_j)[:, None],
+                         mask=j_in[:, None] & t_in[None, :], other=0.0)
+            r = tl.load(R + offs_t64[:, None] * stride_rt + offs_n[None, :] * stride_rn,
+                        mask=t_in[:, None] & n_in[None, :], other=0.0)
+            if HAS_DROPOUT:
+                keep = _keep(seed, offs_t, offs_n, N, p_drop)
+                r = tl.where(keep, r.to(tl.float32) * (1.0 / (1.0 - p_drop)), 0.0)
+            acc += tl.dot(lt.to(COMPUTE_DTYPE), r.to(COMPUTE_DTYPE), input_precision=PRECISION)
+        tile = ((p.to(tl.int64) * num_chunks + c) * BLOCK_RK + offs_j[:, None]) * N + offs_n[None, :]
+        tl.store(WS + tile, acc, mask=j_in[:, None] & n_in[None, :])
+
+
+@triton.jit
+def rank_reduce_kernel(
+    WS, G, feature_pair_start, pair_example, rank_offsets, cu_ptr,
+    N, seq_len, chunk, num_chunks, ws_rows, stride_gr, stride_gn,
+    IS_PACKED: tl.constexpr, BLOCK_RK: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """G[rank_offsets[k] + j, n] = sum of feature k's workspace tiles, pairs then chunks in order."""
+    k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    r0 = tl.load(rank_offsets + k)
+    rank = tl.load(rank_offsets + k + 1) - r0
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_in = offs_n < N
+    p_begin = tl.load(feature_pair_start + k)
+    p_end = tl.load(feature_pair_start + k + 1)
+    # Features of rank > BLOCK_RK are covered by several row blocks (grid axis 2).
+    offs_j = tl.program_id(2) * BLOCK_RK + tl.arange(0, BLOCK_RK)
+    j_in = offs_j < rank
+    acc = tl.zeros((BLOCK_RK, BLOCK_N), dtype=tl.float32)
+    for p in range(p_begin, p_end):
+        e = tl.load(pair_example + p)
+        start, end = _token_range(e, cu_ptr, seq_len, IS_PACKED)
+        n_c = (end - start + chunk - 1) // chunk
+        for c in range(0, n_c):
+            tile = ((tl.cast(p, tl.int64) * num_chunks + c) * ws_rows + offs_j[:, None]) * N
+            acc += tl.load(WS + tile + offs_n[None, :], mask=j_in[:, None] & n_in[None, :], other=0.0)
+    g_ptrs = G + (r0 + offs_j).to(tl.int64)[:, None] * stride_gr + offs_n[None, :] * stride_gn
+    tl.store(g_ptrs, acc.to(G.dtype.element_ty), mask=j_in[:, None] & n_in[None, :])

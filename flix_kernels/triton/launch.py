@@ -1,0 +1,204 @@
+"""Launchers of the Triton kernels: launch configurations by shape class, grids from shapes.
+
+Every grid is computed from tensor shapes and host ints that the routing fixed when it was
+built, never from device values, so a launch needs no host-device synchronisation and can be
+captured in a CUDA graph. Block sizes are chosen per shape class (decode: at most 64 tokens;
+prefill/training otherwise) by :func:`configs`; ``OVERRIDES`` replaces any of them (tests use
+it to force K splits, token chunks and small tiles).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import kernels
+
+DECODE_TOKENS = 64
+# Test/tuning hook: {"shrink": {...}, "expand": {...}, "rank_outer": {...}} entries override configs().
+OVERRIDES: dict[str, dict] = {}
+# Workspace budget for the split weight-gradient reduction (bytes of fp32 partial tiles).
+WORKSPACE_BYTES = 256 << 20
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+SUPPORTED_DTYPES = tuple(_TL_DTYPES)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def tl_dtype(dtype: torch.dtype):
+    return _TL_DTYPES[dtype]
+
+
+def precision(dtype: torch.dtype) -> str:
+    """fp32 dots follow torch's matmul setting (tf32 only when torch allows it)."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: small grids keep CPU tests fast
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
+    v = max(lo, triton.next_power_of_2(max(int(n), 1)))
+    return v if hi is None else min(v, hi)
+
+
+def configs(kind: str, T: int, N: int, K: int, R: int, device: torch.device) -> dict:
+    """Launch configuration of one kernel for one shape (untuned defaults; see the module doc)."""
+    decode = T <= DECODE_TOKENS
+    if kind == "shrink":
+        cfg = dict(BLOCK_T=16 if decode else 64, BLOCK_R=_pow2(R, hi=64), BLOCK_K=128 if decode else 64,
+                   num_warps=4)
+        # Decode reads A_S once per example: split K so every SM streams a part of it.
+        tiles = triton.cdiv(T, cfg["BLOCK_T"]) * triton.cdiv(R, cfg["BLOCK_R"])
+        cfg["splits"] = max(1, min(triton.cdiv(2 * num_sms(device), max(tiles, 1)), triton.cdiv(K, cfg["BLOCK_K"])))
+    elif kind == "expand":
+        cfg = dict(BLOCK_T=16 if decode else 64, BLOCK_N=64 if decode else 128, BLOCK_R=_pow2(R, hi=64),
+                   BLOCK_K=64, num_warps=4 if decode else 8)
+    elif kind == "rank_outer":
+        rk = _pow2(R)
+        cfg = dict(BLOCK_RK=rk, BLOCK_T=64, BLOCK_N=64 if rk <= 64 else 32, num_warps=4,
+                   target_programs=4 * num_sms(device))
+    else:
+        raise ValueError(kind)
+    cfg.update(OVERRIDES.get(kind, {}))
+    if device.type != "cuda":
+        cfg.pop("num_warps", None)
+    return cfg
+
+
+def _launch_opts(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k in ("num_warps", "num_stages")}
+
+
+def _blocks(cfg: dict, *names: str) -> dict:
+    return {k: cfg[k] for k in names}
+
+
+def shrink(X, M, stride_mr, stride_mk, slot_rank, slot_feature, cu, scaling, scale, seed, p_drop, seq_len,
+           compute_dtype) -> torch.Tensor:
+    """``H (T, R_slots)`` fp32 = per-slot scale * drop(X) M_S^T, M_S the example's gathered rows."""
+    T, K = X.shape
+    B, R = slot_rank.shape
+    H = torch.empty(T, R, device=X.device, dtype=torch.float32)
+    if T == 0 or R == 0:
+        return H
+    cfg = configs("shrink", T, 0, K, R, X.device)
+    splits = cfg["splits"]
+    k_per_split = triton.cdiv(triton.cdiv(K, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    splits = triton.cdiv(K, k_per_split)
+    out = H if splits == 1 else torch.empty(splits, T, R, device=X.device, dtype=torch.float32)
+    grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(R, cfg["BLOCK_R"]), splits)
+    kernels.shrink_kernel[grid](
+        X, M, out, slot_rank, slot_feature, _or(cu, slot_rank), _or(scaling, H), _or(seed, slot_rank),
+        T, K, R, B, seq_len, float(scale), float(p_drop),
+        X.stride(0), X.stride(1), stride_mr, stride_mk, T * R, R,
+        IS_PACKED=cu is not None, HAS_SCALE_TENSOR=scaling is not None, HAS_DROPOUT=seed is not None,
+        COMPUTE_DTYPE=tl_dtype(compute_dtype), PRECISION=precision(compute_dtype), K_PER_SPLIT=k_per_split,
+        **_blocks(cfg, "BLOCK_T", "BLOCK_R", "BLOCK_K"), **_launch_opts(cfg),
+    )
+    if splits > 1:
+        torch.sum(out, dim=0, out=H)  # fixed order: deterministic
+    return H
+
+
+def expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, compute_dtype, *, mode: int,
+           X2=None, W2=None, stride_wn=0, stride_wk=0, bias=None, seed=None, p_drop=0.0) -> torch.Tensor:
+    """``Y (T, N)``: mode 0 ``= U``, mode 1 ``+= U``, mode 2 ``= X2 W2^T + bias + U`` where
+    ``U = drop(H M_S)`` (dropout only with a seed: the input-gradient path)."""
+    T, N = Y.shape
+    B, R = slot_rank.shape
+    if T == 0 or N == 0 or (mode == 1 and R == 0):
+        return Y
+    K2 = X2.shape[1] if mode == 2 else 0
+    cfg = configs("expand", T, N, K2, R, Y.device)
+    grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    base_dtype = X2.dtype if mode == 2 else compute_dtype
+    kernels.expand_kernel[grid](
+        H, M, Y, _or(X2, Y), _or(W2, Y), _or(bias, Y), slot_rank, slot_feature, _or(cu, slot_rank),
+        _or(seed, slot_rank),
+        T, N, K2, R, B, seq_len, float(p_drop),
+        H.stride(0), stride_mr, stride_mn, Y.stride(0), Y.stride(1),
+        X2.stride(0) if mode == 2 else 0, X2.stride(1) if mode == 2 else 0, stride_wn, stride_wk,
+        MODE=mode, HAS_BIAS=bias is not None, IS_PACKED=cu is not None, HAS_DROPOUT=seed is not None,
+        COMPUTE_DTYPE=tl_dtype(compute_dtype), BASE_DTYPE=tl_dtype(base_dtype),
+        PRECISION=precision(compute_dtype), BASE_PRECISION=precision(base_dtype),
+        **_blocks(cfg, "BLOCK_T", "BLOCK_N", "BLOCK_R", "BLOCK_K"), **_launch_opts(cfg),
+    )
+    return Y
+
+
+def weight_grad(Lmat, Rmat, G, stride_gr, stride_gn, meta, seq_len, max_len, compute_dtype, *, seed=None,
+                p_drop=0.0) -> torch.Tensor:
+    """Rows of ``G`` per feature k: ``G[k's rows, n] = sum over k's tokens t of L[t, slot] drop(R)[t, n]``.
+
+    Segment-owned and deterministic: one program per (pair, token chunk, n-tile) writes its
+    own fp32 tile, one program per (feature, n-tile) adds them in a fixed order (features
+    absent from the batch get zero rows)."""
+    T, N = Rmat.shape
+    P = meta.pair_example.numel()
+    F = meta.feature_rank.numel()
+    rk = max(meta.max_pair_rank, 1)
+    cfg = configs("rank_outer", T, N, 0, rk, Rmat.device)
+    BRK, BN, BT = cfg["BLOCK_RK"], cfg["BLOCK_N"], cfg["BLOCK_T"]
+    tiles_n = triton.cdiv(N, BN)
+    cu = meta.cu_seqlens
+    max_len = max(int(max_len), 1)
+    # Chunks per pair: enough programs to fill the device, at least BLOCK_T tokens each, and a
+    # workspace within budget. Common features are thus split over tokens, then reduced.
+    want = triton.cdiv(cfg["target_programs"], max(P * tiles_n, 1))
+    chunks = max(1, min(want, triton.cdiv(max_len, BT)))
+    per_chunk_bytes = max(P, 1) * BRK * N * 4
+    chunks = max(1, min(chunks, WORKSPACE_BYTES // max(per_chunk_bytes, 1)))
+    chunk = triton.cdiv(triton.cdiv(max_len, chunks), BT) * BT
+    chunks = triton.cdiv(max_len, chunk)
+    ws = torch.empty(max(P, 1) * chunks * BRK * N, device=Rmat.device, dtype=torch.float32)
+    if P and T and N:
+        kernels.rank_outer_kernel[(P, chunks, tiles_n)](
+            Lmat, Rmat, ws, meta.pair_example, meta.pair_slot, meta.pair_feature, meta.feature_rank,
+            _or(cu, meta.pair_example), _or(seed, meta.pair_example),
+            N, seq_len, chunk, chunks, float(p_drop),
+            Lmat.stride(0), Rmat.stride(0), Rmat.stride(1),
+            IS_PACKED=cu is not None, HAS_DROPOUT=seed is not None,
+            COMPUTE_DTYPE=tl_dtype(compute_dtype), PRECISION=precision(compute_dtype),
+            BLOCK_RK=BRK, BLOCK_T=BT, BLOCK_N=BN, **_launch_opts(cfg),
+        )
+    if F and N:
+        red_rk = min(BRK, 64)
+        row_blocks = triton.cdiv(meta.max_feature_rank, red_rk)
+        kernels.rank_reduce_kernel[(F, tiles_n, row_blocks)](
+            ws, G, meta.feature_pair_start, meta.pair_example, meta.rank_offsets, _or(cu, meta.pair_example),
+            N, seq_len, chunk, chunks, BRK, stride_gr, stride_gn,
+            IS_PACKED=cu is not None, BLOCK_RK=red_rk, BLOCK_N=BN,
+        )
+    return G
+
+
+def keep_mask(seed: torch.Tensor, T: int, K: int, p_drop: float) -> torch.Tensor:
+    """The (T, K) bool dropout keep-mask the kernels use for ``seed`` (tests, debugging)."""
+    out = torch.empty(T, K, device=seed.device, dtype=torch.int8)
+    if T and K:
+        kernels.keep_mask_kernel[(triton.cdiv(T, 16), triton.cdiv(K, 64))](out, seed, T, K, float(p_drop),
+                                                                           BLOCK_T=16, BLOCK_K=64)
+    return out.bool()
+
+
+def _or(t, fallback):
+    """A dummy pointer for an absent optional tensor (the kernel never reads it)."""
+    return fallback if t is None else t

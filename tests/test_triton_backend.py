@@ -1,0 +1,380 @@
+"""Backend "triton" against the float64 oracle: Triton's interpreter on CPU, compiled on CUDA.
+
+Every case checks the output and all gradients (x, lora_A, lora_B, and W/b when trainable)
+through :func:`conftest.check_against_oracle`. Shapes are small and odd so the interpreter
+stays fast and no dimension is a multiple of a block size; launch configurations are forced
+to small tiles, K splits and token chunks so every code path runs on CPU.
+"""
+
+import contextlib
+
+import pytest
+import torch
+
+import flix_kernels as fk
+from conftest import (DEVICE, KERNEL_DTYPES, check_against_oracle, random_adapters,
+                      random_feature_ids, random_scaling, random_space, requires_cuda)
+from flix_kernels.backends import BackendUnavailableError, get_backend, torch_backend, triton_backend
+from flix_kernels.triton import launch
+
+pytestmark = pytest.mark.skipif(triton_backend.unavailable_reason(DEVICE) is not None,
+                                reason=f"triton backend unavailable: {triton_backend.unavailable_reason(DEVICE)}")
+
+SMALL_TILES = {
+    "shrink": dict(BLOCK_T=16, BLOCK_R=16, BLOCK_K=16, splits=3),
+    "expand": dict(BLOCK_T=16, BLOCK_N=16, BLOCK_R=16, BLOCK_K=16),
+    "rank_outer": dict(BLOCK_T=16, BLOCK_N=16, target_programs=10**6),
+}
+
+
+@contextlib.contextmanager
+def launch_overrides(overrides=SMALL_TILES, fuse_base=None):
+    old = dict(launch.OVERRIDES), triton_backend.FUSE_BASE
+    launch.OVERRIDES.clear()
+    launch.OVERRIDES.update(overrides)
+    if fuse_base is not None:
+        triton_backend.FUSE_BASE = fuse_base
+    try:
+        yield
+    finally:
+        launch.OVERRIDES.clear()
+        launch.OVERRIDES.update(old[0])
+        triton_backend.FUSE_BASE = old[1]
+
+
+def _case(gen, space, B, token_shape, in_f, out_f, dtype, *, p_absent=0.25, cu=None, ids=None, lora_dtype=None):
+    ids = random_feature_ids(space, B, gen, p_absent) if ids is None else torch.as_tensor(ids)
+    A, Bm = random_adapters(space, in_f, out_f, gen, lora_dtype or dtype)
+    x = torch.randn(*token_shape, in_f, generator=gen, dtype=torch.float64).to(dtype)
+    routing = fk.Routing(ids, space, cu_seqlens=cu)
+    return routing, ids, x.to(DEVICE), A.to(DEVICE), Bm.to(DEVICE)
+
+
+def _base(gen, in_f, out_f, dtype, trainable=False):
+    W = (torch.randn(out_f, in_f, generator=gen, dtype=torch.float64) / in_f**0.5).to(dtype).to(DEVICE)
+    b = torch.randn(out_f, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
+    return W.requires_grad_(trainable), b.requires_grad_(trainable)
+
+
+def _space():
+    return fk.FeatureSpace({"language": ["en", "fr", "sw", "yo", "hi"], "task": ["qa", "mt", "sum"]},
+                           {"language": 5, "task": 3})
+
+
+LAYOUTS = {
+    "batched": dict(B=3, shape=(3, 5)),
+    "single_token": dict(B=4, shape=(4,)),
+    "packed": dict(B=4, shape=(10,), cu=[0, 3, 3, 9, 10]),
+    "packed_leading_one": dict(B=3, shape=(1, 7), cu=[0, 6, 6, 7]),
+}
+
+
+@pytest.mark.parametrize("fuse_base", [False, True], ids=["cublas+expand", "fused_base"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_linear_matches_oracle(seed, dtype, layout, fuse_base):
+    gen = torch.Generator().manual_seed(seed)
+    spec = LAYOUTS[layout]
+    cu = None if "cu" not in spec else torch.tensor(spec["cu"])
+    routing, ids, x, A, Bm = _case(gen, _space(), spec["B"], spec["shape"], 37, 29, dtype, cu=cu)
+    W, b = _base(gen, 37, 29, dtype, trainable=layout == "packed")
+    scaling = random_scaling(routing.space, gen).to(DEVICE)
+    with launch_overrides(SMALL_TILES, fuse_base=fuse_base):
+        check_against_oracle(x, A, Bm, routing, ids, routing.space, scaling, backend="triton", cu=cu, weight=W, bias=b)
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_delta_random_spaces_match_oracle(seed, case):
+    """Random feature spaces (1..6 groups, ragged ranks 1..20), absent features, float scale."""
+    gen = torch.Generator().manual_seed(seed + case)
+    space = random_space(gen, max_rank=20)
+    B, L = int(torch.randint(1, 5, (), generator=gen)), int(torch.randint(1, 9, (), generator=gen))
+    in_f, out_f = (int(v) for v in torch.randint(1, 50, (2,), generator=gen))
+    routing, ids, x, A, Bm = _case(gen, space, B, (B, L), in_f, out_f, torch.float32, p_absent=0.3)
+    overrides = SMALL_TILES if case % 2 else {}
+    with launch_overrides(overrides):
+        check_against_oracle(x, A, Bm, routing, ids, space, 0.75, backend="triton")
+
+
+EDGE_IDS = {
+    "no_feature_anywhere": [[-1, -1]] * 3,
+    "identical_sets": [[1, 6]] * 3,
+    "skewed": [[2, 5]] * 7 + [[0, 7]],
+    "some_examples_empty": [[-1, -1], [4, -1], [-1, -1]],
+    "one_group_only": [[-1, 6], [-1, 7], [-1, 5]],
+}
+
+
+@pytest.mark.parametrize("kind", list(EDGE_IDS))
+def test_edge_routings(seed, kind):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.tensor(EDGE_IDS[kind])
+    routing, ids, x, A, Bm = _case(gen, _space(), len(ids), (len(ids), 6), 21, 18, torch.float32, ids=ids)
+    W, b = _base(gen, 21, 18, torch.float32)
+    with launch_overrides():
+        check_against_oracle(x, A, Bm, routing, ids, routing.space, 1.25, backend="triton", weight=W, bias=b)
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (0, 4), (0,)], ids=["no_tokens", "no_examples", "no_examples_1d"])
+def test_empty_inputs(seed, shape):
+    gen = torch.Generator().manual_seed(seed)
+    B = shape[0]
+    routing, ids, x, A, Bm = _case(gen, _space(), B, shape, 9, 11, torch.float32)
+    W, b = _base(gen, 9, 11, torch.float32)
+    out, dx, dA, dB = check_against_oracle(x, A, Bm, routing, ids, routing.space, 2.0, backend="triton",
+                                           weight=W, bias=b)[:4]
+    assert out.shape == (*shape, 11) and dA.abs().sum() == 0 and dB.abs().sum() == 0
+
+
+def test_large_ranks_span_several_blocks(seed):
+    """Ranks 1 and 70 (a slot list of 71 > 64-wide blocks; a rank above the 64-row reduction)."""
+    gen = torch.Generator().manual_seed(seed)
+    space = fk.FeatureSpace({"a": ["p", "q"], "b": ["r", "s", "t"]}, {"a": 1, "b": 70})
+    ids = torch.tensor([[0, 2], [1, 3], [-1, 4], [0, -1]])
+    routing, ids, x, A, Bm = _case(gen, space, 4, (4, 3), 19, 23, torch.float32, ids=ids)
+    scaling = random_scaling(space, gen).to(DEVICE)
+    with launch_overrides({}):
+        check_against_oracle(x, A, Bm, routing, ids, space, scaling, backend="triton")
+
+
+def test_mixed_precision_fp16_activations_fp32_adapters(seed):
+    """PEFT-style upcast adapters: the low-rank path computes in the adapters' fp32."""
+    gen = torch.Generator().manual_seed(seed)
+    routing, ids, x, A, Bm = _case(gen, _space(), 3, (3, 4), 24, 20, torch.float16, lora_dtype=torch.float32)
+    W, b = _base(gen, 24, 20, torch.float16)
+    xs, As, Bs = (t.clone().requires_grad_() for t in (x, A, Bm))
+    out = fk.flix_linear(xs, W, b, As, Bs, routing, scaling=0.5, backend="triton")
+    ref = fk.flix_linear(*(t.clone().requires_grad_() for t in (x,)), W, b, A, Bm, routing, scaling=0.5, backend="torch")
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-3, atol=2e-3)
+    out.float().sum().backward()
+    assert As.grad.dtype == torch.float32 and xs.grad.dtype == torch.float16
+
+
+def test_strided_input_and_broadcast_output_gradient(seed):
+    """x a transposed view, and dy with zero strides (the gradient of out.sum())."""
+    gen = torch.Generator().manual_seed(seed)
+    routing, ids, x, A, Bm = _case(gen, _space(), 2, (2, 5), 13, 10, torch.float32)
+    x = x.transpose(0, 1).contiguous().transpose(0, 1)  # (2, 5, 13) with non-standard strides
+    assert not x.is_contiguous()
+    W, b = _base(gen, 13, 10, torch.float32)
+    ones = torch.ones(2, 5, 10, dtype=torch.float64)
+    with launch_overrides():
+        check_against_oracle(x, A, Bm, routing, ids, routing.space, 0.5, backend="triton", weight=W, bias=b,
+                             grad_out=ones)
+
+
+def _generator_seed(seed: int) -> torch.Tensor:
+    """The dropout seed the backend draws from ``torch.Generator(DEVICE).manual_seed(seed)``."""
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    return torch.randint(0, 2**31 - 1, (1,), device=DEVICE, dtype=torch.int64, generator=g)
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_dropout_matches_oracle_with_the_regenerated_mask(seed, with_base):
+    gen = torch.Generator().manual_seed(seed)
+    routing, ids, x, A, Bm = _case(gen, _space(), 3, (3, 6), 33, 17, torch.float32)
+    W, b = _base(gen, 33, 17, torch.float32) if with_base else (None, None)
+    p = 0.3
+    mask = launch.keep_mask(_generator_seed(seed), 18, 33, p).view(3, 6, 33)
+    assert 0 < mask.sum() < mask.numel()
+    with launch_overrides():
+        check_against_oracle(x, A, Bm, routing, ids, routing.space, 0.9, backend="triton", weight=W, bias=b,
+                             dropout_p=p, generator=torch.Generator(DEVICE).manual_seed(seed), dropout_mask=mask)
+
+
+def test_dropout_mask_statistics_and_seeding():
+    seeds = [_generator_seed(s) for s in (1, 2)]
+    p = 0.25
+    m1, m1_again, m2 = (launch.keep_mask(s, 96, 130, p) for s in (seeds[0], seeds[0], seeds[1]))
+    assert torch.equal(m1, m1_again) and not torch.equal(m1, m2)
+    n = m1.numel()
+    keep = m1.float().mean().item()
+    assert abs(keep - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5
+    # Neighbouring rows must not share a pattern (the offset is t * K + k, not k alone).
+    assert not torch.equal(m1[0], m1[1])
+
+
+def test_weight_gradients_are_bit_identical_run_to_run(seed):
+    """The segment-owned reduction uses no atomics: same inputs, same bits (token chunks on)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([[1, 5]] * 5 + [[2, 5]])  # one common feature split over many chunks
+    routing, ids, x, A, Bm = _case(gen, _space(), 6, (6, 40), 26, 22, torch.float32, ids=ids)
+    grads = []
+    with launch_overrides():
+        for _ in range(2):
+            As, Bs = A.clone().requires_grad_(), Bm.clone().requires_grad_()
+            out = fk.flix_delta(x, As, Bs, routing, scaling=0.5, backend="triton")
+            out.backward(torch.ones_like(out))
+            grads.append((As.grad, Bs.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_matches_torch_backend_in_a_layer_training_step(seed):
+    gen = torch.Generator().manual_seed(seed)
+    space = _space()
+    torch.manual_seed(seed)
+    layers = {}
+    for backend in ("torch", "triton"):
+        torch.manual_seed(seed)
+        layer = fk.FLixLinear(20, 14, space, alpha=4.0, init="gaussian", backend=backend).to(DEVICE)
+        with torch.no_grad():
+            layer.lora_B.normal_(generator=torch.Generator(DEVICE).manual_seed(seed))
+        layers[backend] = layer
+    routing = fk.Routing(random_feature_ids(space, 3, gen), space)
+    x = torch.randn(3, 7, 20, generator=gen).to(DEVICE)
+    outs = {}
+    for backend, layer in layers.items():
+        xs = x.clone().requires_grad_()
+        out = layer(xs, routing=routing)
+        out.square().sum().backward()
+        outs[backend] = (out, xs.grad, layer.lora_A.grad, layer.lora_B.grad)
+    for got, want in zip(outs["triton"], outs["torch"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_opcheck_custom_ops(seed):
+    """torch.library.opcheck: schema, fake tensor, autograd registration and AOT dispatch."""
+    gen = torch.Generator().manual_seed(seed)
+    routing, ids, x, A, Bm = _case(gen, _space(), 2, (2, 3), 8, 6, torch.float32)
+    W, b = _base(gen, 8, 6, torch.float32)
+    meta = routing.kernel_metadata(x.device)
+    args = (x.view(6, 8).requires_grad_(), W, b, A.requires_grad_(), Bm.requires_grad_(), meta.slot_rank,
+            meta.slot_feature, meta.cu_seqlens, meta.pair_example, meta.pair_slot, meta.pair_feature,
+            meta.feature_pair_start, meta.feature_rank, meta.rank_offsets, None, 0.5, 3, 3, meta.max_pair_rank,
+            meta.max_feature_rank, 0.0, None, False)
+    torch.library.opcheck(torch.ops.flix_kernels.lora_forward.default, args)
+
+
+def _two_layer_model(space, backend="triton"):
+    return torch.nn.Sequential(
+        fk.FLixLinear(12, 16, space, init="gaussian", backend=backend), torch.nn.GELU(),
+        fk.FLixLinear(16, 8, space, init="gaussian", backend=backend),
+    ).to(DEVICE)
+
+
+def test_torch_compile_fullgraph_matches_eager_without_recompiling(seed):
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(seed)
+    space = _space()
+    torch.manual_seed(seed)
+    model = _two_layer_model(space)
+    for m in model:
+        if isinstance(m, fk.FLixLinear):
+            torch.nn.init.normal_(m.lora_B)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for step in range(3):  # a new routing (same shapes) each step must reuse the graph
+        routing = fk.Routing(random_feature_ids(space, 4, gen, p_absent=0.0), space)
+        fk.set_routing(model, routing)
+        x = torch.randn(4, 5, 12, generator=gen).to(DEVICE)
+        ctx = torch._dynamo.config.patch(error_on_recompile=True) if step else contextlib.nullcontext()
+        with ctx:
+            got = compiled(x)
+        want = model(x)
+        torch.testing.assert_close(got, want)
+        got.sum().backward()
+        g_compiled = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad()
+        want.sum().backward()
+        for a, b in zip(g_compiled, (p.grad for p in model.parameters() if p.requires_grad)):
+            torch.testing.assert_close(a, b)
+        model.zero_grad()
+
+
+def test_compiled_model_asks_for_prebuilt_metadata():
+    torch._dynamo.reset()
+    space = _space()
+    model = _two_layer_model(space)
+    routing = fk.Routing([[0, 5]], space)
+    compiled = torch.compile(lambda x: model[0](x, routing=routing), fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="routing.to"):
+        compiled(torch.randn(1, 3, 12).to(DEVICE))
+
+
+def test_auto_selection(monkeypatch):
+    x = torch.randn(2, 4)
+    assert get_backend("auto", torch.device("cpu"), x, x) is torch_backend
+    if torch.cuda.is_available():
+        xc = x.cuda()
+        assert get_backend("auto", xc.device, xc, xc) is triton_backend
+        assert get_backend("auto", xc.device, xc.double(), xc.double()) is torch_backend
+
+
+def test_errors(monkeypatch):
+    space = _space()
+    routing = fk.Routing([[0, 5]], space)
+    A = torch.randn(space.total_rank, 4, dtype=torch.float64, device=DEVICE)
+    Bm = torch.randn(3, space.total_rank, dtype=torch.float64, device=DEVICE)
+    x = torch.randn(1, 2, 4, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="float64 is not supported by the Triton kernels"):
+        fk.flix_delta(x, A, Bm, routing, scaling=1.0, backend="triton")
+    if DEVICE.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(BackendUnavailableError, match="need a CUDA device"):
+            fk.flix_delta(x.float(), A.float(), Bm.float(), routing, scaling=1.0, backend="triton")
+        assert "triton" not in fk.available_backends("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only
+# ---------------------------------------------------------------------------------------------
+@requires_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)], ids=["bf16", "fp32"])
+def test_large_shapes_relative_error(seed, dtype, tol):
+    """in/out 4096, T = 8192, 64 features in two groups, rank 16: relative error vs float64."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator().manual_seed(seed)
+    space = fk.FeatureSpace({"language": [f"l{i}" for i in range(56)], "task": [f"t{i}" for i in range(8)]}, 16)
+    ids = torch.stack([torch.randint(0, 56, (8,), generator=gen), torch.randint(56, 64, (8,), generator=gen)], 1)
+    routing = fk.Routing(ids, space)
+    d = 4096
+    x64 = torch.randn(8, 1024, d, generator=gen, dtype=torch.float64).cuda()
+    W64 = torch.randn(d, d, generator=gen, dtype=torch.float64).cuda() / d**0.5
+    A64 = torch.randn(space.total_rank, d, generator=gen, dtype=torch.float64).cuda() / d**0.5
+    B64 = torch.randn(d, space.total_rank, generator=gen, dtype=torch.float64).cuda() / 4
+    out = fk.flix_linear(x64.to(dtype), W64.to(dtype), None, A64.to(dtype), B64.to(dtype), routing, scaling=0.5,
+                         backend="triton")
+    ref = fk.flix_linear(x64, W64, None, A64, B64, routing, scaling=0.5, backend="torch")
+    rel = ((out.double() - ref).norm() / ref.norm()).item()
+    assert rel < tol, rel
+
+
+@requires_cuda
+def test_cuda_graph_capture_of_forward_and_backward(seed):
+    gen = torch.Generator().manual_seed(seed)
+    space = _space()
+    model = _two_layer_model(space).to(torch.bfloat16)
+    routing = fk.Routing(random_feature_ids(space, 4, gen), space)
+    fk.set_routing(model, routing)
+    static_x = torch.randn(4, 9, 12, device="cuda", dtype=torch.bfloat16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm up: compile kernels, build metadata
+            model(static_x).float().sum().backward()
+    torch.cuda.current_stream().wait_stream(s)
+    model.zero_grad(set_to_none=False)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = model(static_x)
+        static_out.float().sum().backward()
+    new_x = torch.randn_like(static_x)
+    static_x.copy_(new_x)
+    model.zero_grad(set_to_none=False)
+    graph.replay()
+    torch.cuda.synchronize()
+    captured = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=False)
+    eager = model(new_x)
+    eager.float().sum().backward()
+    torch.testing.assert_close(static_out, eager)
+    for a, p in zip(captured, (p for p in model.parameters() if p.requires_grad)):
+        torch.testing.assert_close(a, p.grad)
+
+
+@requires_cuda
+def test_bf16_matches_torch_backend_on_gpu(seed):
+    gen = torch.Generator().manual_seed(seed)
+    routing, ids, x, A, Bm = _case(gen, _space(), 5, (5, 77), 200, 136, torch.bfloat16)
+    W, b = _base(gen, 200, 136, torch.bfloat16)
+    check_against_oracle(x, A, Bm, routing, ids, routing.space, 0.5, backend="triton", weight=W, bias=b)

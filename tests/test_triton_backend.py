@@ -378,3 +378,19 @@ def test_bf16_matches_torch_backend_on_gpu(seed):
     routing, ids, x, A, Bm = _case(gen, _space(), 5, (5, 77), 200, 136, torch.bfloat16)
     W, b = _base(gen, 200, 136, torch.bfloat16)
     check_against_oracle(x, A, Bm, routing, ids, routing.space, 0.5, backend="triton", weight=W, bias=b)
+
+
+def test_autotune_picks_a_config_per_shape_class_and_stays_exact(seed, monkeypatch):
+    monkeypatch.setattr(launch, "AUTOTUNE", True)
+    monkeypatch.setattr(launch, "_TUNED", {})
+    gen = torch.Generator().manual_seed(seed)
+    routing, ids, x, A, Bm = _case(gen, _space(), 2, (2, 9), 20, 18, torch.float32)
+    W, b = _base(gen, 20, 18, torch.float32)
+    with launch_overrides({}):
+        check_against_oracle(x, A, Bm, routing, ids, routing.space, 0.5, backend="triton", weight=W, bias=b)
+    kinds = {key[0] for key in launch._TUNED}
+    assert kinds == {"shrink", "expand", "rank_outer"}
+    tuned_once = dict(launch._TUNED)
+    with launch_overrides({}):  # same shape class: no new tuning
+        fk.flix_linear(x, W, b, A, Bm, routing, scaling=0.5, backend="triton")
+    assert launch._TUNED == tuned_once

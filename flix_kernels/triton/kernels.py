@@ -77,10 +77,10 @@ def keep_mask_kernel(OUT, seed_ptr, T, K, p_drop, BLOCK_T: tl.constexpr, BLOCK_K
 @triton.jit
 def shrink_kernel(
     X, M, H, slot_rank, slot_feature, cu_ptr, scaling, seed_ptr,
-    T, K, R_slots, B, seq_len, scale_const, p_drop,
+    T, K, R_slots, B, seq_len, scale_const, p_drop, k_per_split,
     stride_xt, stride_xk, stride_mr, stride_mk, stride_hs, stride_ht,
     IS_PACKED: tl.constexpr, HAS_SCALE_TENSOR: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr, PRECISION: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -91,7 +91,7 @@ def shrink_kernel(
     offs_t = t0 + tl.arange(0, BLOCK_T)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_in = offs_r < R_slots
-    k_begin = pid_s * K_PER_SPLIT
+    k_begin = pid_s * k_per_split
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
@@ -106,7 +106,7 @@ def shrink_kernel(
         acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
         if (end > start) & (tl.max(valid.to(tl.int32), axis=0) > 0):
             ridx = tl.load(slot_rank + e * R_slots + offs_r, mask=valid, other=0).to(tl.int64)
-            for k0 in range(k_begin, tl.minimum(k_begin + K_PER_SPLIT, K), BLOCK_K):
+            for k0 in range(k_begin, tl.minimum(k_begin + k_per_split, K), BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 k_in = offs_k < K
                 x = tl.load(X + offs_t.to(tl.int64)[:, None] * stride_xt + offs_k[None, :] * stride_xk,

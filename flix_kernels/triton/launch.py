@@ -5,12 +5,19 @@ built, never from device values, so a launch needs no host-device synchronisatio
 captured in a CUDA graph. Block sizes are chosen per shape class (decode: at most 64 tokens;
 prefill/training otherwise) by :func:`configs`; ``OVERRIDES`` replaces any of them (tests use
 it to force K splits, token chunks and small tiles).
+
+Autotuning (``FLIX_TRITON_AUTOTUNE=1``): the first launch of each kernel for a *shape class*
+(decode or not, and the power-of-two buckets of tokens, N, K and R, the dtype and the mode)
+times a few candidate configurations around the default on scratch outputs and keeps the
+fastest for the process. Off by default so that a first call never waits on tuning; it is
+skipped during CUDA-graph capture.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import time
 
 import torch
 import triton
@@ -21,6 +28,8 @@ from . import kernels
 DECODE_TOKENS = 64
 # Test/tuning hook: {"shrink": {...}, "expand": {...}, "rank_outer": {...}} entries override configs().
 OVERRIDES: dict[str, dict] = {}
+AUTOTUNE = os.environ.get("FLIX_TRITON_AUTOTUNE", "0") == "1"
+_TUNED: dict[tuple, dict] = {}
 # Workspace budget for the split weight-gradient reduction (bytes of fp32 partial tiles).
 WORKSPACE_BYTES = 256 << 20
 
@@ -83,6 +92,67 @@ def configs(kind: str, T: int, N: int, K: int, R: int, device: torch.device) -> 
     return cfg
 
 
+def _candidates(kind: str, cfg: dict) -> list[dict]:
+    """Configurations tried around the default ``cfg`` (the default first)."""
+    out = [cfg]
+    if kind == "shrink":
+        for bt in (16, 32, 64, 128):
+            for bk in (32, 64, 128):
+                out.append({**cfg, "BLOCK_T": bt, "BLOCK_K": bk})
+    elif kind == "expand":
+        for bt in (16, 32, 64, 128):
+            for bn in (32, 64, 128, 256):
+                for w in (4, 8):
+                    out.append({**cfg, "BLOCK_T": bt, "BLOCK_N": bn, "num_warps": w})
+    elif kind == "rank_outer":
+        for bt in (32, 64, 128):
+            for bn in (32, 64, 128):
+                out.append({**cfg, "BLOCK_T": bt, "BLOCK_N": bn})
+    if "num_warps" not in cfg:  # interpreter: no warps to vary
+        out = [{k: v for k, v in c.items() if k != "num_warps"} for c in out]
+    seen, unique = set(), []
+    for c in out:
+        key = tuple(sorted(c.items()))
+        if key not in seen:
+            seen.add(key)
+            unique.append(c)
+    return unique
+
+
+def _time_ms(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=5, rep=25)
+    start = time.perf_counter()  # interpreter: only the tuning logic is exercised
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def tuned(kind: str, cfg: dict, key: tuple, run, device: torch.device) -> dict:
+    """``cfg``, or with autotuning on, the fastest candidate for this shape class.
+
+    ``run(cfg)`` launches the kernel on scratch outputs (it must not change real results)."""
+    if not AUTOTUNE or OVERRIDES.get(kind) or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return cfg
+    key = (kind, device.type) + key
+    if key not in _TUNED:
+        best, best_ms = cfg, float("inf")
+        for cand in _candidates(kind, cfg):
+            try:
+                ms = _time_ms(lambda: run(cand), device)
+            except Exception:  # e.g. a tile that needs more shared memory than the device has
+                continue
+            if ms < best_ms:
+                best, best_ms = cand, ms
+        _TUNED[key] = best
+    return _TUNED[key]
+
+
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
 def _launch_opts(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k in ("num_warps", "num_stages")}
 
@@ -99,22 +169,28 @@ def shrink(X, M, stride_mr, stride_mk, slot_rank, slot_feature, cu, scaling, sca
     H = torch.empty(T, R, device=X.device, dtype=torch.float32)
     if T == 0 or R == 0:
         return H
+
+    def run(cfg, H=H):
+        splits = cfg["splits"]
+        k_per_split = triton.cdiv(triton.cdiv(K, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+        splits = triton.cdiv(K, k_per_split)
+        out = H if splits == 1 else torch.empty(splits, T, R, device=X.device, dtype=torch.float32)
+        grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(R, cfg["BLOCK_R"]), splits)
+        kernels.shrink_kernel[grid](
+            X, M, out, slot_rank, slot_feature, _or(cu, slot_rank), _or(scaling, H), _or(seed, slot_rank),
+            T, K, R, B, seq_len, float(scale), float(p_drop), k_per_split,
+            X.stride(0), X.stride(1), stride_mr, stride_mk, T * R, R,
+            IS_PACKED=cu is not None, HAS_SCALE_TENSOR=scaling is not None, HAS_DROPOUT=seed is not None,
+            COMPUTE_DTYPE=tl_dtype(compute_dtype), PRECISION=precision(compute_dtype),
+            **_blocks(cfg, "BLOCK_T", "BLOCK_R", "BLOCK_K"), **_launch_opts(cfg),
+        )
+        if splits > 1:
+            torch.sum(out, dim=0, out=H)  # fixed order: deterministic
+
     cfg = configs("shrink", T, 0, K, R, X.device)
-    splits = cfg["splits"]
-    k_per_split = triton.cdiv(triton.cdiv(K, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    splits = triton.cdiv(K, k_per_split)
-    out = H if splits == 1 else torch.empty(splits, T, R, device=X.device, dtype=torch.float32)
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(R, cfg["BLOCK_R"]), splits)
-    kernels.shrink_kernel[grid](
-        X, M, out, slot_rank, slot_feature, _or(cu, slot_rank), _or(scaling, H), _or(seed, slot_rank),
-        T, K, R, B, seq_len, float(scale), float(p_drop),
-        X.stride(0), X.stride(1), stride_mr, stride_mk, T * R, R,
-        IS_PACKED=cu is not None, HAS_SCALE_TENSOR=scaling is not None, HAS_DROPOUT=seed is not None,
-        COMPUTE_DTYPE=tl_dtype(compute_dtype), PRECISION=precision(compute_dtype), K_PER_SPLIT=k_per_split,
-        **_blocks(cfg, "BLOCK_T", "BLOCK_R", "BLOCK_K"), **_launch_opts(cfg),
-    )
-    if splits > 1:
-        torch.sum(out, dim=0, out=H)  # fixed order: deterministic
+    key = (T <= DECODE_TOKENS, _bucket(T), _bucket(K), _bucket(R), X.dtype, M.dtype, seed is not None)
+    cfg = tuned("shrink", cfg, key, lambda c: run(c, torch.empty_like(H)), X.device)
+    run(cfg)
     return H
 
 
@@ -127,20 +203,27 @@ def expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, 
     if T == 0 or N == 0 or (mode == 1 and R == 0):
         return Y
     K2 = X2.shape[1] if mode == 2 else 0
-    cfg = configs("expand", T, N, K2, R, Y.device)
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(N, cfg["BLOCK_N"]))
     base_dtype = X2.dtype if mode == 2 else compute_dtype
-    kernels.expand_kernel[grid](
-        H, M, Y, _or(X2, Y), _or(W2, Y), _or(bias, Y), slot_rank, slot_feature, _or(cu, slot_rank),
-        _or(seed, slot_rank),
-        T, N, K2, R, B, seq_len, float(p_drop),
-        H.stride(0), stride_mr, stride_mn, Y.stride(0), Y.stride(1),
-        X2.stride(0) if mode == 2 else 0, X2.stride(1) if mode == 2 else 0, stride_wn, stride_wk,
-        MODE=mode, HAS_BIAS=bias is not None, IS_PACKED=cu is not None, HAS_DROPOUT=seed is not None,
-        COMPUTE_DTYPE=tl_dtype(compute_dtype), BASE_DTYPE=tl_dtype(base_dtype),
-        PRECISION=precision(compute_dtype), BASE_PRECISION=precision(base_dtype),
-        **_blocks(cfg, "BLOCK_T", "BLOCK_N", "BLOCK_R", "BLOCK_K"), **_launch_opts(cfg),
-    )
+
+    def run(cfg, Y=Y):
+        grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(N, cfg["BLOCK_N"]))
+        kernels.expand_kernel[grid](
+            H, M, Y, _or(X2, Y), _or(W2, Y), _or(bias, Y), slot_rank, slot_feature, _or(cu, slot_rank),
+            _or(seed, slot_rank),
+            T, N, K2, R, B, seq_len, float(p_drop),
+            H.stride(0), stride_mr, stride_mn, Y.stride(0), Y.stride(1),
+            X2.stride(0) if mode == 2 else 0, X2.stride(1) if mode == 2 else 0, stride_wn, stride_wk,
+            MODE=mode, HAS_BIAS=bias is not None, IS_PACKED=cu is not None, HAS_DROPOUT=seed is not None,
+            COMPUTE_DTYPE=tl_dtype(compute_dtype), BASE_DTYPE=tl_dtype(base_dtype),
+            PRECISION=precision(compute_dtype), BASE_PRECISION=precision(base_dtype),
+            **_blocks(cfg, "BLOCK_T", "BLOCK_N", "BLOCK_R", "BLOCK_K"), **_launch_opts(cfg),
+        )
+
+    cfg = configs("expand", T, N, K2, R, Y.device)
+    key = (T <= DECODE_TOKENS, _bucket(T), _bucket(N), _bucket(K2), _bucket(R), Y.dtype, M.dtype, mode,
+           seed is not None)
+    cfg = tuned("expand", cfg, key, lambda c: run(c, Y.clone()), Y.device)  # scratch copy: mode 1 accumulates
+    run(cfg)
     return Y
 
 
@@ -155,38 +238,44 @@ def weight_grad(Lmat, Rmat, G, stride_gr, stride_gn, meta, seq_len, max_len, com
     P = meta.pair_example.numel()
     F = meta.feature_rank.numel()
     rk = max(meta.max_pair_rank, 1)
-    cfg = configs("rank_outer", T, N, 0, rk, Rmat.device)
-    BRK, BN, BT = cfg["BLOCK_RK"], cfg["BLOCK_N"], cfg["BLOCK_T"]
-    tiles_n = triton.cdiv(N, BN)
     cu = meta.cu_seqlens
     max_len = max(int(max_len), 1)
-    # Chunks per pair: enough programs to fill the device, at least BLOCK_T tokens each, and a
-    # workspace within budget. Common features are thus split over tokens, then reduced.
-    want = triton.cdiv(cfg["target_programs"], max(P * tiles_n, 1))
-    chunks = max(1, min(want, triton.cdiv(max_len, BT)))
-    per_chunk_bytes = max(P, 1) * BRK * N * 4
-    chunks = max(1, min(chunks, WORKSPACE_BYTES // max(per_chunk_bytes, 1)))
-    chunk = triton.cdiv(triton.cdiv(max_len, chunks), BT) * BT
-    chunks = triton.cdiv(max_len, chunk)
-    ws = torch.empty(max(P, 1) * chunks * BRK * N, device=Rmat.device, dtype=torch.float32)
-    if P and T and N:
-        kernels.rank_outer_kernel[(P, chunks, tiles_n)](
-            Lmat, Rmat, ws, meta.pair_example, meta.pair_slot, meta.pair_feature, meta.feature_rank,
-            _or(cu, meta.pair_example), _or(seed, meta.pair_example),
-            N, seq_len, chunk, chunks, float(p_drop),
-            Lmat.stride(0), Rmat.stride(0), Rmat.stride(1),
-            IS_PACKED=cu is not None, HAS_DROPOUT=seed is not None,
-            COMPUTE_DTYPE=tl_dtype(compute_dtype), PRECISION=precision(compute_dtype),
-            BLOCK_RK=BRK, BLOCK_T=BT, BLOCK_N=BN, **_launch_opts(cfg),
-        )
-    if F and N:
-        red_rk = min(BRK, 64)
-        row_blocks = triton.cdiv(meta.max_feature_rank, red_rk)
-        kernels.rank_reduce_kernel[(F, tiles_n, row_blocks)](
-            ws, G, meta.feature_pair_start, meta.pair_example, meta.rank_offsets, _or(cu, meta.pair_example),
-            N, seq_len, chunk, chunks, BRK, stride_gr, stride_gn,
-            IS_PACKED=cu is not None, BLOCK_RK=red_rk, BLOCK_N=BN,
-        )
+
+    def run(cfg, G=G):
+        BRK, BN, BT = cfg["BLOCK_RK"], cfg["BLOCK_N"], cfg["BLOCK_T"]
+        tiles_n = triton.cdiv(N, BN)
+        # Chunks per pair: enough programs to fill the device, at least BLOCK_T tokens each, and a
+        # workspace within budget. Common features are thus split over tokens, then reduced.
+        want = triton.cdiv(cfg["target_programs"], max(P * tiles_n, 1))
+        chunks = max(1, min(want, triton.cdiv(max_len, BT)))
+        per_chunk_bytes = max(P, 1) * BRK * N * 4
+        chunks = max(1, min(chunks, WORKSPACE_BYTES // max(per_chunk_bytes, 1)))
+        chunk = triton.cdiv(triton.cdiv(max_len, chunks), BT) * BT
+        chunks = triton.cdiv(max_len, chunk)
+        ws = torch.empty(max(P, 1) * chunks * BRK * N, device=Rmat.device, dtype=torch.float32)
+        if P and T and N:
+            kernels.rank_outer_kernel[(P, chunks, tiles_n)](
+                Lmat, Rmat, ws, meta.pair_example, meta.pair_slot, meta.pair_feature, meta.feature_rank,
+                _or(cu, meta.pair_example), _or(seed, meta.pair_example),
+                N, seq_len, chunk, chunks, float(p_drop),
+                Lmat.stride(0), Rmat.stride(0), Rmat.stride(1),
+                IS_PACKED=cu is not None, HAS_DROPOUT=seed is not None,
+                COMPUTE_DTYPE=tl_dtype(compute_dtype), PRECISION=precision(compute_dtype),
+                BLOCK_RK=BRK, BLOCK_T=BT, BLOCK_N=BN, **_launch_opts(cfg),
+            )
+        if F and N:
+            red_rk = min(BRK, 64)
+            row_blocks = triton.cdiv(meta.max_feature_rank, red_rk)
+            kernels.rank_reduce_kernel[(F, tiles_n, row_blocks)](
+                ws, G, meta.feature_pair_start, meta.pair_example, meta.rank_offsets, _or(cu, meta.pair_example),
+                N, seq_len, chunk, chunks, BRK, stride_gr, stride_gn,
+                IS_PACKED=cu is not None, BLOCK_RK=red_rk, BLOCK_N=BN,
+            )
+
+    cfg = configs("rank_outer", T, N, 0, rk, Rmat.device)
+    key = (_bucket(T), _bucket(N), _bucket(rk), _bucket(P), Rmat.dtype, Lmat.dtype, seed is not None)
+    cfg = tuned("rank_outer", cfg, key, lambda c: run(c, torch.empty_like(G)), Rmat.device)
+    run(cfg)
     return G
 
 

@@ -394,3 +394,32 @@ def test_autotune_picks_a_config_per_shape_class_and_stays_exact(seed, monkeypat
     with launch_overrides({}):  # same shape class: no new tuning
         fk.flix_linear(x, W, b, A, Bm, routing, scaling=0.5, backend="triton")
     assert launch._TUNED == tuned_once
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_with_dropout_replays_the_same_mask(seed, reentrant):
+    """The recomputed forward draws the same dropout seed (checkpoint restores the RNG state)."""
+    gen = torch.Generator().manual_seed(seed)
+    space = _space()
+    torch.manual_seed(seed)
+    model = _two_layer_model(space)
+    for m in model:
+        if isinstance(m, fk.FLixLinear):
+            m.dropout = 0.25
+            torch.nn.init.normal_(m.lora_B)
+    routing = fk.Routing(random_feature_ids(space, 3, gen), space)
+    x = torch.randn(3, 6, 12, generator=gen).to(DEVICE).requires_grad_()
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(seed + 1)
+        with fk.use_routing(model, routing):
+            if checkpointed:
+                out = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=reentrant)
+            else:
+                out = model(x)
+        out.square().sum().backward()
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in model.parameters() if p.requires_grad])
+        x.grad = None
+        model.zero_grad()
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

@@ -114,7 +114,7 @@ def shrink_kernel(
                 if HAS_DROPOUT:
                     keep = _keep(seed, offs_t, offs_k, K, p_drop)
                     x = tl.where(keep, x.to(tl.float32) * (1.0 / (1.0 - p_drop)), 0.0)
-                m = tl.load(M + ridx[None, :] * stride_mr + offs_k[:, None] * stride_mk,
+                m = tl.load(M + ridx[None, :] * stride_mr + offs_k.to(tl.int64)[:, None] * stride_mk,
                             mask=valid[None, :] & k_in[:, None], other=0.0)
                 acc += tl.dot(x.to(COMPUTE_DTYPE), m.to(COMPUTE_DTYPE), input_precision=PRECISION)
             if HAS_SCALE_TENSOR:
@@ -162,7 +162,7 @@ def expand_kernel(
                     ridx = tl.load(slot_rank + e * R_slots + offs_r, mask=valid, other=0).to(tl.int64)
                     h = tl.load(H + offs_t64[:, None] * stride_ht + offs_r[None, :],
                                 mask=rows[:, None] & valid[None, :], other=0.0)
-                    m = tl.load(M + ridx[:, None] * stride_mr + offs_n[None, :] * stride_mn,
+                    m = tl.load(M + ridx[:, None] * stride_mr + offs_n.to(tl.int64)[None, :] * stride_mn,
                                 mask=valid[:, None] & n_in[None, :], other=0.0)
                     lora += tl.dot(h.to(COMPUTE_DTYPE), m.to(COMPUTE_DTYPE), input_precision=PRECISION)
     if HAS_DROPOUT:

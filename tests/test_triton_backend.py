@@ -423,3 +423,49 @@ def test_activation_checkpointing_with_dropout_replays_the_same_mask(seed, reent
         model.zero_grad()
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["owner_walks_tokens", "split_then_reduce"])
+def test_both_weight_gradient_paths(seed, split):
+    gen = torch.Generator().manual_seed(seed)
+    cu = torch.tensor([0, 40, 41, 41, 75])
+    routing, ids, x, A, Bm = _case(gen, _space(), 4, (75,), 18, 21, torch.float32, cu=cu, p_absent=0.1)
+    target = 10**6 if split else 1
+    with launch_overrides({"rank_outer": dict(BLOCK_T=16, BLOCK_N=16, target_programs=target)}):
+        check_against_oracle(x, A, Bm, routing, ids, routing.space, 0.5, backend="triton", cu=cu)
+
+
+def test_packed_routing_routes_one_token_per_example_for_decode(seed):
+    """After a packed prefill, the same routing routes a (B, in) decode input (no cu_seqlens)."""
+    gen = torch.Generator().manual_seed(seed)
+    cu = torch.tensor([0, 3, 3, 9, 10])
+    routing, ids, x, A, Bm = _case(gen, _space(), 4, (4,), 12, 10, torch.float32, cu=cu)
+    W, b = _base(gen, 12, 10, torch.float32)
+    check_against_oracle(x, A, Bm, routing, ids, routing.space, 0.5, backend="triton", weight=W, bias=b)
+
+
+@pytest.mark.parametrize("trainable", ["lora_B_only", "x_only", "nothing"])
+def test_partial_gradients(seed, trainable):
+    gen = torch.Generator().manual_seed(seed)
+    routing, ids, x, A, Bm = _case(gen, _space(), 2, (2, 4), 10, 9, torch.float32)
+    x.requires_grad_(trainable == "x_only")
+    Bm.requires_grad_(trainable == "lora_B_only")
+    out = fk.flix_delta(x, A, Bm, routing, scaling=0.5, backend="triton")
+    ref = fk.flix_delta(x, A, Bm, routing, scaling=0.5, backend="torch")
+    torch.testing.assert_close(out, ref)
+    if trainable == "nothing":
+        assert not out.requires_grad
+        return
+    leaf = x if trainable == "x_only" else Bm
+    (got,) = torch.autograd.grad(out.sum(), leaf)
+    (want,) = torch.autograd.grad(ref.sum(), leaf)
+    torch.testing.assert_close(got, want)
+
+
+def test_trainable_scaling_is_refused():
+    space = _space()
+    routing = fk.Routing([[0, 5]], space)
+    A, Bm = (t.to(DEVICE) for t in random_adapters(space, 4, 3, torch.Generator().manual_seed(0)))
+    scaling = torch.ones(space.num_features, device=DEVICE, requires_grad=True)
+    with pytest.raises(ValueError, match="scaling tensor requires grad"):
+        fk.flix_delta(torch.randn(1, 2, 4, device=DEVICE), A, Bm, routing, scaling=scaling, backend="triton")

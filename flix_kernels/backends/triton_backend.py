@@ -121,7 +121,7 @@ def lora_backward(
     if need_dx or need_dA:
         g = launch.shrink(dy, lora_B, lora_B.stride(1), lora_B.stride(0), slot_rank, slot_feature, cu_seqlens,
                           scaling, scale, None, 0.0, seq_len, cdt)
-    dx = dA = dB = x.new_empty(0)
+    dx, dA, dB = x.new_empty(0), x.new_empty(0), x.new_empty(0)  # distinct: op outputs may not alias
     if need_dx:
         common = (g, lora_A, lora_A.stride(0), lora_A.stride(1))
         kmeta = (slot_rank, slot_feature, cu_seqlens, seq_len, cdt)
@@ -209,8 +209,14 @@ def _run(x, weight, bias, lora_A, lora_B, routing: Routing, scaling, dropout_p, 
     reason = supports(x, lora_A)
     if reason is not None:
         raise TypeError(reason + "; use backend='torch'")
+    if torch.is_tensor(scaling) and scaling.requires_grad:
+        raise ValueError("backend 'triton' treats the per-feature scaling as a constant, but the scaling tensor "
+                         "requires grad; detach it, or use backend='torch' to learn the scales")
     kind, T, seq_len = routing.classify(x.shape[:-1])
     meta = routing.kernel_metadata(x.device)
+    # A packed routing may also route a (B, in) input, one token per example (decode).
+    cu = meta.cu_seqlens if kind == "packed" else None
+    max_len = meta.max_length if kind == "packed" else seq_len
     in_f, out_f = x.shape[-1], lora_B.shape[0]
     if weight is not None and torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
@@ -223,9 +229,9 @@ def _run(x, weight, bias, lora_A, lora_B, routing: Routing, scaling, dropout_p, 
     scale_t = scaling if torch.is_tensor(scaling) else None
     scale_f = 0.0 if torch.is_tensor(scaling) else float(scaling)
     y, _ = torch.ops.flix_kernels.lora_forward(
-        x2d, weight, bias, lora_A, lora_B, meta.slot_rank, meta.slot_feature, meta.cu_seqlens,
+        x2d, weight, bias, lora_A, lora_B, meta.slot_rank, meta.slot_feature, cu,
         meta.pair_example, meta.pair_slot, meta.pair_feature, meta.feature_pair_start, meta.feature_rank,
-        meta.rank_offsets, scale_t, scale_f, seq_len, max(meta.max_length, seq_len), meta.max_pair_rank,
+        meta.rank_offsets, scale_t, scale_f, seq_len, max_len, meta.max_pair_rank,
         meta.max_feature_rank, float(dropout_p), seed, bool(FUSE_BASE and weight is not None))
     return y.view(*x.shape[:-1], out_f)
 

@@ -30,17 +30,18 @@ import triton.language as tl
 
 
 @triton.jit
-def _example_of(t, cu_ptr, B, seq_len, IS_PACKED: tl.constexpr):
-    """Example owning token t: the last e with cu[e] <= t (skips empty examples)."""
+def _example_of(t, cu_ptr, B, seq_len, IS_PACKED: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+    """Example owning token t: the last e < B with cu[e] <= t (so empty examples are skipped).
+
+    Packed: binary lifting with a fixed number of steps (2**SEARCH_STEPS >= B) and masked
+    loads; a data-dependent while loop here breaks older Triton compilers' passes."""
     if IS_PACKED:
-        lo = 0
-        hi = B
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if tl.load(cu_ptr + mid) <= t:
-                lo = mid
-            else:
-                hi = mid
+        lo = t * 0
+        for i in tl.static_range(SEARCH_STEPS):
+            cand = lo + (1 << (SEARCH_STEPS - 1 - i))
+            ok = cand < B
+            v = tl.load(cu_ptr + cand, mask=ok, other=0)
+            lo = tl.where(ok & (v <= t), cand, lo)
         return lo
     else:
         return t // seq_len
@@ -59,9 +60,15 @@ def _token_range(e, cu_ptr, seq_len, IS_PACKED: tl.constexpr):
 
 @triton.jit
 def _keep(seed, offs_t, offs_k, K, p_drop):
-    """Dropout keep-mask of elements (t, k) of a (T, K) input: same bits in every kernel."""
-    offset = offs_t.to(tl.int64)[:, None] * K + offs_k[None, :]
-    return tl.rand(seed, offset) >= p_drop
+    """Dropout keep-mask of elements (t, k) of a (T, K) input: same bits in every kernel.
+
+    Philox on the counter pair (k, t) with 32-bit counters (T and K each < 2**32): cheaper than
+    a 64-bit flat offset, and unique per element for any T * K."""
+    c_k = (offs_k[None, :] + offs_t[:, None] * 0).to(tl.uint32)
+    c_t = (offs_t[:, None] + offs_k[None, :] * 0).to(tl.uint32)
+    zero = c_k * 0
+    r, _, _, _ = tl.philox(seed, c_k, c_t, zero, zero)
+    return tl.uint_to_uniform_float(r) >= p_drop
 
 
 @triton.jit
@@ -79,7 +86,7 @@ def shrink_kernel(
     X, M, H, slot_rank, slot_feature, cu_ptr, scaling, seed_ptr,
     T, K, R_slots, B, seq_len, scale_const, p_drop, k_per_split,
     stride_xt, stride_xk, stride_mr, stride_mk, stride_hs, stride_ht,
-    IS_PACKED: tl.constexpr, HAS_SCALE_TENSOR: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    IS_PACKED: tl.constexpr, SEARCH_STEPS: tl.constexpr, HAS_SCALE_TENSOR: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -95,12 +102,12 @@ def shrink_kernel(
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
-    h_ptrs = H + pid_s * stride_hs + offs_t.to(tl.int64)[:, None] * stride_ht + offs_r[None, :]
-    e_first = _example_of(t0, cu_ptr, B, seq_len, IS_PACKED)
-    e_last = _example_of(t_last, cu_ptr, B, seq_len, IS_PACKED)
+    h_ptrs = H + pid_s.to(tl.int64) * stride_hs + offs_t.to(tl.int64)[:, None] * stride_ht + offs_r[None, :]
+    e_first = _example_of(t0, cu_ptr, B, seq_len, IS_PACKED, SEARCH_STEPS)
+    e_last = _example_of(t_last, cu_ptr, B, seq_len, IS_PACKED, SEARCH_STEPS)
     for e in range(e_first, e_last + 1):
         start, end = _token_range(e, cu_ptr, seq_len, IS_PACKED)
-        rows = (offs_t >= start) & (offs_t < end)
+        rows = (offs_t >= start) & (offs_t < end) & (offs_t < T)
         feat = tl.load(slot_feature + e * R_slots + offs_r, mask=r_in, other=-1)
         valid = feat >= 0
         acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
@@ -109,7 +116,7 @@ def shrink_kernel(
             for k0 in range(k_begin, tl.minimum(k_begin + k_per_split, K), BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 k_in = offs_k < K
-                x = tl.load(X + offs_t.to(tl.int64)[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+                x = tl.load(X + offs_t.to(tl.int64)[:, None] * stride_xt + offs_k.to(tl.int64)[None, :] * stride_xk,
                             mask=rows[:, None] & k_in[None, :], other=0.0)
                 if HAS_DROPOUT:
                     keep = _keep(seed, offs_t, offs_k, K, p_drop)
@@ -130,7 +137,7 @@ def expand_kernel(
     H, M, Y, X2, W2, bias, slot_rank, slot_feature, cu_ptr, seed_ptr,
     T, N, K2, R_slots, B, seq_len, p_drop,
     stride_ht, stride_mr, stride_mn, stride_yt, stride_yn, stride_xt, stride_xk, stride_wn, stride_wk,
-    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, IS_PACKED: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, IS_PACKED: tl.constexpr, SEARCH_STEPS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, BASE_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BASE_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -146,11 +153,11 @@ def expand_kernel(
 
     lora = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     active = 0
-    e_first = _example_of(t0, cu_ptr, B, seq_len, IS_PACKED)
-    e_last = _example_of(t_last, cu_ptr, B, seq_len, IS_PACKED)
+    e_first = _example_of(t0, cu_ptr, B, seq_len, IS_PACKED, SEARCH_STEPS)
+    e_last = _example_of(t_last, cu_ptr, B, seq_len, IS_PACKED, SEARCH_STEPS)
     for e in range(e_first, e_last + 1):
         start, end = _token_range(e, cu_ptr, seq_len, IS_PACKED)
-        rows = (offs_t >= start) & (offs_t < end)
+        rows = (offs_t >= start) & (offs_t < end) & t_in
         if end > start:
             for r0 in range(0, R_slots, BLOCK_R):
                 offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -169,16 +176,16 @@ def expand_kernel(
         keep = _keep(tl.load(seed_ptr), offs_t, offs_n, N, p_drop)
         lora = tl.where(keep, lora * (1.0 / (1.0 - p_drop)), 0.0)
 
-    y_ptrs = Y + offs_t64[:, None] * stride_yt + offs_n[None, :] * stride_yn
+    y_ptrs = Y + offs_t64[:, None] * stride_yt + offs_n.to(tl.int64)[None, :] * stride_yn
     y_mask = t_in[:, None] & n_in[None, :]
     if MODE == 2:
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K2, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_in = offs_k < K2
-            a = tl.load(X2 + offs_t64[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+            a = tl.load(X2 + offs_t64[:, None] * stride_xt + offs_k.to(tl.int64)[None, :] * stride_xk,
                         mask=t_in[:, None] & k_in[None, :], other=0.0)
-            w = tl.load(W2 + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk,
+            w = tl.load(W2 + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k.to(tl.int64)[:, None] * stride_wk,
                         mask=n_in[None, :] & k_in[:, None], other=0.0)
             acc += tl.dot(a.to(BASE_DTYPE), w.to(BASE_DTYPE), input_precision=BASE_PRECISION)
         if HAS_BIAS:
@@ -194,6 +201,60 @@ def expand_kernel(
 
 
 @triton.jit
+def _outer_over_tokens(acc, L, R, seed, slot, offs_j, j_in, offs_n, n_in, t_begin, t_end, N, p_drop,
+                       stride_lt, stride_rt, stride_rn, HAS_DROPOUT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+                       PRECISION: tl.constexpr, BLOCK_T: tl.constexpr):
+    """acc[j, n] += sum over tokens t in [t_begin, t_end) of L[t, slot + j] * drop(R)[t, n]."""
+    for t0 in range(t_begin, t_end, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        t_in = offs_t < t_end
+        offs_t64 = offs_t.to(tl.int64)
+        lt = tl.load(L + offs_t64[None, :] * stride_lt + (slot + offs_j)[:, None],
+                     mask=j_in[:, None] & t_in[None, :], other=0.0)
+        r = tl.load(R + offs_t64[:, None] * stride_rt + offs_n.to(tl.int64)[None, :] * stride_rn,
+                    mask=t_in[:, None] & n_in[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = _keep(seed, offs_t, offs_n, N, p_drop)
+            r = tl.where(keep, r.to(tl.float32) * (1.0 / (1.0 - p_drop)), 0.0)
+        acc += tl.dot(lt.to(COMPUTE_DTYPE), r.to(COMPUTE_DTYPE), input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def rank_grad_kernel(
+    L, R, G, feature_pair_start, pair_example, pair_slot, rank_offsets, cu_ptr, seed_ptr,
+    N, seq_len, p_drop, stride_lt, stride_rt, stride_rn, stride_gr, stride_gn,
+    IS_PACKED: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_RK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """G[rank_offsets[k] + j, n] = sum over feature k's tokens t of L[t, slot + j] * drop(R)[t, n].
+
+    One program per (feature, n-tile, row block) owns its output tile and walks its pairs'
+    tokens in order: no workspace, no atomics. Used when no feature needs splitting over
+    tokens; absent features get zero rows."""
+    k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    r0 = tl.load(rank_offsets + k)
+    rank = tl.load(rank_offsets + k + 1) - r0
+    offs_j = tl.program_id(2) * BLOCK_RK + tl.arange(0, BLOCK_RK)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    j_in = offs_j < rank
+    n_in = offs_n < N
+    acc = tl.zeros((BLOCK_RK, BLOCK_N), dtype=tl.float32)
+    if tl.program_id(2) * BLOCK_RK < rank:
+        seed = 0
+        if HAS_DROPOUT:
+            seed = tl.load(seed_ptr)
+        for p in range(tl.load(feature_pair_start + k), tl.load(feature_pair_start + k + 1)):
+            start, end = _token_range(tl.load(pair_example + p), cu_ptr, seq_len, IS_PACKED)
+            acc = _outer_over_tokens(acc, L, R, seed, tl.load(pair_slot + p), offs_j, j_in, offs_n, n_in, start,
+                                     end, N, p_drop, stride_lt, stride_rt, stride_rn, HAS_DROPOUT, COMPUTE_DTYPE,
+                                     PRECISION, BLOCK_T)
+    g_ptrs = G + (r0 + offs_j).to(tl.int64)[:, None] * stride_gr + offs_n.to(tl.int64)[None, :] * stride_gn
+    tl.store(g_ptrs, acc.to(G.dtype.element_ty), mask=j_in[:, None] & n_in[None, :])
+
+
+@triton.jit
 def rank_outer_kernel(
     L, R, WS, pair_example, pair_slot, pair_feature, feature_rank, cu_ptr, seed_ptr,
     N, seq_len, chunk, num_chunks, p_drop,
@@ -201,16 +262,14 @@ def rank_outer_kernel(
     IS_PACKED: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_RK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """WS[p, c, j, n] = sum over chunk c of pair p's tokens t of L[t, slot_p + j] * drop(R)[t, n].
+    """Split version, first pass: WS[p, c, j, n] = the sum over chunk c of pair p's tokens.
 
     BLOCK_RK covers the largest rank of the batch's features (the workspace row count)."""
     p = tl.program_id(0)
     c = tl.program_id(1)
     pid_n = tl.program_id(2)
-    e = tl.load(pair_example + p)
-    slot = tl.load(pair_slot + p)
     rank = tl.load(feature_rank + tl.load(pair_feature + p))
-    start, end = _token_range(e, cu_ptr, seq_len, IS_PACKED)
+    start, end = _token_range(tl.load(pair_example + p), cu_ptr, seq_len, IS_PACKED)
     t_begin = start + c * chunk
     t_end = tl.minimum(t_begin + chunk, end)
     offs_j = tl.arange(0, BLOCK_RK)
@@ -222,18 +281,9 @@ def rank_outer_kernel(
         if HAS_DROPOUT:
             seed = tl.load(seed_ptr)
         acc = tl.zeros((BLOCK_RK, BLOCK_N), dtype=tl.float32)
-        for t0 in range(t_begin, t_end, BLOCK_T):
-            offs_t = t0 + tl.arange(0, BLOCK_T)
-            t_in = offs_t < t_end
-            offs_t64 = offs_t.to(tl.int64)
-            lt = tl.load(L + offs_t64[None, :] * stride_lt + (slot + offs_j)[:, None],
-                         mask=j_in[:, None] & t_in[None, :], other=0.0)
-            r = tl.load(R + offs_t64[:, None] * stride_rt + offs_n[None, :] * stride_rn,
-                        mask=t_in[:, None] & n_in[None, :], other=0.0)
-            if HAS_DROPOUT:
-                keep = _keep(seed, offs_t, offs_n, N, p_drop)
-                r = tl.where(keep, r.to(tl.float32) * (1.0 / (1.0 - p_drop)), 0.0)
-            acc += tl.dot(lt.to(COMPUTE_DTYPE), r.to(COMPUTE_DTYPE), input_precision=PRECISION)
+        acc = _outer_over_tokens(acc, L, R, seed, tl.load(pair_slot + p), offs_j, j_in, offs_n, n_in, t_begin,
+                                 t_end, N, p_drop, stride_lt, stride_rt, stride_rn, HAS_DROPOUT, COMPUTE_DTYPE,
+                                 PRECISION, BLOCK_T)
         tile = ((p.to(tl.int64) * num_chunks + c) * BLOCK_RK + offs_j[:, None]) * N + offs_n[None, :]
         tl.store(WS + tile, acc, mask=j_in[:, None] & n_in[None, :])
 
@@ -244,7 +294,8 @@ def rank_reduce_kernel(
     N, seq_len, chunk, num_chunks, ws_rows, stride_gr, stride_gn,
     IS_PACKED: tl.constexpr, BLOCK_RK: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """G[rank_offsets[k] + j, n] = sum of feature k's workspace tiles, pairs then chunks in order."""
+    """Split version, second pass: G[rank_offsets[k] + j, n] = the sum of feature k's workspace
+    tiles, pairs then chunks, in a fixed order."""
     k = tl.program_id(0)
     pid_n = tl.program_id(1)
     r0 = tl.load(rank_offsets + k)
@@ -264,5 +315,5 @@ def rank_reduce_kernel(
         for c in range(0, n_c):
             tile = ((tl.cast(p, tl.int64) * num_chunks + c) * ws_rows + offs_j[:, None]) * N
             acc += tl.load(WS + tile + offs_n[None, :], mask=j_in[:, None] & n_in[None, :], other=0.0)
-    g_ptrs = G + (r0 + offs_j).to(tl.int64)[:, None] * stride_gr + offs_n[None, :] * stride_gn
+    g_ptrs = G + (r0 + offs_j).to(tl.int64)[:, None] * stride_gr + offs_n.to(tl.int64)[None, :] * stride_gn
     tl.store(g_ptrs, acc.to(G.dtype.element_ty), mask=j_in[:, None] & n_in[None, :])

@@ -78,8 +78,9 @@ def configs(kind: str, T: int, N: int, K: int, R: int, device: torch.device) -> 
         tiles = triton.cdiv(T, cfg["BLOCK_T"]) * triton.cdiv(R, cfg["BLOCK_R"])
         cfg["splits"] = max(1, min(triton.cdiv(2 * num_sms(device), max(tiles, 1)), triton.cdiv(K, cfg["BLOCK_K"])))
     elif kind == "expand":
-        cfg = dict(BLOCK_T=16 if decode else 64, BLOCK_N=64 if decode else 128, BLOCK_R=_pow2(R, hi=64),
-                   BLOCK_K=64, num_warps=4 if decode else 8)
+        # 64 x 64 tiles: a 64 x 128 tile with 8 warps needs ~230 registers/thread on sm_90
+        # (one CTA per SM) for what is a memory-bound read-modify-write of y.
+        cfg = dict(BLOCK_T=16 if decode else 64, BLOCK_N=64, BLOCK_R=_pow2(R, hi=64), BLOCK_K=64, num_warps=4)
     elif kind == "rank_outer":
         rk = _pow2(R)
         cfg = dict(BLOCK_RK=rk, BLOCK_T=64, BLOCK_N=64 if rk <= 64 else 32, num_warps=4,
@@ -149,6 +150,11 @@ def tuned(kind: str, cfg: dict, key: tuple, run, device: torch.device) -> dict:
     return _TUNED[key]
 
 
+def _search_steps(num_examples: int) -> int:
+    """Binary-lifting steps to find a token's example among ``num_examples`` (constexpr)."""
+    return max(1, (max(num_examples, 1) - 1).bit_length())
+
+
 def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
@@ -180,7 +186,8 @@ def shrink(X, M, stride_mr, stride_mk, slot_rank, slot_feature, cu, scaling, sca
             X, M, out, slot_rank, slot_feature, _or(cu, slot_rank), _or(scaling, H), _or(seed, slot_rank),
             T, K, R, B, seq_len, float(scale), float(p_drop), k_per_split,
             X.stride(0), X.stride(1), stride_mr, stride_mk, T * R, R,
-            IS_PACKED=cu is not None, HAS_SCALE_TENSOR=scaling is not None, HAS_DROPOUT=seed is not None,
+            IS_PACKED=cu is not None, SEARCH_STEPS=_search_steps(B), HAS_SCALE_TENSOR=scaling is not None,
+            HAS_DROPOUT=seed is not None,
             COMPUTE_DTYPE=tl_dtype(compute_dtype), PRECISION=precision(compute_dtype),
             **_blocks(cfg, "BLOCK_T", "BLOCK_R", "BLOCK_K"), **_launch_opts(cfg),
         )
@@ -213,7 +220,8 @@ def expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, 
             T, N, K2, R, B, seq_len, float(p_drop),
             H.stride(0), stride_mr, stride_mn, Y.stride(0), Y.stride(1),
             X2.stride(0) if mode == 2 else 0, X2.stride(1) if mode == 2 else 0, stride_wn, stride_wk,
-            MODE=mode, HAS_BIAS=bias is not None, IS_PACKED=cu is not None, HAS_DROPOUT=seed is not None,
+            MODE=mode, HAS_BIAS=bias is not None, IS_PACKED=cu is not None, SEARCH_STEPS=_search_steps(B),
+            HAS_DROPOUT=seed is not None,
             COMPUTE_DTYPE=tl_dtype(compute_dtype), BASE_DTYPE=tl_dtype(base_dtype),
             PRECISION=precision(compute_dtype), BASE_PRECISION=precision(base_dtype),
             **_blocks(cfg, "BLOCK_T", "BLOCK_N", "BLOCK_R", "BLOCK_K"), **_launch_opts(cfg),
@@ -231,9 +239,10 @@ def weight_grad(Lmat, Rmat, G, stride_gr, stride_gn, meta, seq_len, max_len, com
                 p_drop=0.0) -> torch.Tensor:
     """Rows of ``G`` per feature k: ``G[k's rows, n] = sum over k's tokens t of L[t, slot] drop(R)[t, n]``.
 
-    Segment-owned and deterministic: one program per (pair, token chunk, n-tile) writes its
-    own fp32 tile, one program per (feature, n-tile) adds them in a fixed order (features
-    absent from the batch get zero rows)."""
+    Segment-owned and deterministic (no atomics). When the (feature, n-tile) programs fill the
+    device, each owns its tile and walks the feature's tokens; otherwise common features are
+    split: one program per (pair, token chunk, n-tile) writes its own fp32 tile, then one per
+    (feature, n-tile) adds them in a fixed order. Features absent from the batch get zero rows."""
     T, N = Rmat.shape
     P = meta.pair_example.numel()
     F = meta.feature_rank.numel()
@@ -244,33 +253,39 @@ def weight_grad(Lmat, Rmat, G, stride_gr, stride_gn, meta, seq_len, max_len, com
     def run(cfg, G=G):
         BRK, BN, BT = cfg["BLOCK_RK"], cfg["BLOCK_N"], cfg["BLOCK_T"]
         tiles_n = triton.cdiv(N, BN)
-        # Chunks per pair: enough programs to fill the device, at least BLOCK_T tokens each, and a
-        # workspace within budget. Common features are thus split over tokens, then reduced.
+        common = dict(IS_PACKED=cu is not None, HAS_DROPOUT=seed is not None, COMPUTE_DTYPE=tl_dtype(compute_dtype),
+                      PRECISION=precision(compute_dtype), BLOCK_T=BT, BLOCK_N=BN, **_launch_opts(cfg))
+        # Token chunks per pair: enough programs to fill the device, at least BLOCK_T tokens
+        # each, and a workspace within budget.
         want = triton.cdiv(cfg["target_programs"], max(P * tiles_n, 1))
         chunks = max(1, min(want, triton.cdiv(max_len, BT)))
-        per_chunk_bytes = max(P, 1) * BRK * N * 4
-        chunks = max(1, min(chunks, WORKSPACE_BYTES // max(per_chunk_bytes, 1)))
+        chunks = min(chunks, WORKSPACE_BYTES // max(max(P, 1) * BRK * N * 4, 1))
+        if chunks <= 1 or P == 0 or T == 0:
+            # Enough parallelism without splitting: each (feature, n-tile) program owns its
+            # output and walks the feature's tokens. No workspace.
+            brk = min(BRK, 64)
+            kernels.rank_grad_kernel[(F, tiles_n, triton.cdiv(meta.max_feature_rank, brk))](
+                Lmat, Rmat, G, meta.feature_pair_start, meta.pair_example, meta.pair_slot, meta.rank_offsets,
+                _or(cu, meta.pair_example), _or(seed, meta.pair_example),
+                N, seq_len, float(p_drop), Lmat.stride(0), Rmat.stride(0), Rmat.stride(1), stride_gr, stride_gn,
+                BLOCK_RK=brk, **common,
+            )
+            return
         chunk = triton.cdiv(triton.cdiv(max_len, chunks), BT) * BT
         chunks = triton.cdiv(max_len, chunk)
-        ws = torch.empty(max(P, 1) * chunks * BRK * N, device=Rmat.device, dtype=torch.float32)
-        if P and T and N:
-            kernels.rank_outer_kernel[(P, chunks, tiles_n)](
-                Lmat, Rmat, ws, meta.pair_example, meta.pair_slot, meta.pair_feature, meta.feature_rank,
-                _or(cu, meta.pair_example), _or(seed, meta.pair_example),
-                N, seq_len, chunk, chunks, float(p_drop),
-                Lmat.stride(0), Rmat.stride(0), Rmat.stride(1),
-                IS_PACKED=cu is not None, HAS_DROPOUT=seed is not None,
-                COMPUTE_DTYPE=tl_dtype(compute_dtype), PRECISION=precision(compute_dtype),
-                BLOCK_RK=BRK, BLOCK_T=BT, BLOCK_N=BN, **_launch_opts(cfg),
-            )
-        if F and N:
-            red_rk = min(BRK, 64)
-            row_blocks = triton.cdiv(meta.max_feature_rank, red_rk)
-            kernels.rank_reduce_kernel[(F, tiles_n, row_blocks)](
-                ws, G, meta.feature_pair_start, meta.pair_example, meta.rank_offsets, _or(cu, meta.pair_example),
-                N, seq_len, chunk, chunks, BRK, stride_gr, stride_gn,
-                IS_PACKED=cu is not None, BLOCK_RK=red_rk, BLOCK_N=BN,
-            )
+        ws = torch.empty(P * chunks * BRK * N, device=Rmat.device, dtype=torch.float32)
+        kernels.rank_outer_kernel[(P, chunks, tiles_n)](
+            Lmat, Rmat, ws, meta.pair_example, meta.pair_slot, meta.pair_feature, meta.feature_rank,
+            _or(cu, meta.pair_example), _or(seed, meta.pair_example),
+            N, seq_len, chunk, chunks, float(p_drop), Lmat.stride(0), Rmat.stride(0), Rmat.stride(1),
+            BLOCK_RK=BRK, **common,
+        )
+        red_rk = min(BRK, 64)
+        kernels.rank_reduce_kernel[(F, tiles_n, triton.cdiv(meta.max_feature_rank, red_rk))](
+            ws, G, meta.feature_pair_start, meta.pair_example, meta.rank_offsets, _or(cu, meta.pair_example),
+            N, seq_len, chunk, chunks, BRK, stride_gr, stride_gn,
+            IS_PACKED=cu is not None, BLOCK_RK=red_rk, BLOCK_N=BN,
+        )
 
     cfg = configs("rank_outer", T, N, 0, rk, Rmat.device)
     key = (_bucket(T), _bucket(N), _bucket(rk), _bucket(P), Rmat.dtype, Lmat.dtype, seed is not None)

@@ -1,0 +1,139 @@
+"""Compile every Triton kernel variant for real GPUs (sm_80, sm_90) without a GPU.
+
+The interpreter runs the kernels' Python semantics but not Triton's compiler, which rejects
+things the interpreter accepts (loop-carried type changes, unsupported control flow, shared
+memory overflows). ``triton.compile`` with an explicit target runs the whole pipeline down to
+a cubin with the ptxas that ships with Triton, so CI catches those too. Shared memory per
+variant is printed (``-s``).
+
+The test suite runs the kernels in the interpreter on CPU machines (``TRITON_INTERPRET=1`` is
+set before flix_kernels is imported), so the compile runs in a subprocess without it:
+``python tests/test_triton_compile.py ARCH`` compiles every variant for ``sm_ARCH``.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ARCHS = [80, 90]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_kernel_variant_compiles_for(arch):
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, __file__, str(arch)], env=env, capture_output=True, text=True, timeout=900)
+    print(proc.stdout[-4000:])
+    if proc.returncode == 77:
+        pytest.skip(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+# ---- the subprocess ----------------------------------------------------------------------
+
+
+POINTER_DTYPES = {
+    "X": "bf16", "M": "bf16", "Y": "bf16", "X2": "bf16", "W2": "bf16", "bias": "bf16", "R": "bf16", "G": "bf16",
+    "H": "fp32", "L": "fp32", "WS": "fp32", "scaling": "fp32", "seed_ptr": "i64", "OUT": "i8",
+}
+INDEX_POINTERS = {"slot_rank", "slot_feature", "cu_ptr", "pair_example", "pair_slot", "pair_feature",
+                  "feature_rank", "feature_pair_start", "rank_offsets"}
+FLOAT_SCALARS = {"scale_const", "p_drop"}
+
+
+def _compile(fn, constexprs: dict, arch: int, num_warps: int = 4):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    sig = {}
+    for n in names:
+        if n in constexprs:
+            sig[n] = "constexpr"
+        elif n in POINTER_DTYPES:
+            sig[n] = "*" + POINTER_DTYPES[n]
+        elif n in INDEX_POINTERS:
+            sig[n] = "*i32"
+        elif n in FLOAT_SCALARS:
+            sig[n] = "fp32"
+        else:
+            sig[n] = "i32"
+    try:
+        src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    except TypeError:  # Triton 3.2 spells it `constants`
+        src = ASTSource(fn, sig, constants=constexprs)
+    target = GPUTarget("cuda", arch, 32)
+    try:
+        return triton.compile(src, target=target, options=dict(num_warps=num_warps))
+    except RuntimeError as exc:
+        if "ptxas" in str(exc) and "not found" in str(exc).lower():
+            print(f"no ptxas for an ahead-of-time compile: {exc}")
+            sys.exit(77)
+        raise
+
+
+def _report(name, ck):
+    print(f"{name}: shared memory {ck.metadata.shared} bytes")
+
+
+def compile_shrink(arch, packed, dropout, tl):
+    for cdt in (tl.bfloat16, tl.float32):
+        ck = _compile(_kernels().shrink_kernel, dict(
+            IS_PACKED=packed, SEARCH_STEPS=4, HAS_SCALE_TENSOR=True, HAS_DROPOUT=dropout, COMPUTE_DTYPE=cdt,
+            PRECISION="ieee", BLOCK_T=64, BLOCK_R=32, BLOCK_K=64), arch)
+        _report(f"shrink sm_{arch} packed={packed} dropout={dropout} {cdt}", ck)
+
+
+def compile_expand(arch, mode, packed, tl):
+    for dropout in (False, True):
+        ck = _compile(_kernels().expand_kernel, dict(
+            MODE=mode, HAS_BIAS=mode == 2, IS_PACKED=packed, SEARCH_STEPS=4, HAS_DROPOUT=dropout,
+            COMPUTE_DTYPE=tl.bfloat16, BASE_DTYPE=tl.bfloat16, PRECISION="ieee", BASE_PRECISION="ieee",
+            BLOCK_T=64, BLOCK_N=64, BLOCK_R=32, BLOCK_K=64), arch)
+        _report(f"expand sm_{arch} mode={mode} packed={packed} dropout={dropout}", ck)
+
+
+def compile_weight_gradient_kernels(arch, packed, tl):
+    for dropout in (False, True):
+        common = dict(IS_PACKED=packed, HAS_DROPOUT=dropout, COMPUTE_DTYPE=tl.bfloat16, PRECISION="ieee",
+                      BLOCK_T=64, BLOCK_N=64)
+        _report(f"rank_grad sm_{arch} packed={packed} dropout={dropout}",
+                _compile(_kernels().rank_grad_kernel, dict(common, BLOCK_RK=32), arch))
+        for rk in (16, 128):
+            _report(f"rank_outer rk={rk} sm_{arch} packed={packed} dropout={dropout}",
+                    _compile(_kernels().rank_outer_kernel, dict(common, BLOCK_RK=rk, BLOCK_N=64 if rk <= 64 else 32), arch))
+    _report(f"rank_reduce sm_{arch} packed={packed}",
+            _compile(_kernels().rank_reduce_kernel, dict(IS_PACKED=packed, BLOCK_RK=32, BLOCK_N=64), arch))
+
+
+def _kernels():
+    from flix_kernels.triton import kernels
+
+    return kernels
+
+
+def main(arch: int) -> int:
+    try:
+        import triton.language as tl
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as exc:
+        print(f"this Triton has no ahead-of-time compile API: {exc}")
+        return 77
+    import triton
+
+    print(f"triton {triton.__version__}, sm_{arch}")
+    for packed in (False, True):
+        for dropout in (False, True):
+            compile_shrink(arch, packed, dropout, tl)
+        for mode in (0, 1, 2):
+            compile_expand(arch, mode, packed, tl)
+        compile_weight_gradient_kernels(arch, packed, tl)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1])))

@@ -27,6 +27,13 @@ def _info() -> int:
     for b in BACKENDS:
         reason = unavailable_reason(b, device)
         print(f"  backend {b:7s} {'available' if reason is None else 'unavailable: ' + reason}")
+    from flix_kernels.backends import triton_backend
+
+    if triton_backend.launch is not None:
+        launch = triton_backend.launch
+        print(f"triton settings: fused base GEMM {'on' if triton_backend.FUSE_BASE else 'off'} (FLIX_FUSE_BASE), "
+              f"autotune {'on' if launch.AUTOTUNE else 'off'} (FLIX_TRITON_AUTOTUNE), "
+              f"interpreter {'on' if launch.interpreting() else 'off'} (TRITON_INTERPRET)")
     return 0
 
 

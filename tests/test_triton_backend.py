@@ -127,14 +127,26 @@ def test_empty_inputs(seed, shape):
 
 
 def test_large_ranks_span_several_blocks(seed):
-    """Ranks 1 and 70 (a slot list of 71 > 64-wide blocks; a rank above the 64-row reduction)."""
+    """Ranks 1, 70 and 256: slot lists of up to 327 (many 64-wide blocks), ranks above the
+    64-row gradient tiles, and a 256-row workspace."""
     gen = torch.Generator().manual_seed(seed)
-    space = fk.FeatureSpace({"a": ["p", "q"], "b": ["r", "s", "t"]}, {"a": 1, "b": 70})
-    ids = torch.tensor([[0, 2], [1, 3], [-1, 4], [0, -1]])
+    space = fk.FeatureSpace({"a": ["p", "q"], "b": ["r", "s", "t"], "c": ["u", "v"]}, {"a": 1, "b": 70, "c": 256})
+    ids = torch.tensor([[0, 2, 5], [1, 3, -1], [-1, 4, 6], [0, -1, -1]])
     routing, ids, x, A, Bm = _case(gen, space, 4, (4, 3), 19, 23, torch.float32, ids=ids)
     scaling = random_scaling(space, gen).to(DEVICE)
-    with launch_overrides({}):
-        check_against_oracle(x, A, Bm, routing, ids, space, scaling, backend="triton")
+    for overrides in ({}, SMALL_TILES):
+        with launch_overrides(overrides):
+            check_against_oracle(x, A, Bm, routing, ids, space, scaling, backend="triton")
+
+
+def test_thousands_of_features(seed):
+    """4096 features (3 groups): absent features get exact zero gradient rows."""
+    gen = torch.Generator().manual_seed(seed)
+    space = fk.FeatureSpace({"language": [f"l{i}" for i in range(4000)], "task": [f"t{i}" for i in range(90)],
+                             "domain": [f"d{i}" for i in range(6)]}, {"language": 2, "task": 4, "domain": 3})
+    assert space.num_features == 4096
+    routing, ids, x, A, Bm = _case(gen, space, 5, (5, 4), 8, 6, torch.float32, p_absent=0.2)
+    check_against_oracle(x, A, Bm, routing, ids, space, 0.5, backend="triton")
 
 
 def test_mixed_precision_fp16_activations_fp32_adapters(seed):
@@ -389,7 +401,7 @@ def test_autotune_picks_a_config_per_shape_class_and_stays_exact(seed, monkeypat
     with launch_overrides({}):
         check_against_oracle(x, A, Bm, routing, ids, routing.space, 0.5, backend="triton", weight=W, bias=b)
     kinds = {key[0] for key in launch._TUNED}
-    assert kinds == {"shrink", "expand", "rank_outer"}
+    assert kinds == {"shrink", "expand", "rank_outer", "choice"}  # choice: fused base GEMM or cuBLAS + expand
     tuned_once = dict(launch._TUNED)
     with launch_overrides({}):  # same shape class: no new tuning
         fk.flix_linear(x, W, b, A, Bm, routing, scaling=0.5, backend="triton")

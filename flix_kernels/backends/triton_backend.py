@@ -85,15 +85,28 @@ def lora_forward(
     if weight is None:
         y = x.new_empty(T, N)
         launch.expand(*common, y, *meta, mode=0)
-    elif fuse_base:
+        return y, h
+
+    def fused():
         y = x.new_empty(T, N)
-        launch.expand(*common, y, *meta, mode=2, X2=x, W2=weight, stride_wn=weight.stride(0),
-                      stride_wk=weight.stride(1), bias=bias)
-    else:
+        return launch.expand(*common, y, *meta, mode=2, X2=x, W2=weight, stride_wn=weight.stride(0),
+                             stride_wk=weight.stride(1), bias=bias)
+
+    def cublas_then_expand():
         with torch.autocast(x.device.type, enabled=False):
             y = F.linear(x, weight, bias)
-        launch.expand(*common, y, *meta, mode=1)
-    return y, h
+        return launch.expand(*common, y, *meta, mode=1)
+
+    key = ("forward", T <= launch.DECODE_TOKENS, launch._bucket(T), N, x.shape[1], x.dtype)
+    return _base_path(key, fuse_base, fused, cublas_then_expand, x.device)(), h
+
+
+def _base_path(key, fuse_base, fused, unfused, device):
+    """The fused or the cuBLAS + expand path: ``fuse_base`` decides, unless autotuning is on,
+    in which case the faster of the two for this shape class is timed once and kept."""
+    if launch.AUTOTUNE:
+        fuse_base = launch.choose(key, {"cublas": unfused, "fused": fused}, device) == "fused"
+    return fused if fuse_base else unfused
 
 
 @lora_forward.register_fake
@@ -128,13 +141,18 @@ def lora_backward(
         if weight is None:
             dx = x.new_empty(T, K)
             launch.expand(*common, dx, *kmeta, mode=0, seed=seed, p_drop=dropout_p)
-        elif fuse_base:
-            dx = x.new_empty(T, K)
-            launch.expand(*common, dx, *kmeta, mode=2, X2=dy, W2=weight, stride_wn=weight.stride(1),
-                          stride_wk=weight.stride(0), seed=seed, p_drop=dropout_p)
         else:
-            dx = (dy @ weight).to(x.dtype)
-            launch.expand(*common, dx, *kmeta, mode=1, seed=seed, p_drop=dropout_p)
+            def fused():
+                dx = x.new_empty(T, K)
+                return launch.expand(*common, dx, *kmeta, mode=2, X2=dy, W2=weight, stride_wn=weight.stride(1),
+                                     stride_wk=weight.stride(0), seed=seed, p_drop=dropout_p)
+
+            def cublas_then_expand():
+                dx = (dy @ weight).to(x.dtype)
+                return launch.expand(*common, dx, *kmeta, mode=1, seed=seed, p_drop=dropout_p)
+
+            key = ("input_grad", T <= launch.DECODE_TOKENS, launch._bucket(T), K, dy.shape[1], x.dtype)
+            dx = _base_path(key, fuse_base, fused, cublas_then_expand, x.device)()
     if need_dB:
         dB = torch.empty_like(lora_B)
         launch.weight_grad(h, dy, dB, dB.stride(1), dB.stride(0), meta, seq_len, max_len, cdt)

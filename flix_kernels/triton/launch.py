@@ -150,6 +150,17 @@ def tuned(kind: str, cfg: dict, key: tuple, run, device: torch.device) -> dict:
     return _TUNED[key]
 
 
+def choose(key: tuple, options: dict, device: torch.device) -> str:
+    """With autotuning on, the fastest of ``options`` (name -> side-effect-free callable) for
+    this shape class, timed once per process; else the first option."""
+    if not AUTOTUNE or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return next(iter(options))
+    key = ("choice", device.type) + key
+    if key not in _TUNED:
+        _TUNED[key] = min(options, key=lambda name: _time_ms(options[name], device))
+    return _TUNED[key]
+
+
 def _search_steps(num_examples: int) -> int:
     """Binary-lifting steps to find a token's example among ``num_examples`` (constexpr)."""
     return max(1, (max(num_examples, 1) - 1).bit_length())

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flix_kernels as fk
-from conftest import LOW_PRECISION, assert_close, assert_close_to_oracle, check_against_oracle, oracle, random_adapters, random_feature_ids, random_scaling, random_space
+from conftest import assert_close, check_against_oracle, random_adapters, random_feature_ids, random_scaling, random_space
 from flix_kernels.backends import torch_backend
 from flix_kernels.reference import flix_delta_reference, flix_linear_reference
 

@@ -14,6 +14,7 @@ import torch
 import flix_kernels as fk
 from conftest import (DEVICE, KERNEL_DTYPES, check_against_oracle, random_adapters,
                       random_feature_ids, random_scaling, random_space, requires_cuda)
+from flix_kernels.reference import flix_linear_reference
 from flix_kernels.backends import BackendUnavailableError, get_backend, torch_backend, triton_backend
 from flix_kernels.triton import launch
 
@@ -265,7 +266,8 @@ def _two_layer_model(space, backend="triton"):
     ).to(DEVICE)
 
 
-def test_torch_compile_fullgraph_matches_eager_without_recompiling(seed):
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_matches_eager_without_recompiling(seed, compiler):
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(seed)
     space = _space()
@@ -274,7 +276,7 @@ def test_torch_compile_fullgraph_matches_eager_without_recompiling(seed):
     for m in model:
         if isinstance(m, fk.FLixLinear):
             torch.nn.init.normal_(m.lora_B)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
     for step in range(3):  # a new routing (same shapes) each step must reuse the graph
         routing = fk.Routing(random_feature_ids(space, 4, gen, p_absent=0.0), space)
         fk.set_routing(model, routing)
@@ -331,24 +333,31 @@ def test_errors(monkeypatch):
 # GPU only
 # ---------------------------------------------------------------------------------------------
 @requires_cuda
-@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)], ids=["bf16", "fp32"])
-def test_large_shapes_relative_error(seed, dtype, tol):
-    """in/out 4096, T = 8192, 64 features in two groups, rank 16: relative error vs float64."""
-    torch.backends.cuda.matmul.allow_tf32 = False
+@pytest.mark.parametrize("dtype,tol,L", [(torch.bfloat16, 1e-2, 4096), (torch.float32, 1e-5, 1024)],
+                         ids=["bf16-T32k", "fp32-T8k"])
+def test_large_shapes_relative_error(seed, dtype, tol, L, monkeypatch):
+    """in/out 4096, 64 features in two groups, rank 16, T up to 32k: error vs the float64 oracle
+    (fp32 without tf32), output and all gradients."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     gen = torch.Generator().manual_seed(seed)
     space = fk.FeatureSpace({"language": [f"l{i}" for i in range(56)], "task": [f"t{i}" for i in range(8)]}, 16)
     ids = torch.stack([torch.randint(0, 56, (8,), generator=gen), torch.randint(56, 64, (8,), generator=gen)], 1)
     routing = fk.Routing(ids, space)
     d = 4096
-    x64 = torch.randn(8, 1024, d, generator=gen, dtype=torch.float64).cuda()
+    x64 = torch.randn(8, L, d, generator=gen, dtype=torch.float64).cuda()
     W64 = torch.randn(d, d, generator=gen, dtype=torch.float64).cuda() / d**0.5
     A64 = torch.randn(space.total_rank, d, generator=gen, dtype=torch.float64).cuda() / d**0.5
     B64 = torch.randn(d, space.total_rank, generator=gen, dtype=torch.float64).cuda() / 4
-    out = fk.flix_linear(x64.to(dtype), W64.to(dtype), None, A64.to(dtype), B64.to(dtype), routing, scaling=0.5,
-                         backend="triton")
-    ref = fk.flix_linear(x64, W64, None, A64, B64, routing, scaling=0.5, backend="torch")
-    rel = ((out.double() - ref).norm() / ref.norm()).item()
-    assert rel < tol, rel
+    gy = torch.randn(8, L, d, generator=gen, dtype=torch.float64).cuda()
+    leaves = [t.to(dtype).requires_grad_() for t in (x64, A64, B64)]
+    out = fk.flix_linear(leaves[0], W64.to(dtype), None, leaves[1], leaves[2], routing, scaling=0.5, backend="triton")
+    got = [out, *torch.autograd.grad(out, leaves, gy.to(dtype))]
+    leaves64 = [t.clone().requires_grad_() for t in (x64, A64, B64)]
+    ref = flix_linear_reference(leaves64[0], W64, None, leaves64[1], leaves64[2], ids, space.rank_offsets, 0.5)
+    want = [ref, *torch.autograd.grad(ref, leaves64, gy)]
+    for name, g, w in zip(("y", "dx", "dA", "dB"), got, want):
+        rel = ((g.double() - w).norm() / w.norm()).item()
+        assert rel < tol, f"{name}: relative error {rel:.3g}"
 
 
 @requires_cuda

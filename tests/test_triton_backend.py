@@ -277,6 +277,7 @@ def test_torch_compile_fullgraph_matches_eager_without_recompiling(seed, compile
         if isinstance(m, fk.FLixLinear):
             torch.nn.init.normal_(m.lora_B)
     compiled = torch.compile(model, fullgraph=True, backend=compiler)
+    tol = dict(rtol=1e-4, atol=1e-4)  # inductor fuses and reorders the GELU and reductions
     for step in range(3):  # a new routing (same shapes) each step must reuse the graph
         routing = fk.Routing(random_feature_ids(space, 4, gen, p_absent=0.0), space)
         fk.set_routing(model, routing)
@@ -285,13 +286,13 @@ def test_torch_compile_fullgraph_matches_eager_without_recompiling(seed, compile
         with ctx:
             got = compiled(x)
         want = model(x)
-        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got, want, **tol)
         got.sum().backward()
         g_compiled = [p.grad.clone() for p in model.parameters() if p.requires_grad]
         model.zero_grad()
         want.sum().backward()
         for a, b in zip(g_compiled, (p.grad for p in model.parameters() if p.requires_grad)):
-            torch.testing.assert_close(a, b)
+            torch.testing.assert_close(a, b, **tol)
         model.zero_grad()
 
 

@@ -42,7 +42,12 @@ class KernelMetadata:
     * ``feature_rank`` ``(F,)`` and ``rank_offsets`` ``(F + 1,)``: the feature space.
     * ``cu_seqlens`` ``(B + 1,)`` for packed routings, else None; ``max_length`` the longest
       packed example (host int); ``max_pair_rank`` the largest rank of a feature in the batch,
-      ``max_feature_rank`` of the space.
+      ``max_feature_rank`` of the space; ``present_features`` ``(F_p,)`` the features the batch
+      uses (its length matters to the kernels' launch plan).
+
+    Every batch-dependent size is a tensor dimension marked dynamic for ``torch.compile``, so
+    a new batch with other sizes does not recompile a compiled model; ``max_length`` is
+    rounded up to a power of two for the same reason (it only bounds a launch grid).
     """
 
     device: torch.device
@@ -58,6 +63,7 @@ class KernelMetadata:
     max_length: int
     max_pair_rank: int
     max_feature_rank: int
+    present_features: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -143,7 +149,7 @@ class Routing:
         self._build_slots()
         self._layouts: dict[tuple, TokenLayout] = {}
         self._cache: dict[Hashable, object] = {}
-        self._kernel_meta: KernelMetadata | None = None  # the most recent device's, see kernel_metadata
+        self._kernel_meta: dict[str, KernelMetadata] = {}  # by device string ("cuda:0"), see kernel_metadata
 
     # -- validation -------------------------------------------------------------------------
     @staticmethod
@@ -220,22 +226,30 @@ class Routing:
 
         Layers do it on first use; call it (or :func:`flix_kernels.set_routing`, which does)
         before a ``torch.compile(fullgraph=True)`` model or a CUDA-graph capture runs, so the
-        compiled or captured region only reads prebuilt tensors."""
+        compiled or captured region only reads prebuilt tensors. Call it once per device when
+        a model spans several."""
         self.kernel_metadata(torch.device(device))
         return self
 
+    @staticmethod
+    def _device_key(device: torch.device) -> str:
+        # "cuda" and "cuda:0" are the same device for a tensor that lives there.
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return str(device)
+
     def kernel_metadata(self, device: torch.device) -> KernelMetadata:
         """:class:`KernelMetadata` on ``device`` (built on first request, then cached)."""
-        meta = self._kernel_meta
-        if meta is not None and meta.device == device:
+        key = self._device_key(device)
+        meta = self._kernel_meta.get(key)
+        if meta is not None:
             return meta
         if torch.compiler.is_compiling():
             raise RuntimeError(
-                f"the routing's kernel metadata for {device} is not built; call routing.to({str(device)!r}) "
+                f"the routing's kernel metadata for {key} is not built; call routing.to({key!r}) "
                 "or flix_kernels.set_routing(model, routing) before running the compiled model"
             )
-        meta = self.cached(("kernel_metadata", device), lambda: self._build_kernel_metadata(device))
-        self._kernel_meta = meta
+        meta = self._kernel_meta[key] = self._build_kernel_metadata(torch.device(key))
         return meta
 
     def _build_kernel_metadata(self, device: torch.device) -> KernelMetadata:
@@ -252,11 +266,11 @@ class Routing:
         start = torch.zeros(F + 1, dtype=torch.long)
         start[1:] = torch.bincount(feat, minlength=F).cumsum(0)
         if self.cu_seqlens is not None and self.num_examples:
-            max_length = int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
+            max_length = 1 << (int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max()) - 1).bit_length()
         else:
             max_length = 0
         i32 = dict(device=device, dtype=torch.int32)
-        return KernelMetadata(
+        meta = KernelMetadata(
             device=device,
             slot_rank=self.slot_rank_index.to(**i32),
             slot_feature=torch.where(self.slot_valid, self.slot_feature, -1).to(**i32),
@@ -270,7 +284,14 @@ class Routing:
             max_length=max_length,
             max_pair_rank=int(ranks[feat].max()) if feat.numel() else 0,
             max_feature_rank=int(ranks.max()) if F else 0,
+            present_features=(start[1:] > start[:-1]).nonzero().flatten().to(**i32),
         )
+        for t in (meta.slot_rank, meta.slot_feature, meta.pair_example, meta.pair_slot, meta.pair_feature,
+                  meta.present_features, meta.cu_seqlens):
+            if t is not None:
+                for dim in range(t.dim()):
+                    torch._dynamo.maybe_mark_dynamic(t, dim)
+        return meta
 
     # -- queries ------------------------------------------------------------------------------
     def features_of(self, example: int) -> list[int]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import flix_kernels as fk
-from conftest import (DEVICE, KERNEL_DTYPES, check_against_oracle, random_adapters,
+from conftest import (DEVICE, KERNEL_DTYPES, assert_close, check_against_oracle, oracle, random_adapters,
                       random_feature_ids, random_scaling, random_space, requires_cuda)
 from flix_kernels.reference import flix_linear_reference
 from flix_kernels.backends import BackendUnavailableError, get_backend, torch_backend, triton_backend
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(triton_backend.unavailable_reason(DEVICE) is not
 SMALL_TILES = {
     "shrink": dict(BLOCK_T=16, BLOCK_R=16, BLOCK_K=16, splits=3),
     "expand": dict(BLOCK_T=16, BLOCK_N=16, BLOCK_R=16, BLOCK_K=16),
-    "rank_outer": dict(BLOCK_T=16, BLOCK_N=16, target_programs=10**6),
+    "rank_outer": dict(BLOCK_T=16, BLOCK_N=16, target_programs=10**6, force_split=True),
 }
 
 
@@ -156,25 +156,37 @@ def test_mixed_precision_fp16_activations_fp32_adapters(seed):
     routing, ids, x, A, Bm = _case(gen, _space(), 3, (3, 4), 24, 20, torch.float16, lora_dtype=torch.float32)
     W, b = _base(gen, 24, 20, torch.float16)
     xs, As, Bs = (t.clone().requires_grad_() for t in (x, A, Bm))
+    xr, Ar, Br = (t.clone().requires_grad_() for t in (x, A, Bm))
     out = fk.flix_linear(xs, W, b, As, Bs, routing, scaling=0.5, backend="triton")
-    ref = fk.flix_linear(*(t.clone().requires_grad_() for t in (x,)), W, b, A, Bm, routing, scaling=0.5, backend="torch")
+    ref = fk.flix_linear(xr, W, b, Ar, Br, routing, scaling=0.5, backend="torch")
     assert out.dtype == torch.float16
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-3, atol=2e-3)
-    out.float().sum().backward()
+    gy = torch.randn(out.shape, generator=gen).to(DEVICE, torch.float16)
+    out.backward(gy)
+    ref.backward(gy)
     assert As.grad.dtype == torch.float32 and xs.grad.dtype == torch.float16
+    for got, want in ((xs.grad, xr.grad), (As.grad, Ar.grad), (Bs.grad, Br.grad)):
+        torch.testing.assert_close(got.float(), want.float(), rtol=5e-3, atol=5e-3)
 
 
 def test_strided_input_and_broadcast_output_gradient(seed):
-    """x a transposed view, and dy with zero strides (the gradient of out.sum())."""
+    """x with a column stride of 2 (a slice), and dy with zero strides (the gradient of out.sum())."""
     gen = torch.Generator().manual_seed(seed)
-    routing, ids, x, A, Bm = _case(gen, _space(), 2, (2, 5), 13, 10, torch.float32)
-    x = x.transpose(0, 1).contiguous().transpose(0, 1)  # (2, 5, 13) with non-standard strides
-    assert not x.is_contiguous()
+    routing, ids, x, A, Bm = _case(gen, _space(), 2, (2, 5), 26, 10, torch.float32)
+    x = x[..., ::2]  # (2, 5, 13), strides (130, 26, 2): flattening keeps a column stride of 2
+    assert x.reshape(10, 13).stride() == (26, 2)
     W, b = _base(gen, 13, 10, torch.float32)
-    ones = torch.ones(2, 5, 10, dtype=torch.float64)
+    A = A[:, :13].contiguous()
+    xs, As, Bs = (t.detach().clone().requires_grad_() for t in (x, A, Bm))
+    xs = x.detach().requires_grad_()
     with launch_overrides():
-        check_against_oracle(x, A, Bm, routing, ids, routing.space, 0.5, backend="triton", weight=W, bias=b,
-                             grad_out=ones)
+        out = fk.flix_linear(xs, W, b, As, Bs, routing, scaling=0.5, backend="triton")
+        out.sum().backward()  # dy = ones expanded: strides (0, 0)
+    ref, leaves = oracle(x, A, Bm, ids, routing.space, 0.5, torch.float64, weight=W, bias=b)
+    xo, Ao, Bo = leaves[:3]
+    ref.sum().backward()
+    for got, want in ((out, ref), (xs.grad, xo.grad), (As.grad, Ao.grad), (Bs.grad, Bo.grad)):
+        assert_close(got.cpu(), want, torch.float32, scale=4)
 
 
 def _generator_seed(seed: int) -> torch.Tensor:
@@ -183,15 +195,16 @@ def _generator_seed(seed: int) -> torch.Tensor:
     return torch.randint(0, 2**31 - 1, (1,), device=DEVICE, dtype=torch.int64, generator=g)
 
 
-@pytest.mark.parametrize("with_base", [False, True])
-def test_dropout_matches_oracle_with_the_regenerated_mask(seed, with_base):
+@pytest.mark.parametrize("with_base,fuse_base", [(False, False), (True, False), (True, True)],
+                         ids=["delta", "cublas+expand", "fused_base"])
+def test_dropout_matches_oracle_with_the_regenerated_mask(seed, with_base, fuse_base):
     gen = torch.Generator().manual_seed(seed)
     routing, ids, x, A, Bm = _case(gen, _space(), 3, (3, 6), 33, 17, torch.float32)
     W, b = _base(gen, 33, 17, torch.float32) if with_base else (None, None)
     p = 0.3
     mask = launch.keep_mask(_generator_seed(seed), 18, 33, p).view(3, 6, 33)
     assert 0 < mask.sum() < mask.numel()
-    with launch_overrides():
+    with launch_overrides(SMALL_TILES, fuse_base=fuse_base):
         check_against_oracle(x, A, Bm, routing, ids, routing.space, 0.9, backend="triton", weight=W, bias=b,
                              dropout_p=p, generator=torch.Generator(DEVICE).manual_seed(seed), dropout_mask=mask)
 
@@ -255,15 +268,21 @@ def test_opcheck_custom_ops(seed):
     args = (x.view(6, 8).requires_grad_(), W, b, A.requires_grad_(), Bm.requires_grad_(), meta.slot_rank,
             meta.slot_feature, meta.cu_seqlens, meta.pair_example, meta.pair_slot, meta.pair_feature,
             meta.feature_pair_start, meta.feature_rank, meta.rank_offsets, None, 0.5, 3, 3, meta.max_pair_rank,
-            meta.max_feature_rank, 0.0, None, False)
+            meta.max_feature_rank, meta.present_features, 0.0, None, False)
     torch.library.opcheck(torch.ops.flix_kernels.lora_forward.default, args)
 
 
 def _two_layer_model(space, backend="triton"):
-    return torch.nn.Sequential(
+    """Two FLix layers with random (non-zero) lora_B, so every update and gradient is non-zero."""
+    model = torch.nn.Sequential(
         fk.FLixLinear(12, 16, space, init="gaussian", backend=backend), torch.nn.GELU(),
         fk.FLixLinear(16, 8, space, init="gaussian", backend=backend),
     ).to(DEVICE)
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, fk.FLixLinear):
+                m.lora_B.normal_()
+    return model
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
@@ -273,9 +292,6 @@ def test_torch_compile_fullgraph_matches_eager_without_recompiling(seed, compile
     space = _space()
     torch.manual_seed(seed)
     model = _two_layer_model(space)
-    for m in model:
-        if isinstance(m, fk.FLixLinear):
-            torch.nn.init.normal_(m.lora_B)
     compiled = torch.compile(model, fullgraph=True, backend=compiler)
     tol = dict(rtol=1e-4, atol=1e-4)  # inductor fuses and reorders the GELU and reductions
     for step in range(3):  # a new routing (same shapes) each step must reuse the graph
@@ -428,7 +444,6 @@ def test_activation_checkpointing_with_dropout_replays_the_same_mask(seed, reent
     for m in model:
         if isinstance(m, fk.FLixLinear):
             m.dropout = 0.25
-            torch.nn.init.normal_(m.lora_B)
     routing = fk.Routing(random_feature_ids(space, 3, gen), space)
     x = torch.randn(3, 6, 12, generator=gen).to(DEVICE).requires_grad_()
     grads = []

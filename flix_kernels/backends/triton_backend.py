@@ -73,7 +73,7 @@ def lora_forward(
     pair_example: Tensor, pair_slot: Tensor, pair_feature: Tensor, feature_pair_start: Tensor,
     feature_rank: Tensor, rank_offsets: Tensor,
     scaling: Optional[Tensor], scale: float, seq_len: int, max_len: int, max_pair_rank: int,
-    max_feature_rank: int, dropout_p: float, seed: Optional[Tensor], fuse_base: bool,
+    max_feature_rank: int, present_features: Tensor, dropout_p: float, seed: Optional[Tensor], fuse_base: bool,
 ) -> tuple[Tensor, Tensor]:
     """``(y, h)``: y ``(T, out)`` = base (if weight) + FLix update; h ``(T, R_max)`` fp32."""
     cdt = lora_A.dtype
@@ -121,7 +121,7 @@ def lora_backward(
     pair_example: Tensor, pair_slot: Tensor, pair_feature: Tensor, feature_pair_start: Tensor,
     feature_rank: Tensor, rank_offsets: Tensor,
     scaling: Optional[Tensor], scale: float, seq_len: int, max_len: int, max_pair_rank: int,
-    max_feature_rank: int, dropout_p: float, seed: Optional[Tensor], fuse_base: bool,
+    max_feature_rank: int, present_features: Tensor, dropout_p: float, seed: Optional[Tensor], fuse_base: bool,
     need_dx: bool, need_dA: bool, need_dB: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dA, dB)`` of the FLix update (+ ``dy W`` in dx when weight is given); empty
@@ -129,7 +129,7 @@ def lora_backward(
     cdt = lora_A.dtype
     T, K = x.shape
     meta = _Meta(slot_rank, slot_feature, cu_seqlens, pair_example, pair_slot, pair_feature, feature_pair_start,
-                 feature_rank, rank_offsets, max_pair_rank, max_feature_rank)
+                 feature_rank, rank_offsets, max_pair_rank, max_feature_rank, present_features.shape[0])
     g = None
     if need_dx or need_dA:
         g = launch.shrink(dy, lora_B, lora_B.stride(1), lora_B.stride(0), slot_rank, slot_feature, cu_seqlens,
@@ -175,27 +175,27 @@ class _Meta:
     """The metadata fields :func:`launch.weight_grad` reads, rebuilt from op arguments."""
 
     def __init__(self, slot_rank, slot_feature, cu_seqlens, pair_example, pair_slot, pair_feature,
-                 feature_pair_start, feature_rank, rank_offsets, max_pair_rank, max_feature_rank):
+                 feature_pair_start, feature_rank, rank_offsets, max_pair_rank, max_feature_rank, num_present_features):
         self.slot_rank, self.slot_feature, self.cu_seqlens = slot_rank, slot_feature, cu_seqlens
         self.pair_example, self.pair_slot, self.pair_feature = pair_example, pair_slot, pair_feature
         self.feature_pair_start, self.feature_rank, self.rank_offsets = feature_pair_start, feature_rank, rank_offsets
         self.max_pair_rank, self.max_feature_rank = max_pair_rank, max_feature_rank
+        self.num_present_features = num_present_features
         self.device = slot_rank.device
 
 
-_FWD_TENSORS = ("x", "weight", "bias", "lora_A", "lora_B", "slot_rank", "slot_feature", "cu_seqlens",
-                "pair_example", "pair_slot", "pair_feature", "feature_pair_start", "feature_rank", "rank_offsets",
-                "scaling")
-_FWD_SCALARS = ("scale", "seq_len", "max_len", "max_pair_rank", "max_feature_rank", "dropout_p", "seed",
-                "fuse_base")
+_FWD_ARGS = ("x", "weight", "bias", "lora_A", "lora_B", "slot_rank", "slot_feature", "cu_seqlens",
+             "pair_example", "pair_slot", "pair_feature", "feature_pair_start", "feature_rank", "rank_offsets",
+             "scaling", "scale", "seq_len", "max_len", "max_pair_rank", "max_feature_rank", "present_features",
+             "dropout_p", "seed", "fuse_base")
 
 
 def _setup_context(ctx, inputs, output):
-    named = dict(zip(_FWD_TENSORS + _FWD_SCALARS, inputs))
+    named = dict(zip(_FWD_ARGS, inputs))
     _, h = output
     saved = [named[n] for n in ("x", "weight", "lora_A", "lora_B", "slot_rank", "slot_feature", "cu_seqlens",
                                 "pair_example", "pair_slot", "pair_feature", "feature_pair_start", "feature_rank",
-                                "rank_offsets", "scaling", "seed")]
+                                "rank_offsets", "scaling", "seed", "present_features")]
     ctx.save_for_backward(h, *saved)
     ctx.scalars = tuple(named[n] for n in ("scale", "seq_len", "max_len", "max_pair_rank", "max_feature_rank",
                                            "dropout_p"))
@@ -204,17 +204,18 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, dh):
-    (h, x, weight, lora_A, lora_B, slot_rank, slot_feature, cu, pe, ps, pf, fps, fr, ro, scaling, seed) = ctx.saved_tensors
+    (h, x, weight, lora_A, lora_B, slot_rank, slot_feature, cu, pe, ps, pf, fps, fr, ro, scaling, seed,
+     present) = ctx.saved_tensors
     scale, seq_len, max_len, max_pair_rank, max_feature_rank, dropout_p = ctx.scalars
     need = ctx.needs_input_grad
     need_dx, need_dW, need_db, need_dA, need_dB = need[0], need[1], need[2], need[3], need[4]
     dx, dA, dB = torch.ops.flix_kernels.lora_backward(
         dy, x, weight, lora_A, lora_B, h, slot_rank, slot_feature, cu, pe, ps, pf, fps, fr, ro, scaling,
-        scale, seq_len, max_len, max_pair_rank, max_feature_rank, dropout_p, seed, ctx.fuse_base,
+        scale, seq_len, max_len, max_pair_rank, max_feature_rank, present, dropout_p, seed, ctx.fuse_base,
         need_dx, need_dA, need_dB)
     dW = (dy.t() @ x).to(weight.dtype) if need_dW else None
     db = dy.sum(0).to(weight.dtype) if (need_db and ctx.has_bias) else None
-    return (dx if need_dx else None, dW, db, dA if need_dA else None, dB if need_dB else None) + (None,) * 18
+    return (dx if need_dx else None, dW, db, dA if need_dA else None, dB if need_dB else None) + (None,) * 19
 
 
 lora_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -250,7 +251,7 @@ def _run(x, weight, bias, lora_A, lora_B, routing: Routing, scaling, dropout_p, 
         x2d, weight, bias, lora_A, lora_B, meta.slot_rank, meta.slot_feature, cu,
         meta.pair_example, meta.pair_slot, meta.pair_feature, meta.feature_pair_start, meta.feature_rank,
         meta.rank_offsets, scale_t, scale_f, seq_len, max_len, meta.max_pair_rank,
-        meta.max_feature_rank, float(dropout_p), seed, bool(FUSE_BASE and weight is not None))
+        meta.max_feature_rank, meta.present_features, float(dropout_p), seed, bool(FUSE_BASE and weight is not None))
     return y.view(*x.shape[:-1], out_f)
 
 

@@ -266,14 +266,15 @@ def weight_grad(Lmat, Rmat, G, stride_gr, stride_gn, meta, seq_len, max_len, com
         tiles_n = triton.cdiv(N, BN)
         common = dict(IS_PACKED=cu is not None, HAS_DROPOUT=seed is not None, COMPUTE_DTYPE=tl_dtype(compute_dtype),
                       PRECISION=precision(compute_dtype), BLOCK_T=BT, BLOCK_N=BN, **_launch_opts(cfg))
-        # Token chunks per pair: enough programs to fill the device, at least BLOCK_T tokens
-        # each, and a workspace within budget.
-        want = triton.cdiv(cfg["target_programs"], max(P * tiles_n, 1))
-        chunks = max(1, min(want, triton.cdiv(max_len, BT)))
+        # Owner path when one program per (present feature, n-tile) fills the device (no
+        # workspace); else split: one program per (pair, token chunk, n-tile), at least
+        # BLOCK_T tokens per chunk, within the workspace budget, then a fixed-order reduction.
+        owner = meta.num_present_features * tiles_n >= cfg["target_programs"]
+        chunks = max(1, min(triton.cdiv(cfg["target_programs"], max(P * tiles_n, 1)), triton.cdiv(max_len, BT)))
         chunks = min(chunks, WORKSPACE_BYTES // max(max(P, 1) * BRK * N * 4, 1))
-        if chunks <= 1 or P == 0 or T == 0:
-            # Enough parallelism without splitting: each (feature, n-tile) program owns its
-            # output and walks the feature's tokens. No workspace.
+        if cfg.get("force_split"):
+            owner = False
+        if owner or chunks < 1 or P == 0 or T == 0:
             brk = min(BRK, 64)
             kernels.rank_grad_kernel[(F, tiles_n, triton.cdiv(meta.max_feature_rank, brk))](
                 Lmat, Rmat, G, meta.feature_pair_start, meta.pair_example, meta.pair_slot, meta.rank_offsets,

@@ -120,3 +120,43 @@ def test_device_metadata_is_built_once_per_routing():
     calls = []
     first = r.cached("k", lambda: calls.append(1) or object())
     assert r.cached("k", lambda: calls.append(1) or object()) is first and calls == [1]
+
+
+def test_kernel_metadata_lists_every_example_feature_pair_by_feature(seed):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(20):
+        s = random_space(gen)
+        B = int(torch.randint(0, 9, (), generator=gen))
+        ids = random_feature_ids(s, B, gen)
+        r = fk.Routing(ids, s)
+        m = r.kernel_metadata(torch.device("cpu"))
+        pairs = list(zip(m.pair_feature.tolist(), m.pair_example.tolist(), m.pair_slot.tolist()))
+        assert pairs == sorted(pairs)  # by feature, then example
+        expected = set()
+        for b in range(B):
+            offset = 0
+            for k in ids[b].tolist():
+                if k >= 0:
+                    expected.add((k, b, offset))
+                    # the pair's slots are the feature's rank rows, in order
+                    rows = m.slot_rank[b, offset:offset + s.ranks[k]].tolist()
+                    assert rows == list(range(s.rank_offsets[k], s.rank_offsets[k + 1]))
+                    assert set(m.slot_feature[b, offset:offset + s.ranks[k]].tolist()) == {k}
+                    offset += s.ranks[k]
+            assert (m.slot_feature[b, offset:] == -1).all()
+        assert set(pairs) == expected
+        start = m.feature_pair_start.tolist()
+        for k in range(s.num_features):
+            assert all(f == k for f, _, _ in pairs[start[k]:start[k + 1]])
+        assert m.present_features.tolist() == sorted({k for k, _, _ in expected})
+        assert m.max_pair_rank == max((s.ranks[k] for k, _, _ in expected), default=0)
+
+
+def test_kernel_metadata_is_built_once_per_device_and_packed_length_bucketed():
+    r = fk.Routing([[0, 3, 5], [1, -1, 5]], space(), cu_seqlens=[0, 5, 12])
+    assert r.to("cpu") is r
+    cpu = r.kernel_metadata(torch.device("cpu"))
+    meta = r.kernel_metadata(torch.device("meta"))
+    assert meta.device.type == "meta" and r.kernel_metadata(torch.device("cpu")) is cpu
+    assert cpu.max_length == 8  # longest example 7, rounded up to a power of two
+    assert cpu.cu_seqlens.tolist() == [0, 5, 12] and cpu.cu_seqlens.dtype == torch.int32

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..routing import Routing
+from ..routing import KernelMetadata, Routing
 
 try:  # Triton is optional (no wheels for some platforms); the backend reports why it is off.
     import triton  # noqa: F401
@@ -128,8 +128,11 @@ def lora_backward(
     tensors for the gradients not asked for."""
     cdt = lora_A.dtype
     T, K = x.shape
-    meta = _Meta(slot_rank, slot_feature, cu_seqlens, pair_example, pair_slot, pair_feature, feature_pair_start,
-                 feature_rank, rank_offsets, max_pair_rank, max_feature_rank, present_features.shape[0])
+    meta = KernelMetadata(
+        device=slot_rank.device, slot_rank=slot_rank, slot_feature=slot_feature, pair_example=pair_example,
+        pair_slot=pair_slot, pair_feature=pair_feature, feature_pair_start=feature_pair_start,
+        feature_rank=feature_rank, rank_offsets=rank_offsets, cu_seqlens=cu_seqlens, max_length=max_len,
+        max_pair_rank=max_pair_rank, max_feature_rank=max_feature_rank, present_features=present_features)
     g = None
     if need_dx or need_dA:
         g = launch.shrink(dy, lora_B, lora_B.stride(1), lora_B.stride(0), slot_rank, slot_feature, cu_seqlens,
@@ -169,19 +172,6 @@ def _(dy, x, weight, lora_A, lora_B, h, *args):
     return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
             torch.empty_like(lora_A) if need_dA else x.new_empty(0),
             torch.empty_like(lora_B) if need_dB else x.new_empty(0))
-
-
-class _Meta:
-    """The metadata fields :func:`launch.weight_grad` reads, rebuilt from op arguments."""
-
-    def __init__(self, slot_rank, slot_feature, cu_seqlens, pair_example, pair_slot, pair_feature,
-                 feature_pair_start, feature_rank, rank_offsets, max_pair_rank, max_feature_rank, num_present_features):
-        self.slot_rank, self.slot_feature, self.cu_seqlens = slot_rank, slot_feature, cu_seqlens
-        self.pair_example, self.pair_slot, self.pair_feature = pair_example, pair_slot, pair_feature
-        self.feature_pair_start, self.feature_rank, self.rank_offsets = feature_pair_start, feature_rank, rank_offsets
-        self.max_pair_rank, self.max_feature_rank = max_pair_rank, max_feature_rank
-        self.num_present_features = num_present_features
-        self.device = slot_rank.device
 
 
 _FWD_ARGS = ("x", "weight", "bias", "lora_A", "lora_B", "slot_rank", "slot_feature", "cu_seqlens",
@@ -242,9 +232,7 @@ def _run(x, weight, bias, lora_A, lora_B, routing: Routing, scaling, dropout_p, 
         x, weight = x.to(dt), weight.to(dt)
         bias = None if bias is None else bias.to(dt)
     x2d = x.reshape(T, in_f)
-    seed = None
-    if dropout_p > 0:
-        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64, generator=generator)
+    seed = draw_seed(x.device, generator) if dropout_p > 0 else None
     scale_t = scaling if torch.is_tensor(scaling) else None
     scale_f = 0.0 if torch.is_tensor(scaling) else float(scaling)
     y, _ = torch.ops.flix_kernels.lora_forward(
@@ -253,6 +241,12 @@ def _run(x, weight, bias, lora_A, lora_B, routing: Routing, scaling, dropout_p, 
         meta.rank_offsets, scale_t, scale_f, seq_len, max_len, meta.max_pair_rank,
         meta.max_feature_rank, meta.present_features, float(dropout_p), seed, bool(FUSE_BASE and weight is not None))
     return y.view(*x.shape[:-1], out_f)
+
+
+def draw_seed(device: torch.device, generator: Optional[torch.Generator] = None) -> Tensor:
+    """The dropout seed of one call: a (1,) int64 tensor on ``device`` (no host sync, so a
+    CUDA graph replays a fresh draw from the device generator)."""
+    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64, generator=generator)
 
 
 def delta(x, lora_A, lora_B, routing, scaling, dropout_p, generator):

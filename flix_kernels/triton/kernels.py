@@ -48,6 +48,17 @@ def _example_of(t, cu_ptr, B, seq_len, IS_PACKED: tl.constexpr, SEARCH_STEPS: tl
 
 
 @triton.jit
+def _token_tile(pid_t, T, cu_ptr, B, seq_len, IS_PACKED: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+                BLOCK_T: tl.constexpr):
+    """Tokens of tile ``pid_t`` and the first and last example they belong to."""
+    t0 = pid_t * BLOCK_T
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    e_first = _example_of(t0, cu_ptr, B, seq_len, IS_PACKED, SEARCH_STEPS)
+    e_last = _example_of(tl.minimum(t0 + BLOCK_T, T) - 1, cu_ptr, B, seq_len, IS_PACKED, SEARCH_STEPS)
+    return offs_t, e_first, e_last
+
+
+@triton.jit
 def _token_range(e, cu_ptr, seq_len, IS_PACKED: tl.constexpr):
     if IS_PACKED:
         start = tl.load(cu_ptr + e)
@@ -90,12 +101,9 @@ def shrink_kernel(
     COMPUTE_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
-    t0 = pid_t * BLOCK_T
-    t_last = tl.minimum(t0 + BLOCK_T, T) - 1
-    offs_t = t0 + tl.arange(0, BLOCK_T)
+    offs_t, e_first, e_last = _token_tile(tl.program_id(0), T, cu_ptr, B, seq_len, IS_PACKED, SEARCH_STEPS, BLOCK_T)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_in = offs_r < R_slots
     k_begin = pid_s * k_per_split
@@ -103,8 +111,6 @@ def shrink_kernel(
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
     h_ptrs = H + pid_s.to(tl.int64) * stride_hs + offs_t.to(tl.int64)[:, None] * stride_ht + offs_r[None, :]
-    e_first = _example_of(t0, cu_ptr, B, seq_len, IS_PACKED, SEARCH_STEPS)
-    e_last = _example_of(t_last, cu_ptr, B, seq_len, IS_PACKED, SEARCH_STEPS)
     for e in range(e_first, e_last + 1):
         start, end = _token_range(e, cu_ptr, seq_len, IS_PACKED)
         rows = (offs_t >= start) & (offs_t < end) & (offs_t < T)
@@ -141,11 +147,8 @@ def expand_kernel(
     COMPUTE_DTYPE: tl.constexpr, BASE_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BASE_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    t0 = pid_t * BLOCK_T
-    t_last = tl.minimum(t0 + BLOCK_T, T) - 1
-    offs_t = t0 + tl.arange(0, BLOCK_T)
+    offs_t, e_first, e_last = _token_tile(tl.program_id(0), T, cu_ptr, B, seq_len, IS_PACKED, SEARCH_STEPS, BLOCK_T)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     t_in = offs_t < T
     n_in = offs_n < N
@@ -153,8 +156,6 @@ def expand_kernel(
 
     lora = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     active = 0
-    e_first = _example_of(t0, cu_ptr, B, seq_len, IS_PACKED, SEARCH_STEPS)
-    e_last = _example_of(t_last, cu_ptr, B, seq_len, IS_PACKED, SEARCH_STEPS)
     for e in range(e_first, e_last + 1):
         start, end = _token_range(e, cu_ptr, seq_len, IS_PACKED)
         rows = (offs_t >= start) & (offs_t < end) & t_in

@@ -269,7 +269,7 @@ def weight_grad(Lmat, Rmat, G, stride_gr, stride_gn, meta, seq_len, max_len, com
         # Owner path when one program per (present feature, n-tile) fills the device (no
         # workspace); else split: one program per (pair, token chunk, n-tile), at least
         # BLOCK_T tokens per chunk, within the workspace budget, then a fixed-order reduction.
-        owner = meta.num_present_features * tiles_n >= cfg["target_programs"]
+        owner = meta.present_features.shape[0] * tiles_n >= cfg["target_programs"]
         chunks = max(1, min(triton.cdiv(cfg["target_programs"], max(P * tiles_n, 1)), triton.cdiv(max_len, BT)))
         chunks = min(chunks, WORKSPACE_BYTES // max(max(P, 1) * BRK * N * 4, 1))
         if cfg.get("force_split"):

@@ -203,12 +203,18 @@ def test_model_output_matches_layer_by_layer_float64_oracle(seed, use_rslora):
 # routing
 # ---------------------------------------------------------------------------------------------
 
-def _routed_outputs(seed):
-    gen = torch.Generator().manual_seed(seed)
+def _adapted_mlp(seed, gen):
+    """tiny_mlp with FLix on every Linear and random (non-zero) adapters, and its space."""
     model = tiny_mlp(seed)
     space = make_space()
     fk.inject(model, space, target_modules="all-linear")
     randomize_adapters(model, gen)
+    return model, space
+
+
+def _routed_outputs(seed):
+    gen = torch.Generator().manual_seed(seed)
+    model, space = _adapted_mlp(seed, gen)
     x = torch.randn(4, 3, 12, generator=gen)
     r0 = uniform_routing(space, {"language": "en", "task": "qa"}, 4)
     r1 = uniform_routing(space, {"language": "sw", "task": "mt"}, 4)
@@ -492,10 +498,7 @@ def test_merge_gives_the_unmerged_output_and_unmerge_restores(seed, features):
 
 def test_forward_while_merged_with_another_feature_set_raises(seed):
     gen = torch.Generator().manual_seed(seed)
-    model = tiny_mlp(seed)
-    space = make_space()
-    fk.inject(model, space, target_modules="all-linear")
-    randomize_adapters(model, gen)
+    model, space = _adapted_mlp(seed, gen)
     x = torch.randn(3, 2, 12, generator=gen)
     fk.merge(model, {"language": "en", "task": "qa"})
     for features in ({"language": "en"}, {"language": "fr", "task": "qa"}, {"language": "en", "task": "mt"}):
@@ -512,10 +515,7 @@ def test_forward_while_merged_with_another_feature_set_raises(seed):
 
 def test_merging_twice_raises_and_leaves_one_merge(seed):
     gen = torch.Generator().manual_seed(seed)
-    model = tiny_mlp(seed)
-    space = make_space()
-    fk.inject(model, space, target_modules="all-linear")
-    randomize_adapters(model, gen)
+    model, space = _adapted_mlp(seed, gen)
     weights = _base_weights(model)
     fk.merge(model, {"language": "fr"})
     once = _base_weights(model)
@@ -562,9 +562,7 @@ def test_unmerge_restores_low_precision_weights_exactly(seed, dtype):
                                               ({}, "at least one feature")])
 def test_merge_with_unknown_or_empty_feature_set_raises_and_changes_nothing(seed, features, match):
     gen = torch.Generator().manual_seed(seed)
-    model = tiny_mlp(seed)
-    fk.inject(model, make_space(), target_modules="all-linear")
-    randomize_adapters(model, gen)
+    model, _ = _adapted_mlp(seed, gen)
     weights = _base_weights(model)
     with pytest.raises(ValueError, match=match):
         fk.merge(model, features)

@@ -10,13 +10,18 @@ def space():
                            {"language": 4, "task": 2, "domain": 3})
 
 
-def test_slots_are_the_concatenated_rank_rows_of_each_examples_features(seed):
+def random_routings(seed, count=20):
+    """``count`` (space, B, ids, routing) with random spaces, 0..8 examples, absent features."""
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(20):
+    for _ in range(count):
         s = random_space(gen)
         B = int(torch.randint(0, 9, (), generator=gen))
         ids = random_feature_ids(s, B, gen)
-        r = fk.Routing(ids, s)
+        yield s, B, ids, fk.Routing(ids, s)
+
+
+def test_slots_are_the_concatenated_rank_rows_of_each_examples_features(seed):
+    for s, B, ids, r in random_routings(seed):
         for b in range(B):
             feats = r.features_of(b)
             rows = [i for k in feats for i in range(s.rank_offsets[k], s.rank_offsets[k + 1])]
@@ -123,12 +128,7 @@ def test_device_metadata_is_built_once_per_routing():
 
 
 def test_kernel_metadata_lists_every_example_feature_pair_by_feature(seed):
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(20):
-        s = random_space(gen)
-        B = int(torch.randint(0, 9, (), generator=gen))
-        ids = random_feature_ids(s, B, gen)
-        r = fk.Routing(ids, s)
+    for s, B, ids, r in random_routings(seed):
         m = r.kernel_metadata(torch.device("cpu"))
         pairs = list(zip(m.pair_feature.tolist(), m.pair_example.tolist(), m.pair_slot.tolist()))
         assert pairs == sorted(pairs)  # by feature, then example

@@ -1,0 +1,131 @@
+// expand: Y[t, n] (= | +=) drop(sum_j H[t, j] * M[slot(e(t), j), n])
+//
+// One block per (tile of BM tokens, tile of BN output columns). As in shrink, a token tile that
+// straddles examples runs one pass per example over that example's slots, into one accumulator.
+// Accumulating into Y (the base output from cuBLAS, or dy W for the input gradient): a tile whose
+// tokens use no feature neither reads nor writes Y.
+#include "common.cuh"
+
+namespace flix {
+namespace {
+
+template <typename TC, int BM, int BN, int BK>
+struct ExpandTile {
+  static constexpr int LDA = BK + 8;  // As[t][j]
+  static constexpr int LDB = BK + 8;  // Bs[n][j]: B(j, n) = Bs[n * LDB + j]
+  static constexpr int LDC = BN + 4;
+  using Mma = BlockMma<TC, BM, BN, BK, LDA, 1, 1, LDB>;
+  using Smem = SharedTiles<(BM * LDA + BN * LDB) * sizeof(TC), BM * LDC * sizeof(float)>;
+};
+
+template <typename TA, typename TC, int BM, int BN, int BK>
+__global__ void __launch_bounds__(kThreads)
+    expand_kernel(const float* __restrict__ H, int64_t sht, const TC* __restrict__ M, int64_t smr, int64_t smn,
+                  TA* __restrict__ Y, int64_t syt, int64_t syn, int64_t T, int N, bool accumulate, Routing routing,
+                  Dropout dropout) {
+  using Tile = ExpandTile<TC, BM, BN, BK>;
+  __shared__ __align__(128) unsigned char smem[Tile::Smem::kBytes];
+  __shared__ int64_t h_row[BM];
+  __shared__ int64_t m_row[BK];
+  __shared__ int row_example[BM];
+  TC* As = reinterpret_cast<TC*>(smem);
+  TC* Bs = As + BM * Tile::LDA;
+  float* Cs = reinterpret_cast<float*>(smem);
+
+  const TokenMap map{routing.cu_seqlens, routing.num_examples, routing.seq_len};
+  const int R = routing.slots;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int n0 = blockIdx.y * BN;
+  const int ncols = min(BN, N - n0);
+
+  if (threadIdx.x < BM) {
+    const int64_t t = t0 + threadIdx.x;
+    row_example[threadIdx.x] = t < T ? map.example_of(t) : -1;
+  }
+  __syncthreads();
+  const int e_first = row_example[0];
+  const int e_last = row_example[static_cast<int>(min(static_cast<int64_t>(BM), T - t0)) - 1];
+
+  typename Tile::Mma mma;
+  mma.zero();
+  bool active = false;  // block-uniform: does any token of the tile use a feature?
+  for (int e = e_first; e <= e_last; ++e) {
+    int64_t start, end;
+    map.range(e, start, end);
+    if (start >= end) continue;
+    for (int j0 = 0; j0 < R; j0 += BK) {
+      if (routing.slot_feature[static_cast<int64_t>(e) * R + j0] < 0) break;  // the rest is padding
+      active = true;
+      __syncthreads();  // the previous pass is done with h_row / m_row and the tiles
+      if (threadIdx.x < BM) {
+        const int64_t t = t0 + threadIdx.x;
+        h_row[threadIdx.x] = (t < T && row_example[threadIdx.x] == e) ? t * sht + j0 : -1;
+      }
+      for (int j = threadIdx.x; j < BK; j += kThreads) {
+        const int64_t idx = static_cast<int64_t>(e) * R + j0 + j;
+        m_row[j] = (j0 + j < R && routing.slot_feature[idx] >= 0) ? routing.slot_rank[idx] * smr + n0 * smn : -1;
+      }
+      __syncthreads();
+      const int jn = min(BK, R - j0);
+      load_tile<BM, BK, Tile::LDA, 1>(As, H, h_row, 1, jn, NoTransform{});
+      load_tile<BK, BN, 1, Tile::LDB>(Bs, M, m_row, smn, ncols, NoTransform{});
+      __syncthreads();
+      mma.step(As, Bs);
+    }
+  }
+  if (accumulate && !active) return;  // whole block: Y keeps its values, unread
+  __syncthreads();                    // Cs reuses the operand tiles
+  mma.template store<Tile::LDC>(Cs);
+  __syncthreads();
+
+  const DropoutTransform drop = DropoutTransform::make(dropout);
+  for (int i = threadIdx.x; i < BM * BN; i += kThreads) {
+    const int r = i / BN, c = i % BN;
+    const int64_t t = t0 + r;
+    if (t >= T || c >= ncols) continue;
+    float v = drop.apply(Cs[r * Tile::LDC + c], t, n0 + c);
+    TA* y = Y + t * syt + static_cast<int64_t>(n0 + c) * syn;
+    if (accumulate) v += to_f32(*y);
+    *y = from_f32<TA>(v);
+  }
+}
+
+template <typename TA, typename TC, int BM, int BN, int BK>
+void launch(const Matrix& h, const Matrix& m, const Matrix& y, bool accumulate, const Routing& routing,
+            Dropout dropout, cudaStream_t stream) {
+  const int64_t T = y.rows;
+  const int N = static_cast<int>(y.cols);
+  const dim3 grid(static_cast<unsigned>((T + BM - 1) / BM), static_cast<unsigned>((N + BN - 1) / BN));
+  require(grid.y <= 65535, "flix_kernels._C.expand: too many output columns for one launch");
+  expand_kernel<TA, TC, BM, BN, BK><<<grid, kThreads, 0, stream>>>(
+      static_cast<const float*>(h.data), h.stride0, static_cast<const TC*>(m.data), m.stride0, m.stride1,
+      static_cast<TA*>(const_cast<void*>(y.data)), y.stride0, y.stride1, T, N, accumulate, routing, dropout);
+  check_launch("expand_kernel");
+}
+
+}  // namespace
+
+void expand(const Matrix& h, const Matrix& m, const Matrix& y, bool accumulate, const Routing& routing,
+            Dropout dropout, Tile tile, int device, uintptr_t stream) {
+  require(h.dtype == DType::f32 && h.stride1 == 1, "flix_kernels._C.expand: h must be fp32 with unit column stride");
+  require(h.rows == y.rows && h.cols == routing.slots, "flix_kernels._C.expand: h must be (T, slots)");
+  require(m.cols == y.cols && y.cols < (int64_t{1} << 31), "flix_kernels._C.expand: the factor and y disagree on N");
+  require(routing.slots >= 0 && routing.num_examples >= 0, "flix_kernels._C.expand: bad routing sizes");
+  if (y.rows == 0 || y.cols == 0 || (accumulate && routing.slots == 0)) return;
+  require(routing.num_examples > 0 && y.data != nullptr && routing.slot_rank != nullptr &&
+              routing.slot_feature != nullptr && (routing.slots == 0 || (h.data != nullptr && m.data != nullptr)),
+          "flix_kernels._C.expand: null pointer");
+  require(routing.cu_seqlens != nullptr || routing.seq_len > 0, "flix_kernels._C.expand: batched routing needs seq_len > 0");
+  DeviceGuard guard(device, "expand");
+  dispatch_dtypes(y.dtype, m.dtype, "expand", [&](auto act, auto compute) {
+    using TA = typename decltype(act)::type;
+    using TC = typename decltype(compute)::type;
+    if (tile == Tile::small) {
+      launch<TA, TC, 16, 64, 32>(h, m, y, accumulate, routing, dropout, as_stream(stream));
+    } else {
+      launch<TA, TC, 64, 128, 32>(h, m, y, accumulate, routing, dropout, as_stream(stream));
+    }
+  });
+}
+
+}  // namespace flix

@@ -1,0 +1,80 @@
+// The C++ interface of flix_kernels._C: launchers of the FLix CUDA kernels.
+//
+// Nothing here depends on PyTorch: the Python layer (flix_kernels/cuda/launch.py) validates the
+// tensors (device, dtype, shape, strides) and passes raw device pointers, sizes, strides (in
+// elements) and the CUDA stream to launch on. So one build works with any torch version.
+// Launchers check their arguments (std::invalid_argument -> ValueError) and every CUDA call
+// (std::runtime_error -> RuntimeError, naming the kernel).
+#pragma once
+#include <cstdint>
+
+namespace flix {
+
+enum class DType : int { f32 = 0, f16 = 1, bf16 = 2 };
+
+// A strided 2-D view of device memory: element (i, j) is at data + i * stride0 + j * stride1.
+struct Matrix {
+  const void* data = nullptr;
+  int64_t rows = 0, cols = 0;
+  int64_t stride0 = 0, stride1 = 0;
+  DType dtype = DType::f32;
+};
+
+// A batch's routing (flix_kernels.routing.KernelMetadata), int32 device tensors.
+struct Routing {
+  const int32_t* slot_rank = nullptr;     // (B, slots): row of lora_A / column of lora_B of each slot
+  const int32_t* slot_feature = nullptr;  // (B, slots): feature owning the slot, -1 = padding (slots are
+                                          // a valid prefix followed by padding)
+  const int32_t* cu_seqlens = nullptr;    // (B + 1,) for packed tokens; nullptr: example e owns
+                                          // tokens [e * seq_len, (e + 1) * seq_len)
+  int32_t num_examples = 0;               // B
+  int32_t slots = 0;                      // R_slots, the largest active rank of the batch
+  int32_t seq_len = 0;                    // tokens per example when not packed
+};
+
+// The (feature, example) pairs of the batch, sorted by feature then example.
+struct Pairs {
+  const int32_t* pair_example = nullptr;        // (P,)
+  const int32_t* pair_slot = nullptr;           // (P,) first slot of the pair's feature in the example
+  const int32_t* feature_pair_start = nullptr;  // (F + 1,)
+  const int32_t* rank_offsets = nullptr;        // (F + 1,)
+  int32_t num_features = 0;                     // F
+  int32_t max_feature_rank = 0;                 // largest rank of the feature space
+};
+
+struct Dropout {
+  const int64_t* seed = nullptr;  // (1,) device int64; nullptr = no dropout
+  float p = 0.0f;
+};
+
+enum class Tile : int { small = 0, large = 1 };  // 16-row tiles (decode, rank <= 16) or 64-row tiles
+
+// H (T, slots) fp32 = s_slot * drop(X) M_S^T, M_S the rank rows of each token's example.
+// X is (T, K) in the activation dtype, M the factor (R_total, K) in the compute dtype (for the input
+// gradient: lora_B^T). With splits > 1 the K range is cut into `splits` parts whose results go to
+// `workspace` (splits, T, slots) and are summed in a fixed order (deterministic).
+// scaling: per-feature fp32 scales (device, F) or nullptr to use `scale` for every feature.
+void shrink(const Matrix& x, const Matrix& m, float* h, float* workspace, int splits, const Routing& routing,
+            const float* scaling, float scale, Dropout dropout, Tile tile, int device, uintptr_t stream);
+
+// Y (T, N) (=, or += when accumulate) drop(H M_S) where M is (R_total, N) in the compute dtype
+// (lora_B^T, or lora_A for the input gradient) and Y is in the activation dtype. Tiles whose tokens
+// use no feature leave Y untouched when accumulating.
+void expand(const Matrix& h, const Matrix& m, const Matrix& y, bool accumulate, const Routing& routing,
+            Dropout dropout, Tile tile, int device, uintptr_t stream);
+
+// Rows of G (R_total, N) per feature k: G[k's rows, n] = sum over k's tokens t of L[t, slot_k + j] drop(R)[t, n].
+// L (T, slots) fp32 (h or the shrunk output gradient), R (T, N) in the activation dtype, G in the compute
+// dtype. chunks == 0: one program per (feature, column tile) owns its rows and walks the feature's tokens.
+// chunks > 0: each (example, chunk of `chunk` tokens, column tile) writes its own fp32 tile of `workspace`
+// (B, chunks, slots, N), then one program per (feature, column tile) adds them in a fixed order. Both are
+// deterministic (no atomics); features absent from the batch get zero rows.
+void weight_grad(const Matrix& l, const Matrix& r, const Matrix& g, const Routing& routing, const Pairs& pairs,
+                 float* workspace, int chunks, int chunk, Dropout dropout, Tile tile, int device, uintptr_t stream);
+
+// Build facts: target architectures, CUDA version, compiler.
+const char* build_archs();
+int cuda_runtime_version();  // the CUDA runtime this was built with (e.g. 13000)
+const char* compiler_version();
+
+}  // namespace flix

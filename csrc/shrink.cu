@@ -1,0 +1,158 @@
+// shrink: H[t, j] = s_j * sum_k drop(X)[t, k] * M[slot(e(t), j), k]   (fp32 out)
+//
+// One block per (tile of BM tokens, tile of BN slots, part of K). A token tile may straddle examples
+// (decode: one token per example); the block then runs one pass per example, loading only that
+// example's token rows (the others read as zero) and its own gathered rank rows, into one fp32
+// accumulator. X is read once in total; each example's rank rows once per token tile.
+#include "common.cuh"
+
+namespace flix {
+namespace {
+
+template <typename TC, int BM, int BN, int BK>
+struct ShrinkTile {
+  static constexpr int LDA = BK + 8;  // As[t][k]
+  static constexpr int LDB = BK + 8;  // Bs[j][k]: B(k, j) = Bs[j * LDB + k]
+  static constexpr int LDC = BN + 4;
+  using Mma = BlockMma<TC, BM, BN, BK, LDA, 1, 1, LDB>;
+  using Smem = SharedTiles<(BM * LDA + BN * LDB) * sizeof(TC), BM * LDC * sizeof(float)>;
+};
+
+template <typename TA, typename TC, int BM, int BN, int BK>
+__global__ void __launch_bounds__(kThreads)
+    shrink_kernel(const TA* __restrict__ X, int64_t sxt, int64_t sxk, int64_t T, int K, const TC* __restrict__ M,
+                  int64_t smr, int64_t smk, float* __restrict__ out, int64_t split_stride, int k_per_split,
+                  Routing routing, const float* __restrict__ scaling, float scale, Dropout dropout) {
+  using Tile = ShrinkTile<TC, BM, BN, BK>;
+  __shared__ __align__(128) unsigned char smem[Tile::Smem::kBytes];
+  __shared__ int64_t x_row[BM];
+  __shared__ int64_t m_row[BN];
+  __shared__ int row_example[BM];
+  TC* As = reinterpret_cast<TC*>(smem);
+  TC* Bs = As + BM * Tile::LDA;
+  float* Cs = reinterpret_cast<float*>(smem);
+
+  const TokenMap map{routing.cu_seqlens, routing.num_examples, routing.seq_len};
+  const int R = routing.slots;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int j0 = blockIdx.y * BN;
+  const int k_begin = blockIdx.z * k_per_split;
+  const int k_end = min(K, k_begin + k_per_split);
+  const DropoutTransform drop = DropoutTransform::make(dropout);
+
+  if (threadIdx.x < BM) {
+    const int64_t t = t0 + threadIdx.x;
+    row_example[threadIdx.x] = t < T ? map.example_of(t) : -1;
+  }
+  __syncthreads();
+  const int e_first = row_example[0];
+  const int e_last = row_example[static_cast<int>(min(static_cast<int64_t>(BM), T - t0)) - 1];
+
+  typename Tile::Mma mma;
+  mma.zero();
+  for (int e = e_first; e <= e_last; ++e) {
+    int64_t start, end;
+    map.range(e, start, end);
+    // Block-uniform skips: an empty (packed) example, or one with no slot in this slot tile
+    // (slots are a valid prefix, so slot j0 tells).
+    if (start >= end || routing.slot_feature[static_cast<int64_t>(e) * R + j0] < 0) continue;
+    __syncthreads();  // the previous pass is done with x_row / m_row
+    if (threadIdx.x < BM) {
+      const int64_t t = t0 + threadIdx.x;
+      x_row[threadIdx.x] = (t < T && row_example[threadIdx.x] == e) ? t * sxt : -1;
+    }
+    for (int j = threadIdx.x; j < BN; j += kThreads) {
+      const int64_t idx = static_cast<int64_t>(e) * R + j0 + j;
+      m_row[j] = (j0 + j < R && routing.slot_feature[idx] >= 0) ? routing.slot_rank[idx] * smr : -1;
+    }
+    __syncthreads();
+    for (int k0 = k_begin; k0 < k_end; k0 += BK) {
+      const int kn = min(BK, k_end - k0);
+      const auto dropped = [&](int r, int c, float v) { return drop.apply(v, t0 + r, k0 + c); };
+      load_tile<BM, BK, Tile::LDA, 1>(As, X + k0 * sxk, x_row, sxk, kn, dropped);
+      load_tile<BN, BK, Tile::LDB, 1>(Bs, M + k0 * smk, m_row, smk, kn, NoTransform{});
+      __syncthreads();
+      mma.step(As, Bs);
+      __syncthreads();
+    }
+  }
+  __syncthreads();  // Cs reuses the operand tiles
+  mma.template store<Tile::LDC>(Cs);
+  __syncthreads();
+
+  float* o = out + blockIdx.z * split_stride;
+  for (int i = threadIdx.x; i < BM * BN; i += kThreads) {
+    const int r = i / BN, j = i % BN;
+    const int64_t t = t0 + r;
+    if (t >= T || j0 + j >= R) continue;
+    const int f = routing.slot_feature[static_cast<int64_t>(row_example[r]) * R + j0 + j];
+    // Padding slots are exactly 0 (not acc * 0, which is NaN for an inf input).
+    const float s = f < 0 ? 0.0f : (scaling != nullptr ? scaling[f] : scale);
+    o[t * R + j0 + j] = f < 0 ? 0.0f : Cs[r * Tile::LDC + j] * s;
+  }
+}
+
+// H = the sum of the K-split parts, in split order (deterministic).
+__global__ void sum_splits_kernel(const float* __restrict__ parts, float* __restrict__ h, int64_t n, int splits) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float acc = 0.0f;
+    for (int s = 0; s < splits; ++s) acc += parts[s * n + i];
+    h[i] = acc;
+  }
+}
+
+template <typename TA, typename TC, int BM, int BN, int BK>
+void launch(const Matrix& x, const Matrix& m, float* h, float* workspace, int splits, const Routing& routing,
+            const float* scaling, float scale, Dropout dropout, cudaStream_t stream) {
+  const int64_t T = x.rows;
+  const int K = static_cast<int>(x.cols);
+  const int R = routing.slots;
+  // Whole BK blocks per split; fewer splits than asked when K is short.
+  int k_per_split = (K + splits - 1) / splits;
+  k_per_split = ((k_per_split + BK - 1) / BK) * BK;
+  if (k_per_split == 0) k_per_split = BK;
+  const int used = (K + k_per_split - 1) / k_per_split > 0 ? (K + k_per_split - 1) / k_per_split : 1;
+  const dim3 grid(static_cast<unsigned>((T + BM - 1) / BM), static_cast<unsigned>((R + BN - 1) / BN),
+                  static_cast<unsigned>(used));
+  require(grid.y <= 65535 && grid.z <= 65535, "flix_kernels._C.shrink: too many slots or K splits for one launch");
+  float* out = used > 1 ? workspace : h;
+  shrink_kernel<TA, TC, BM, BN, BK><<<grid, kThreads, 0, stream>>>(
+      static_cast<const TA*>(x.data), x.stride0, x.stride1, T, K, static_cast<const TC*>(m.data), m.stride0, m.stride1,
+      out, T * R, k_per_split, routing, scaling, scale, dropout);
+  check_launch("shrink_kernel");
+  if (used > 1) {
+    const int64_t n = T * R;
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 4096));
+    sum_splits_kernel<<<blocks, 256, 0, stream>>>(workspace, h, n, used);
+    check_launch("sum_splits_kernel");
+  }
+}
+
+}  // namespace
+
+void shrink(const Matrix& x, const Matrix& m, float* h, float* workspace, int splits, const Routing& routing,
+            const float* scaling, float scale, Dropout dropout, Tile tile, int device, uintptr_t stream) {
+  require(x.rows >= 0 && x.cols >= 0 && x.cols < (int64_t{1} << 31), "flix_kernels._C.shrink: bad x shape");
+  require(m.cols == x.cols, "flix_kernels._C.shrink: the factor must have as many columns as x (in_features)");
+  require(routing.slots >= 0 && routing.num_examples >= 0, "flix_kernels._C.shrink: bad routing sizes");
+  require(splits >= 1, "flix_kernels._C.shrink: splits must be >= 1");
+  require(splits == 1 || workspace != nullptr, "flix_kernels._C.shrink: K splits need a workspace");
+  if (x.rows == 0 || routing.slots == 0) return;
+  require(routing.num_examples > 0 && h != nullptr && x.data != nullptr && m.data != nullptr &&
+              routing.slot_rank != nullptr && routing.slot_feature != nullptr,
+          "flix_kernels._C.shrink: null pointer");
+  require(routing.cu_seqlens != nullptr || routing.seq_len > 0, "flix_kernels._C.shrink: batched routing needs seq_len > 0");
+  DeviceGuard guard(device, "shrink");
+  dispatch_dtypes(x.dtype, m.dtype, "shrink", [&](auto act, auto compute) {
+    using TA = typename decltype(act)::type;
+    using TC = typename decltype(compute)::type;
+    if (tile == Tile::small) {
+      launch<TA, TC, 16, 64, 64>(x, m, h, workspace, splits, routing, scaling, scale, dropout, as_stream(stream));
+    } else {
+      launch<TA, TC, 64, 64, 32>(x, m, h, workspace, splits, routing, scaling, scale, dropout, as_stream(stream));
+    }
+  });
+}
+
+}  // namespace flix

@@ -268,7 +268,7 @@ def test_opcheck_custom_ops(seed):
             meta.slot_feature, meta.cu_seqlens, meta.pair_example, meta.pair_slot, meta.pair_feature,
             meta.feature_pair_start, meta.feature_rank, meta.rank_offsets, None, 0.5, 3, 3, meta.max_pair_rank,
             meta.max_feature_rank, meta.present_features, 0.0, None, False)
-    torch.library.opcheck(torch.ops.flix_kernels.lora_forward.default, args)
+    torch.library.opcheck(torch.ops.flix_kernels.triton_lora_forward.default, args)
 
 
 def _two_layer_model(space, backend="triton"):

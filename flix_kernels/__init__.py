@@ -8,7 +8,7 @@ each adapted linear layer; an example uses the sum of its features' updates::
 Public API: :class:`FeatureSpace`, :class:`Routing`, :func:`flix_linear`, :func:`flix_delta`,
 :func:`available_backends`, :class:`FLixLinear`, :func:`inject`, :func:`set_routing`,
 :func:`use_routing`, :func:`merge`, :func:`unmerge`, :func:`save_adapters`,
-:func:`load_adapters`, :func:`export_peft`.
+:func:`load_adapters`, :func:`export_peft`, :func:`info`.
 """
 
 from .backends import BackendUnavailableError, available_backends
@@ -19,6 +19,7 @@ from .nn import FLixLinear
 from .model import flix_layers, inject, merge, set_routing, unmerge, use_routing
 from .serialization import load_adapters, save_adapters
 from .integrations.peft import export_peft
+from .cli import info
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ __all__ = [
     "flix_delta",
     "flix_layers",
     "flix_linear",
+    "info",
     "inject",
     "load_adapters",
     "merge",

@@ -4,8 +4,8 @@ A backend module exposes ``delta(x, lora_A, lora_B, routing, scaling, dropout_p,
 and ``linear(x, weight, bias, lora_A, lora_B, routing, scaling, dropout_p, generator)``, with
 inputs already validated by :mod:`flix_kernels.ops`.
 
-"auto" picks, for the input's device and dtypes, the first available of: "triton" on CUDA
-(float32/float16/bfloat16), then "torch". The Triton interpreter (``TRITON_INTERPRET=1``) makes
+"auto" picks, for the input's device, dtypes and shape class, the first available backend of
+:data:`AUTO_TABLE` on CUDA, then "torch". The Triton interpreter (``TRITON_INTERPRET=1``) makes
 "triton" available on CPU tensors for testing, but "auto" keeps "torch" there.
 """
 
@@ -15,13 +15,21 @@ from types import ModuleType
 
 import torch
 
-from . import torch_backend, triton_backend
+from . import cuda_backend, torch_backend, triton_backend
+from .kernel_ops import DECODE_TOKENS
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "get_backend", "unavailable_reason"]
+__all__ = ["AUTO_TABLE", "BACKENDS", "BackendUnavailableError", "available_backends", "get_backend", "unavailable_reason"]
 
 BACKENDS = ("torch", "triton", "cuda")
 # Imported up front (not on first use) so that torch.compile can trace a dispatch.
-_MODULES: dict[str, ModuleType] = {"torch": torch_backend, "triton": triton_backend}
+_MODULES: dict[str, ModuleType] = {"torch": torch_backend, "triton": triton_backend, "cuda": cuda_backend}
+
+# "auto" on a CUDA device: the kernel backends to try, in order, per shape class ("decode": at
+# most DECODE_TOKENS tokens; "prefill": more). Meant to follow the side-by-side timings in
+# benchmarks/results/<device>/ (benchmarks/bench_cuda.py prints the table they support). No
+# GPU timing of the CUDA backend is recorded yet, so both classes keep "triton" first, the
+# backend whose numbers exist; "cuda" serves when Triton is missing or cannot take the dtypes.
+AUTO_TABLE: dict[str, tuple[str, ...]] = {"decode": ("triton", "cuda"), "prefill": ("triton", "cuda")}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -34,9 +42,7 @@ def unavailable_reason(name: str, device: torch.device | str | None = None) -> s
         return f"unknown backend {name!r}; choose one of {list(BACKENDS)} or 'auto'"
     if name == "torch":
         return None
-    if name == "triton":
-        return triton_backend.unavailable_reason(device)
-    return "the CUDA extension flix_kernels._C is not part of this version of flix_kernels yet (use backend='torch')"
+    return _MODULES[name].unavailable_reason(device)
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
@@ -44,10 +50,22 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [b for b in BACKENDS if unavailable_reason(b, device) is None]
 
 
+def shape_class(x: torch.Tensor | None) -> str:
+    """The shape class of input ``x``, the key of :data:`AUTO_TABLE`: "decode" for at most
+    DECODE_TOKENS tokens, else "prefill"."""
+    if x is None or x.dim() == 0:
+        return "prefill"
+    tokens = 1
+    for n in x.shape[:-1]:
+        tokens *= n
+    return "decode" if tokens <= DECODE_TOKENS else "prefill"
+
+
 def _auto(device: torch.device, x: torch.Tensor | None, lora_A: torch.Tensor | None) -> str:
-    if device.type == "cuda" and unavailable_reason("triton", device) is None:
-        if x is None or triton_backend.supports(x, lora_A) is None:
-            return "triton"
+    if device.type == "cuda":
+        for name in AUTO_TABLE[shape_class(x)]:
+            if unavailable_reason(name, device) is None and (x is None or _MODULES[name].supports(x, lora_A) is None):
+                return name
     return "torch"
 
 

@@ -1,0 +1,58 @@
+"""Backend "cuda": the CUDA C++ kernels of ``csrc/`` (the extension ``flix_kernels._C``) as the
+custom ops ``flix_kernels::cuda_lora_forward`` / ``cuda_lora_backward`` (what they compute:
+:mod:`flix_kernels.backends.kernel_ops`; how they launch: :mod:`flix_kernels.cuda.launch`).
+
+Same semantics, layouts, dropout bits and determinism as "triton"; tensor-core MMA (WMMA) for
+fp16/bf16, FMA for fp32 (exact fp32, whatever ``allow_tf32`` says); base GEMM by cuBLAS (no
+fused base GEMM). Each launch is one call into the extension with raw pointers, so its host
+cost is a few microseconds: the gain is largest where launches dominate (decode).
+"""
+
+from functools import partial
+from types import SimpleNamespace
+from typing import Optional
+
+from torch import Tensor
+
+from .. import cuda as bridge
+from .kernel_ops import KernelOps
+
+if bridge._C is not None:
+    from ..cuda import launch
+
+    # flix_kernels.ops validated the inputs and the metadata is the routing's own: skip the
+    # launchers' per-call validation on this path.
+    ops = KernelOps("cuda", SimpleNamespace(shrink=partial(launch.shrink, check=False),
+                                            expand=partial(launch.expand, check=False),
+                                            weight_grad=partial(launch.weight_grad, check=False)), ("cuda",))
+else:
+    launch = ops = None
+
+
+def unavailable_reason(device) -> Optional[str]:
+    return bridge.unavailable_reason(device)
+
+
+def supports(x: Tensor, lora_A: Tensor) -> Optional[str]:
+    """Why these inputs cannot use the CUDA kernels (None when they can)."""
+    if (x.dtype, lora_A.dtype) not in launch.SUPPORTED_PAIRS:
+        return (f"x dtype {x.dtype} with adapter dtype {lora_A.dtype} is not supported by the CUDA kernels "
+                "(equal float32/float16/bfloat16 dtypes, or float16/bfloat16 x with float32 adapters)")
+    return None
+
+
+def _run(x, weight, bias, lora_A, lora_B, routing, scaling, dropout_p, generator):
+    reason = supports(x, lora_A)
+    if reason is not None:
+        raise TypeError(reason + "; use backend='triton' or 'torch'")
+    return ops.run(x, weight, bias, lora_A, lora_B, routing, scaling, dropout_p, generator)
+
+
+def delta(x, lora_A, lora_B, routing, scaling, dropout_p, generator):
+    """Low-rank FLix update, shape ``x.shape[:-1] + (out,)``, dtype of x."""
+    return _run(x, None, None, lora_A, lora_B, routing, scaling, dropout_p, generator)
+
+
+def linear(x, weight, bias, lora_A, lora_B, routing, scaling, dropout_p, generator):
+    """``F.linear(x, weight, bias) + delta(...)`` in one custom op (autocast's dtype if on)."""
+    return _run(x, weight, bias, lora_A, lora_B, routing, scaling, dropout_p, generator)

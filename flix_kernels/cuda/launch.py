@@ -1,0 +1,310 @@
+"""Launchers of the CUDA kernels (``flix_kernels._C``): tensor validation, launch plans, workspaces.
+
+Same arguments and semantics as :mod:`flix_kernels.triton.launch` (listed in
+:mod:`flix_kernels.backends.kernel_ops`), so the same custom ops drive either. Called directly
+(``check=True``, the default) every tensor is validated first: device, dtype, shape, strides,
+and the routing metadata's dtypes and sizes, each error naming the argument. The "cuda" backend
+calls them with ``check=False`` because ``flix_kernels.ops`` validated its inputs and the
+metadata is the routing's own.
+
+Launch plans depend only on shapes and host ints, never on device values (no host sync; CUDA
+graph capturable). Workspaces come from torch's caching allocator (a graph's private pool
+during capture):
+
+* shrink/expand: 16-token tiles at most 64 tokens (decode), else 64-token tiles; decode shrink
+  splits K over blocks until about two blocks per SM, summing the parts in a fixed order;
+* weight gradients: the owner path (one block per feature and column tile) when that fills
+  the device, else the split path over (example, token chunk) with a fixed-order reduction.
+
+``OVERRIDES`` (tests) forces any choice: ``{"tile": 0|1, "splits": n, "grad_path":
+"owner"|"split", "chunk": n}``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backends.kernel_ops import DECODE_TOKENS
+from . import _C, unavailable_reason
+
+__all__ = ["OVERRIDES", "SUPPORTED_PAIRS", "expand", "keep_mask", "shrink", "weight_grad"]
+
+OVERRIDES: dict = {}
+WORKSPACE_BYTES = 256 << 20  # the split weight gradient's fp32 partial tiles, at most
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# (activation dtype, adapter dtype) pairs the kernels are built for.
+SUPPORTED_PAIRS = {(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+                   (torch.float16, torch.float32), (torch.bfloat16, torch.float32)}
+_SM_COUNT: dict = {}
+_INT32_MAX = 2**31 - 1
+_SMALL, _LARGE = 0, 1
+# Tile sizes of csrc/ (rows, columns, K step) by kernel and tile class, for the launch plans.
+_SHRINK_TILE = {_SMALL: (16, 64, 64), _LARGE: (64, 64, 32)}
+_GRAD_TILE = {_SMALL: 16, _LARGE: 64}  # rank rows per block; 128 columns, 32 tokens per step
+_GRAD_COLS, _GRAD_TOKENS = 128, 32
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+def _fail(what: str, msg: str, exc=ValueError):
+    raise exc(f"flix_kernels.cuda.{what}: {msg}")
+
+
+def _check_tensor(what, name, t, *, dims=None, dtypes=None, device=None, contiguous=False, output=False,
+                  optional=False):
+    if t is None:
+        if not optional:
+            _fail(what, f"{name} is required", TypeError)
+        return
+    if not torch.is_tensor(t):
+        _fail(what, f"{name} must be a tensor, got {type(t).__name__}", TypeError)
+    if dims is not None and t.dim() != dims:
+        _fail(what, f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        _fail(what, f"{name} has dtype {t.dtype}; expected one of {sorted(map(str, dtypes))}", TypeError)
+    if any(s < 0 for s in t.stride()):
+        _fail(what, f"{name} has a negative stride {t.stride()}")
+    if contiguous and not t.is_contiguous():
+        _fail(what, f"{name} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
+    if output and _overlaps(t):
+        _fail(what, f"output {name} has overlapping elements (shape {tuple(t.shape)}, strides {t.stride()})")
+    if any(n > _INT32_MAX for n in t.shape):
+        _fail(what, f"{name} has a dimension above 2**31 - 1: {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        _fail(what, f"{name} is on {t.device} but x is on {device}")
+
+
+def _check_device(what, device):
+    if device.type != "cuda":
+        _fail(what, f"the CUDA kernels need CUDA tensors, got tensors on {device}")
+    reason = unavailable_reason(device)
+    if reason is not None:
+        _fail(what, reason, RuntimeError)
+
+
+def _check_routing(what, slot_rank, slot_feature, cu, seq_len, T, device):
+    i32 = {torch.int32}
+    _check_tensor(what, "slot_rank", slot_rank, dims=2, dtypes=i32, contiguous=True)
+    _check_tensor(what, "slot_feature", slot_feature, dims=2, dtypes=i32, contiguous=True)
+    if slot_rank.shape != slot_feature.shape:
+        _fail(what, f"slot_rank {tuple(slot_rank.shape)} and slot_feature {tuple(slot_feature.shape)} differ")
+    B = slot_rank.shape[0]
+    if cu is not None:
+        _check_tensor(what, "cu_seqlens", cu, dims=1, dtypes=i32, contiguous=True)
+        if cu.shape[0] != B + 1:
+            _fail(what, f"cu_seqlens must have B + 1 = {B + 1} entries, got {cu.shape[0]}")
+    elif T > 0 and (seq_len <= 0 or B * seq_len != T):
+        _fail(what, f"batched routing of {B} examples with seq_len {seq_len} does not cover T = {T} tokens")
+    for name, t in (("slot_rank", slot_rank), ("slot_feature", slot_feature), ("cu_seqlens", cu)):
+        if t is not None and t.device != device:
+            _fail(what, f"{name} is on {t.device} but x is on {device}")
+
+
+def _check_pair(what, act, adapters):
+    if (act, adapters) not in SUPPORTED_PAIRS:
+        _fail(what, f"activation dtype {act} with adapter dtype {adapters} is not supported; the CUDA kernels take "
+              "equal dtypes (float32, float16, bfloat16) or float16/bfloat16 activations with float32 adapters",
+              TypeError)
+
+
+def _check_dropout(what, seed, p_drop, device):
+    if seed is None:
+        return
+    _check_tensor(what, "seed", seed, dims=1, dtypes={torch.int64}, device=device)
+    if seed.numel() != 1:
+        _fail(what, f"seed must hold one value, got {seed.numel()}")
+    if not 0.0 <= float(p_drop) < 1.0:
+        _fail(what, f"dropout p must be in [0, 1), got {p_drop}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments of _C
+# ---------------------------------------------------------------------------------------------
+def _matrix(t, rows, cols, stride0, stride1):
+    return (t.data_ptr(), int(rows), int(cols), int(stride0), int(stride1), _DTYPE_CODE[t.dtype])
+
+
+def _routing(slot_rank, slot_feature, cu, seq_len):
+    B, R = slot_rank.shape
+    return (slot_rank.data_ptr(), slot_feature.data_ptr(), 0 if cu is None else cu.data_ptr(), B, R, int(seq_len))
+
+
+def _dropout(seed, p_drop):
+    return (0, 0.0) if seed is None else (seed.data_ptr(), float(p_drop))
+
+
+def _launch_context(t):
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return index, torch.cuda.current_stream(index).cuda_stream
+
+
+def num_sms(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _rows_tile(rows: int) -> int:
+    """The weight-gradient tile class for blocks of ``rows`` rank rows."""
+    return _SMALL if max(int(rows), 1) <= _GRAD_TILE[_SMALL] else _LARGE
+
+
+def _overlaps(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` share an address (sizes > 1 sorted by stride must nest)."""
+    span = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n > 1):
+        if stride < span:
+            return True
+        span = stride * size
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+def shrink(X, M, stride_mr, stride_mk, slot_rank, slot_feature, cu, scaling, scale, seed, p_drop, seq_len,
+           compute_dtype, *, check: bool = True) -> torch.Tensor:
+    """``H (T, R_slots)`` fp32 ``= s_slot * drop(X) M_S^T``; ``M[r, k]`` at ``M + r * stride_mr + k * stride_mk``
+    (lora_A, or lora_B read transposed), in ``compute_dtype``; X ``(T, K)`` in the activation dtype."""
+    if check:
+        _check_tensor("shrink", "X", X, dims=2, dtypes=set(_DTYPE_CODE))
+        _check_tensor("shrink", "M", M, dtypes={compute_dtype}, device=X.device)
+        _check_pair("shrink", X.dtype, compute_dtype)
+        _check_routing("shrink", slot_rank, slot_feature, cu, seq_len, X.shape[0], X.device)
+        _check_tensor("shrink", "scaling", scaling, dims=1, dtypes={torch.float32, torch.float16, torch.bfloat16,
+                                                                     torch.float64}, device=X.device, optional=True)
+        _check_dropout("shrink", seed, p_drop, X.device)
+        _check_device("shrink", X.device)  # last: every other error is reported on any device
+    T, K = X.shape
+    B, R = slot_rank.shape
+    H = torch.empty(T, R, device=X.device, dtype=torch.float32)
+    if T == 0 or R == 0:
+        return H
+    tile = OVERRIDES.get("tile", _SMALL if T <= DECODE_TOKENS else _LARGE)
+    rows, slots_per_block, k_step = _SHRINK_TILE[tile]
+    blocks = _cdiv(T, rows) * _cdiv(R, slots_per_block)
+    # Few tokens (decode): split K until the blocks cover the GPU twice, as far as K allows.
+    splits = OVERRIDES.get("splits", max(1, min(_cdiv(2 * num_sms(X.device), blocks), _cdiv(K, k_step))))
+    ws = torch.empty(splits, T, R, device=X.device, dtype=torch.float32) if splits > 1 else None
+    scale_t = None if scaling is None else scaling.to(torch.float32).contiguous()
+    device, stream = _launch_context(X)
+    _C.shrink(x=_matrix(X, T, K, X.stride(0), X.stride(1)),
+              factor=_matrix(M, M.numel() // max(K, 1), K, stride_mr, stride_mk), h=H.data_ptr(),
+              workspace=0 if ws is None else ws.data_ptr(), splits=splits,
+              routing=_routing(slot_rank, slot_feature, cu, seq_len),
+              scaling=0 if scale_t is None else scale_t.data_ptr(), scale=float(scale),
+              dropout=_dropout(seed, p_drop), tile=tile, device=device, stream=stream)
+    return H
+
+
+def expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, compute_dtype, *, mode: int,
+           X2=None, W2=None, stride_wn=0, stride_wk=0, bias=None, seed=None, p_drop=0.0,
+           check: bool = True) -> torch.Tensor:
+    """``Y (T, N)``: mode 0 ``= U``, mode 1 ``+= U`` where ``U = drop(H M_S)``; ``M[r, n]`` at
+    ``M + r * stride_mr + n * stride_mn``. Mode 2 (base GEMM in the tile) is Triton's only."""
+    if mode not in (0, 1):
+        _fail("expand", f"mode must be 0 (write) or 1 (accumulate); mode {mode} (the fused base GEMM) is only in "
+              "the Triton backend", NotImplementedError)
+    if check:
+        _check_tensor("expand", "Y", Y, dims=2, dtypes=set(_DTYPE_CODE), output=True)
+        _check_tensor("expand", "H", H, dims=2, dtypes={torch.float32}, device=Y.device)
+        _check_tensor("expand", "M", M, dtypes={compute_dtype}, device=Y.device)
+        _check_pair("expand", Y.dtype, compute_dtype)
+        _check_routing("expand", slot_rank, slot_feature, cu, seq_len, Y.shape[0], Y.device)
+        if H.shape != (Y.shape[0], slot_rank.shape[1]) or (H.numel() and H.stride(1) != 1):
+            _fail("expand", f"H must be (T={Y.shape[0]}, R_slots={slot_rank.shape[1]}) with unit column stride, got "
+                  f"shape {tuple(H.shape)} strides {H.stride()}")
+        _check_dropout("expand", seed, p_drop, Y.device)
+        _check_device("expand", Y.device)  # last: every other error is reported on any device
+    T, N = Y.shape
+    B, R = slot_rank.shape
+    if T == 0 or N == 0 or (mode == 1 and R == 0):
+        return Y
+    device, stream = _launch_context(Y)
+    tile = OVERRIDES.get("tile", _SMALL if T <= DECODE_TOKENS else _LARGE)
+    _C.expand(h=_matrix(H, T, R, H.stride(0), 1), factor=_matrix(M, M.numel() // N, N, stride_mr, stride_mn),
+              y=_matrix(Y, T, N, Y.stride(0), Y.stride(1)), accumulate=mode == 1,
+              routing=_routing(slot_rank, slot_feature, cu, seq_len), dropout=_dropout(seed, p_drop), tile=tile,
+              device=device, stream=stream)
+    return Y
+
+
+def weight_grad(L, R, G, stride_gr, stride_gn, meta, seq_len, max_len, compute_dtype, *, seed=None, p_drop=0.0,
+                check: bool = True) -> torch.Tensor:
+    """Rows of ``G`` per feature k: ``G[k's rows, n] = sum over k's tokens t of L[t, slot_k + j] drop(R)[t, n]``;
+    ``G[r, n]`` at ``G + r * stride_gr + n * stride_gn`` in ``compute_dtype``. Features absent from the batch get
+    zero rows. Deterministic (no atomics)."""
+    cu = meta.cu_seqlens
+    if check:
+        _check_tensor("weight_grad", "R", R, dims=2, dtypes=set(_DTYPE_CODE))
+        _check_tensor("weight_grad", "L", L, dims=2, dtypes={torch.float32}, device=R.device)
+        _check_tensor("weight_grad", "G", G, dims=2, dtypes={compute_dtype}, device=R.device, output=True)
+        _check_pair("weight_grad", R.dtype, compute_dtype)
+        _check_routing("weight_grad", meta.slot_rank, meta.slot_feature, cu, seq_len, R.shape[0], R.device)
+        if L.shape != (R.shape[0], meta.slot_rank.shape[1]) or (L.numel() and L.stride(1) != 1):
+            _fail("weight_grad", f"L must be (T={R.shape[0]}, R_slots={meta.slot_rank.shape[1]}) with unit column "
+                  f"stride, got shape {tuple(L.shape)} strides {L.stride()}")
+        total = int(meta.rank_offsets[-1]) if meta.rank_offsets.numel() else 0  # host sync: checking only
+        if G.numel() != total * R.shape[1]:
+            _fail("weight_grad", f"G must hold (R_total={total}) x (N={R.shape[1]}) elements, got {G.numel()}")
+        for name in ("pair_example", "pair_slot", "feature_pair_start", "rank_offsets", "feature_rank"):
+            _check_tensor("weight_grad", name, getattr(meta, name), dims=1, dtypes={torch.int32}, contiguous=True,
+                          device=R.device)
+        _check_dropout("weight_grad", seed, p_drop, R.device)
+        _check_device("weight_grad", R.device)  # last: every other error is reported on any device
+    T, N = R.shape
+    F = meta.feature_rank.shape[0]
+    B, Rs = meta.slot_rank.shape
+    P = meta.pair_example.shape[0]
+    if G.numel() == 0 or N == 0 or F == 0:
+        return G
+    col_tiles = _cdiv(N, _GRAD_COLS)
+    target = 2 * num_sms(R.device)
+    path = OVERRIDES.get("grad_path") or ("owner" if meta.present_features.shape[0] * col_tiles >= target else "split")
+    chunks = chunk = 0
+    tile = _rows_tile(meta.max_pair_rank)
+    if path == "split" and T > 0 and P > 0:
+        tile = _rows_tile(Rs)  # a split block covers all slots of its example
+        max_len = max(int(max_len), 1)
+        if "chunk" in OVERRIDES:
+            chunk = OVERRIDES["chunk"]
+        else:
+            per_chunk = B * col_tiles * _cdiv(Rs, _GRAD_TILE[tile])
+            chunks = max(1, min(_cdiv(target, per_chunk), _cdiv(max_len, _GRAD_TOKENS)))
+            chunk = _cdiv(_cdiv(max_len, chunks), _GRAD_TOKENS) * _GRAD_TOKENS
+        chunks = _cdiv(max_len, chunk)
+        budget = min(WORKSPACE_BYTES // (B * Rs * N * 4), 65535)
+        if chunks > budget:  # fewer, longer chunks; none fit: the owner path needs no workspace
+            chunks = budget
+            if chunks >= 1:
+                chunk = _cdiv(_cdiv(max_len, chunks), _GRAD_TOKENS) * _GRAD_TOKENS
+                chunks = _cdiv(max_len, chunk)
+            else:
+                chunks, chunk, tile = 0, 0, _rows_tile(meta.max_pair_rank)
+    tile = OVERRIDES.get("tile", tile)
+    ws = torch.empty(B * chunks * Rs * N, device=R.device, dtype=torch.float32) if chunks else None
+    device, stream = _launch_context(R)
+    pairs = (meta.pair_example.data_ptr(), meta.pair_slot.data_ptr(), meta.feature_pair_start.data_ptr(),
+             meta.rank_offsets.data_ptr(), F, int(meta.max_feature_rank))
+    _C.weight_grad(l=_matrix(L, T, Rs, L.stride(0) if L.numel() else Rs, 1), r=_matrix(R, T, N, R.stride(0), R.stride(1)),
+                   g=_matrix(G, G.numel() // N, N, stride_gr, stride_gn),
+                   routing=_routing(meta.slot_rank, meta.slot_feature, cu, seq_len), pairs=pairs,
+                   workspace=0 if ws is None else ws.data_ptr(), chunks=chunks, chunk=chunk,
+                   dropout=_dropout(seed, p_drop), tile=tile, device=device, stream=stream)
+    return G
+
+
+def keep_mask(seed: int, T: int, K: int, p_drop: float) -> torch.Tensor:
+    """The (T, K) bool keep-mask the CUDA kernels use for ``seed``, computed on the host by the
+    extension's own Philox code (runs without a GPU; the tests compare it with Triton's)."""
+    if _C is None:
+        _fail("keep_mask", "the CUDA extension is not loaded", RuntimeError)
+    raw = _C.keep_mask(seed=int(seed), T=int(T), K=int(K), p=float(p_drop))
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(T, K).bool() if T * K else torch.zeros(T, K,
+                                                                                                           dtype=torch.bool)

@@ -95,19 +95,29 @@ struct Tag {
   using type = T;
 };
 
-// Calls f(Tag<Act>{}, Tag<Compute>{}) for a supported (activation, compute) dtype pair: both the
-// same, or fp16/bf16 activations with fp32 adapters (PEFT's upcast adapters).
+// The supported (activation, compute) dtype pairs: both the same, or fp16/bf16 activations with
+// fp32 adapters (PEFT's upcast adapters). Checked before anything touches the device.
+inline void require_dtype_pair(DType act, DType compute, const char* what) {
+  const bool ok = act == compute || (compute == DType::f32 && (act == DType::f16 || act == DType::bf16));
+  if (!ok) {
+    throw std::invalid_argument(std::string("flix_kernels._C.") + what + ": unsupported dtype pair (activation " +
+                                std::to_string(static_cast<int>(act)) + ", adapters " +
+                                std::to_string(static_cast<int>(compute)) +
+                                "); supported: equal dtypes, or fp16/bf16 activations with fp32 adapters");
+  }
+}
+
+// Calls f(Tag<Act>{}, Tag<Compute>{}) for a pair that require_dtype_pair accepts.
 template <typename F>
 void dispatch_dtypes(DType act, DType compute, const char* what, F&& f) {
-  if (act == DType::f32 && compute == DType::f32) return f(Tag<float>{}, Tag<float>{});
-  if (act == DType::f16 && compute == DType::f16) return f(Tag<__half>{}, Tag<__half>{});
-  if (act == DType::bf16 && compute == DType::bf16) return f(Tag<__nv_bfloat16>{}, Tag<__nv_bfloat16>{});
-  if (act == DType::f16 && compute == DType::f32) return f(Tag<__half>{}, Tag<float>{});
-  if (act == DType::bf16 && compute == DType::f32) return f(Tag<__nv_bfloat16>{}, Tag<float>{});
-  throw std::invalid_argument(std::string("flix_kernels._C.") + what + ": unsupported dtype pair (activation " +
-                              std::to_string(static_cast<int>(act)) + ", adapters " +
-                              std::to_string(static_cast<int>(compute)) +
-                              "); supported: equal dtypes, or fp16/bf16 activations with fp32 adapters");
+  require_dtype_pair(act, compute, what);
+  if (compute == DType::f32) {
+    if (act == DType::f16) return f(Tag<__half>{}, Tag<float>{});
+    if (act == DType::bf16) return f(Tag<__nv_bfloat16>{}, Tag<float>{});
+    return f(Tag<float>{}, Tag<float>{});
+  }
+  if (compute == DType::f16) return f(Tag<__half>{}, Tag<__half>{});
+  return f(Tag<__nv_bfloat16>{}, Tag<__nv_bfloat16>{});
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -116,6 +116,7 @@ void expand(const Matrix& h, const Matrix& m, const Matrix& y, bool accumulate, 
               routing.slot_feature != nullptr && (routing.slots == 0 || (h.data != nullptr && m.data != nullptr)),
           "flix_kernels._C.expand: null pointer");
   require(routing.cu_seqlens != nullptr || routing.seq_len > 0, "flix_kernels._C.expand: batched routing needs seq_len > 0");
+  require_dtype_pair(y.dtype, m.dtype, "expand");
   DeviceGuard guard(device, "expand");
   dispatch_dtypes(y.dtype, m.dtype, "expand", [&](auto act, auto compute) {
     using TA = typename decltype(act)::type;

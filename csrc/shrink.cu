@@ -143,6 +143,7 @@ void shrink(const Matrix& x, const Matrix& m, float* h, float* workspace, int sp
               routing.slot_rank != nullptr && routing.slot_feature != nullptr,
           "flix_kernels._C.shrink: null pointer");
   require(routing.cu_seqlens != nullptr || routing.seq_len > 0, "flix_kernels._C.shrink: batched routing needs seq_len > 0");
+  require_dtype_pair(x.dtype, m.dtype, "shrink");
   DeviceGuard guard(device, "shrink");
   dispatch_dtypes(x.dtype, m.dtype, "shrink", [&](auto act, auto compute) {
     using TA = typename decltype(act)::type;

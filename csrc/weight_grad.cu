@@ -223,6 +223,7 @@ void weight_grad(const Matrix& l, const Matrix& r, const Matrix& g, const Routin
   require(routing.cu_seqlens != nullptr || routing.seq_len > 0 || routing.num_examples == 0,
           "flix_kernels._C.weight_grad: batched routing needs seq_len > 0");
   require(chunks == 0 || routing.num_examples > 0, "flix_kernels._C.weight_grad: the split path needs examples");
+  require_dtype_pair(r.dtype, g.dtype, "weight_grad");
   DeviceGuard guard(device, "weight_grad");
   const GradOperands op{static_cast<const float*>(l.data), l.stride0, r.data, r.stride0, r.stride1,
                         static_cast<int>(r.cols)};

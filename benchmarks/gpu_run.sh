@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a lent GPU machine (see the device tool), one step per call so each fits the tool's
 # 10-minute limit:  bash benchmarks/gpu_run.sh install|test|sanitize|bench|all
+# install builds the CUDA extension there (FLIX_CUDA=1: a failed build is an error).
 # Full logs go to $OUT (default /tmp/flix_out); copy $OUT/results/* into
 # benchmarks/results/<device>/ and commit them.
 set -u -o pipefail
@@ -11,21 +12,30 @@ step=${1:-all}
 status=0
 
 install() {
-  python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; return 1; }
+  FLIX_CUDA=1 FLIX_CUDA_ARCHS=${FLIX_CUDA_ARCHS:-90} python -m pip install -v --no-deps --no-build-isolation -e . \
+    > "$OUT/install.log" 2>&1 || { tail -60 "$OUT/install.log"; return 1; }
   python -m flix_kernels info | tee "$OUT/info.log"
 }
-run_tests() {  # the whole suite on CUDA: bf16, CUDA graphs, large shapes, compile checks
-  python -m pytest -q -p no:cacheprovider -rs tests 2>&1 | tee "$OUT/pytest.log" | tail -25
+run_tests() {  # the whole suite on CUDA: both kernel backends, bf16, CUDA graphs, large shapes, compile checks
+  python -m pytest -q -p no:cacheprovider -rs ${TEST_ARGS:-tests} 2>&1 | tee "$OUT/pytest.log" | tail -40
 }
-sanitize() {  # memcheck on small cases of every kernel (both weight-gradient paths, dropout, fused)
-  if ! command -v compute-sanitizer > /dev/null; then echo "compute-sanitizer not found" | tee "$OUT/memcheck.log"; return 0; fi
+sanitize() {  # memcheck (both backends) and racecheck (CUDA kernels) on small cases of every path
+  if ! command -v compute-sanitizer > /dev/null; then echo "compute-sanitizer not found" | tee "$OUT/sanitize.log"; return 0; fi
+  local sel="(test_linear_matches_oracle and packed) or test_dropout_matches or test_both_weight_gradient_paths or large_ranks or test_edge_routings"
+  local rc=0
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
-    python -m pytest -q -p no:cacheprovider tests/test_triton_backend.py \
-    -k "(test_linear_matches_oracle and packed-) or test_dropout_matches or test_both_weight_gradient_paths or large_ranks" \
-    2>&1 | tee "$OUT/memcheck.log" | tail -25
+    python -m pytest -q -p no:cacheprovider tests/test_kernel_backends.py -k "$sel" \
+    > "$OUT/memcheck.log" 2>&1 || rc=1
+  tail -8 "$OUT/memcheck.log"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck --error-exitcode 9 \
+    python -m pytest -q -p no:cacheprovider tests/test_kernel_backends.py -k "cuda and ($sel) and not bfloat16 and not float16" \
+    > "$OUT/racecheck.log" 2>&1 || rc=1
+  tail -8 "$OUT/racecheck.log"
+  return $rc
 }
 bench() {
-  python benchmarks/bench_triton.py ${BENCH_ARGS:-} --out "$OUT/results" 2>&1 | tee "$OUT/bench.log" | tail -40
+  python benchmarks/bench_cuda.py ${BENCH_ARGS:-} --out "$OUT/results" 2>&1 | tee "$OUT/bench_cuda.log" | tail -30
+  python benchmarks/bench_triton.py ${BENCH_ARGS:-} --out "$OUT/results" 2>&1 | tee "$OUT/bench_triton.log" | tail -30
 }
 
 case "$step" in

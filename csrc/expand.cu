@@ -61,12 +61,17 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t t = t0 + threadIdx.x;
         h_row[threadIdx.x] = (t < T && row_example[threadIdx.x] == e) ? t * sht + j0 : -1;
       }
-      for (int j = threadIdx.x; j < BK; j += kThreads) {
+      static_assert(BK <= kThreads, "one slot per thread");
+      bool valid = false;
+      if (threadIdx.x < BK) {
+        const int j = threadIdx.x;
         const int64_t idx = static_cast<int64_t>(e) * R + j0 + j;
-        m_row[j] = (j0 + j < R && routing.slot_feature[idx] >= 0) ? routing.slot_rank[idx] * smr + n0 * smn : -1;
+        valid = j0 + j < R && routing.slot_feature[idx] >= 0;
+        m_row[j] = valid ? routing.slot_rank[idx] * smr + n0 * smn : -1;
       }
-      __syncthreads();
-      const int jn = min(BK, R - j0);
+      // Valid slots are a prefix: their count bounds the H columns read (padding columns of H
+      // are never read, whatever they hold).
+      const int jn = __syncthreads_count(valid);
       load_tile<BM, BK, Tile::LDA, 1>(As, H, h_row, 1, jn, NoTransform{});
       load_tile<BK, BN, 1, Tile::LDB>(Bs, M, m_row, smn, ncols, NoTransform{});
       __syncthreads();
@@ -112,8 +117,10 @@ void expand(const Matrix& h, const Matrix& m, const Matrix& y, bool accumulate, 
   require(m.cols == y.cols && y.cols < (int64_t{1} << 31), "flix_kernels._C.expand: the factor and y disagree on N");
   require(routing.slots >= 0 && routing.num_examples >= 0, "flix_kernels._C.expand: bad routing sizes");
   if (y.rows == 0 || y.cols == 0 || (accumulate && routing.slots == 0)) return;
-  require(routing.num_examples > 0 && y.data != nullptr && routing.slot_rank != nullptr &&
-              routing.slot_feature != nullptr && (routing.slots == 0 || (h.data != nullptr && m.data != nullptr)),
+  // With no slots at all (no feature anywhere) the kernel writes zeros and reads no metadata.
+  require(routing.num_examples > 0 && y.data != nullptr &&
+              (routing.slots == 0 || (h.data != nullptr && m.data != nullptr && routing.slot_rank != nullptr &&
+                                      routing.slot_feature != nullptr)),
           "flix_kernels._C.expand: null pointer");
   require(routing.cu_seqlens != nullptr || routing.seq_len > 0, "flix_kernels._C.expand: batched routing needs seq_len > 0");
   require_dtype_pair(y.dtype, m.dtype, "expand");

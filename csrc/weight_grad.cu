@@ -92,8 +92,11 @@ __global__ void __launch_bounds__(kThreads)
   mma.template store<Tile::LDC>(Cs);
   __syncthreads();
   const int ncols = min(BN, op.N - n0);
+  // Threads walk G's contiguous direction: columns for dA, rows for dB^T (lora_B's rank dim).
+  const bool rows_fastest = sgr == 1 && sgn != 1;
   for (int i = threadIdx.x; i < BM * BN; i += kThreads) {
-    const int r = i / BN, c = i % BN;
+    const int r = rows_fastest ? i % BM : i / BN;
+    const int c = rows_fastest ? i / BM : i % BN;
     if (r < rows && c < ncols) {
       G[static_cast<int64_t>(row0 + j0 + r) * sgr + static_cast<int64_t>(n0 + c) * sgn] =
           from_f32<TC>(Cs[r * Tile::LDC + c]);
@@ -165,7 +168,8 @@ __global__ void __launch_bounds__(kThreads)
     const int e = pairs.pair_example[p];
     int64_t start, end;
     map.range(e, start, end);
-    const int64_t used = (end - start + chunk - 1) / chunk;  // chunks the partial kernel wrote
+    // Chunks the partial kernel wrote (the launcher sizes chunks * chunk to cover the longest example).
+    const int64_t used = min((end - start + chunk - 1) / chunk, static_cast<int64_t>(chunks));
     for (int64_t c = 0; c < used; ++c) {
       const float* tile = ws + ((static_cast<int64_t>(e) * chunks + c) * R + pairs.pair_slot[p] + j0) * N + n;
 #pragma unroll

@@ -74,6 +74,15 @@ def test_edge_routings(seed, backend, kind):
         check_against_oracle(x, A, Bm, routing, ids, routing.space, 1.25, backend=backend, weight=W, bias=b)
 
 
+def test_update_alone_with_no_feature_anywhere_is_zero(seed, backend):
+    """No slot at all (every id -1): the update and dx are written as zeros, dA/dB are zero."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.tensor(EDGE_IDS["no_feature_anywhere"])
+    routing, ids, x, A, Bm = _case(gen, _space(), 3, (3, 4), 12, 10, torch.float32, ids=ids)
+    out, dx, dA, dB = check_against_oracle(x, A, Bm, routing, ids, routing.space, 1.0, backend=backend)
+    assert out.abs().sum() == 0 and dx.abs().sum() == 0 and dA.abs().sum() == 0 and dB.abs().sum() == 0
+
+
 @pytest.mark.parametrize("shape", [(3, 0), (0, 4), (0,)], ids=["no_tokens", "no_examples", "no_examples_1d"])
 def test_empty_inputs(seed, backend, shape):
     gen = torch.Generator().manual_seed(seed)

@@ -186,6 +186,8 @@ def shrink(X, M, stride_mr, stride_mk, slot_rank, slot_feature, cu, scaling, sca
     H = torch.empty(T, R, device=X.device, dtype=torch.float32)
     if T == 0 or R == 0:
         return H
+    if K == 0:
+        return H.zero_()
     tile = OVERRIDES.get("tile", _SMALL if T <= DECODE_TOKENS else _LARGE)
     rows, slots_per_block, k_step = _SHRINK_TILE[tile]
     blocks = _cdiv(T, rows) * _cdiv(R, slots_per_block)
@@ -280,6 +282,8 @@ def weight_grad(L, R, G, stride_gr, stride_gn, meta, seq_len, max_len, compute_d
             chunk = _cdiv(_cdiv(max_len, chunks), _GRAD_TOKENS) * _GRAD_TOKENS
         chunks = _cdiv(max_len, chunk)
         budget = min(WORKSPACE_BYTES // (B * Rs * N * 4), 65535)
+        if col_tiles * _cdiv(Rs, _GRAD_TILE[tile]) > 65535:  # grid z of the split kernel
+            budget = 0
         if chunks > budget:  # fewer, longer chunks; none fit: the owner path needs no workspace
             chunks = budget
             if chunks >= 1:

@@ -37,7 +37,8 @@ from flix_kernels import cuda as bridge
 from flix_kernels.backends import available_backends
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_common import ROOT, bench, device_slug, git_commit, peak_rates, rotating, write_table  # noqa: E402
+from gpu_common import (ROOT, base_forward_backward, bench, device_slug, git_commit, peak_rates,  # noqa: E402
+                        rotating, with_backward, write_table)
 
 D, RANK, LANGS, TASKS = 4096, 16, 56, 8
 SCALING = 0.5
@@ -75,17 +76,7 @@ def forward(routing, backend):
 
 
 def forward_backward(routing, backend):
-    def f(x, W, A, Bm):
-        xs, As, Bs = x.detach().requires_grad_(), A.detach().requires_grad_(), Bm.detach().requires_grad_()
-        y = fk.flix_linear(xs, W, None, As, Bs, routing, scaling=SCALING, backend=backend)
-        return torch.autograd.grad(y, (xs, As, Bs), torch.ones_like(y))
-    return f
-
-
-def base_forward_backward(x, W, A, Bm):
-    xs = x.detach().requires_grad_()
-    y = F.linear(xs, W)
-    return torch.autograd.grad(y, (xs,), torch.ones_like(y))
+    return with_backward(forward(routing, backend))
 
 
 def main(argv=None):

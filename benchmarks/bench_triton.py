@@ -35,7 +35,8 @@ from flix_kernels.backends import triton_backend
 from flix_kernels.reference import flix_delta_reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_common import ROOT, bench, device_slug, git_commit, peak_rates, rotating  # noqa: E402
+from gpu_common import (ROOT, base_forward_backward, bench, device_slug, git_commit, peak_rates,  # noqa: E402
+                        rotating, with_backward)
 
 
 def make_problem(B, L, d, space, dtype, rotations, gen):
@@ -115,27 +116,15 @@ def main(argv=None):
             return fk.flix_linear(x, W, None, A, Bm, routing, scaling=scaling, backend=backend)
         return f
 
-    def fwd_bwd(fn):
-        def f(x, W, A, Bm):
-            xs, As, Bs = x.detach().requires_grad_(), A.detach().requires_grad_(), Bm.detach().requires_grad_()
-            y = fn(xs, W, As, Bs)
-            return torch.autograd.grad(y, (xs, As, Bs), torch.ones_like(y))
-        return f
-
-    def base_fwd_bwd(x, W, A, Bm):
-        xs = x.detach().requires_grad_()
-        y = F.linear(xs, W)
-        return torch.autograd.grad(y, (xs,), torch.ones_like(y))
-
     cases = {
         "base forward (cuBLAS)": lambda x, W, A, Bm: F.linear(x, W),
         "triton forward (cuBLAS + expand)": fwd_linear("triton"),
         "triton forward (fused base)": fwd_linear("triton", True),
         "torch backend forward": fwd_linear("torch"),
-        "base forward+backward": base_fwd_bwd,
-        "triton forward+backward": fwd_bwd(fwd_linear("triton")),
-        "triton forward+backward (fused base)": fwd_bwd(fwd_linear("triton", True)),
-        "torch backend forward+backward": fwd_bwd(fwd_linear("torch")),
+        "base forward+backward": base_forward_backward,
+        "triton forward+backward": with_backward(fwd_linear("triton")),
+        "triton forward+backward (fused base)": with_backward(fwd_linear("triton", True)),
+        "torch backend forward+backward": with_backward(fwd_linear("torch")),
         "low-rank triton": lambda x, W, A, Bm: fk.flix_delta(x, A, Bm, routing, scaling=scaling, backend="triton"),
         "low-rank torch backend": lambda x, W, A, Bm: fk.flix_delta(x, A, Bm, routing, scaling=scaling, backend="torch"),
         "low-rank per-feature loop": lambda x, W, A, Bm: flix_delta_reference(x, A, Bm, ids, space.rank_offsets, scaling),

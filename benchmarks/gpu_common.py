@@ -67,6 +67,22 @@ def rotating(sets, fn):
     return call
 
 
+def with_backward(forward):
+    """``forward(x, W, A, B)`` followed by the gradients of x, A and B (W frozen, as in FLix training)."""
+    def call(x, W, A, Bm):
+        xs, As, Bs = x.detach().requires_grad_(), A.detach().requires_grad_(), Bm.detach().requires_grad_()
+        y = forward(xs, W, As, Bs)
+        return torch.autograd.grad(y, (xs, As, Bs), torch.ones_like(y))
+    return call
+
+
+def base_forward_backward(x, W, A, Bm):
+    """``F.linear`` forward and the input gradient: the floor of a FLix layer's training step."""
+    xs = x.detach().requires_grad_()
+    y = torch.nn.functional.linear(xs, W)
+    return torch.autograd.grad(y, (xs,), torch.ones_like(y))
+
+
 def write_table(path: Path, title: str, header: list[str], rows: list[list], preamble: list[str] = ()):
     """A markdown table (atomically written)."""
     lines = [f"# {title}", "", *preamble, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

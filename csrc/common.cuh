@@ -329,11 +329,60 @@ template <typename T, int BM, int BN, int BK, int A_M, int A_K, int B_K, int B_N
 using BlockMma = BlockMmaImpl<T, BM, BN, BK, A_M, A_K, B_K, B_N, !std::is_same<T, float>::value>;
 
 // Shared memory of a kernel: the operand tiles during the main loop, reused for the fp32 result tile
-// in the epilogue (after a barrier).
+// in the epilogue (stage_result puts the barriers around the reuse).
 template <int OPERAND_BYTES, int RESULT_BYTES>
 struct SharedTiles {
   static constexpr int kBytes = OPERAND_BYTES > RESULT_BYTES ? OPERAND_BYTES : RESULT_BYTES;
   static_assert(kBytes <= 48 * 1024, "static shared memory is limited to 48 KiB");
 };
+
+// The shared memory of one block: the operand tiles As and Bs, aliased by the fp32 result tile Cs
+// (see stage_result), and the per-row source offsets of the two operand loads (see load_tile).
+template <typename Tile, int A_ROWS, int B_ROWS>
+struct BlockShared {
+  using T = typename Tile::Compute;
+  alignas(128) unsigned char tiles[Tile::Smem::kBytes];
+  int64_t a_row[A_ROWS];
+  int64_t b_row[B_ROWS];
+  __device__ __forceinline__ T* As() { return reinterpret_cast<T*>(tiles); }
+  __device__ __forceinline__ T* Bs() { return As() + Tile::kAElems; }
+  __device__ __forceinline__ float* Cs() { return reinterpret_cast<float*>(tiles); }
+};
+
+// Token-major tiles (shrink, expand): C (BM tokens x BN) += A (tokens x BK, As[t][k]) times a
+// gathered factor stored one output column per row (Bs[n][k], so a slot's values sit together).
+template <typename TC, int BM, int BN, int BK>
+struct TokenTile {
+  using Compute = TC;
+  static constexpr int LDA = BK + 8;
+  static constexpr int LDB = BK + 8;
+  static constexpr int LDC = BN + 4;
+  static constexpr int kAElems = BM * LDA;
+  using Mma = BlockMma<TC, BM, BN, BK, LDA, 1, 1, LDB>;
+  using Smem = SharedTiles<(kAElems + BN * LDB) * sizeof(TC), BM * LDC * sizeof(float)>;
+};
+
+// The examples of the BM tokens from t0: row_example[r] (shared, -1 past T), and the first and last
+// example of the tile (block-uniform; a tile straddles examples in decode and packed inputs).
+template <int BM>
+__device__ __forceinline__ void tile_examples(const TokenMap& map, int64_t t0, int64_t T, int* row_example,
+                                              int& e_first, int& e_last) {
+  if (threadIdx.x < BM) {
+    const int64_t t = t0 + threadIdx.x;
+    row_example[threadIdx.x] = t < T ? map.example_of(t) : -1;
+  }
+  __syncthreads();
+  e_first = row_example[0];
+  e_last = row_example[static_cast<int>(min(static_cast<int64_t>(BM), T - t0)) - 1];
+}
+
+// The accumulators into the fp32 result tile Cs, which aliases the operand tiles: a barrier before
+// (the last MMA step is done reading them) and after (every value is in place for the epilogue).
+template <int LDC, typename Mma>
+__device__ __forceinline__ void stage_result(const Mma& mma, float* Cs) {
+  __syncthreads();
+  mma.template store<LDC>(Cs);
+  __syncthreads();
+}
 
 }  // namespace flix

@@ -9,28 +9,16 @@
 namespace flix {
 namespace {
 
-template <typename TC, int BM, int BN, int BK>
-struct ExpandTile {
-  static constexpr int LDA = BK + 8;  // As[t][j]
-  static constexpr int LDB = BK + 8;  // Bs[n][j]: B(j, n) = Bs[n * LDB + j]
-  static constexpr int LDC = BN + 4;
-  using Mma = BlockMma<TC, BM, BN, BK, LDA, 1, 1, LDB>;
-  using Smem = SharedTiles<(BM * LDA + BN * LDB) * sizeof(TC), BM * LDC * sizeof(float)>;
-};
-
 template <typename TA, typename TC, int BM, int BN, int BK>
 __global__ void __launch_bounds__(kThreads)
     expand_kernel(const float* __restrict__ H, int64_t sht, const TC* __restrict__ M, int64_t smr, int64_t smn,
                   TA* __restrict__ Y, int64_t syt, int64_t syn, int64_t T, int N, bool accumulate, Routing routing,
                   Dropout dropout) {
-  using Tile = ExpandTile<TC, BM, BN, BK>;
-  __shared__ __align__(128) unsigned char smem[Tile::Smem::kBytes];
-  __shared__ int64_t h_row[BM];
-  __shared__ int64_t m_row[BK];
+  using Tile = TokenTile<TC, BM, BN, BK>;
+  __shared__ BlockShared<Tile, BM, BK> sh;  // a_row: H rows of the pass's example; b_row: its slots' rows of M
   __shared__ int row_example[BM];
-  TC* As = reinterpret_cast<TC*>(smem);
-  TC* Bs = As + BM * Tile::LDA;
-  float* Cs = reinterpret_cast<float*>(smem);
+  int64_t* h_row = sh.a_row;
+  int64_t* m_row = sh.b_row;
 
   const TokenMap map{routing.cu_seqlens, routing.num_examples, routing.seq_len};
   const int R = routing.slots;
@@ -38,13 +26,8 @@ __global__ void __launch_bounds__(kThreads)
   const int n0 = blockIdx.y * BN;
   const int ncols = min(BN, N - n0);
 
-  if (threadIdx.x < BM) {
-    const int64_t t = t0 + threadIdx.x;
-    row_example[threadIdx.x] = t < T ? map.example_of(t) : -1;
-  }
-  __syncthreads();
-  const int e_first = row_example[0];
-  const int e_last = row_example[static_cast<int>(min(static_cast<int64_t>(BM), T - t0)) - 1];
+  int e_first, e_last;
+  tile_examples<BM>(map, t0, T, row_example, e_first, e_last);
 
   typename Tile::Mma mma;
   mma.zero();
@@ -72,16 +55,15 @@ __global__ void __launch_bounds__(kThreads)
       // Valid slots are a prefix: their count bounds the H columns read (padding columns of H
       // are never read, whatever they hold).
       const int jn = __syncthreads_count(valid);
-      load_tile<BM, BK, Tile::LDA, 1>(As, H, h_row, 1, jn, NoTransform{});
-      load_tile<BK, BN, 1, Tile::LDB>(Bs, M, m_row, smn, ncols, NoTransform{});
+      load_tile<BM, BK, Tile::LDA, 1>(sh.As(), H, h_row, 1, jn, NoTransform{});
+      load_tile<BK, BN, 1, Tile::LDB>(sh.Bs(), M, m_row, smn, ncols, NoTransform{});
       __syncthreads();
-      mma.step(As, Bs);
+      mma.step(sh.As(), sh.Bs());
     }
   }
   if (accumulate && !active) return;  // whole block: Y keeps its values, unread
-  __syncthreads();                    // Cs reuses the operand tiles
-  mma.template store<Tile::LDC>(Cs);
-  __syncthreads();
+  const float* Cs = sh.Cs();
+  stage_result<Tile::LDC>(mma, sh.Cs());
 
   const DropoutTransform drop = DropoutTransform::make(dropout);
   for (int i = threadIdx.x; i < BM * BN; i += kThreads) {

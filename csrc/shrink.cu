@@ -9,28 +9,16 @@
 namespace flix {
 namespace {
 
-template <typename TC, int BM, int BN, int BK>
-struct ShrinkTile {
-  static constexpr int LDA = BK + 8;  // As[t][k]
-  static constexpr int LDB = BK + 8;  // Bs[j][k]: B(k, j) = Bs[j * LDB + k]
-  static constexpr int LDC = BN + 4;
-  using Mma = BlockMma<TC, BM, BN, BK, LDA, 1, 1, LDB>;
-  using Smem = SharedTiles<(BM * LDA + BN * LDB) * sizeof(TC), BM * LDC * sizeof(float)>;
-};
-
 template <typename TA, typename TC, int BM, int BN, int BK>
 __global__ void __launch_bounds__(kThreads)
     shrink_kernel(const TA* __restrict__ X, int64_t sxt, int64_t sxk, int64_t T, int K, const TC* __restrict__ M,
                   int64_t smr, int64_t smk, float* __restrict__ out, int64_t split_stride, int k_per_split,
                   Routing routing, const float* __restrict__ scaling, float scale, Dropout dropout) {
-  using Tile = ShrinkTile<TC, BM, BN, BK>;
-  __shared__ __align__(128) unsigned char smem[Tile::Smem::kBytes];
-  __shared__ int64_t x_row[BM];
-  __shared__ int64_t m_row[BN];
+  using Tile = TokenTile<TC, BM, BN, BK>;
+  __shared__ BlockShared<Tile, BM, BN> sh;  // a_row: x rows of the pass's example; b_row: its slots' rows of M
   __shared__ int row_example[BM];
-  TC* As = reinterpret_cast<TC*>(smem);
-  TC* Bs = As + BM * Tile::LDA;
-  float* Cs = reinterpret_cast<float*>(smem);
+  int64_t* x_row = sh.a_row;
+  int64_t* m_row = sh.b_row;
 
   const TokenMap map{routing.cu_seqlens, routing.num_examples, routing.seq_len};
   const int R = routing.slots;
@@ -40,13 +28,8 @@ __global__ void __launch_bounds__(kThreads)
   const int k_end = min(K, k_begin + k_per_split);
   const DropoutTransform drop = DropoutTransform::make(dropout);
 
-  if (threadIdx.x < BM) {
-    const int64_t t = t0 + threadIdx.x;
-    row_example[threadIdx.x] = t < T ? map.example_of(t) : -1;
-  }
-  __syncthreads();
-  const int e_first = row_example[0];
-  const int e_last = row_example[static_cast<int>(min(static_cast<int64_t>(BM), T - t0)) - 1];
+  int e_first, e_last;
+  tile_examples<BM>(map, t0, T, row_example, e_first, e_last);
 
   typename Tile::Mma mma;
   mma.zero();
@@ -69,16 +52,15 @@ __global__ void __launch_bounds__(kThreads)
     for (int k0 = k_begin; k0 < k_end; k0 += BK) {
       const int kn = min(BK, k_end - k0);
       const auto dropped = [&](int r, int c, float v) { return drop.apply(v, t0 + r, k0 + c); };
-      load_tile<BM, BK, Tile::LDA, 1>(As, X + k0 * sxk, x_row, sxk, kn, dropped);
-      load_tile<BN, BK, Tile::LDB, 1>(Bs, M + k0 * smk, m_row, smk, kn, NoTransform{});
+      load_tile<BM, BK, Tile::LDA, 1>(sh.As(), X + k0 * sxk, x_row, sxk, kn, dropped);
+      load_tile<BN, BK, Tile::LDB, 1>(sh.Bs(), M + k0 * smk, m_row, smk, kn, NoTransform{});
       __syncthreads();
-      mma.step(As, Bs);
+      mma.step(sh.As(), sh.Bs());
       __syncthreads();
     }
   }
-  __syncthreads();  // Cs reuses the operand tiles
-  mma.template store<Tile::LDC>(Cs);
-  __syncthreads();
+  const float* Cs = sh.Cs();
+  stage_result<Tile::LDC>(mma, sh.Cs());
 
   float* o = out + blockIdx.z * split_stride;
   for (int i = threadIdx.x; i < BM * BN; i += kThreads) {

@@ -18,11 +18,14 @@ namespace {
 
 template <typename TC, int BM, int BN, int BK>
 struct GradTile {
+  using Compute = TC;
   static constexpr int LDA = BM + 8;  // As[t][j]: A(j, t) = As[t * LDA + j]
   static constexpr int LDB = BN + 8;  // Bs[t][n]
   static constexpr int LDC = BN + 4;
+  static constexpr int kAElems = BK * LDA;
   using Mma = BlockMma<TC, BM, BN, BK, 1, LDA, LDB, 1>;
-  using Smem = SharedTiles<(BK * LDA + BK * LDB) * sizeof(TC), BM * LDC * sizeof(float)>;
+  using Smem = SharedTiles<(kAElems + BK * LDB) * sizeof(TC), BM * LDC * sizeof(float)>;
+  using Shared = BlockShared<GradTile, BK, BK>;  // a_row: rows of L, b_row: rows of R, per token
 };
 
 struct GradOperands {
@@ -35,8 +38,8 @@ struct GradOperands {
 
 // mma += L[t, col0 + j] drop(R)[t, n0 + n] summed over tokens [t_begin, t_end), for j < rows.
 template <typename TA, typename TC, int BM, int BN, int BK>
-__device__ __forceinline__ void accumulate_tokens(typename GradTile<TC, BM, BN, BK>::Mma& mma, TC* As, TC* Bs,
-                                                  int64_t* l_row, int64_t* r_row, const GradOperands& op,
+__device__ __forceinline__ void accumulate_tokens(typename GradTile<TC, BM, BN, BK>::Mma& mma,
+                                                  typename GradTile<TC, BM, BN, BK>::Shared& sh, const GradOperands& op,
                                                   int64_t col0, int rows, int n0, int64_t t_begin, int64_t t_end,
                                                   const DropoutTransform& drop) {
   using Tile = GradTile<TC, BM, BN, BK>;
@@ -46,15 +49,15 @@ __device__ __forceinline__ void accumulate_tokens(typename GradTile<TC, BM, BN, 
     __syncthreads();  // the previous step is done with the row offsets and the tiles
     for (int r = threadIdx.x; r < BK; r += kThreads) {
       const int64_t t = tk + r;
-      l_row[r] = t < t_end ? t * op.slt + col0 : -1;
-      r_row[r] = t < t_end ? t * op.srt + n0 * op.srn : -1;
+      sh.a_row[r] = t < t_end ? t * op.slt + col0 : -1;
+      sh.b_row[r] = t < t_end ? t * op.srt + n0 * op.srn : -1;
     }
     __syncthreads();
     const auto dropped = [&](int r, int c, float v) { return drop.apply(v, tk + r, n0 + c); };
-    load_tile<BK, BM, Tile::LDA, 1>(As, op.L, l_row, 1, rows, NoTransform{});
-    load_tile<BK, BN, Tile::LDB, 1>(Bs, R, r_row, op.srn, ncols, dropped);
+    load_tile<BK, BM, Tile::LDA, 1>(sh.As(), op.L, sh.a_row, 1, rows, NoTransform{});
+    load_tile<BK, BN, Tile::LDB, 1>(sh.Bs(), R, sh.b_row, op.srn, ncols, dropped);
     __syncthreads();
-    mma.step(As, Bs);
+    mma.step(sh.As(), sh.Bs());
   }
 }
 
@@ -63,12 +66,7 @@ __global__ void __launch_bounds__(kThreads)
     grad_owner_kernel(GradOperands op, TC* __restrict__ G, int64_t sgr, int64_t sgn, Routing routing, Pairs pairs,
                       Dropout dropout) {
   using Tile = GradTile<TC, BM, BN, BK>;
-  __shared__ __align__(128) unsigned char smem[Tile::Smem::kBytes];
-  __shared__ int64_t l_row[BK];
-  __shared__ int64_t r_row[BK];
-  TC* As = reinterpret_cast<TC*>(smem);
-  TC* Bs = As + BK * Tile::LDA;
-  float* Cs = reinterpret_cast<float*>(smem);
+  __shared__ typename Tile::Shared sh;
 
   const int k = blockIdx.x;
   const int n0 = blockIdx.y * BN;
@@ -85,12 +83,11 @@ __global__ void __launch_bounds__(kThreads)
   for (int p = pairs.feature_pair_start[k]; p < pairs.feature_pair_start[k + 1]; ++p) {
     int64_t start, end;
     map.range(pairs.pair_example[p], start, end);
-    accumulate_tokens<TA, TC, BM, BN, BK>(mma, As, Bs, l_row, r_row, op, pairs.pair_slot[p] + j0, rows, n0, start,
+    accumulate_tokens<TA, TC, BM, BN, BK>(mma, sh, op, pairs.pair_slot[p] + j0, rows, n0, start,
                                           end, drop);
   }
-  __syncthreads();
-  mma.template store<Tile::LDC>(Cs);
-  __syncthreads();
+  const float* Cs = sh.Cs();
+  stage_result<Tile::LDC>(mma, sh.Cs());
   const int ncols = min(BN, op.N - n0);
   // Threads walk G's contiguous direction: columns for dA, rows for dB^T (lora_B's rank dim).
   const bool rows_fastest = sgr == 1 && sgn != 1;
@@ -109,12 +106,7 @@ __global__ void __launch_bounds__(kThreads)
     grad_partial_kernel(GradOperands op, float* __restrict__ ws, int chunks, int chunk, int col_tiles, Routing routing,
                         Dropout dropout) {
   using Tile = GradTile<TC, BM, BN, BK>;
-  __shared__ __align__(128) unsigned char smem[Tile::Smem::kBytes];
-  __shared__ int64_t l_row[BK];
-  __shared__ int64_t r_row[BK];
-  TC* As = reinterpret_cast<TC*>(smem);
-  TC* Bs = As + BK * Tile::LDA;
-  float* Cs = reinterpret_cast<float*>(smem);
+  __shared__ typename Tile::Shared sh;
 
   const int e = blockIdx.x;
   const int c = blockIdx.y;
@@ -133,10 +125,9 @@ __global__ void __launch_bounds__(kThreads)
 
   typename Tile::Mma mma;
   mma.zero();
-  accumulate_tokens<TA, TC, BM, BN, BK>(mma, As, Bs, l_row, r_row, op, j0, rows, n0, t_begin, t_end, drop);
-  __syncthreads();
-  mma.template store<Tile::LDC>(Cs);
-  __syncthreads();
+  accumulate_tokens<TA, TC, BM, BN, BK>(mma, sh, op, j0, rows, n0, t_begin, t_end, drop);
+  const float* Cs = sh.Cs();
+  stage_result<Tile::LDC>(mma, sh.Cs());
   const int ncols = min(BN, op.N - n0);
   const int64_t base = (static_cast<int64_t>(e) * chunks + c) * R;
   for (int i = threadIdx.x; i < BM * BN; i += kThreads) {

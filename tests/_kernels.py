@@ -3,23 +3,11 @@ runs them for "triton" and "cuda"; test_triton_backend.py and test_cuda_backend.
 
 import contextlib
 
-import pytest
 import torch
 
 import flix_kernels as fk
 from conftest import DEVICE, random_adapters, random_feature_ids
-from flix_kernels import backends
 from flix_kernels.backends import cuda_backend, kernel_ops, triton_backend
-
-BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(
-    backends.unavailable_reason(name, DEVICE) is not None,
-    reason=f"backend {name} unavailable: {backends.unavailable_reason(name, DEVICE)}")) for name in ("triton", "cuda")]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request) -> str:
-    return request.param
-
 
 # Launch plans that exercise every path on tiny shapes: small tiles (token tiles straddling
 # examples), K split over several blocks, weight gradients split over token chunks.

@@ -27,6 +27,18 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 # wrongly (it multiplies the raw bits; triton-lang/triton issue 11584), so bf16 is GPU-only.
 KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 
+# The fused kernel backends; the "backend" fixture runs a test once per backend, skipping the ones
+# that cannot run here (without a GPU: "cuda"; "triton" runs in the interpreter).
+BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(
+    fk.backends.unavailable_reason(name, DEVICE) is not None,
+    reason=f"backend {name} unavailable: {fk.backends.unavailable_reason(name, DEVICE)}")) for name in ("triton", "cuda")]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

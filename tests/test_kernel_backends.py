@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import flix_kernels as fk
-from _kernels import GRAD_PATHS, _base, _case, _space, backend, forced_paths, keep_mask  # noqa: F401 (fixture)
+from _kernels import GRAD_PATHS, _base, _case, _space, forced_paths, keep_mask
 from conftest import (DEVICE, KERNEL_DTYPES, assert_close, check_against_oracle, oracle, random_adapters,
                       random_feature_ids, random_scaling, random_space, requires_cuda)
 from flix_kernels.reference import flix_linear_reference

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .kernel_ops import KernelOps, draw_seed  # noqa: F401  (draw_seed: re-exported for tests)
+from .kernel_ops import KernelOps
 
 try:  # Triton is optional (no wheels for some platforms); the backend reports why it is off.
     import triton  # noqa: F401

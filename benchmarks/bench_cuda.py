@@ -23,7 +23,6 @@ Writes ``cuda_vs_triton.json`` and ``cuda_vs_triton.md`` to ``--out`` (default
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -37,7 +36,7 @@ from flix_kernels import cuda as bridge
 from flix_kernels.backends import available_backends
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_common import (ROOT, base_forward_backward, bench, device_slug, git_commit, peak_rates,  # noqa: E402
+from gpu_common import (base_forward_backward, bench, git_commit, peak_rates, start_run,  # noqa: E402
                         rotating, with_backward, write_table)
 
 D, RANK, LANGS, TASKS = 4096, 16, 56, 8
@@ -80,19 +79,8 @@ def forward_backward(routing, backend):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="shorter timing runs")
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--rotations", type=int, default=4)
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench_cuda.py needs a CUDA GPU")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    rep = 100 if args.quick else 300
+    args, rep, name, out_dir = start_run(__doc__, "bench_cuda.py", argv, rotations=4, rep_ms=300)
     dtype = torch.bfloat16
-    name = torch.cuda.get_device_name()
-    out_dir = args.out or ROOT / "benchmarks" / "results" / device_slug(name)
-    out_dir.mkdir(parents=True, exist_ok=True)
     kernels = [b for b in ("cuda", "triton") if b in available_backends("cuda")]
     if "cuda" not in kernels:
         sys.exit(f"the cuda backend is unavailable: {bridge.unavailable_reason('cuda')}")

@@ -21,7 +21,6 @@ Writes ``triton_headline.json`` and ``triton_headline.md`` to ``--out`` (default
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -35,7 +34,7 @@ from flix_kernels.backends import triton_backend
 from flix_kernels.reference import flix_delta_reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_common import (ROOT, base_forward_backward, bench, device_slug, git_commit, peak_rates,  # noqa: E402
+from gpu_common import (base_forward_backward, bench, git_commit, peak_rates, start_run,  # noqa: E402
                         rotating, with_backward)
 
 
@@ -71,19 +70,8 @@ def check_correct(routing, space, x, W, A, Bm, scaling):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="shorter timing runs")
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--rotations", type=int, default=3)
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench_triton.py needs a CUDA GPU")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    rep = 100 if args.quick else 400
+    args, rep, name, out_dir = start_run(__doc__, "bench_triton.py", argv, rotations=3, rep_ms=400)
     dtype = torch.bfloat16
-    name = torch.cuda.get_device_name()
-    out_dir = args.out or ROOT / "benchmarks" / "results" / device_slug(name)
-    out_dir.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator("cuda").manual_seed(0)
 
     B, L, d, r = 8, 1024, 4096, 16

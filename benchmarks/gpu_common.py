@@ -12,6 +12,26 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def start_run(doc: str, script: str, argv, rotations: int, rep_ms: int):
+    """Parse ``--quick/--out/--rotations``, require CUDA, turn tf32 off. Returns ``(args, rep_ms,
+    device name, output folder benchmarks/results/<device>/ unless --out)``."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="shorter timing runs")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--rotations", type=int, default=rotations, help="input sets the timed calls cycle through")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit(f"{script} needs a CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    name = torch.cuda.get_device_name()
+    out_dir = args.out or ROOT / "benchmarks" / "results" / device_slug(name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return args, (100 if args.quick else rep_ms), name, out_dir
+
+
 def bench(fn, rep_ms, graph=False):
     """Median/p20/p80 in ms. ``do_bench`` flushes L2 before every call; ``graph=True`` replays
     the calls from a CUDA graph (no launch overhead, no flush: the rotated inputs are what

@@ -98,6 +98,7 @@ if __name__ == "__main__":
                     status.update(cuda_extension="failed", reason=f"not built: the CUDA build failed ({exc}); "
                                   "reinstall with FLIX_CUDA=1 and pip -v to see the compiler output")
             if status["cuda_extension"] != "built":
+                target.unlink(missing_ok=True)  # a library left by an earlier build would contradict the status
                 print(f"flix_kernels: the CUDA backend is off: {status['reason']}", file=sys.stderr)
             # Beside the built library, and in the source package for editable installs (setuptools
             # copies the library there, not other files).

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import flix_kernels as fk
 from _kernels import _base, _case, _space
@@ -229,6 +231,50 @@ def cuda_backend_launch():
     from flix_kernels.cuda import launch
 
     return launch
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch plans (pure functions of shapes: checked here for every shape hypothesis draws)
+# ---------------------------------------------------------------------------------------------
+@requires_extension
+@settings(max_examples=300, deadline=None)
+@given(T=st.integers(0, 1 << 20), N=st.integers(1, 1 << 17), B=st.integers(1, 4096), Rs=st.integers(1, 700),
+       present=st.integers(1, 5000), max_pair_rank=st.integers(1, 256), max_len=st.integers(1, 1 << 17),
+       sms=st.sampled_from([1, 108, 132]))
+def test_weight_gradient_plan_covers_every_token_within_limits(T, N, B, Rs, present, max_pair_rank, max_len, sms):
+    launch = cuda_backend_launch()
+    P = B  # at least one pair per example here; the plan only asks whether there are any
+    tile, chunks, chunk = launch.grad_plan(T, N, B, Rs, P, present, max_pair_rank, max_len, sms)
+    assert tile in (0, 1)
+    if chunks == 0:  # owner path: no workspace
+        assert chunk == 0
+        return
+    rows = 16 if tile == 0 else 64
+    assert chunk >= 1 and chunks * chunk >= max_len and (chunks - 1) * chunk < max_len  # no empty chunk column
+    assert chunks <= 65535 and (-(-N // 128)) * (-(-Rs // rows)) <= 65535
+    assert B * chunks * Rs * N * 4 <= launch.WORKSPACE_BYTES
+    assert tile == (0 if Rs <= 16 else 1)  # a split block covers all of its example's slots
+
+
+@requires_extension
+def test_weight_gradient_plan_prefers_the_owner_path_when_it_fills_the_gpu():
+    launch = cuda_backend_launch()
+    assert launch.grad_plan(8192, 4096, 8, 32, 16, 64, 16, 1024, 132)[1] == 0  # 64 features x 32 column tiles
+    tile, chunks, chunk = launch.grad_plan(8192, 512, 8, 32, 16, 2, 16, 1024, 132)  # 2 features x 4 tiles: split
+    assert chunks > 1 and tile == 1
+    assert launch.grad_plan(0, 512, 8, 32, 0, 0, 16, 1, 132)[1] == 0  # nothing to split
+
+
+@requires_extension
+@settings(max_examples=200, deadline=None)
+@given(T=st.integers(1, 1 << 20), K=st.integers(1, 1 << 16), R=st.integers(1, 700), sms=st.sampled_from([1, 132]))
+def test_shrink_plan_splits_k_only_for_few_blocks(T, K, R, sms):
+    tile, splits = cuda_backend_launch().shrink_plan(T, K, R, sms)
+    assert tile == (0 if T <= 64 else 1)
+    rows, k_step = (16, 64) if tile == 0 else (64, 32)
+    assert 1 <= splits <= max(1, -(-K // k_step))
+    if (-(-T // rows)) * (-(-R // 64)) >= 2 * sms:
+        assert splits == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ __all__ = ["MIN_CAPABILITY", "build_info", "build_status", "extension_error", "u
 # WMMA on bf16 and the kernels' shared-memory tiles need Ampere or newer.
 MIN_CAPABILITY = (8, 0)
 _BUILD_FILE = Path(__file__).resolve().parent.parent / "_build.json"
-_DEVICE_REASON: dict = {}  # device index -> reason or None (capability does not change)
+_DEVICE_REASON: dict = {}  # device index (or "no_torch_cuda") -> reason or None; fixed per process
 
 
 def build_status() -> dict:
@@ -62,10 +62,12 @@ def unavailable_reason(device=None) -> Optional[str]:
         return extension_error()
     dev = torch.device(device) if device is not None else None
     if not torch.cuda.is_available():
-        count, why = _C.device_count()
-        here = (f"no CUDA device is usable here ({why or 'none found'})" if count == 0 else
-                "this torch build has no CUDA support, so it cannot hand CUDA tensors to the kernels")
-        return f"the CUDA kernels need a CUDA device; {here}"
+        if "no_torch_cuda" not in _DEVICE_REASON:  # asked once: the answer does not change in a process
+            count, why = _C.device_count()
+            here = (f"no CUDA device is usable here ({why or 'none found'})" if count == 0 else
+                    "this torch build has no CUDA support, so it cannot hand CUDA tensors to the kernels")
+            _DEVICE_REASON["no_torch_cuda"] = f"the CUDA kernels need a CUDA device; {here}"
+        return _DEVICE_REASON["no_torch_cuda"]
     if dev is not None and dev.type != "cuda":
         return f"the CUDA kernels need a CUDA device, got {dev}"
     index = dev.index if dev is not None and dev.index is not None else torch.cuda.current_device()

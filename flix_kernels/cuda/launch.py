@@ -166,6 +166,53 @@ def _overlaps(t: torch.Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# Launch plans (shapes and host ints only; unit-tested on CPU)
+# ---------------------------------------------------------------------------------------------
+def shrink_plan(T: int, K: int, R: int, sms: int) -> tuple[int, int]:
+    """``(tile, splits)`` of a shrink of T tokens, K inputs and R slots: 16-token tiles for decode;
+    few tokens split K until the blocks cover the GPU twice, as far as K allows."""
+    tile = OVERRIDES.get("tile", _SMALL if T <= DECODE_TOKENS else _LARGE)
+    rows, slots_per_block, k_step = _SHRINK_TILE[tile]
+    blocks = _cdiv(T, rows) * _cdiv(R, slots_per_block)
+    splits = OVERRIDES.get("splits", max(1, min(_cdiv(2 * sms, blocks), _cdiv(K, k_step))))
+    return tile, splits
+
+
+def grad_plan(T: int, N: int, B: int, Rs: int, P: int, present: int, max_pair_rank: int, max_len: int,
+              sms: int) -> tuple[int, int, int]:
+    """``(tile, chunks, chunk)`` of a weight gradient: ``chunks == 0`` is the owner path (used when
+    one block per present feature and column tile covers the GPU twice, or the split path's
+    workspace would exceed WORKSPACE_BYTES, or a grid dimension 65535); else the split path with
+    ``chunks`` chunks of ``chunk`` tokens per example (``chunks * chunk >= max_len``)."""
+    col_tiles = _cdiv(N, _GRAD_COLS)
+    target = 2 * sms
+    path = OVERRIDES.get("grad_path") or ("owner" if present * col_tiles >= target else "split")
+    chunks = chunk = 0
+    tile = _rows_tile(max_pair_rank)
+    if path == "split" and T > 0 and P > 0:
+        tile = _rows_tile(Rs)  # a split block covers all slots of its example
+        max_len = max(int(max_len), 1)
+        if "chunk" in OVERRIDES:
+            chunk = OVERRIDES["chunk"]
+        else:
+            per_chunk = B * col_tiles * _cdiv(Rs, _GRAD_TILE[tile])
+            chunks = max(1, min(_cdiv(target, per_chunk), _cdiv(max_len, _GRAD_TOKENS)))
+            chunk = _cdiv(_cdiv(max_len, chunks), _GRAD_TOKENS) * _GRAD_TOKENS
+        chunks = _cdiv(max_len, chunk)
+        budget = min(WORKSPACE_BYTES // (B * Rs * N * 4), 65535)
+        if col_tiles * _cdiv(Rs, _GRAD_TILE[tile]) > 65535:  # grid z of the split kernel
+            budget = 0
+        if chunks > budget:  # fewer, longer chunks; none fit: the owner path needs no workspace
+            chunks = budget
+            if chunks >= 1:
+                chunk = _cdiv(_cdiv(max_len, chunks), _GRAD_TOKENS) * _GRAD_TOKENS
+                chunks = _cdiv(max_len, chunk)
+            else:
+                chunks, chunk, tile = 0, 0, _rows_tile(max_pair_rank)
+    return OVERRIDES.get("tile", tile), chunks, chunk
+
+
+# ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
 def shrink(X, M, stride_mr, stride_mk, slot_rank, slot_feature, cu, scaling, scale, seed, p_drop, seq_len,
@@ -188,11 +235,7 @@ def shrink(X, M, stride_mr, stride_mk, slot_rank, slot_feature, cu, scaling, sca
         return H
     if K == 0:
         return H.zero_()
-    tile = OVERRIDES.get("tile", _SMALL if T <= DECODE_TOKENS else _LARGE)
-    rows, slots_per_block, k_step = _SHRINK_TILE[tile]
-    blocks = _cdiv(T, rows) * _cdiv(R, slots_per_block)
-    # Few tokens (decode): split K until the blocks cover the GPU twice, as far as K allows.
-    splits = OVERRIDES.get("splits", max(1, min(_cdiv(2 * num_sms(X.device), blocks), _cdiv(K, k_step))))
+    tile, splits = shrink_plan(T, K, R, num_sms(X.device))
     ws = torch.empty(splits, T, R, device=X.device, dtype=torch.float32) if splits > 1 else None
     scale_t = None if scaling is None else scaling.to(torch.float32).contiguous()
     device, stream = _launch_context(X)
@@ -266,32 +309,8 @@ def weight_grad(L, R, G, stride_gr, stride_gn, meta, seq_len, max_len, compute_d
     P = meta.pair_example.shape[0]
     if G.numel() == 0 or N == 0 or F == 0:
         return G
-    col_tiles = _cdiv(N, _GRAD_COLS)
-    target = 2 * num_sms(R.device)
-    path = OVERRIDES.get("grad_path") or ("owner" if meta.present_features.shape[0] * col_tiles >= target else "split")
-    chunks = chunk = 0
-    tile = _rows_tile(meta.max_pair_rank)
-    if path == "split" and T > 0 and P > 0:
-        tile = _rows_tile(Rs)  # a split block covers all slots of its example
-        max_len = max(int(max_len), 1)
-        if "chunk" in OVERRIDES:
-            chunk = OVERRIDES["chunk"]
-        else:
-            per_chunk = B * col_tiles * _cdiv(Rs, _GRAD_TILE[tile])
-            chunks = max(1, min(_cdiv(target, per_chunk), _cdiv(max_len, _GRAD_TOKENS)))
-            chunk = _cdiv(_cdiv(max_len, chunks), _GRAD_TOKENS) * _GRAD_TOKENS
-        chunks = _cdiv(max_len, chunk)
-        budget = min(WORKSPACE_BYTES // (B * Rs * N * 4), 65535)
-        if col_tiles * _cdiv(Rs, _GRAD_TILE[tile]) > 65535:  # grid z of the split kernel
-            budget = 0
-        if chunks > budget:  # fewer, longer chunks; none fit: the owner path needs no workspace
-            chunks = budget
-            if chunks >= 1:
-                chunk = _cdiv(_cdiv(max_len, chunks), _GRAD_TOKENS) * _GRAD_TOKENS
-                chunks = _cdiv(max_len, chunk)
-            else:
-                chunks, chunk, tile = 0, 0, _rows_tile(meta.max_pair_rank)
-    tile = OVERRIDES.get("tile", tile)
+    tile, chunks, chunk = grad_plan(T, N, B, Rs, P, meta.present_features.shape[0], meta.max_pair_rank, max_len,
+                                    num_sms(R.device))
     ws = torch.empty(B * chunks * Rs * N, device=R.device, dtype=torch.float32) if chunks else None
     device, stream = _launch_context(R)
     pairs = (meta.pair_example.data_ptr(), meta.pair_slot.data_ptr(), meta.feature_pair_start.data_ptr(),

@@ -149,6 +149,7 @@ PYBIND11_MODULE(_C, m) {
     info["archs"] = flix::build_archs();
     info["cuda_runtime"] = flix::cuda_runtime_version();
     info["compiler"] = flix::compiler_version();
+    info["flags"] = flix::build_flags();
     info["cudart"] = "static";
     int driver = 0;
     info["driver"] = cudaDriverGetVersion(&driver) == cudaSuccess ? driver : 0;

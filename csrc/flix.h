@@ -76,5 +76,6 @@ void weight_grad(const Matrix& l, const Matrix& r, const Matrix& g, const Routin
 const char* build_archs();
 int cuda_runtime_version();  // the CUDA runtime this was built with (e.g. 13000)
 const char* compiler_version();
+const char* build_flags();  // build type and nvcc options
 
 }  // namespace flix

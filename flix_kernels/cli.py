@@ -60,7 +60,7 @@ def _print_info() -> int:
     if ext["loaded"]:
         b = ext["build"]
         print(f"CUDA extension: loaded; archs {b.get('archs')}, CUDA runtime {b.get('cuda_runtime')} (static), "
-              f"{b.get('compiler')}, driver {b.get('driver') or 'none'}")
+              f"{b.get('compiler')} ({b.get('flags')}), driver {b.get('driver') or 'none'}")
     else:
         print(f"CUDA extension: not loaded: {ext['error']}")
     if "triton_settings" in d:

@@ -21,6 +21,7 @@ from _kernels import _base, _case, _space
 from conftest import DEVICE, check_against_oracle, oracle, random_feature_ids
 from flix_kernels import backends
 from flix_kernels import cuda as bridge
+from flix_kernels.cuda import launch as cuda_launch
 from flix_kernels.backends import BackendUnavailableError, get_backend, torch_backend, triton_backend
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,6 +77,17 @@ def test_build_switches(tmp_path):
         setup.cuda_build_plan({"FLIX_CUDA": "yes"}, **none)
     assert setup.cuda_archs({}) == "80-real;89-real;90"
     assert setup.cuda_archs({"FLIX_CUDA_ARCHS": "80, 90a"}) == "80;90a"
+
+
+def test_missing_extension_reports_the_recorded_reason(tmp_path, monkeypatch):
+    status = tmp_path / "_build.json"
+    status.write_text('{"cuda_extension": "skipped", "reason": "not built: disabled at install time (FLIX_CUDA=0)"}')
+    monkeypatch.setattr(bridge, "_C", None)
+    monkeypatch.setattr(bridge, "_BUILD_FILE", status)
+    assert bridge.extension_error() == "the CUDA extension flix_kernels._C was not built: disabled at install time (FLIX_CUDA=0)"
+    assert bridge.unavailable_reason("cuda") == bridge.extension_error()
+    status.unlink()  # installed some other way: the import error and how to see the build
+    assert "not importable" in bridge.extension_error() and "FLIX_CUDA=1" in bridge.extension_error()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +200,7 @@ def test_shrink_validation_names_what_is_wrong(case):
     if case == "cpu_tensors" and HAS_GPU:
         pytest.skip("CPU tensors are only the last error on a machine without a GPU")
     with pytest.raises(exc, match=match):
-        cuda_backend_launch().shrink(**_shrink_args(**change))
+        cuda_launch.shrink(**_shrink_args(**change))
 
 
 EXPAND_ERRORS = {
@@ -205,7 +217,7 @@ EXPAND_ERRORS = {
 def test_expand_validation_names_what_is_wrong(case):
     change, exc, match = EXPAND_ERRORS[case]
     with pytest.raises(exc, match=match):
-        cuda_backend_launch().expand(**_expand_args(**change))
+        cuda_launch.expand(**_expand_args(**change))
 
 
 @requires_extension
@@ -215,7 +227,7 @@ def test_weight_grad_validation_names_what_is_wrong():
     meta = routing.kernel_metadata(torch.device("cpu"))
     L, R = torch.randn(6, routing.max_active_rank), torch.randn(6, 5)
     G = torch.empty(space.total_rank, 5)
-    launch = cuda_backend_launch()
+    launch = cuda_launch
     with pytest.raises(ValueError, match=r"G must hold \(R_total=34\) x \(N=5\) elements"):
         launch.weight_grad(L, R, torch.empty(3, 5), 5, 1, meta, 3, 3, torch.float32)
     with pytest.raises(ValueError, match="L must be"):
@@ -227,12 +239,6 @@ def test_weight_grad_validation_names_what_is_wrong():
             launch.weight_grad(L, R, G, 5, 1, meta, 3, 3, torch.float32)
 
 
-def cuda_backend_launch():
-    from flix_kernels.cuda import launch
-
-    return launch
-
-
 # ---------------------------------------------------------------------------------------------
 # Launch plans (pure functions of shapes: checked here for every shape hypothesis draws)
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +248,7 @@ def cuda_backend_launch():
        present=st.integers(1, 5000), max_pair_rank=st.integers(1, 256), max_len=st.integers(1, 1 << 17),
        sms=st.sampled_from([1, 108, 132]))
 def test_weight_gradient_plan_covers_every_token_within_limits(T, N, B, Rs, present, max_pair_rank, max_len, sms):
-    launch = cuda_backend_launch()
+    launch = cuda_launch
     P = B  # at least one pair per example here; the plan only asks whether there are any
     tile, chunks, chunk = launch.grad_plan(T, N, B, Rs, P, present, max_pair_rank, max_len, sms)
     assert tile in (0, 1)
@@ -258,7 +264,7 @@ def test_weight_gradient_plan_covers_every_token_within_limits(T, N, B, Rs, pres
 
 @requires_extension
 def test_weight_gradient_plan_prefers_the_owner_path_when_it_fills_the_gpu():
-    launch = cuda_backend_launch()
+    launch = cuda_launch
     assert launch.grad_plan(8192, 4096, 8, 32, 16, 64, 16, 1024, 132)[1] == 0  # 64 features x 32 column tiles
     tile, chunks, chunk = launch.grad_plan(8192, 512, 8, 32, 16, 2, 16, 1024, 132)  # 2 features x 4 tiles: split
     assert chunks > 1 and tile == 1
@@ -269,7 +275,7 @@ def test_weight_gradient_plan_prefers_the_owner_path_when_it_fills_the_gpu():
 @settings(max_examples=200, deadline=None)
 @given(T=st.integers(1, 1 << 20), K=st.integers(1, 1 << 16), R=st.integers(1, 700), sms=st.sampled_from([1, 132]))
 def test_shrink_plan_splits_k_only_for_few_blocks(T, K, R, sms):
-    tile, splits = cuda_backend_launch().shrink_plan(T, K, R, sms)
+    tile, splits = cuda_launch.shrink_plan(T, K, R, sms)
     assert tile == (0 if T <= 64 else 1)
     rows, k_step = (16, 64) if tile == 0 else (64, 32)
     assert 1 <= splits <= max(1, -(-K // k_step))
@@ -288,7 +294,7 @@ def test_dropout_keep_mask_equals_the_triton_backends(p, seed):
     by the extension's own Philox code, so this runs without a GPU)."""
     seed_t = torch.tensor([seed % (2**31 - 1)], dtype=torch.int64, device=DEVICE)
     want = triton_backend.launch.keep_mask(seed_t, 37, 130, p).cpu()
-    got = cuda_backend_launch().keep_mask(int(seed_t), 37, 130, p)
+    got = cuda_launch.keep_mask(int(seed_t), 37, 130, p)
     assert torch.equal(got, want)
     assert abs(got.float().mean().item() - (1 - p)) < 4 * (p * (1 - p) / got.numel()) ** 0.5
 

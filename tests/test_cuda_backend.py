@@ -47,7 +47,8 @@ def test_extension_is_built_and_imports_when_nvcc_is_present():
         pytest.skip("no nvcc here (or FLIX_CUDA=0): the package installs without the extension")
     assert bridge._C is not None, bridge.extension_error()
     info = bridge.build_info()
-    assert info["archs"].split(",") == ["80-real", "89-real", "90"] or os.environ.get("FLIX_CUDA_ARCHS")
+    recorded = bridge.build_status().get("archs")  # what setup.py was asked for (default or FLIX_CUDA_ARCHS)
+    assert info["archs"].split(",") == (recorded.split(";") if recorded else ["80-real", "89-real", "90"])
     assert info["cuda_runtime"] >= 11080 and info["cudart"] == "static"
     assert bridge.build_status().get("cuda_extension") in (None, "built")
     assert fk.info()["cuda_extension"]["loaded"]
@@ -337,8 +338,8 @@ def test_cuda_agrees_with_triton_and_the_oracle(seed, case):
     routing, ids, x, A, Bm = _case(gen, _space(), B, shape, in_f, out_f, dtype, cu=cu, p_absent=0.2)
     W, b = _base(gen, in_f, out_f, dtype)
     gy = torch.randn(*shape, out_f, generator=gen, dtype=torch.float64)
-    results = {name: check_against_oracle(x, A, Bm, routing, ids, routing.space, 0.75, backend=name, weight=W, bias=b,
-                                          grad_out=gy)[:4] for name in ("cuda", "triton")}
+    results = {name: check_against_oracle(x, A, Bm, routing, ids, routing.space, 0.75, backend=name, cu=cu, weight=W,
+                                          bias=b, grad_out=gy)[:4] for name in ("cuda", "triton")}
     ref, leaves = oracle(x, A, Bm, ids, routing.space, 0.75, torch.float64, cu, W, b)
     (ref * gy).sum().backward()
     want = [ref] + [t.grad for t in leaves[:3]]
@@ -391,6 +392,8 @@ def test_layer_training_step_under_autocast_matches_torch_backend(seed):
             out = layer(x, routing=routing)
         out.float().square().sum().backward()
         outs[name] = (out.float(), layer.lora_A.grad, layer.lora_B.grad)
-    for got, want in zip(outs["cuda"], outs["torch"]):
-        torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
+    for name, got, want in zip(("out", "dA", "dB"), outs["cuda"], outs["torch"]):
+        # bf16 outputs round differently per backend: compare whole tensors, not single elements
+        err = ((got.double() - want.double()).norm() / want.double().norm()).item()
+        assert err < 1e-2, f"{name}: relative error {err:.3g} between cuda and torch under autocast"
     assert outs["cuda"][1].dtype == torch.float32

@@ -24,6 +24,7 @@ and no host-device synchronisation: all decisions use the routing's host-side me
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,11 @@ def _layout(routing: Routing, token_shape) -> TokenLayout:
 
 
 @torch.compiler.disable
+def supports(x: torch.Tensor, lora_A: torch.Tensor) -> Optional[str]:
+    """Why these inputs cannot use this backend: never (it takes every floating dtype pair)."""
+    return None
+
+
 def plan(routing: Routing, layout: TokenLayout, device: torch.device) -> Plan:
     """Build (once per routing, layout and device; cached on the routing) the strategy.
 

@@ -309,6 +309,8 @@ def weight_grad(L, R, G, stride_gr, stride_gn, meta, seq_len, max_len, compute_d
     P = meta.pair_example.shape[0]
     if G.numel() == 0 or N == 0 or F == 0:
         return G
+    if T == 0:  # no token: every gradient row is zero (and a packed routing has seq_len 0)
+        return G.zero_()
     tile, chunks, chunk = grad_plan(T, N, B, Rs, P, meta.present_features.shape[0], meta.max_pair_rank, max_len,
                                     num_sms(R.device))
     ws = torch.empty(B * chunks * Rs * N, device=R.device, dtype=torch.float32) if chunks else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+from pathlib import Path
 
 
 def info() -> dict:
@@ -72,10 +73,58 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="flix-kernels", description="FLix kernels: tools")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device, which backends are available (and why not), CUDA build")
+    b = sub.add_parser("bench", help="time FLix layers against base F.linear, plain PyTorch, PEFT LoRA and more")
+    b.add_argument("--quick", action="store_true", help="short runs and fewer shapes (under two minutes on a CPU)")
+    b.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    b.add_argument("--shapes", choices=("headline", "decode", "sweep", "all"), nargs="+", default=None,
+                   help="shape sets (default: all; headline and decode with --quick)")
+    b.add_argument("--out", type=Path, default=None, help="output folder (default: ./flix-bench-<device>)")
+    b.add_argument("--compile", dest="compile_torch", action="store_true", default=None,
+                   help="also time torch.compile of the torch backend (default on CUDA)")
+    b.add_argument("--no-compile", dest="compile_torch", action="store_false")
+    b.add_argument("--no-e2e", dest="e2e", action="store_false", help="skip the end-to-end training step")
+    b.add_argument("--backends", nargs="+", choices=("torch", "triton", "cuda"), default=None,
+                   help="our backends to time (default: every available one)")
+    b.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     if args.command == "info":
         return _print_info()
+    if args.command == "bench":
+        return _bench(args)
     return 2
+
+
+def _bench(args) -> int:
+    import torch
+
+    from flix_kernels.backends import unavailable_reason
+    from flix_kernels.bench import SHAPE_SETS, Config, bench
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("flix-kernels bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    if device.type == "cpu":
+        why = {b: unavailable_reason(b, "cpu") for b in ("triton", "cuda")}
+        print("CPU run: timing the torch backend and the plain-PyTorch/PEFT variants; "
+              + "; ".join(f"{b} is not timed ({r})" for b, r in why.items() if r))
+    shapes = args.shapes or (["headline", "decode"] if args.quick else ["all"])
+    shapes = SHAPE_SETS if "all" in shapes else tuple(shapes)
+    backends = args.backends
+    if backends:
+        bad = {b: unavailable_reason(b, device) for b in backends if unavailable_reason(b, device)}
+        if bad:
+            print("flix-kernels bench: " + "; ".join(f"backend {b} is unavailable: {r}" for b, r in bad.items()),
+                  file=sys.stderr)
+            return 2
+    out = args.out or Path(f"flix-bench-{device.type}")
+    cfg = Config(device=device, shapes=shapes, quick=args.quick, compile_torch=args.compile_torch, e2e=args.e2e,
+                 backends=backends)
+    record = bench(cfg, out, show_progress=args.progress)
+    if record["failures"]:
+        print(f"flix-kernels bench: {len(record['failures'])} failure(s), see above", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,68 @@
+"""``flix-kernels bench``: how much faster than what you would otherwise write, and how close to
+the hardware's limit, measured side by side in one run on the device at hand.
+
+Layout: :mod:`.cases` (shapes, routings, inputs), :mod:`.variants` (the implementations
+compared), :mod:`.suite` (check against float64, then time), :mod:`.e2e` (a training step of a
+small Llama), :mod:`.timing` (timers, measured peaks, provenance), :mod:`.report` (JSON,
+markdown, plots, console tables, targets).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .cases import SHAPE_SETS, Case
+from .suite import Config, run
+
+__all__ = ["Case", "Config", "SHAPE_SETS", "bench", "run"]
+
+
+def bench(cfg: Config, out_dir: Path, *, show_progress: bool = True) -> dict:
+    """Run the suite, write ``results.json``, ``results.md`` and the plots to ``out_dir``, print
+    the tables; returns the record (``record["failures"]`` lists anything wrong)."""
+    from . import report
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _progress(show_progress) as step:
+        record = run(cfg, progress=step)
+    record["summary"] = report.summarize(record)
+    report.write_json(out_dir / "results.json", record)
+    md = out_dir / "results.md"
+    tmp = md.with_name(md.name + ".tmp")
+    tmp.write_text(report.markdown(record))
+    tmp.replace(md)
+    record["plots"] = [str(p) for p in report.plots(record, out_dir)]
+    report.console(record)
+    print(f"wrote {out_dir / 'results.json'}, {md}" + "".join(f", {p}" for p in record["plots"]))
+    return record
+
+
+class _progress:
+    """A rich spinner/bar naming the step in progress (plain lines without rich or a terminal)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar = enabled, None
+
+    def __enter__(self):
+        if self.enabled:
+            try:
+                from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+                self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                    TextColumn("{task.completed} steps"), transient=False)
+                self.bar.start()
+                self.task = self.bar.add_task("starting", total=None)
+            except ImportError:
+                self.bar = None
+        return self.step
+
+    def step(self, what: str):
+        if self.bar is not None:
+            self.bar.update(self.task, description=what, advance=1)
+        elif self.enabled:
+            print(f"... {what}", flush=True)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        return False

@@ -1,0 +1,147 @@
+"""One end-to-end number: a training step of a small Llama-style model with FLix on every linear
+layer (W frozen), per backend, against the per-feature loop and PEFT's single LoRA.
+
+The model is built from a ``transformers`` LlamaConfig (no download): on CUDA about 110M
+parameters (hidden 768, 12 layers, tied embeddings), batch 8 x 512 tokens, bf16; on a CPU a
+2-layer, 128-wide model so the run stays short. Features: 2 groups of 32 (a language and a task
+per example), rank 16, so PEFT's adapter has rank 32. The FLix variants and the loop share the
+same random adapters, and their first losses must agree before anything is timed.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+import types
+
+import torch
+
+from ..features import FeatureSpace
+from ..model import flix_layers, inject, set_routing
+from ..routing import Routing
+from .variants import loop_linear
+
+RANK, PER_GROUP = 16, 32
+
+
+def _configs(cuda: bool, quick: bool) -> dict:
+    if cuda:
+        model = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                     num_key_value_heads=12, vocab_size=32000, max_position_embeddings=1024)
+        return {"model": model, "batch": 8, "seq_len": 512, "warmup": 2, "steps": 4 if quick else 10}
+    model = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=512, max_position_embeddings=128)
+    return {"model": model, "batch": 4, "seq_len": 64, "warmup": 1, "steps": 3 if quick else 8}
+
+
+def _loop_forward(self, x, routing=None):
+    """FLixLinear.forward through the per-feature loop (same parameters, same routing)."""
+    routing = self._resolve_routing(routing)
+    return loop_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B, routing,
+                       self.scaling)
+
+
+def run_e2e(device: torch.device, dtype, backends: list[str], *, quick: bool, timer=None) -> dict:
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return {"skipped": "transformers is not installed (pip install transformers)"}
+    cuda = device.type == "cuda"
+    cfg = _configs(cuda, quick)
+    torch.manual_seed(0)
+    config = LlamaConfig(**cfg["model"], tie_word_embeddings=True)
+    base = LlamaForCausalLM(config).to(device, dtype)
+    base.requires_grad_(False)
+    params = sum(p.numel() for p in base.parameters())
+    space = FeatureSpace({"language": [f"l{i}" for i in range(PER_GROUP)],
+                          "task": [f"t{i}" for i in range(PER_GROUP)]}, RANK)
+    gen = torch.Generator().manual_seed(0)
+    B, L = cfg["batch"], cfg["seq_len"]
+    tokens = torch.randint(0, config.vocab_size, (B, L), generator=gen).to(device)
+    ids = torch.stack([torch.randint(0, PER_GROUP, (B,), generator=gen),
+                       torch.randint(PER_GROUP, 2 * PER_GROUP, (B,), generator=gen)], 1)
+    routing = Routing(ids, space).to(device)
+
+    flix = copy.deepcopy(base)
+    inject(flix, space, target_modules="all-linear", init="gaussian", backend="torch")
+    init_gen = torch.Generator(device).manual_seed(1)
+    with torch.no_grad():  # non-zero B, so the adapters change the output and the loss check means something
+        for _, layer in flix_layers(flix):
+            layer.lora_B.normal_(0.0, 0.02, generator=init_gen)
+    models = {}
+    for b in backends:
+        m = copy.deepcopy(flix)
+        for _, layer in flix_layers(m):
+            layer.backend = b
+        models[f"ours: {b}"] = m
+    loop = copy.deepcopy(flix)
+    for _, layer in flix_layers(loop):
+        layer.forward = types.MethodType(_loop_forward, layer)
+    models["torch loop"] = loop
+    skipped = {}
+    try:
+        from peft import LoraConfig, get_peft_model
+
+        pcfg = LoraConfig(r=2 * RANK, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0)
+        models["PEFT LoRA (r=active rank)"] = get_peft_model(copy.deepcopy(base), pcfg, autocast_adapter_dtype=False)
+    except ImportError:
+        skipped["PEFT LoRA (r=active rank)"] = "peft is not installed"
+    del base
+
+    def loss_of(model):
+        if flix_layers(model):
+            set_routing(model, routing)
+        return model(input_ids=tokens, labels=tokens).loss
+
+    with torch.no_grad():
+        ref = loss_of(models["torch loop"]).item()
+        first = {name: loss_of(m).item() for name, m in models.items()}
+    tol = 2e-2 if dtype != torch.float32 else 1e-4
+    failures = [f"e2e {name}: first loss {v:.5f} vs the loop's {ref:.5f}" for name, v in first.items()
+                if name.startswith("ours") and not abs(v - ref) <= tol * abs(ref)]
+    rows = {}
+    for name, model in models.items():
+        model.train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=1e-4)
+
+        def step():
+            loss = loss_of(model)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        try:
+            for _ in range(cfg["warmup"]):
+                step()
+            _sync(device)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            times = []
+            for _ in range(cfg["steps"]):
+                t0 = time.perf_counter()
+                step()
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+            med = statistics.median(times)
+            rows[name] = {"step_ms": med * 1e3, "step_ms_min": min(times) * 1e3, "tokens_per_s": B * L / med,
+                          "peak_mem_mib": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
+                          "trainable_params": sum(p.numel() for p in trainable), "first_loss": first[name]}
+        except Exception as e:  # noqa: BLE001
+            rows[name] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+            if name.startswith("ours"):
+                failures.append(f"e2e {name}: {rows[name]['error']}")
+        del opt
+        models[name] = None
+        if cuda:
+            torch.cuda.empty_cache()
+    return {"model": {**cfg["model"], "parameters": params, "tied_embeddings": True}, "batch": B, "seq_len": L,
+            "dtype": str(dtype).replace("torch.", ""), "features": f"2 groups x {PER_GROUP}, rank {RANK}",
+            "steps_timed": cfg["steps"], "rows": rows, "skipped": skipped, "failures": failures}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,206 @@
+"""The benchmark suite: every variant, checked against float64, then timed side by side.
+
+For each case (see :mod:`.cases`) and variant (see :mod:`.variants`): the output and the
+gradients of its first input set are compared with the float64 oracle; a variant that fails the
+check is not timed (a wrong fast number is worse than none) and the run ends with an error.
+Then forward (under ``no_grad``), backward (over a kept graph) and forward+backward are timed on
+inputs rotated over several sets, eager and, on CUDA, replayed from a CUDA graph; the peak
+memory of one forward+backward is recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..backends import available_backends
+from ..reference import flix_linear_reference
+from .cases import SCALING, SHAPE_SETS, Case, Inputs, make_inputs, make_routing, shape_sets
+from .timing import Timer, floor_ms, measured_peaks, peak_memory_mib, provenance
+from .variants import Context, Variant, variants
+
+MODES = ("forward", "backward", "forward+backward")
+# Relative error (Frobenius norm) allowed against float64, by the variant's dtype: fp32 leaves
+# room for TF32 dots in Triton, bf16/fp16 for one rounding of every output.
+TOLERANCE = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+class WrongResult(AssertionError):
+    pass
+
+
+@dataclass
+class Config:
+    device: torch.device
+    shapes: tuple[str, ...] = SHAPE_SETS
+    quick: bool = False
+    compile_torch: bool | None = None  # default: on CUDA only
+    e2e: bool = True
+    rep_ms: float | None = None
+    backends: list[str] | None = None  # default: every available one
+    cases: list[Case] | None = None  # explicit cases (tests); overrides shapes
+    dtype: torch.dtype | None = None
+    log: list[str] = field(default_factory=list)
+
+
+def oracle(problem: str, ctx: Context, s: Inputs):
+    """float64 output and gradients (w.r.t. x and the problem's adapters) for input set ``s``."""
+    dev = s.x.device
+    x = s.x.detach().double().requires_grad_(True)
+    w = s.weight.detach().double()
+    if problem == "base":
+        y, leaves = F.linear(x, w), [x]
+    else:
+        if problem == "flix":
+            A, B = s.lora_A, s.lora_B
+            ids, offsets = ctx.routing.feature_ids, ctx.routing.space.rank_offsets
+        else:  # one adapter of the active rank on every token
+            A, B = s.single_A, s.single_B
+            ids, offsets = torch.zeros(ctx.routing.num_examples, 1, dtype=torch.long), [0, A.shape[0]]
+        A = A.detach().double().requires_grad_(True)
+        B = B.detach().double().requires_grad_(True)
+        y = flix_linear_reference(x, w, None, A, B, ids, offsets, SCALING)
+        y = y + 0 * (A.sum() + B.sum())  # zero gradients for features no token uses
+        leaves = [x, A, B]
+    grads = torch.autograd.grad(y, leaves, s.grad_out.double().to(dev))
+    return [y, *grads]
+
+
+def check(variant: Variant, ctx: Context, s: Inputs, fn, leaves) -> dict:
+    """Relative errors of the output and every gradient; raises :class:`WrongResult` above the
+    dtype's tolerance or when anything is not finite."""
+    y = fn()
+    got = [y, *torch.autograd.grad(y, leaves, s.grad_out)]
+    want = oracle(variant.problem, ctx, s)
+    errs, tol = {}, TOLERANCE[s.x.dtype]
+    for name, g, w in zip(("y", "dx", "dA", "dB"), got, want):
+        if g.shape != w.shape:
+            raise WrongResult(f"{variant.name}: {name} has shape {tuple(g.shape)}, expected {tuple(w.shape)}")
+        err = ((g.double() - w).norm() / w.norm().clamp_min(1e-30)).item()
+        errs[name] = err
+        if not err <= tol:  # NaN fails too
+            raise WrongResult(f"{variant.name} on {ctx.case.label}: {name} relative error {err:.3g} > {tol:g}")
+    return errs
+
+
+def _call(mode: str, prepared, inputs: list[Inputs]):
+    """A callable running ``mode`` on the next input set each call (rotation keeps the caches honest)."""
+    state = {"i": 0}
+    n = len(prepared)
+    kept = [fn() for fn, _ in prepared] if mode == "backward" else None  # graphs the timed backward re-walks
+
+    def call():
+        i = state["i"] % n
+        state["i"] += 1
+        fn, leaves = prepared[i]
+        if mode == "forward":
+            with torch.no_grad():
+                return fn()
+        if mode == "backward":
+            return torch.autograd.grad(kept[i], leaves, inputs[i].grad_out, retain_graph=True)
+        return torch.autograd.grad(fn(), leaves, inputs[i].grad_out)
+
+    return call
+
+
+def _dedupe(cases: list[Case]) -> list[Case]:
+    seen, out = set(), []
+    for c in cases:
+        key = c.as_dict()
+        key.pop("label")
+        key = tuple(sorted(key.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+def run(cfg: Config, progress=None) -> dict:
+    """Run the suite; returns the results record (see :mod:`.report` for its outputs)."""
+    device = cfg.device
+    cuda = device.type == "cuda"
+    dtype = cfg.dtype or (torch.bfloat16 if cuda else torch.float32)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    rep = cfg.rep_ms or ((60 if cfg.quick else 200) if cuda else (100 if cfg.quick else 400))
+    timer = Timer(device, rep)
+    compile_torch = cuda if cfg.compile_torch is None else cfg.compile_torch
+    backends = cfg.backends or available_backends(device)
+    not_here = {b: why for b, why in _unavailable(device).items() if b not in backends}
+    sets = shape_sets(device.type, cfg.quick)
+    cases = _dedupe(cfg.cases or [c for s in cfg.shapes for c in sets[s]])
+    record = {**provenance(device), "dtype": str(dtype).replace("torch.", ""), "quick": cfg.quick,
+              "backends": backends, "backends_unavailable": not_here,
+              "method": (f"{'triton.testing.do_bench (CUDA events, L2 flushed before each call) and CUDA-graph replays' if cuda else 'host clock around each call'}"
+                         f"; median with p20/p80 of a {rep:g} ms run, and the median of a second identical run (spread); "
+                         "inputs rotated over several random sets; forward under no_grad, backward over a kept graph; "
+                         "every variant checked against float64 before it is timed"),
+              "peaks": measured_peaks(device, dtype, timer), "cases": [], "rows": [], "skipped": {}, "failures": []}
+    elem = torch.tensor([], dtype=dtype).element_size()
+    cpu_gen = torch.Generator().manual_seed(20241125)
+    gen = torch.Generator(device).manual_seed(7)
+    for case in cases:
+        space = case.space()
+        routing = make_routing(case, space, cpu_gen, device)
+        rotations = 2 if not cuda or case.tokens * case.d_in > 2**24 else 4
+        inputs = make_inputs(case, space, dtype, device, gen, rotations)
+        ctx = Context(case, routing, device, {})
+        vs, skipped = variants(device, dtype, case, compile_torch=compile_torch, backends=backends)
+        record["skipped"].update(skipped)
+        floors = {m: floor_ms(case.flops()[m], case.bytes(elem)[m], record["peaks"]) for m in MODES}
+        record["cases"].append({**case.as_dict(), "floors_ms": floors})
+        for v in vs:
+            if progress:
+                progress(f"{case.label}: {v.name}")
+            _run_variant(v, ctx, inputs, timer, record, cuda)
+        del inputs, ctx
+        if cuda:
+            torch.cuda.empty_cache()
+    if cfg.e2e:
+        from .e2e import run_e2e
+
+        if progress:
+            progress("end-to-end training step")
+        record["e2e"] = run_e2e(device, dtype, backends, quick=cfg.quick, timer=timer)
+    return record
+
+
+def _unavailable(device) -> dict:
+    from ..backends import BACKENDS, unavailable_reason
+
+    return {b: unavailable_reason(b, device) for b in BACKENDS if unavailable_reason(b, device)}
+
+
+def _run_variant(v: Variant, ctx: Context, inputs: list[Inputs], timer: Timer, record: dict, cuda: bool):
+    base_row = {"case": ctx.case.label, "variant": v.name, "ours": v.ours}
+    try:
+        prepared = [v.prepare(ctx, s) for s in inputs]
+        errs = check(v, ctx, inputs[0], *prepared[0])
+    except WrongResult as e:
+        record["failures"].append(str(e))
+        record["rows"].append({**base_row, "mode": "check", "error": str(e)})
+        return
+    except Exception as e:  # noqa: BLE001 - a variant that cannot run here is reported, not fatal
+        msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        if v.ours:
+            record["failures"].append(f"{v.name} on {ctx.case.label}: {msg}")
+        record["rows"].append({**base_row, "mode": "check", "error": msg})
+        return
+    for mode in MODES:
+        for graph in ((False, True) if cuda and v.graphable and mode != "backward" else (False,)):
+            row = {**base_row, "mode": mode, "graph": graph, "rel_err": errs}
+            try:
+                call = _call(mode, prepared, inputs)
+                row.update(timer.time(call, graph=graph))
+                if mode == "forward+backward" and not graph:
+                    row["peak_mem_mib"] = peak_memory_mib(call, ctx.device)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                if v.ours:
+                    record["failures"].append(f"{v.name} on {ctx.case.label} {mode}: {row['error']}")
+                with contextlib.suppress(Exception):
+                    timer.sync()
+            record["rows"].append(row)

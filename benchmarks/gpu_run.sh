@@ -2,7 +2,7 @@
 # On a lent GPU machine (see the device tool), one step per call so each fits the tool's
 # 10-minute limit:  bash benchmarks/gpu_run.sh install|test|sanitize|bench|all
 # install builds the CUDA extension there (FLIX_CUDA=1: a failed build is an error).
-# Full logs go to $OUT (default /tmp/flix_out); copy $OUT/results/* into
+# Full logs go to $OUT (default /tmp/flix_out); copy $OUT/suite/* into
 # benchmarks/results/<device>/ and commit them.
 set -u -o pipefail
 OUT=${OUT:-/tmp/flix_out}
@@ -33,9 +33,8 @@ sanitize() {  # memcheck (both backends) and racecheck (CUDA kernels) on small c
   tail -8 "$OUT/racecheck.log"
   return $rc
 }
-bench() {
-  python benchmarks/bench_cuda.py ${BENCH_ARGS:-} --out "$OUT/results" 2>&1 | tee "$OUT/bench_cuda.log" | tail -30
-  python benchmarks/bench_triton.py ${BENCH_ARGS:-} --out "$OUT/results" 2>&1 | tee "$OUT/bench_triton.log" | tail -30
+bench() {  # the flix-kernels bench suite; BENCH_ARGS e.g. "--shapes headline decode --rep-ms 100"
+  python -m flix_kernels bench --no-progress ${BENCH_ARGS:-} --out "$OUT/suite" 2>&1 | tee "$OUT/bench.log" | tail -60
 }
 
 case "$step" in

@@ -85,6 +85,8 @@ def main(argv=None) -> int:
     b.add_argument("--no-e2e", dest="e2e", action="store_false", help="skip the end-to-end training step")
     b.add_argument("--backends", nargs="+", choices=("torch", "triton", "cuda"), default=None,
                    help="our backends to time (default: every available one)")
+    b.add_argument("--rep-ms", type=float, default=None,
+                   help="milliseconds each timing runs (default: GPU 200, CPU 400; --quick: 60 / 100)")
     b.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     if args.command == "info":
@@ -119,7 +121,7 @@ def _bench(args) -> int:
             return 2
     out = args.out or Path(f"flix-bench-{device.type}")
     cfg = Config(device=device, shapes=shapes, quick=args.quick, compile_torch=args.compile_torch, e2e=args.e2e,
-                 backends=backends)
+                 backends=backends, rep_ms=args.rep_ms)
     record = bench(cfg, out, show_progress=args.progress)
     if record["failures"]:
         print(f"flix-kernels bench: {len(record['failures'])} failure(s), see above", file=sys.stderr)

@@ -73,10 +73,11 @@ class KernelOps:
         self.name = name
         self.launch = launch
         self.base_path = base_path
+        self.forward_body, self.backward_body = self._forward_impl(), self._backward_impl()
         self.forward_op = torch.library.custom_op(f"flix_kernels::{name}_lora_forward", mutates_args=(),
-                                                  device_types=device_types)(self._forward_impl())
+                                                  device_types=device_types)(self.forward_body)
         self.backward_op = torch.library.custom_op(f"flix_kernels::{name}_lora_backward", mutates_args=(),
-                                                   device_types=device_types)(self._backward_impl())
+                                                   device_types=device_types)(self.backward_body)
         self.forward_op.register_fake(_forward_fake)
         self.backward_op.register_fake(_backward_fake)
         self.forward_op.register_autograd(self._backward, setup_context=_setup_context)
@@ -177,12 +178,12 @@ class KernelOps:
 
         return lora_backward
 
-    def _backward(self, ctx, dy, dh):
+    def _backward(self, ctx, dy, dh, eager: bool = False):
         (h, x, weight, lora_A, lora_B, slot_rank, slot_feature, cu, pe, ps, pf, fps, fr, ro, scaling, seed,
          present) = ctx.saved_tensors
         scale, seq_len, max_len, max_pair_rank, max_feature_rank, dropout_p = ctx.scalars
-        need_dx, need_dW, need_db, need_dA, need_dB = ctx.needs_input_grad[:5]
-        dx, dA, dB = self.backward_op(
+        need_dx, need_dW, need_db, need_dA, need_dB = ctx.needs_input_grad[1:6] if eager else ctx.needs_input_grad[:5]
+        dx, dA, dB = (self.backward_body if eager else self.backward_op)(
             dy, x, weight, lora_A, lora_B, h, slot_rank, slot_feature, cu, pe, ps, pf, fps, fr, ro, scaling,
             scale, seq_len, max_len, max_pair_rank, max_feature_rank, present, dropout_p, seed, ctx.fuse_base,
             need_dx, need_dA, need_dB)
@@ -210,12 +211,34 @@ class KernelOps:
         seed = draw_seed(x.device, generator) if dropout_p > 0 else None
         scale_t = scaling if torch.is_tensor(scaling) else None
         scale_f = 0.0 if torch.is_tensor(scaling) else float(scaling)
-        y, _ = self.forward_op(
+        # Eager calls skip torch.library's dispatch (hundreds of us per forward+backward on the host);
+        # torch.compile traces the custom op, whose fake implementation keeps the graph whole.
+        args = (
             x2d, weight, bias, lora_A, lora_B, meta.slot_rank, meta.slot_feature, cu,
             meta.pair_example, meta.pair_slot, meta.pair_feature, meta.feature_pair_start, meta.feature_rank,
             meta.rank_offsets, scale_t, scale_f, seq_len, max_len, meta.max_pair_rank,
             meta.max_feature_rank, meta.present_features, float(dropout_p), seed, bool(fuse_base and weight is not None))
+        if torch.compiler.is_compiling():
+            y, _ = self.forward_op(*args)
+        else:
+            y, _ = _EagerLoRA.apply(self, *args)
         return y.view(*x.shape[:-1], lora_B.shape[0])
+
+
+class _EagerLoRA(torch.autograd.Function):
+    """The custom ops' bodies and autograd, called directly: same kernels, same saved tensors."""
+
+    @staticmethod
+    def forward(ctx, ops: KernelOps, *args):
+        y, h = ops.forward_body(*args)
+        _setup_context(ctx, args, (y, h))
+        ctx.ops = ops
+        ctx.mark_non_differentiable(h)
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy, dh):
+        return (None,) + ctx.ops._backward(ctx, dy, dh, eager=True)
 
 
 def _bucket(n: int) -> int:

@@ -24,7 +24,7 @@ def bench(cfg: Config, out_dir: Path, *, show_progress: bool = True) -> dict:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with _progress(show_progress) as step:
-        record = run(cfg, progress=step)
+        record = run(cfg, progress=step, checkpoint=lambda rec: report.write_json(out_dir / "results.json", rec))
     record["summary"] = report.summarize(record)
     report.write_json(out_dir / "results.json", record)
     md = out_dir / "results.md"

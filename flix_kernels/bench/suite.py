@@ -118,8 +118,9 @@ def _dedupe(cases: list[Case]) -> list[Case]:
     return out
 
 
-def run(cfg: Config, progress=None) -> dict:
-    """Run the suite; returns the results record (see :mod:`.report` for its outputs)."""
+def run(cfg: Config, progress=None, checkpoint=None) -> dict:
+    """Run the suite; returns the results record (see :mod:`.report` for its outputs).
+    ``checkpoint(record)`` is called after every case, so a run cut short keeps what it measured."""
     device = cfg.device
     cuda = device.type == "cuda"
     dtype = cfg.dtype or (torch.bfloat16 if cuda else torch.float32)
@@ -159,6 +160,8 @@ def run(cfg: Config, progress=None) -> dict:
         del inputs, ctx
         if cuda:
             torch.cuda.empty_cache()
+        if checkpoint:
+            checkpoint(record)
     if cfg.e2e:
         from .e2e import run_e2e
 
@@ -189,7 +192,7 @@ def _run_variant(v: Variant, ctx: Context, inputs: list[Inputs], timer: Timer, r
             record["failures"].append(f"{v.name} on {ctx.case.label}: {msg}")
         record["rows"].append({**base_row, "mode": "check", "error": msg})
         return
-    for mode in MODES:
+    for mode in v.modes:
         for graph in ((False, True) if cuda and v.graphable and mode != "backward" else (False,)):
             row = {**base_row, "mode": mode, "graph": graph, "rel_err": errs}
             try:

@@ -38,6 +38,8 @@ class Variant:
     prepare: Callable  # (ctx, Inputs) -> (fn, leaves)
     graphable: bool = True  # may be captured in a CUDA graph
     ours: bool = False
+    # compiled backwards donate their buffers, so a kept graph cannot be walked twice: no "backward" alone
+    modes: tuple[str, ...] = ("forward", "backward", "forward+backward")
 
 
 @dataclass
@@ -206,7 +208,8 @@ def variants(device: torch.device, dtype, case: Case, *, compile_torch: bool,
     else:
         skipped["torch._grouped_mm"] = why
     if compile_torch and case.label.startswith(("headline", "decode")):  # each shape compiles anew: ~1 min per case
-        out.append(Variant("torch backend + compile", "flix", _ours("torch", compiled=True), graphable=False))
+        out.append(Variant("torch backend + compile", "flix", _ours("torch", compiled=True), graphable=False,
+                           modes=("forward", "forward+backward")))
     else:
         skipped["torch backend + compile"] = ("timed on the headline and decode shapes of GPU runs (or with --compile): "
                                               "each shape compiles anew")

@@ -24,12 +24,12 @@ BACKENDS = ("torch", "triton", "cuda")
 # Imported up front (not on first use) so that torch.compile can trace a dispatch.
 _MODULES: dict[str, ModuleType] = {"torch": torch_backend, "triton": triton_backend, "cuda": cuda_backend}
 
-# "auto" on a CUDA device: the kernel backends to try, in order, per shape class ("decode": at
-# most DECODE_TOKENS tokens; "prefill": more). Meant to follow the side-by-side timings in
-# benchmarks/results/<device>/ (benchmarks/bench_cuda.py prints the table they support). No
-# GPU timing of the CUDA backend is recorded yet, so both classes keep "triton" first, the
-# backend whose numbers exist; "cuda" serves when Triton is missing or cannot take the dtypes.
-AUTO_TABLE: dict[str, tuple[str, ...]] = {"decode": ("triton", "cuda"), "prefill": ("triton", "cuda")}
+# "auto" on a CUDA device: the backends to try, in order, per shape class ("decode": at most
+# DECODE_TOKENS tokens; "prefill"), as measured by `flix-kernels bench` (benchmarks/results/h100,
+# h200: summary.measured_auto_order). On both GPUs the vectorised torch backend was fastest in
+# eager forward+backward at the headline shape and in eager decode, so it comes first; Triton
+# next (fastest forward at the headline, close under CUDA graphs), then CUDA.
+AUTO_TABLE: dict[str, tuple[str, ...]] = {"decode": ("torch", "triton", "cuda"), "prefill": ("torch", "triton", "cuda")}
 
 
 class BackendUnavailableError(RuntimeError):

@@ -110,6 +110,19 @@ if __name__ == "__main__":
                 except OSError:
                     pass
 
+        def copy_extensions_to_source(self):
+            """Editable installs copy the built library into the source tree; with no library (skipped
+            or failed build) there is nothing to copy, and a stale copy there must go too."""
+            kept = []
+            for ext in self.extensions:
+                name = self.get_ext_filename(self.get_ext_fullname(ext.name))
+                if Path(self.build_lib, name).exists():
+                    kept.append(ext)
+                else:
+                    (ROOT / name).unlink(missing_ok=True)
+            self.extensions = kept
+            super().copy_extensions_to_source()
+
         def _cmake(self, target: Path, nvcc: str):
             import pybind11
 

@@ -8,6 +8,7 @@ random shapes, decode shapes with the default launch plans, and determinism.
 """
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -397,3 +398,24 @@ def test_layer_training_step_under_autocast_matches_torch_backend(seed):
         err = ((got.double() - want.double()).norm() / want.double().norm()).item()
         assert err < 1e-2, f"{name}: relative error {err:.3g} between cuda and torch under autocast"
     assert outs["cuda"][1].dtype == torch.float32
+
+
+def test_skipped_build_in_place_removes_a_stale_library(tmp_path):
+    """What an editable install with FLIX_CUDA=0 runs: no library to copy, and an old one goes."""
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+
+    root = Path(__file__).resolve().parent.parent
+    tree = tmp_path / "src"
+    shutil.copytree(root, tree, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "*.so", "__pycache__",
+                                                              "benchmarks", "tests", "examples"))
+    stale = tree / "flix_kernels" / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+    stale.write_bytes(b"old")
+    env = {**os.environ, "FLIX_CUDA": "0"}
+    out = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tree, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert not stale.exists()
+    assert json.loads((tree / "flix_kernels" / "_build.json").read_text())["cuda_extension"] == "skipped"

@@ -8,7 +8,8 @@ each adapted linear layer; an example uses the sum of its features' updates::
 Public API: :class:`FeatureSpace`, :class:`Routing`, :func:`flix_linear`, :func:`flix_delta`,
 :func:`available_backends`, :class:`FLixLinear`, :func:`inject`, :func:`set_routing`,
 :func:`use_routing`, :func:`merge`, :func:`unmerge`, :func:`save_adapters`,
-:func:`load_adapters`, :func:`export_peft`, :func:`info`.
+:func:`load_adapters`, :func:`export_peft`, :func:`info`; for transformers models
+:func:`accept_feature_ids`, :class:`FeatureCollator`, :func:`generate`.
 """
 
 from .backends import BackendUnavailableError, available_backends
@@ -19,20 +20,24 @@ from .nn import FLixLinear
 from .model import flix_layers, inject, merge, set_routing, unmerge, use_routing
 from .serialization import load_adapters, save_adapters
 from .integrations.peft import export_peft
+from .integrations.transformers import FeatureCollator, accept_feature_ids, generate
 from .cli import info
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "FeatureCollator",
     "FLixLinear",
     "FeatureSpace",
     "Routing",
+    "accept_feature_ids",
     "available_backends",
     "export_peft",
     "flix_delta",
     "flix_layers",
     "flix_linear",
+    "generate",
     "info",
     "inject",
     "load_adapters",

@@ -9,7 +9,7 @@ from typing import Iterable, Mapping
 import torch.nn as nn
 
 from .features import FeatureSpace
-from .nn import FLixLinear
+from .nn import FLixLinear, is_conv1d
 from .routing import Routing
 
 __all__ = ["flix_layers", "inject", "set_routing", "use_routing", "merge", "unmerge"]
@@ -37,8 +37,9 @@ def _output_head(model: nn.Module):
     return None
 
 
-def _candidate_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """Every nn.Linear not already inside a FLix layer, each occurrence of a shared module.
+def _candidate_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every nn.Linear (or transformers Conv1D, GPT-2's linear) not already inside a FLix
+    layer, each occurrence of a shared module.
 
     Linears inside nn.MultiheadAttention are left out: it reads ``out_proj.weight`` directly
     instead of calling the module, so a wrapper there would be bypassed (or break it).
@@ -46,7 +47,7 @@ def _candidate_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     skip = [n + "." for n, m in model.named_modules() if isinstance(m, (FLixLinear, nn.MultiheadAttention))]
     out = []
     for name, m in model.named_modules(remove_duplicate=False):
-        if isinstance(m, nn.Linear) and name and not any(name.startswith(p) for p in skip):
+        if (isinstance(m, nn.Linear) or is_conv1d(m)) and name and not any(name.startswith(p) for p in skip):
             out.append((name, m))
     return out
 

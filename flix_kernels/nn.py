@@ -13,9 +13,28 @@ from .features import FeatureSpace
 from .ops import flix_delta, flix_linear
 from .routing import Routing
 
-__all__ = ["FLixLinear"]
+__all__ = ["FLixLinear", "is_conv1d"]
 
 _INITS = ("lora", "gaussian")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` (GPT-2 style: a linear layer storing its weight as (in, out)).
+
+    Checked without importing transformers: a model holding one has imported it already.
+    """
+    import sys
+    utils = sys.modules.get("transformers.pytorch_utils")
+    cls = getattr(utils, "Conv1D", None) if utils is not None else None
+    return cls is not None and isinstance(module, cls)
+
+
+def _in_out(base: nn.Module) -> tuple[int, int]:
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    if is_conv1d(base):
+        return int(base.weight.shape[0]), int(base.weight.shape[1])
+    raise TypeError(f"FLixLinear wraps nn.Linear or transformers' Conv1D, got {type(base).__name__}")
 
 
 class FLixLinear(nn.Module):
@@ -43,9 +62,9 @@ class FLixLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, space: FeatureSpace, *, alpha: float = 8.0, dropout: float = 0.0,
                     use_rslora: bool = False, init: str = "lora", adapter_dtype: torch.dtype | None = None,
                     backend: str = "auto") -> "FLixLinear":
-        """Wrap an existing ``nn.Linear`` (kept as the frozen ``base_layer``; no weight copy)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        """Wrap an existing ``nn.Linear`` or transformers ``Conv1D`` (kept as the frozen
+        ``base_layer``; no weight copy)."""
+        _in_out(linear)  # type check with a clear message
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._setup(linear, space, alpha, dropout, use_rslora, init, adapter_dtype, backend)
@@ -62,7 +81,8 @@ class FLixLinear(nn.Module):
         base.weight.requires_grad_(False)
         if base.bias is not None:
             base.bias.requires_grad_(False)
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features = _in_out(base)
+        self.fan_in_fan_out = is_conv1d(base)  # base weight stored (in, out), as PEFT calls it
         self.space = space
         self.dropout = float(dropout)
         self.backend = backend
@@ -77,6 +97,16 @@ class FLixLinear(nn.Module):
         self._last_routing: Routing | None = None  # recompute fallback, see _eager_routing
         self._merged: tuple[int, ...] | None = None
         self._merge_backup: torch.Tensor | None = None
+
+    # Models that inspect a projection's parameters (T5 reads ``wo.weight.dtype``; tied-weight
+    # and init code look for ``.weight``) see the frozen base layer's, as with PEFT's layers.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
 
     # -- hyper-parameters -----------------------------------------------------------------------
     def set_scaling(self, alpha: float, use_rslora: bool = False) -> None:
@@ -205,7 +235,8 @@ class FLixLinear(nn.Module):
         w = self.base_layer.weight
         high = w.dtype in (torch.float32, torch.float64)
         self._merge_backup = None if high else w.detach().clone()
-        w.add_(self.delta_weight(ids, torch.float64 if w.dtype == torch.float64 else torch.float32).to(w.dtype))
+        w.add_(self._as_base_layout(self.delta_weight(ids, torch.float64 if w.dtype == torch.float64 else torch.float32))
+               .to(w.dtype))
         self._merged = ids
 
     @torch.no_grad()
@@ -216,8 +247,11 @@ class FLixLinear(nn.Module):
         if self._merge_backup is not None:
             w.copy_(self._merge_backup)
         else:
-            w.sub_(self.delta_weight(self._merged, w.dtype))
+            w.sub_(self._as_base_layout(self.delta_weight(self._merged, w.dtype)))
         self._merged, self._merge_backup = None, None
+
+    def _as_base_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.t() if self.fan_in_fan_out else delta
 
     @property
     def merged(self) -> tuple[int, ...] | None:

@@ -293,6 +293,21 @@ class Routing:
                     torch._dynamo.maybe_mark_dynamic(t, dim)
         return meta
 
+    # -- derived routings -----------------------------------------------------------------------
+    def repeat_interleave(self, repeats: int) -> "Routing":
+        """The routing of a batch in which every example is repeated ``repeats`` times in a row
+        (``[e0, e0, e1, e1, ...]``), as ``generate`` expands a batch for beam search or
+        several return sequences. Keeps this routing's feature dropout draw (the copies of an
+        example use the same features). Not defined for packed routings."""
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+        if self.cu_seqlens is not None:
+            raise ValueError("a packed routing (cu_seqlens) cannot be repeated per example; "
+                             "build the routing of the padded batch instead")
+        if repeats == 1:
+            return self
+        return Routing(self.feature_ids.repeat_interleave(repeats, dim=0), self.space)
+
     # -- queries ------------------------------------------------------------------------------
     def features_of(self, example: int) -> list[int]:
         """Sorted active global feature ids of one example (after feature dropout)."""

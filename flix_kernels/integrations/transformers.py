@@ -1,0 +1,318 @@
+"""Hugging Face transformers: route a model from its batch, collate feature dicts, generate.
+
+A training script keeps its usual shape: examples carry a feature dict, :class:`FeatureCollator`
+turns a list of them into model inputs plus ``feature_ids`` (and ``cu_seqlens`` when packing),
+and a model prepared with :func:`accept_feature_ids` builds the batch's :class:`Routing` from
+those inputs inside ``forward``, so ``model(**batch)`` (what ``Trainer`` calls) needs no custom
+code. :func:`generate` wraps ``model.generate`` so that the routing follows the batch as
+beam search or several return sequences repeat each example.
+
+Nothing here imports transformers: the hooks only read keyword arguments, so any model whose
+forward takes the inputs as keywords works.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..features import FeatureSpace
+from ..model import _require_layers
+from ..routing import Routing
+
+__all__ = ["FeatureCollator", "accept_feature_ids", "cu_seqlens_from_position_ids", "generate"]
+
+# Inputs that fix a forward's batch size, most specific first: an encoder-decoder's top-level
+# forward runs the decoder on decoder_input_ids while input_ids may be absent.
+_BATCH_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds", "input_ids", "inputs_embeds")
+
+
+def _space_of(model: nn.Module) -> FeatureSpace:
+    return _require_layers(model)[0][1].space
+
+
+def _swap_routing(model: nn.Module, routing: Routing | None) -> list:
+    """Route every FLix layer with ``routing``; returns what to restore afterwards."""
+    layers = [layer for _, layer in _require_layers(model)]
+    previous = [(layer, layer._routing) for layer in layers]
+    for layer in layers:
+        layer.set_routing(routing)
+    return previous
+
+
+def _restore(previous: list) -> None:
+    for layer, routing in previous:
+        layer._routing = routing
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """``(B + 1,)`` example boundaries of a packed ``(1, T)`` or ``(T,)`` position_ids row that
+    restarts at 0 for each example (what packing collators emit)."""
+    pos = position_ids.detach().reshape(-1).to("cpu", torch.long)
+    if pos.numel() == 0:
+        return torch.zeros(1, dtype=torch.long)
+    starts = (pos == 0).nonzero().flatten()
+    if starts.numel() == 0 or int(starts[0]) != 0:
+        raise ValueError("packed position_ids must start at 0 and restart at 0 for every example")
+    return torch.cat([starts, torch.tensor([pos.numel()])])
+
+
+class _FeatureInputs:
+    """The forward hooks installed by :func:`accept_feature_ids`."""
+
+    def __init__(self, model: nn.Module, feature_dropout: float, generator: torch.Generator | None):
+        if not (0.0 <= float(feature_dropout) < 1.0):
+            raise ValueError(f"feature_dropout must be in [0, 1), got {feature_dropout}")
+        self.model, self.space = model, _space_of(model)
+        self.feature_dropout, self.generator = float(feature_dropout), generator
+        self._stack: list = []  # one entry per active forward (None: left the routing alone)
+        self._handles = [
+            model.register_forward_pre_hook(self._pre, with_kwargs=True),
+            model.register_forward_hook(self._post, always_call=True),
+        ]
+
+    def _routing(self, kwargs: dict) -> Routing | None:
+        ids = kwargs.pop("feature_ids", None)
+        cu = kwargs.pop("cu_seqlens", None)
+        if ids is None:
+            if cu is not None:
+                raise ValueError("cu_seqlens was passed without feature_ids; pass both (FeatureCollator(pack=True) does)")
+            return None
+        if cu is None and torch.as_tensor(ids).shape[0] > 1:
+            # A packed row of several examples (batch size 1, position_ids restarting at 0)
+            # carries its boundaries in position_ids, e.g. from DataCollatorWithFlattening.
+            pos = kwargs.get("position_ids")
+            batch = next((kwargs[k] for k in _BATCH_INPUTS if kwargs.get(k) is not None), None)
+            if pos is not None and batch is not None and batch.shape[0] == 1:
+                cu = cu_seqlens_from_position_ids(pos)
+        p = self.feature_dropout if self.model.training else 0.0
+        return Routing(ids, self.space, cu_seqlens=cu, feature_dropout=p, generator=self.generator)
+
+    def _pre(self, module, args, kwargs):
+        routing = self._routing(kwargs)
+        self._stack.append(None if routing is None else _swap_routing(self.model, routing))
+        return args, kwargs
+
+    def _post(self, module, args, output):
+        if self._stack:
+            previous = self._stack.pop()
+            if previous is not None:
+                _restore(previous)
+        return output
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self.model._flix_feature_inputs = None
+
+
+def accept_feature_ids(model: nn.Module, *, feature_dropout: float = 0.0,
+                       generator: torch.Generator | None = None) -> _FeatureInputs:
+    """Let ``model(..., feature_ids=ids, cu_seqlens=None)`` route its FLix layers.
+
+    Installs forward hooks on ``model`` that take ``feature_ids`` ``(B, num_groups)`` (as
+    :meth:`FeatureSpace.encode` and :class:`FeatureCollator` produce them) and the optional
+    ``cu_seqlens`` out of the forward's keyword arguments, build the batch's :class:`Routing`
+    (with ``feature_dropout`` while the model is in training mode), route every FLix layer for
+    that forward and restore the previous routing afterwards. For a packed row (batch size 1)
+    with ``position_ids`` and no ``cu_seqlens`` the boundaries are read from the positions.
+    A forward without ``feature_ids`` keeps whatever routing the layers have
+    (:func:`~flix_kernels.set_routing`). Activation checkpointing replays each forward's own
+    routing. Returns a handle whose ``remove()`` uninstalls the hooks; calling it again
+    replaces the previous hooks.
+
+    With ``transformers.Trainer`` set ``TrainingArguments(remove_unused_columns=False)``: the
+    Trainer otherwise drops dataset columns its model's signature does not name.
+    """
+    old = getattr(model, "_flix_feature_inputs", None)
+    if old is not None:
+        old.remove()
+    handle = _FeatureInputs(model, feature_dropout, generator)
+    model._flix_feature_inputs = handle
+    return handle
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    for key in _BATCH_INPUTS:
+        t = kwargs.get(key)
+        if isinstance(t, torch.Tensor):
+            return int(t.shape[0])
+    if args and isinstance(args[0], torch.Tensor):
+        return int(args[0].shape[0])
+    return None
+
+
+@torch.no_grad()
+def generate(model: nn.Module, *args, feature_ids=None, routing: Routing | None = None, **kwargs):
+    """``model.generate(*args, **kwargs)`` with every example using its own features.
+
+    Pass ``feature_ids`` ``(B, num_groups)`` or a ``routing`` of the B prompts. ``generate``
+    repeats each prompt for beam search and for several return sequences (``[e0, e0, e1, e1,
+    ...]``); every forward it runs (the encoder of an encoder-decoder, then prefill and each
+    decode step with the KV cache) is routed with the routing of its own batch size, B or a
+    multiple of B, so beams of one example keep that example's features.
+    """
+    if (feature_ids is None) == (routing is None):
+        raise ValueError("generate needs exactly one of feature_ids= or routing=")
+    if routing is None:
+        routing = Routing(feature_ids, _space_of(model))
+    elif not isinstance(routing, Routing):
+        raise TypeError(f"routing must be a flix_kernels.Routing, got {type(routing).__name__}")
+    if routing.cu_seqlens is not None:
+        raise ValueError("generate needs a routing of padded prompts (B, L), not a packed one (cu_seqlens)")
+    B = routing.num_examples
+    by_size: dict[int, Routing] = {B: routing}
+
+    def routing_for(n: int) -> Routing:
+        if n not in by_size:
+            if B == 0 or n % B:
+                raise ValueError(f"generate ran a forward on a batch of {n} sequences, which is not a multiple of the "
+                                 f"routing's {B} examples")
+            by_size[n] = routing.repeat_interleave(n // B)
+        return by_size[n]
+
+    stack: list = []
+
+    def pre(module, a, kw):
+        n = _batch_size(a, kw)
+        stack.append(None if n is None else _swap_routing(model, routing_for(n)))
+
+    def post(module, a, output):
+        if stack:
+            previous = stack.pop()
+            if previous is not None:
+                _restore(previous)
+
+    # The encoder of an encoder-decoder is called directly by generate, not through forward.
+    modules = [model]
+    get_encoder = getattr(model, "get_encoder", None)
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and callable(get_encoder):
+        modules.append(get_encoder())
+    handles = []
+    try:
+        for m in modules:
+            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(m.register_forward_hook(post, always_call=True))
+        previous = _swap_routing(model, routing)  # also covers forwards the hooks cannot size
+        try:
+            return model.generate(*args, **kwargs)
+        finally:
+            _restore(previous)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class FeatureCollator:
+    """Collate examples that carry a feature dict into model inputs plus ``feature_ids``.
+
+    Each example is a dict with the model's fields (``input_ids``, optional ``labels``,
+    ``attention_mask``, ...; lists or 1-D tensors) and ``feature_key`` (default "features")
+    holding ``{group: value}``. Returns a dict of tensors with ``feature_ids`` ``(B,
+    num_groups)`` added, ready for ``model(**batch)`` on a model prepared with
+    :func:`accept_feature_ids`.
+
+    * ``pack=False``: the remaining fields go through ``collator`` (any callable on a list of
+      dicts, e.g. a transformers data collator) or, by default, are right-padded (``input_ids``
+      with ``pad_token_id``, ``labels`` with -100, ``attention_mask`` with 0 and built when
+      absent; ``padding_side="left"`` for generation prompts).
+    * ``pack=True``: the examples are concatenated into one row ``(1, T)`` with
+      ``position_ids`` restarting at 0 for each example and ``cu_seqlens`` ``(B + 1,)``; no
+      attention mask and ``use_cache=False``, the case in which transformers' attention keeps
+      the examples apart from their positions.
+      ``labels`` default to ``input_ids``; the first label of every example is -100 so no
+      example is trained to predict the start of the next one. ``flash_attn_kwargs=True``
+      adds ``cu_seq_lens_q/k`` and ``max_length_q/k`` for flash-attention kernels.
+    """
+
+    _PAD_FIELDS = ("input_ids", "labels", "attention_mask", "token_type_ids", "position_ids")
+
+    def __init__(self, space: FeatureSpace, *, feature_key: str = "features", collator: Callable | None = None,
+                 pack: bool = False, pad_token_id: int = 0, label_pad_token_id: int = -100,
+                 padding_side: str = "right", flash_attn_kwargs: bool = False):
+        if not isinstance(space, FeatureSpace):
+            raise TypeError(f"space must be a FeatureSpace, got {type(space).__name__}")
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        if pack and collator is not None:
+            raise ValueError("pack=True builds the packed row itself; it does not take a collator")
+        self.space, self.feature_key, self.collator, self.pack = space, feature_key, collator, bool(pack)
+        self.pad_token_id, self.label_pad_token_id = int(pad_token_id), int(label_pad_token_id)
+        self.padding_side, self.flash_attn_kwargs = padding_side, bool(flash_attn_kwargs)
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        features, fields = [], []
+        for i, ex in enumerate(examples):
+            if not isinstance(ex, Mapping):
+                raise TypeError(f"example {i}: expected a dict, got {type(ex).__name__}")
+            if self.feature_key not in ex:
+                raise KeyError(
+                    f"example {i} has no {self.feature_key!r} entry (its keys: {sorted(ex)}); with transformers.Trainer "
+                    "set TrainingArguments(remove_unused_columns=False), which otherwise drops it")
+            features.append(ex[self.feature_key])
+            fields.append({k: v for k, v in ex.items() if k != self.feature_key})
+        batch = self._packed(fields) if self.pack else (self.collator(fields) if self.collator else self._padded(fields))
+        batch = dict(batch)
+        batch["feature_ids"] = self.space.encode(features)
+        return batch
+
+    @staticmethod
+    def _row(ex: Mapping, key: str, i: int) -> torch.Tensor:
+        t = torch.as_tensor(ex[key])
+        if t.dim() != 1:
+            raise ValueError(f"example {i}: {key} must be 1-D (one sequence), got shape {tuple(t.shape)}")
+        return t
+
+    def _padded(self, fields: list[dict]) -> dict[str, torch.Tensor]:
+        if not fields:
+            raise ValueError("cannot collate an empty list of examples")
+        keys = list(fields[0])
+        for i, ex in enumerate(fields):
+            if list(ex) != keys and set(ex) != set(keys):
+                raise ValueError(f"example {i} has fields {sorted(ex)}, example 0 has {sorted(keys)}")
+        out: dict[str, torch.Tensor] = {}
+        lengths = [len(self._row(ex, "input_ids", i)) for i, ex in enumerate(fields)] if "input_ids" in keys else None
+        width = max(lengths) if lengths else 0
+        pad_value = {"input_ids": self.pad_token_id, "labels": self.label_pad_token_id, "attention_mask": 0,
+                     "token_type_ids": 0, "position_ids": 0}
+        for key in keys:
+            if key in self._PAD_FIELDS:
+                rows = [self._row(ex, key, i) for i, ex in enumerate(fields)]
+                w = max(width, max(len(r) for r in rows))
+                out[key] = torch.stack([self._pad(r, w, pad_value[key]) for r in rows])
+            else:
+                out[key] = torch.utils.data.default_collate([ex[key] for ex in fields])
+        if lengths is not None and "attention_mask" not in out:
+            w = out["input_ids"].shape[1]
+            out["attention_mask"] = torch.stack([self._pad(torch.ones(n, dtype=torch.long), w, 0) for n in lengths])
+        return out
+
+    def _pad(self, row: torch.Tensor, width: int, value: int) -> torch.Tensor:
+        pad = row.new_full((width - len(row),), value)
+        return torch.cat([row, pad] if self.padding_side == "right" else [pad, row])
+
+    def _packed(self, fields: list[dict]) -> dict[str, torch.Tensor]:
+        ids, labels, positions, lengths = [], [], [], []
+        for i, ex in enumerate(fields):
+            if "input_ids" not in ex:
+                raise KeyError(f"example {i}: packing needs input_ids")
+            x = self._row(ex, "input_ids", i)
+            y = self._row(ex, "labels", i).clone() if "labels" in ex else x.clone()
+            if len(y) != len(x):
+                raise ValueError(f"example {i}: labels has {len(y)} tokens, input_ids {len(x)}")
+            if len(x) == 0:
+                raise ValueError(f"example {i} has no tokens; packing needs at least one per example")
+            y[0] = self.label_pad_token_id
+            ids.append(x), labels.append(y), positions.append(torch.arange(len(x))), lengths.append(len(x))
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.long)
+        cu[1:] = torch.tensor(lengths).cumsum(0)
+        # use_cache=False: transformers only separates packed examples by their positions when
+        # the forward has no KV cache (an eval-mode forward would otherwise attend across them).
+        out = {"input_ids": torch.cat(ids)[None], "labels": torch.cat(labels)[None],
+               "position_ids": torch.cat(positions)[None], "cu_seqlens": cu, "use_cache": False}
+        if self.flash_attn_kwargs:
+            cu32 = cu.to(torch.int32)
+            out.update(cu_seq_lens_q=cu32, cu_seq_lens_k=cu32, max_length_q=max(lengths), max_length_k=max(lengths))
+        return out

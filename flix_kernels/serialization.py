@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from ._io import atomic_write_files, json_writer
 from .features import FeatureSpace
 from .model import _candidate_linears, _replace, flix_layers
-from .nn import FLixLinear
+from .nn import FLixLinear, _in_out
 
 __all__ = ["save_adapters", "load_adapters", "TENSORS_FILE", "CONFIG_FILE"]
 
@@ -121,9 +121,10 @@ def load_adapters(model: nn.Module, path: str, *, strict: bool = True) -> list[s
         linears = dict(_candidate_linears(model))
         missing = [n for n in saved if n not in linears]
         if missing:
-            raise ValueError(f"saved layers {missing[:5]} are not nn.Linear modules of {type(model).__name__}")
-        shapes = {n: {"lora_A": (space.total_rank, linears[n].in_features),
-                      "lora_B": (linears[n].out_features, space.total_rank)} for n in saved}
+            raise ValueError(f"saved layers {missing[:5]} are not nn.Linear (or Conv1D) modules of {type(model).__name__}")
+        in_out = {n: _in_out(linears[n]) for n in saved}
+        shapes = {n: {"lora_A": (space.total_rank, in_out[n][0]),
+                      "lora_B": (in_out[n][1], space.total_rank)} for n in saved}
         dtypes = {n: _saved_dtype(n, hp) for n, hp in saved.items()}
     else:
         missing = [n for n in saved if n not in layers]

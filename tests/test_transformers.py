@@ -276,3 +276,19 @@ def test_gpt2_conv1d_layers_merge_and_export(tmp_path, seed):
     peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), out).eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(input_ids=x).logits, routed, rtol=1e-4, atol=1e-5)
+
+
+def test_gpt2_adapters_save_and_load_into_a_fresh_model(tmp_path, seed):
+    model, space = flix_model("gpt2", seed)
+    fk.save_adapters(model, str(tmp_path / "a"))
+    fresh = tiny("gpt2", seed).double()
+    names = fk.load_adapters(fresh, str(tmp_path / "a"))  # injects the Conv1D layers, then loads
+    assert sorted(names) == sorted(n for n, _ in fk.flix_layers(model))
+    x = tokens(torch.Generator().manual_seed(seed), len(FEATURES), 4)
+    ids = space.encode(FEATURES)
+    with torch.no_grad():
+        with fk.use_routing(model, fk.Routing(ids, space)):
+            want = model(x).logits
+        with fk.use_routing(fresh, fk.Routing(ids, space)):
+            got = fresh(x).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

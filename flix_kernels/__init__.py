@@ -19,7 +19,7 @@ from .ops import flix_delta, flix_linear
 from .nn import FLixLinear
 from .model import flix_layers, inject, merge, set_routing, unmerge, use_routing
 from .serialization import load_adapters, save_adapters
-from .integrations.peft import export_peft
+from .integrations.peft import export_peft, flix_lora_config, from_peft_adapters, load_flix_peft
 from .integrations.transformers import FeatureCollator, accept_feature_ids, generate
 from .cli import info
 
@@ -37,10 +37,13 @@ __all__ = [
     "flix_delta",
     "flix_layers",
     "flix_linear",
+    "flix_lora_config",
+    "from_peft_adapters",
     "generate",
     "info",
     "inject",
     "load_adapters",
+    "load_flix_peft",
     "merge",
     "save_adapters",
     "set_routing",

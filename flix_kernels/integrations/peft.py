@@ -1,6 +1,11 @@
-"""Export a FLix feature set as a standard PEFT LoRA adapter.
+"""PEFT interoperability: export a feature set, import adapters, FLix layers inside PEFT.
 
-The export of feature set S is one LoRA of rank ``r = sum_{k in S} r_k`` per layer:
+* :func:`export_peft`: one FLix feature set as a standard PEFT LoRA adapter (below).
+* :func:`from_peft_adapters` (``peft_import.py``): PEFT LoRA adapters as FLix features.
+* :func:`flix_lora_config` / :func:`load_flix_peft` (``peft_layer.py``, needs PEFT):
+  ``get_peft_model`` with FLix layers, saved and loaded through PEFT.
+
+Export: the export of feature set S is one LoRA of rank ``r = sum_{k in S} r_k`` per layer:
 ``lora_A = cat_k A_k`` (r, in) and ``lora_B = cat_k s_k B_k`` (out, r), with
 ``lora_alpha = r`` so PEFT's own scale ``lora_alpha / r`` is 1. PEFT computes
 ``B (A x) = sum_k s_k B_k A_k x``, the FLix update of S. Needs no PEFT at export time.
@@ -18,8 +23,9 @@ from safetensors.torch import save_file
 
 from .._io import atomic_write_files, json_writer
 from ..model import _require_layers
+from .peft_import import from_peft_adapters
 
-__all__ = ["export_peft"]
+__all__ = ["export_peft", "flix_lora_config", "from_peft_adapters", "load_flix_peft"]
 
 
 def export_peft(model: nn.Module, features: Mapping[str, str], out_dir: str) -> str:
@@ -74,3 +80,39 @@ def export_peft(model: nn.Module, features: Mapping[str, str], out_dir: str) -> 
         os.path.join(out_dir, "adapter_config.json"): json_writer(config),
     })
     return out_dir
+
+
+def flix_lora_config(space, *, target_modules, lora_alpha: float = 8.0, lora_dropout: float = 0.0,
+                     use_rslora: bool = False, **lora_kwargs):
+    """A PEFT ``LoraConfig`` (:class:`~flix_kernels.integrations.peft_layer.FLixLoraConfig`) whose
+    targeted linear layers become FLix layers of ``space``.
+
+    ``peft.get_peft_model(model, config)`` then gives a PeftModel whose adapted layers are
+    :class:`~flix_kernels.FLixLinear` (``FLixLoraLinear``): route it with
+    ``flix_kernels.set_routing`` / ``use_routing``, train it, ``save_pretrained`` it (the space
+    is saved in ``adapter_config.json``) and load it with :func:`load_flix_peft`.
+    ``lora_alpha`` is the FLix alpha (feature k scaled by ``alpha / r_k``, or ``/ sqrt(r_k)``
+    with ``use_rslora``); other ``LoraConfig`` arguments (``task_type``, ``alpha_pattern``,
+    ``exclude_modules``, ``layers_to_transform``, ``init_lora_weights`` True/False/"gaussian")
+    pass through; options FLix layers lack (DoRA, ``rank_pattern``, ``bias``, ...) raise
+    ``NotImplementedError``. Needs PEFT; see ``peft_layer.py`` for what PEFT supports here.
+    """
+    from .peft_layer import flix_lora_config as build
+
+    return build(space, target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                 use_rslora=use_rslora, **lora_kwargs)
+
+
+def load_flix_peft(base_model: nn.Module, path: str, *, adapter_name: str = "default", is_trainable: bool = False,
+                   **kwargs):
+    """``PeftModel.from_pretrained`` for a FLix adapter saved by a PeftModel's ``save_pretrained``.
+
+    Rebuilds the :class:`~flix_kernels.integrations.peft_layer.FLixLoraConfig` from the folder
+    (PEFT does not save the custom-layer registration, and without it would build plain LoRA
+    layers) and checks that every FLix layer found its tensors (PEFT's own check skips keys
+    without the adapter name, such as ours). ``is_trainable=False`` freezes the adapters, as
+    in PEFT; ``kwargs`` go to ``PeftModel.from_pretrained``. Needs PEFT.
+    """
+    from .peft_layer import load_flix_peft as load
+
+    return load(base_model, path, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)

@@ -97,6 +97,7 @@ class FLixLinear(nn.Module):
         self._last_routing: Routing | None = None  # recompute fallback, see _eager_routing
         self._merged: tuple[int, ...] | None = None
         self._merge_backup: torch.Tensor | None = None
+        self.train(base.training)  # a layer injected into an eval-mode model must not apply dropout
 
     # Models that inspect a projection's parameters (T5 reads ``wo.weight.dtype``; tied-weight
     # and init code look for ``.weight``) see the frozen base layer's, as with PEFT's layers.

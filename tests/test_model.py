@@ -594,3 +594,16 @@ def test_load_adapters_into_a_merged_model_raises(seed, tmp_path):
         fk.load_adapters(model, str(tmp_path))
     with pytest.raises(RuntimeError, match="unmerge"):
         fk.flix_layers(model)[0][1].set_scaling(4.0)
+
+
+def test_injected_layers_follow_the_mode_of_the_layer_they_replace(seed):
+    """A FLix layer injected into an eval-mode model is in eval mode: its dropout must not fire."""
+    model = tiny_mlp(seed).eval()
+    fk.inject(model, make_space(), target_modules="all-linear", dropout=0.5)
+    assert all(not layer.training for _, layer in fk.flix_layers(model))
+    routing = mixed_routing(make_space(), 4, torch.Generator().manual_seed(seed))
+    x = torch.randn(4, 3, 12)
+    with torch.no_grad(), fk.use_routing(model, routing):
+        torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+    model.train()
+    assert all(layer.training for _, layer in fk.flix_layers(model))

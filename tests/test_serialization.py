@@ -257,11 +257,11 @@ def test_file_layer_missing_from_model_raises(seed, tmp_path):
     partial = trained_mlp(seed, targets=["fc1"])
     with pytest.raises(ValueError, match=r"layers the model lacks.*fc2"):
         fk.load_adapters(partial, path)
-    with pytest.raises(ValueError, match=r"fc2.*not nn.Linear modules"):
+    with pytest.raises(ValueError, match=r"fc2.*not nn.Linear \(or Conv1D\) modules"):
         fk.load_adapters(nn.Sequential(), path)
     renamed = nn.Module()
     renamed.fc1, renamed.fc3, renamed.proj = nn.Linear(12, 20), nn.Linear(16, 7), nn.Linear(20, 16)
-    with pytest.raises(ValueError, match=r"fc2.*not nn.Linear modules"):
+    with pytest.raises(ValueError, match=r"fc2.*not nn.Linear \(or Conv1D\) modules"):
         fk.load_adapters(renamed, path)
     assert not fk.flix_layers(renamed)
 

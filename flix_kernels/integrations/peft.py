@@ -62,7 +62,7 @@ def export_peft(model: nn.Module, features: Mapping[str, str], out_dir: str) -> 
         "target_modules": sorted(n for n, _ in layers),
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in layers),  # GPT-2 Conv1D
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,

@@ -56,3 +56,12 @@ def json_writer(obj) -> Callable[[str], None]:
 
 def atomic_write_json(path: str, obj) -> None:
     atomic_write(path, json_writer(obj))
+
+
+def read_json(path: str):
+    """Parse a JSON file; invalid JSON raises ValueError naming the file (never unpickles anything)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None

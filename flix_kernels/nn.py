@@ -29,7 +29,7 @@ def is_conv1d(module: nn.Module) -> bool:
     return cls is not None and isinstance(module, cls)
 
 
-def _in_out(base: nn.Module) -> tuple[int, int]:
+def linear_in_out(base: nn.Module) -> tuple[int, int]:
     if isinstance(base, nn.Linear):
         return base.in_features, base.out_features
     if is_conv1d(base):
@@ -64,7 +64,7 @@ class FLixLinear(nn.Module):
                     backend: str = "auto") -> "FLixLinear":
         """Wrap an existing ``nn.Linear`` or transformers ``Conv1D`` (kept as the frozen
         ``base_layer``; no weight copy)."""
-        _in_out(linear)  # type check with a clear message
+        linear_in_out(linear)  # type check with a clear message
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._setup(linear, space, alpha, dropout, use_rslora, init, adapter_dtype, backend)
@@ -81,7 +81,7 @@ class FLixLinear(nn.Module):
         base.weight.requires_grad_(False)
         if base.bias is not None:
             base.bias.requires_grad_(False)
-        self.in_features, self.out_features = _in_out(base)
+        self.in_features, self.out_features = linear_in_out(base)
         self.fan_in_fan_out = is_conv1d(base)  # base weight stored (in, out), as PEFT calls it
         self.space = space
         self.dropout = float(dropout)

@@ -17,10 +17,10 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ._io import atomic_write_files, json_writer
+from ._io import atomic_write_files, json_writer, read_json
 from .features import FeatureSpace
 from .model import _candidate_linears, _replace, flix_layers
-from .nn import FLixLinear, _in_out
+from .nn import FLixLinear, linear_in_out
 
 __all__ = ["save_adapters", "load_adapters", "TENSORS_FILE", "CONFIG_FILE"]
 
@@ -74,11 +74,7 @@ def _read_config(path: str) -> dict:
     cfg_path = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"no {CONFIG_FILE} in {path!r}: not a flix_kernels adapter folder")
-    try:
-        with open(cfg_path) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+    config = read_json(cfg_path)
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ValueError(f"{cfg_path} is not a flix_kernels adapter config (format={config.get('format') if isinstance(config, dict) else None!r})")
     if config.get("format_version") != FORMAT_VERSION:
@@ -122,7 +118,7 @@ def load_adapters(model: nn.Module, path: str, *, strict: bool = True) -> list[s
         missing = [n for n in saved if n not in linears]
         if missing:
             raise ValueError(f"saved layers {missing[:5]} are not nn.Linear (or Conv1D) modules of {type(model).__name__}")
-        in_out = {n: _in_out(linears[n]) for n in saved}
+        in_out = {n: linear_in_out(linears[n]) for n in saved}
         shapes = {n: {"lora_A": (space.total_rank, in_out[n][0]),
                       "lora_B": (in_out[n][1], space.total_rank)} for n in saved}
         dtypes = {n: _saved_dtype(n, hp) for n, hp in saved.items()}

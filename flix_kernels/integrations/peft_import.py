@@ -19,7 +19,6 @@ PEFT itself is not needed.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -30,10 +29,10 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from .. import nn as _flix_nn
+from .._io import read_json
 from ..features import FeatureSpace
 from ..model import flix_layers, inject
-from ..nn import FLixLinear
+from ..nn import FLixLinear, linear_in_out
 
 __all__ = ["from_peft_adapters"]
 
@@ -166,10 +165,9 @@ def _read_adapter(key, path) -> _Adapter:
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"adapter {key!r}: no {CONFIG_NAME} in {folder!r}")
     try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"adapter {key!r}: {cfg_path} is not valid JSON: {e}") from None
+        cfg = read_json(cfg_path)
+    except ValueError as e:
+        raise ValueError(f"adapter {key!r}: {e}") from None
     _check_config(key, folder, cfg)
     ad = _Adapter(key, folder, cfg)
     try:
@@ -237,15 +235,13 @@ def _resolve_feature(space: FeatureSpace, key) -> int:
 
 
 def _in_out(module: nn.Module) -> tuple[int, int] | None:
-    """(in, out) of a layer FLix can adapt here, None for any other module."""
+    """(in, out) of a layer FLix can adapt here (a FLix layer, nn.Linear, Conv1D), None for any other module."""
     if isinstance(module, FLixLinear):
         return module.in_features, module.out_features
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    is_conv1d = getattr(_flix_nn, "is_conv1d", None)  # transformers' Conv1D, where FLixLinear supports it
-    if is_conv1d is not None and is_conv1d(module):
-        return int(module.weight.shape[0]), int(module.weight.shape[1])
-    return None
+    try:
+        return linear_in_out(module)
+    except TypeError:
+        return None
 
 
 def _check_module(model: nn.Module, ad: _Adapter, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
@@ -258,12 +254,8 @@ def _check_module(model: nn.Module, ad: _Adapter, name: str, A: torch.Tensor, B:
                          ) from None
     dims = _in_out(module)
     if dims is None:
-        kind = type(module).__name__
-        if kind == "Conv1D":
-            raise NotImplementedError(
-                f"{ad.label}: module {name!r} is a transformers Conv1D (fan_in_fan_out="
-                f"{ad.config.get('fan_in_fan_out')}), which this version of FLixLinear cannot wrap")
-        raise NotImplementedError(f"{ad.label}: module {name!r} is a {kind}; only LoRA of linear layers is supported")
+        raise NotImplementedError(f"{ad.label}: module {name!r} is a {type(module).__name__}; only LoRA of linear "
+                                  "layers is supported")
     if A.shape[1] != dims[0] or B.shape[0] != dims[1]:
         raise ValueError(f"{ad.label}: module {name!r} is ({dims[0]} -> {dims[1]}) but the adapter has lora_A "
                          f"{tuple(A.shape)} and lora_B {tuple(B.shape)}")
@@ -312,7 +304,7 @@ def from_peft_adapters(model: nn.Module, adapters: Mapping[object, str | os.Path
     convolution LoRA, ``target_parameters``, base-mutating inits (PiSSA, OLoRA, CorDA,
     LoRA-GA, LoftQ), other variants (aLoRA, QALoRA, ...), and ``adapter_model.bin`` (a
     pickle: convert it to safetensors first, see the message). transformers' Conv1D
-    (``fan_in_fan_out=True``, GPT-2) is imported where FLixLinear supports it.
+    (``fan_in_fan_out=True``, GPT-2) is supported.
     """
     if not isinstance(adapters, Mapping) or not adapters:
         raise ValueError("adapters must be a non-empty dict name -> adapter folder")

@@ -46,10 +46,9 @@ from peft import LoraConfig, PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 
-from .. import nn as _flix_nn
 from ..features import FeatureSpace
 from ..model import flix_layers
-from ..nn import FLixLinear
+from ..nn import FLixLinear, is_conv1d
 
 __all__ = ["FLixLoraConfig", "FLixLoraLinear", "flix_lora_config", "load_flix_peft"]
 
@@ -89,7 +88,7 @@ class FLixLoraLinear(FLixLinear, BaseTunerLayer):
     """A :class:`~flix_kernels.FLixLinear` that PEFT's LoRA tuner creates, saves and loads.
 
     Built by PEFT as ``FLixLoraLinear(target, adapter_name, config=..., lora_alpha=..., ...)``
-    for each targeted ``nn.Linear`` (or transformers Conv1D where FLixLinear supports it):
+    for each targeted ``nn.Linear`` (or transformers Conv1D):
     space from ``config.flix_space``, alpha from ``lora_alpha`` (``alpha_pattern`` applied by
     PEFT), ``lora_dropout``, ``use_rslora``; adapters frozen when ``config.inference_mode``.
     """
@@ -111,12 +110,9 @@ class FLixLoraLinear(FLixLinear, BaseTunerLayer):
         space_dict = getattr(config, "flix_space", None)
         if space_dict is None:
             raise ValueError("FLixLoraLinear needs a config with a FeatureSpace; use flix_kernels.flix_lora_config")
-        supported = isinstance(base_layer, nn.Linear) or (
-            getattr(_flix_nn, "is_conv1d", None) is not None and _flix_nn.is_conv1d(base_layer))
-        if not supported:
+        if not (isinstance(base_layer, nn.Linear) or is_conv1d(base_layer)):
             raise NotImplementedError(f"{where} has type {type(base_layer).__name__}; FLix layers adapt linear layers "
-                                      "only (nn.Linear, and transformers' Conv1D where FLixLinear wraps it); remove it "
-                                      "from target_modules")
+                                      "only (nn.Linear and transformers' Conv1D); remove it from target_modules")
         _check_supported(config)
         nn.Module.__init__(self)
         w = base_layer.weight
@@ -195,9 +191,7 @@ class FLixLoraConfig(LoraConfig):
 
 
 def _conv1d_class():
-    """transformers' Conv1D where FLixLinear can wrap it, else None."""
-    if getattr(_flix_nn, "is_conv1d", None) is None:
-        return None
+    """transformers' Conv1D, or None without transformers."""
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:

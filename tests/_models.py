@@ -84,3 +84,17 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
         out[f"{name}.lora_A"] = layer.lora_A.detach().clone()
         out[f"{name}.lora_B"] = layer.lora_B.detach().clone()
     return out
+
+
+def train_steps(model: nn.Module, routing: fk.Routing, ids: torch.Tensor, opt, steps: int = 4) -> list[float]:
+    """``steps`` optimizer steps of the causal-LM loss on ``ids`` under ``routing``; the losses."""
+    losses = []
+    for _ in range(steps):
+        with fk.use_routing(model, routing):
+            loss = model(input_ids=ids, labels=ids).loss
+        assert torch.isfinite(loss)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses

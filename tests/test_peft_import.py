@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import flix_kernels as fk  # noqa: E402
-from _models import tiny_llama, token_ids  # noqa: E402
+from _models import train_steps, tiny_llama, token_ids  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -167,15 +167,7 @@ def test_imported_features_train(setup, seed):
     sets = [["fr"], ["qa", "de"], ["fr", "qa", "de"], []]
     routing = fk.Routing(space.encode([{n: n for n in s} for s in sets]), space)
     ids = token_ids(len(sets), 8, torch.Generator().manual_seed(seed))
-    losses = []
-    for _ in range(4):
-        with fk.use_routing(model, routing):
-            loss = model(ids, labels=ids).loss
-        assert torch.isfinite(loss)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, routing, ids, opt)
     assert losses[-1] < losses[0]
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) != p.requires_grad, f"{n}: trained={not torch.equal(p, before[n])}"

@@ -16,7 +16,7 @@ peft = pytest.importorskip("peft")
 
 import flix_kernels as fk  # noqa: E402
 from flix_kernels.integrations.peft_layer import FLixLoraConfig, FLixLoraLinear  # noqa: E402
-from _models import make_space, randomize_adapters, tiny_llama, token_ids  # noqa: E402
+from _models import train_steps, make_space, randomize_adapters, tiny_llama, token_ids  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -98,15 +98,7 @@ def test_training_through_peft(seed):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = token_ids(len(EXAMPLES), 8, torch.Generator().manual_seed(seed))
     routing = fk.Routing(space.encode(EXAMPLES), space)
-    losses = []
-    for _ in range(4):
-        with fk.use_routing(model, routing):
-            loss = model(input_ids=ids, labels=ids).loss
-        assert torch.isfinite(loss)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, routing, ids, opt)
     assert losses[-1] < losses[0]
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) != p.requires_grad, n

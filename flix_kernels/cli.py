@@ -88,11 +88,20 @@ def main(argv=None) -> int:
     b.add_argument("--rep-ms", type=float, default=None,
                    help="milliseconds each timing runs (default: GPU 200, CPU 400; --quick: 60 / 100)")
     b.add_argument("--no-progress", dest="progress", action="store_false")
+    d = sub.add_parser("demo", help="zero-shot composition experiment: FLix vs LoRA on held-out (language, task) pairs")
+    d.add_argument("--quick", action="store_true", help="2 seeds, shorter training (under 5 minutes on 2 CPU cores)")
+    d.add_argument("--smoke", action="store_true", help="seconds; a tiny model and a few steps (CI), numbers mean nothing")
+    d.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default: 4, --quick 2, --smoke 1)")
+    d.add_argument("--out", type=Path, default=Path("flix-demo"), help="output folder (default: ./flix-demo)")
+    d.add_argument("--device", default=None, help="cpu (default) or cuda")
+    d.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     if args.command == "info":
         return _print_info()
     if args.command == "bench":
         return _bench(args)
+    if args.command == "demo":
+        return _demo(args)
     return 2
 
 
@@ -126,6 +135,34 @@ def _bench(args) -> int:
     if record["failures"]:
         print(f"flix-kernels bench: {len(record['failures'])} failure(s), see above", file=sys.stderr)
         return 1
+    return 0
+
+
+def _demo(args) -> int:
+    import torch
+
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("flix-kernels demo needs transformers (pip install transformers)", file=sys.stderr)
+        return 2
+    from flix_kernels.demo import DemoConfig, run
+
+    if args.quick and args.smoke:
+        print("flix-kernels demo: choose one of --quick and --smoke", file=sys.stderr)
+        return 2
+    device = args.device or "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("flix-kernels demo: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    cfg = DemoConfig.smoke() if args.smoke else DemoConfig.quick() if args.quick else DemoConfig.default()
+    cfg.device = device
+    if args.seeds is not None:
+        if args.seeds < 1:
+            print("flix-kernels demo: --seeds must be at least 1", file=sys.stderr)
+            return 2
+        cfg = cfg.with_seeds(args.seeds)
+    run(cfg, args.out, show_progress=args.progress, console=True)
     return 0
 
 

@@ -1,0 +1,127 @@
+"""``flix-kernels demo``: the synthetic benchmark's properties, the smoke run's outputs, determinism."""
+
+import json
+import random
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from flix_kernels import cli  # noqa: E402
+from flix_kernels.demo import DemoConfig, run  # noqa: E402
+from flix_kernels.demo.data import BOS, EOS, IGNORE, SEP, TASKS, Benchmark, latin_square_holdout  # noqa: E402
+from flix_kernels.demo.experiment import make_method  # noqa: E402
+
+
+def test_languages_are_disjoint_permuted_vocabularies():
+    b = Benchmark(0)
+    ranges = [set(b.vocabulary(l)) for l in b.languages]
+    specials = {BOS, SEP, EOS, *b.lang_tag.values(), *b.task_tag.values()}
+    for i, r in enumerate(ranges):
+        assert len(r) == b.num_symbols and not (r & specials) and max(r) < b.vocab_size
+        assert {b.token(b.languages[i], s) for s in range(b.num_symbols)} == r  # a bijection onto its range
+        for other in ranges[i + 1:]:
+            assert not (r & other)
+    assert len({tuple(p) for p in b.perms}) == len(b.languages)  # each language orders its symbols differently
+    assert Benchmark(0).perms == b.perms and Benchmark(1).perms != b.perms  # fixed by the data seed
+
+
+def test_task_transformations():
+    s = [3, 0, 7, 1, 5]
+    assert TASKS["copy"](s, 12) == s
+    assert TASKS["reverse"](s, 12) == [5, 1, 7, 0, 3]
+    assert TASKS["rotate"](s, 12) == [0, 7, 1, 5, 3]
+    assert TASKS["sort"](s, 12) == [0, 1, 3, 5, 7]
+    assert TASKS["swap"](s, 12) == [0, 3, 1, 7, 5]
+    assert TASKS["shift"]([11, 0, 4], 12) == [0, 1, 5]
+
+
+def test_rendered_example():
+    b = Benchmark(0)
+    toks, labels = b.render("L2", "sort", [3, 0, 7])
+    tok = [b.token("L2", x) for x in (0, 3, 7)]
+    assert toks == [BOS, b.lang_tag["L2"], b.task_tag["sort"]] + [b.token("L2", x) for x in (3, 0, 7)] + [SEP] + tok + [EOS]
+    assert labels == [IGNORE] * 7 + tok + [EOS]  # loss on the target and EOS only
+
+
+@pytest.mark.parametrize("shift", range(4))
+def test_held_out_design(shift):
+    b = Benchmark(0, holdout_shift=shift)
+    assert len(b.held_out) == 4 and not set(b.held_out) & set(b.seen)
+    assert set(b.held_out) | set(b.seen) == set(b.pairs)
+    for group, idx in ((b.languages, 0), (b.tasks, 1)):
+        assert {p[idx] for p in b.held_out} == set(group)  # every language and task held out once...
+        assert {p[idx] for p in b.seen} == set(group)  # ...and still seen in other pairs
+
+
+def test_every_pair_is_held_out_once_over_the_seeds():
+    langs, tasks = ("a", "b", "c", "d"), ("w", "x", "y", "z")
+    held = [p for s in range(4) for p in latin_square_holdout(langs, tasks, s)]
+    assert sorted(held) == sorted((l, t) for l in langs for t in tasks)
+    assert Benchmark(2).held_out == latin_square_holdout(Benchmark(2).languages, Benchmark(2).tasks, 2)
+
+
+def test_training_data_has_no_held_out_pair_and_no_evaluation_source():
+    b = Benchmark(1)
+    ev = b.eval_sets(16)
+    stream = b.train_stream(64, stream_seed=1, exclude=ev)
+    banned = {(p, s) for p, srcs in ev.items() for s in srcs}
+    held_tags = {(b.lang_tag[l], b.task_tag[t]) for l, t in b.held_out}
+    for _ in range(30):
+        items = next(stream)
+        assert all(p in b.seen and (p, s) not in banned and len(set(s)) == len(s) for p, s in items)
+        ids, _ = b.collate(items)
+        assert not {(int(r[1]), int(r[2])) for r in ids} & held_tags
+
+
+def test_pretraining_data_uses_no_fine_tuning_task():
+    b = Benchmark(0)
+    ids, labels = b.pretrain_batch(random.Random(0), 64, lm_len=16)
+    fine_tuning_tags = {b.task_tag[t] for t in b.tasks}
+    assert not set(ids.flatten().tolist()) & fine_tuning_tags
+    assert {int(r[1]) for r in ids} == set(b.lang_tag.values())  # every language
+
+
+def test_per_pair_fallback_uses_the_same_task_in_a_seen_language():
+    b = Benchmark(0)
+    m = make_method("per_pair", b, DemoConfig())
+    for l, t in b.held_out:
+        pl, pt = m.features((l, t))["pair"].split("/")
+        assert pt == t and pl != l and (pl, pt) in b.seen
+    assert m.features(b.seen[0]) == {"pair": "/".join(b.seen[0])}
+
+
+def test_smoke_run_writes_sane_results(tmp_path):
+    assert cli.main(["demo", "--smoke", "--out", str(tmp_path), "--no-progress"]) == 0
+    rec = json.loads((tmp_path / "results.json").read_text())
+    cfg = rec["config"]
+    assert cfg["preset"] == "smoke" and cfg["methods"] == ["lora", "per_pair", "flix", "flix_dropout"]
+    methods = rec["summary"]["methods"]
+    assert set(methods) == set(cfg["methods"])
+    for s in methods.values():
+        for key in ("seen", "held_out"):
+            assert 0.0 <= s[key]["min"] <= s[key]["mean"] <= s[key]["max"] <= 1.0 and s[key]["std"] >= 0
+        assert s["trainable_params"] > 0 and s["seconds"] > 0
+        assert [c["step"] for c in s["curve"]] == list(range(cfg["eval_every"], cfg["steps"] + 1, cfg["eval_every"]))
+    p = {m: s["trainable_params"] for m, s in methods.items()}
+    assert p["lora"] < p["flix"] == p["flix_dropout"] < p["per_pair"]
+    seed = rec["seeds"][0]
+    assert len(seed["held_out_pairs"]) == 4 and set(seed["methods"]["lora"]["final"]["per_pair"]) >= set(seed["held_out_pairs"])
+    assert rec["provenance"]["versions"]["torch"] and rec["provenance"]["versions"]["transformers"]
+    assert "same information" in rec["design"]["tags"]
+    md = (tmp_path / "results.md").read_text()
+    assert md.startswith("# flix-kernels demo") and "held-out pairs (zero-shot)" in md
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_a_seed_reproduces_in_process_and_in_parallel_workers():
+    cfg = DemoConfig.smoke(seeds=(0, 1), pretrain_steps=8, steps=4, eval_every=2, methods=("flix_dropout",))
+    cfg.workers = 1
+    a = run(cfg)
+    cfg.workers = 2  # one spawned process per seed
+    b = run(cfg)
+    for sa, sb in zip(a["seeds"], b["seeds"]):
+        ra, rb = sa["methods"]["flix_dropout"], sb["methods"]["flix_dropout"]
+        assert ra["curve"] == rb["curve"] and ra["final"] == rb["final"]
+        assert sa["base"]["final_loss"] == sb["base"]["final_loss"]
+    assert a["provenance"]["workers"] == 1 and b["provenance"]["workers"] == 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .._progress import Progress
 from .cases import SHAPE_SETS, Case
 from .suite import Config, run
 
@@ -23,8 +24,8 @@ def bench(cfg: Config, out_dir: Path, *, show_progress: bool = True) -> dict:
     from . import report
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _progress(show_progress) as step:
-        record = run(cfg, progress=step, checkpoint=lambda rec: report.write_json(out_dir / "results.json", rec))
+    with Progress(show_progress) as progress:
+        record = run(cfg, progress=progress.step, checkpoint=lambda rec: report.write_json(out_dir / "results.json", rec))
     record["summary"] = report.summarize(record)
     report.write_json(out_dir / "results.json", record)
     md = out_dir / "results.md"
@@ -35,34 +36,3 @@ def bench(cfg: Config, out_dir: Path, *, show_progress: bool = True) -> dict:
     report.console(record)
     print(f"wrote {out_dir / 'results.json'}, {md}" + "".join(f", {p}" for p in record["plots"]))
     return record
-
-
-class _progress:
-    """A rich spinner/bar naming the step in progress (plain lines without rich or a terminal)."""
-
-    def __init__(self, enabled: bool):
-        self.enabled, self.bar = enabled, None
-
-    def __enter__(self):
-        if self.enabled:
-            try:
-                from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-                self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                                    TextColumn("{task.completed} steps"), transient=False)
-                self.bar.start()
-                self.task = self.bar.add_task("starting", total=None)
-            except ImportError:
-                self.bar = None
-        return self.step
-
-    def step(self, what: str):
-        if self.bar is not None:
-            self.bar.update(self.task, description=what, advance=1)
-        elif self.enabled:
-            print(f"... {what}", flush=True)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-        return False

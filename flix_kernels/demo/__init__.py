@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .._progress import Progress
 from .experiment import LABELS, METHODS, run_seed
 
 __all__ = ["DemoConfig", "LABELS", "METHODS", "run"]
@@ -96,7 +97,7 @@ def run(config: DemoConfig, out_dir: str | Path | None = None, *, show_progress:
     workers = cfg.workers or (min(len(cfg.seeds), os.cpu_count() or 1) if device.type == "cpu" else 1)
     per_seed = cfg.pretrain_steps + len(cfg.methods) * cfg.steps
     t0 = time.perf_counter()
-    with report.Progress(show_progress, total=per_seed * len(cfg.seeds)) as prog:
+    with Progress(show_progress, total=per_seed * len(cfg.seeds)) as prog:
         if workers > 1 and len(cfg.seeds) > 1:
             seeds = _parallel(cfg, workers, prog)
         else:

@@ -256,40 +256,4 @@ def console(record: dict) -> None:
         print("wrote " + ", ".join(v for k, v in out.items() if k != "plot_note") + (f"; {out['plot_note']}" if "plot_note" in out else ""))
 
 
-class Progress:
-    """A rich bar over every training step of the run (plain lines without rich, nothing when off)."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total, self.bar = enabled, total, None
-
-    def __enter__(self):
-        if self.enabled:
-            try:
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn
-                from rich.progress import TimeElapsedColumn, TimeRemainingColumn
-
-                self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                        TimeElapsedColumn(), TimeRemainingColumn())
-                self.bar.start()
-                self.task = self.bar.add_task("starting", total=self.total)
-            except ImportError:
-                self.bar = None
-        return self
-
-    def tick(self) -> None:
-        if self.bar is not None:
-            self.bar.advance(self.task)
-
-    def say(self, what: str) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, description=what)
-        elif self.enabled:
-            print(f"... {what}", flush=True)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-        return False
-
-
-__all__ = ["Progress", "console", "design", "findings", "markdown", "plot", "provenance", "summarize", "write"]
+__all__ = ["console", "design", "findings", "markdown", "plot", "provenance", "summarize", "write"]

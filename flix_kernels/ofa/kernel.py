@@ -1,0 +1,316 @@
+"""The fused factorized-embedding lookup of OFA: ``out[t] = P[ids[t]] @ Q``.
+
+OFA factorizes an embedding matrix ``E (V x D)`` as coordinates ``P (V x k)`` times a primitive
+``Q (k x D)``. :func:`factorized_embedding` looks tokens up without ever forming ``E``:
+
+* backend "torch": ``F.embedding(ids, P, padding_idx) @ Q`` (the reference semantics);
+* backend "triton": one kernel, grid (token tiles, D tiles), gathers the ``BLOCK_T x k`` rows
+  of P for its tokens (in ``BLOCK_K`` chunks) and multiplies them by the ``k x BLOCK_D`` tile of
+  Q with fp32 accumulation; neither ``E`` nor the ``T x k`` gathered rows reach global memory.
+  Backward: ``dQ = P[ids]^T dout`` by a kernel that owns one ``k x D`` tile and walks the token
+  tiles in order (the gather again, no ``T x k`` copy); ``dP``: ``g = dout Q^T`` (``T x k``,
+  fp32) by the same gather-matmul kernel, then the ids are sorted (stable) and a segment kernel
+  sums each id's contiguous run of ``g`` rows in a fixed order and writes that row of ``dP``.
+  No atomics: gradients are bit-identical run to run. Rows not referenced, and the
+  ``padding_idx`` row, get zero gradient (as ``nn.Embedding``).
+* "auto": "triton" for CUDA tensors when Triton imports, else "torch".
+
+:func:`tied_logits` is the tied output head ``hidden Q^T P^T (+ bias)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:  # Triton is optional; backend "triton" then reports why it is off.
+    import triton
+    import triton.language as tl
+
+    from ..triton import launch as _launch
+
+    _IMPORT_ERROR = None
+except Exception as exc:  # pragma: no cover - depends on the install
+    triton = tl = _launch = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+__all__ = ["factorized_embedding", "tied_logits", "BACKENDS"]
+
+BACKENDS = ("auto", "torch", "triton")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def gather_matmul_kernel(
+        IDS, A, B, OUT, T, K, N,
+        stride_am, stride_ak, stride_bk, stride_bn, stride_ot, stride_on,
+        HAS_IDS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """``OUT[t, n] = sum_k A[row(t), k] B[k, n]`` with ``row(t) = IDS[t]`` (or t), fp32 acc.
+
+        Forward: A = P, B = Q. Backward ``g = dout Q^T``: A = dout, no ids, B = Q^T by strides."""
+        offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        t_in = offs_t < T
+        n_in = offs_n < N
+        if HAS_IDS:
+            rows = tl.load(IDS + offs_t, mask=t_in, other=0).to(tl.int64)
+        else:
+            rows = offs_t.to(tl.int64)
+        offs_n64 = offs_n.to(tl.int64)
+        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_in = offs_k < K
+            a = tl.load(A + rows[:, None] * stride_am + offs_k.to(tl.int64)[None, :] * stride_ak,
+                        mask=t_in[:, None] & k_in[None, :], other=0.0)
+            b = tl.load(B + offs_k.to(tl.int64)[:, None] * stride_bk + offs_n64[None, :] * stride_bn,
+                        mask=k_in[:, None] & n_in[None, :], other=0.0)
+            acc += tl.dot(a.to(COMPUTE_DTYPE), b.to(COMPUTE_DTYPE), input_precision=PRECISION)
+        tl.store(OUT + offs_t.to(tl.int64)[:, None] * stride_ot + offs_n64[None, :] * stride_on,
+                 acc.to(OUT.dtype.element_ty), mask=t_in[:, None] & n_in[None, :])
+
+    @triton.jit
+    def gathered_outer_kernel(
+        IDS, A, G, OUT, T, K, N,
+        stride_am, stride_ak, stride_gt, stride_gn, stride_ok, stride_on,
+        COMPUTE_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """``OUT[k, n] = sum_t A[IDS[t], k] G[t, n]`` (dQ = P[ids]^T dout): each program owns one
+        (k, n) tile and walks the token tiles in order (deterministic, fp32 accumulation)."""
+        offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_in = offs_k < K
+        n_in = offs_n < N
+        offs_k64 = offs_k.to(tl.int64)
+        offs_n64 = offs_n.to(tl.int64)
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            t_in = offs_t < T
+            rows = tl.load(IDS + offs_t, mask=t_in, other=0).to(tl.int64)
+            at = tl.load(A + rows[None, :] * stride_am + offs_k64[:, None] * stride_ak,
+                         mask=k_in[:, None] & t_in[None, :], other=0.0)
+            g = tl.load(G + offs_t.to(tl.int64)[:, None] * stride_gt + offs_n64[None, :] * stride_gn,
+                        mask=t_in[:, None] & n_in[None, :], other=0.0)
+            acc += tl.dot(at.to(COMPUTE_DTYPE), g.to(COMPUTE_DTYPE), input_precision=PRECISION)
+        tl.store(OUT + offs_k64[:, None] * stride_ok + offs_n64[None, :] * stride_on,
+                 acc.to(OUT.dtype.element_ty), mask=k_in[:, None] & n_in[None, :])
+
+    @triton.jit
+    def segment_sum_kernel(
+        G, ORDER, SEG_START, SEG_ID, OUT, K, padding_idx,
+        stride_gt, stride_ov,
+        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """``OUT[id_s, k] = sum of G[ORDER[j], k]`` over the run ``j in [SEG_START[s], SEG_START[s+1])``
+        of segment s (one id of the sorted ids), in a fixed order; the padding row is not written."""
+        s = tl.program_id(0)
+        offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_in = offs_k < K
+        row = tl.load(SEG_ID + s).to(tl.int64)
+        start = tl.load(SEG_START + s)
+        end = tl.load(SEG_START + s + 1)
+        acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for j0 in range(start, end, BLOCK_T):
+            offs_j = j0 + tl.arange(0, BLOCK_T)
+            j_in = offs_j < end
+            tok = tl.load(ORDER + offs_j, mask=j_in, other=0).to(tl.int64)
+            g = tl.load(G + tok[:, None] * stride_gt + offs_k[None, :], mask=j_in[:, None] & k_in[None, :], other=0.0)
+            acc += tl.sum(g.to(tl.float32), axis=0)
+        if row != padding_idx:
+            tl.store(OUT + row * stride_ov + offs_k, acc.to(OUT.dtype.element_ty), mask=k_in)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+def _blocks(T: int, K: int, N: int, device: torch.device) -> dict:
+    """Tile sizes: small tiles in the interpreter (fast CPU tests), larger on the GPU."""
+    small = device.type != "cuda"
+    bt_hi, bn_hi = (16, 32) if small else (64, 128)
+    pow2 = lambda n, hi: max(16, min(hi, triton.next_power_of_2(max(int(n), 1))))  # noqa: E731
+    cfg = dict(BLOCK_T=pow2(T, bt_hi), BLOCK_K=pow2(K, 32 if small else 64), BLOCK_N=pow2(N, bn_hi))
+    if not small:
+        cfg["num_warps"] = 4
+    return cfg
+
+
+def _gather_matmul(ids: Optional[Tensor], A: Tensor, stride_am: int, stride_ak: int, B: Tensor, stride_bk: int,
+                   stride_bn: int, T: int, K: int, N: int, out_dtype: torch.dtype, compute_dtype: torch.dtype) -> Tensor:
+    out = torch.empty(T, N, device=A.device, dtype=out_dtype)
+    if T == 0 or N == 0:
+        return out
+    if K == 0:
+        return out.zero_()
+    cfg = _blocks(T, K, N, A.device)
+    grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    gather_matmul_kernel[grid](
+        ids if ids is not None else A, A, B, out, T, K, N,
+        stride_am, stride_ak, stride_bk, stride_bn, out.stride(0), out.stride(1),
+        HAS_IDS=ids is not None, COMPUTE_DTYPE=_launch.tl_dtype(compute_dtype),
+        PRECISION=_launch.precision(compute_dtype), **cfg,
+    )
+    return out
+
+
+def _forward(ids: Tensor, P: Tensor, Q: Tensor) -> Tensor:
+    T, (K, D) = ids.numel(), Q.shape
+    return _gather_matmul(ids, P, P.stride(0), P.stride(1), Q, Q.stride(0), Q.stride(1), T, K, D, P.dtype, P.dtype)
+
+
+def _grad_primitive(ids: Tensor, P: Tensor, dout: Tensor, dtype: torch.dtype) -> Tensor:
+    """``dQ = P[ids]^T dout`` (k x D) in ``dtype``; fp32 accumulation, deterministic."""
+    T, D = dout.shape
+    K = P.shape[1]
+    out = torch.zeros(K, D, device=P.device, dtype=dtype)
+    if T == 0 or K == 0 or D == 0:
+        return out
+    cfg = _blocks(T, K, D, P.device)
+    grid = (triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(D, cfg["BLOCK_N"]))
+    gathered_outer_kernel[grid](
+        ids, P, dout, out, T, K, D, P.stride(0), P.stride(1), dout.stride(0), dout.stride(1),
+        out.stride(0), out.stride(1),
+        COMPUTE_DTYPE=_launch.tl_dtype(P.dtype), PRECISION=_launch.precision(P.dtype), **cfg,
+    )
+    return out
+
+
+def _grad_coords(ids: Tensor, Q: Tensor, dout: Tensor, V: int, padding_idx: int, dtype: torch.dtype) -> Tensor:
+    """``dP (V x k)``: ``g = dout Q^T`` (T x k, fp32) then a deterministic segment sum per id."""
+    T, D = dout.shape
+    K = Q.shape[0]
+    dP = torch.zeros(V, K, device=Q.device, dtype=dtype)
+    if T == 0 or K == 0:
+        return dP
+    # g = dout @ Q^T: the gather-matmul kernel with no ids and B = Q^T read through strides.
+    g = _gather_matmul(None, dout, dout.stride(0), dout.stride(1), Q, Q.stride(1), Q.stride(0), T, D, K,
+                       torch.float32, dout.dtype)
+    sorted_ids, order = torch.sort(ids, stable=True)
+    seg_id, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    seg_start = torch.zeros(seg_id.numel() + 1, device=ids.device, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=seg_start[1:])
+    cfg = _blocks(T, K, 0, Q.device)
+    cfg.pop("BLOCK_N")
+    grid = (seg_id.numel(), triton.cdiv(K, cfg["BLOCK_K"]))
+    segment_sum_kernel[grid](g, order, seg_start, seg_id, dP, K, padding_idx, g.stride(0), dP.stride(0), **cfg)
+    return dP
+
+
+class _FactorizedEmbedding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids: Tensor, coords: Tensor, primitive: Tensor, padding_idx: int) -> Tensor:
+        ctx.save_for_backward(ids, coords, primitive)
+        ctx.padding_idx = padding_idx
+        return _forward(ids, coords, primitive)
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        ids, coords, primitive = ctx.saved_tensors
+        dout = dout.to(coords.dtype).contiguous()
+        dP = dQ = None
+        if ctx.needs_input_grad[1]:
+            dP = _grad_coords(ids, primitive, dout, coords.shape[0], ctx.padding_idx, coords.dtype)
+        if ctx.needs_input_grad[2]:
+            dQ = _grad_primitive(ids, coords, dout, primitive.dtype)
+        return None, dP, dQ, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+def _triton_unavailable(device: torch.device) -> Optional[str]:
+    if _launch is None:
+        return f"triton could not be imported ({_IMPORT_ERROR})"
+    if device.type == "cuda" or _launch.interpreting():
+        return None
+    return "the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run them on CPU tensors, slowly)"
+
+
+def _validate(ids: Tensor, coords: Tensor, primitive: Tensor, padding_idx: Optional[int]) -> Optional[int]:
+    """Check the inputs (clear errors); returns padding_idx normalised to [0, V) or None."""
+    if not torch.is_tensor(ids) or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"ids must be an integer tensor, got {ids.dtype if torch.is_tensor(ids) else type(ids)}")
+    if coords.dim() != 2:
+        raise ValueError(f"coords must be 2-D (V x k), got shape {tuple(coords.shape)}")
+    if primitive.dim() != 2:
+        raise ValueError(f"primitive must be 2-D (k x D), got shape {tuple(primitive.shape)}")
+    if coords.shape[1] != primitive.shape[0]:
+        raise ValueError(f"coords {tuple(coords.shape)} and primitive {tuple(primitive.shape)} do not chain: "
+                         f"coords.shape[1] ({coords.shape[1]}) must equal primitive.shape[0] ({primitive.shape[0]})")
+    if not (ids.device == coords.device == primitive.device):
+        raise ValueError(f"ids ({ids.device}), coords ({coords.device}) and primitive ({primitive.device}) "
+                         "must be on the same device")
+    for name, t in (("coords", coords), ("primitive", primitive)):
+        if t.dtype not in _FLOAT_DTYPES + (torch.float64,):
+            raise TypeError(f"{name} dtype {t.dtype} is not supported (float32, float16, bfloat16; float64 with "
+                            "backend='torch')")
+    if coords.dtype != primitive.dtype:
+        raise TypeError(f"coords ({coords.dtype}) and primitive ({primitive.dtype}) must have the same dtype")
+    V = coords.shape[0]
+    if padding_idx is not None:
+        if not -V <= padding_idx < V:
+            raise ValueError(f"padding_idx {padding_idx} is out of range for coords with {V} rows")
+        padding_idx = padding_idx + V if padding_idx < 0 else padding_idx
+    if ids.numel():
+        bad = (ids < 0) | (ids >= V)
+        if bool(bad.any()):
+            pos = tuple(int(i) for i in bad.nonzero()[0])
+            raise IndexError(f"ids{list(pos)} = {int(ids[pos])} is out of range for coords with {V} rows "
+                             f"(valid ids: 0..{V - 1})")
+    return padding_idx
+
+
+def factorized_embedding(ids: Tensor, coords: Tensor, primitive: Tensor, *, padding_idx: Optional[int] = None,
+                         backend: str = "auto") -> Tensor:
+    """``coords[ids] @ primitive``, shape ``ids.shape + (D,)``, dtype of coords.
+
+    Differentiable in ``coords`` and ``primitive``; the ``padding_idx`` row of coords gets no
+    gradient (as ``nn.Embedding``). ``backend``: "auto" (Triton for CUDA tensors when it imports,
+    else torch), "torch" or "triton" (float32/float16/bfloat16 only). Ids out of ``[0, V)`` raise
+    an IndexError naming the first bad id and its position, before any kernel runs."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+    padding_idx = _validate(ids, coords, primitive, padding_idx)
+    if backend == "auto":
+        ok = coords.device.type == "cuda" and _launch is not None and coords.dtype in _FLOAT_DTYPES
+        backend = "triton" if ok else "torch"
+    if backend == "torch":
+        return F.embedding(ids, coords, padding_idx) @ primitive
+    reason = _triton_unavailable(coords.device)
+    if reason is not None:
+        raise RuntimeError(f"backend 'triton' is unavailable: {reason}")
+    if coords.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype {coords.dtype} is not supported by the Triton kernels (float32, float16, "
+                        "bfloat16); use backend='torch'")
+    flat = ids.reshape(-1)
+    if flat.dtype not in (torch.int32, torch.int64):
+        flat = flat.to(torch.int64)
+    out = _FactorizedEmbedding.apply(flat.contiguous(), coords, primitive, -1 if padding_idx is None else padding_idx)
+    return out.reshape(*ids.shape, primitive.shape[1])
+
+
+def tied_logits(hidden: Tensor, coords: Tensor, primitive: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """The tied output head ``hidden Q^T P^T (+ bias)``, shape ``hidden.shape[:-1] + (V,)``.
+
+    Computed as ``(hidden @ Q^T) @ P^T``: two dense GEMMs whose intermediate is only T x k (k is
+    small), so cuBLAS already runs at full speed and a fused kernel would gain nothing; the
+    V x D matrix is never formed."""
+    if coords.dim() != 2 or primitive.dim() != 2 or coords.shape[1] != primitive.shape[0]:
+        raise ValueError(f"coords {tuple(coords.shape)} and primitive {tuple(primitive.shape)} must be "
+                         "V x k and k x D")
+    if hidden.shape[-1] != primitive.shape[1]:
+        raise ValueError(f"hidden's last dimension ({hidden.shape[-1]}) must equal primitive.shape[1] "
+                         f"({primitive.shape[1]})")
+    logits = (hidden @ primitive.t()) @ coords.t()
+    return logits if bias is None else logits + bias

@@ -234,3 +234,77 @@ def test_factorized_embedding_low_rank_matches_its_table(backend, seed):
     assert fe.coords.grad[0].abs().sum() == 0  # padding row learns nothing
     with pytest.raises(ValueError, match="latent_dim=17 must be <= embedding_dim=16"):
         ofa.FactorizedEmbedding(50, 16, 17)
+
+
+# -- apply_to_model on a transformers model with two locally trained tokenizers ------------------
+def train_tokenizer(words, size, seed):
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    import random
+
+    rng = random.Random(seed)
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=size, special_tokens=["<pad>", "<unk>"])
+    tok.train_from_iterator([" ".join(rng.choice(words) for _ in range(8)) for _ in range(300)], trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+
+
+SOURCE_WORDS = ["cat", "dog", "house", "tree", "water", "the", "and", "green", "small"]
+TARGET_WORDS = ["gato", "perro", "casa", "arbol", "agua", "el", "y", "verde", "cat", "dog"]
+
+
+@pytest.mark.parametrize("k", [32, 8])
+def test_apply_to_model_switches_the_vocabulary(k, seed):
+    transformers = pytest.importorskip("transformers")
+    src_tok, tgt_tok = train_tokenizer(SOURCE_WORDS, 60, seed), train_tokenizer(TARGET_WORDS, 80, seed + 1)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(src_tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=48, tie_word_embeddings=True)).eval()
+    old = model.get_input_embeddings().weight.detach().clone()
+    g = torch.Generator().manual_seed(seed)
+    vectors = {w: torch.randn(6, generator=g) for w in set(SOURCE_WORDS) | set(TARGET_WORDS)}
+    report = ofa.apply_to_model(model, src_tok, tgt_tok, vectors, k=k)
+    V_t = len(tgt_tok)
+    assert report["copied"] + report["similarity"] + report["random"] == V_t and report["copied"] > 0
+    assert model.config.vocab_size == V_t and isinstance(model.get_input_embeddings(), ofa.FactorizedEmbedding)
+    assert model.get_output_embeddings().embedding is model.get_input_embeddings()  # tied
+    src_vocab, tgt_vocab = src_tok.get_vocab(), tgt_tok.get_vocab()
+    shared = sorted(set(src_vocab) & set(tgt_vocab) - {"<pad>"})
+    table = model.get_input_embeddings().table()
+    P, Q = ofa.factorize(old, k)
+    for tok in shared:  # copied rows: the source row's rank-k approximation (exact at k = D)
+        torch.testing.assert_close(table[tgt_vocab[tok]], (P @ Q)[src_vocab[tok]], rtol=1e-4, atol=1e-5)
+    # The same text of shared tokens gives the same hidden states, so at k = D the same scores for them.
+    text_src = torch.tensor([[src_vocab[t] for t in shared]])
+    text_tgt = torch.tensor([[tgt_vocab[t] for t in shared]])
+    with torch.no_grad():
+        out = model(text_tgt).logits
+    assert out.shape == (1, len(shared), V_t)
+    if k == 32:
+        ref = transformers.LlamaForCausalLM(model.config.__class__(**{**model.config.to_dict(), "vocab_size": len(src_tok),
+                                                                       "tie_word_embeddings": True}))
+        ref.load_state_dict({n: p for n, p in model.state_dict().items() if "embed" not in n and "lm_head" not in n},
+                            strict=False)
+        ref.get_input_embeddings().weight.data.copy_(old)
+        ref.eval()
+        with torch.no_grad():
+            want = ref(text_src).logits
+        cols_t, cols_s = [tgt_vocab[t] for t in shared], [src_vocab[t] for t in shared]
+        torch.testing.assert_close(out[..., cols_t], want[..., cols_s], rtol=1e-4, atol=1e-4)
+    model.train()
+    loss = model(text_tgt, labels=text_tgt).loss
+    loss.backward()
+    emb = model.get_input_embeddings()
+    assert emb.coords.grad.abs().sum() > 0 and emb.primitive.grad.abs().sum() > 0
+
+
+def test_apply_to_model_refuses_an_untied_head(seed):
+    transformers = pytest.importorskip("transformers")
+    tok = train_tokenizer(SOURCE_WORDS, 60, seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=48, tie_word_embeddings=False))
+    with pytest.raises(NotImplementedError, match="tied"):
+        ofa.apply_to_model(model, tok, tok, {"cat": [1.0, 2.0]}, k=4)

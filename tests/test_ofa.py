@@ -300,6 +300,22 @@ def test_apply_to_model_switches_the_vocabulary(k, seed):
     assert emb.coords.grad.abs().sum() > 0 and emb.primitive.grad.abs().sum() > 0
 
 
+def test_apply_to_model_without_vectors_copies_shared_rows_and_draws_the_rest(seed):
+    transformers = pytest.importorskip("transformers")
+    src_tok, tgt_tok = train_tokenizer(SOURCE_WORDS, 60, seed), train_tokenizer(TARGET_WORDS, 80, seed + 1)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(src_tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=48, tie_word_embeddings=True))
+    old = model.get_input_embeddings().weight.detach().clone()
+    report = ofa.apply_to_model(model, src_tok, tgt_tok, None, k=32, seed=seed)
+    shared = set(src_tok.get_vocab()) & set(tgt_tok.get_vocab())
+    assert report["similarity"] == 0 and report["copied"] == len(shared) and report["random"] == len(tgt_tok) - len(shared)
+    table = model.get_input_embeddings().table()
+    tok = sorted(shared - {"<pad>"})[0]
+    torch.testing.assert_close(table[tgt_tok.get_vocab()[tok]], old[src_tok.get_vocab()[tok]], rtol=1e-5, atol=1e-6)
+
+
 def test_apply_to_model_refuses_an_untied_head(seed):
     transformers = pytest.importorskip("transformers")
     tok = train_tokenizer(SOURCE_WORDS, 60, seed)

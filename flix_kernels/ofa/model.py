@@ -33,7 +33,8 @@ def apply_to_model(model: nn.Module, source_tokenizer, target_tokenizer, word_ve
                    case_insensitive: bool = False) -> dict:
     """Switch a transformers model with tied input/output embeddings to ``target_tokenizer``'s
     vocabulary, OFA-initialised from its current embeddings and ``word_vectors`` (a dict word
-    -> vector or ``(words, matrix)``, e.g. multilingual fastText/ColexNet vectors).
+    -> vector or ``(words, matrix)``, e.g. multilingual fastText/ColexNet vectors;
+    ``None`` gives the usual baseline: shared tokens copied, every other row random).
 
     The input embeddings become a :class:`FactorizedEmbedding` (``k`` < D factorises, ``k ==
     D`` keeps full-size rows) and the output head a :class:`FactorizedLMHead` sharing it (the
@@ -55,8 +56,11 @@ def apply_to_model(model: nn.Module, source_tokenizer, target_tokenizer, word_ve
     if max(src_vocab.values()) >= emb.num_embeddings:
         raise ValueError(f"the source tokenizer has ids up to {max(src_vocab.values())} but the model's embeddings "
                          f"have {emb.num_embeddings} rows; pass the tokenizer the model was trained with")
-    sv, _ = subword_vectors(word_vectors, source_tokenizer, vocab_size=V_s)
-    tv, _ = subword_vectors(word_vectors, target_tokenizer, vocab_size=len(tgt_vocab))
+    if word_vectors is None:  # the baseline without vectors: shared rows copied, all others random
+        sv, tv = torch.zeros(V_s, 1), torch.zeros(len(tgt_vocab), 1)
+    else:
+        sv, _ = subword_vectors(word_vectors, source_tokenizer, vocab_size=V_s)
+        tv, _ = subword_vectors(word_vectors, target_tokenizer, vocab_size=len(tgt_vocab))
     coords, primitive, report = initialize(emb.weight[:V_s].float(), src_vocab, tgt_vocab, sv, tv, k=k,
                                            neighbors=neighbors, temperature=temperature, seed=seed,
                                            case_insensitive=case_insensitive)

@@ -103,6 +103,18 @@ def eval_loss(model, tok, texts: list[str], length: int) -> float:
     return loss
 
 
+@torch.no_grad()
+def near_duplicate_rows(table: torch.Tensor, threshold: float = 0.99) -> dict:
+    """How many rows of the embedding table have another row pointing the same way: with a tied
+    output head such tokens cannot be told apart until training separates them."""
+    t = torch.nn.functional.normalize(table.float(), dim=1)
+    sim = t @ t.T
+    sim.fill_diagonal_(-1.0)
+    nearest = sim.max(1).values
+    return {"rows": int(table.shape[0]), "near_duplicates": int((nearest > threshold).sum()),
+            "mean_nearest_cosine": float(nearest.mean())}
+
+
 def train(model, data, steps: int, lr: float, on_step=None):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
@@ -143,6 +155,7 @@ def run_seed(seed: int, args) -> dict:
         # vecs None: shared tokens copied, every other row random (OFA's rule for uncovered subwords)
         report = ofa.apply_to_model(model, src_tok, tgt_tok, vecs, k=k, seed=seed)
         emb = model.get_input_embeddings()
+        duplicates = near_duplicate_rows(emb.table())
         curve = {}
 
         def evaluate(step, model=model, curve=curve):
@@ -153,7 +166,8 @@ def run_seed(seed: int, args) -> dict:
         t0 = time.perf_counter()
         train(model, batches(tgt_tok, multi_text, 32, args.length, rng), max(args.eval_at), 1e-3, evaluate)
         result["methods"][name] = {"report": report, "curve": curve, "seconds": time.perf_counter() - t0,
-                                   "embedding_params": sum(p.numel() for p in emb.parameters())}
+                                   "embedding_params": sum(p.numel() for p in emb.parameters()),
+                                   "initial_rows": duplicates}
     return result
 
 
@@ -176,6 +190,11 @@ def summarize(runs: list[dict], args) -> str:
         rep = runs[0]["methods"][name]["report"]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {runs[0]['methods'][name]['embedding_params']:,} | "
                      f"{rep['copied']} / {rep['similarity']} / {rep['random']} |")
+    lines += ["", "Rows of the initial table with a near-duplicate (cosine > 0.99; mean nearest-row cosine), per seed:", ""]
+    for name in names:
+        d = [r["methods"][name]["initial_rows"] for r in runs]
+        lines.append(f"- {name}: " + ", ".join(f"{x['near_duplicates']} of {x['rows']} ({x['mean_nearest_cosine']:.2f})"
+                                               for x in d))
     lines += ["", "Held-out loss on the source language:", "",
               "| method | " + " | ".join(f"step {s}" for s in args.eval_at) + " |", "|---|" + "---|" * len(args.eval_at)]
     for name in names:

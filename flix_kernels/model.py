@@ -114,18 +114,32 @@ def set_routing(model: nn.Module, routing: Routing | None) -> None:
         layer.set_routing(routing)
 
 
+def _route(layers: list[FLixLinear], routing: Routing | None) -> list[tuple[FLixLinear, Routing | None]]:
+    """Route ``layers`` with ``routing``; returns what :func:`_restore` puts back. All or nothing:
+    a layer refusing the routing (another FeatureSpace) leaves every layer as it was."""
+    previous = [(layer, layer._routing) for layer in layers]
+    try:
+        for layer in layers:
+            layer.set_routing(routing)
+    except BaseException:
+        _restore(previous)
+        raise
+    return previous
+
+
+def _restore(previous: list[tuple[FLixLinear, Routing | None]]) -> None:
+    for layer, routing in previous:
+        layer._routing = routing
+
+
 @contextlib.contextmanager
 def use_routing(model: nn.Module, routing: Routing):
     """``with use_routing(model, routing): ...`` routes the model inside the block only."""
-    layers = _require_layers(model)
-    previous = [layer._routing for _, layer in layers]
+    previous = _route([layer for _, layer in _require_layers(model)], routing)
     try:
-        for _, layer in layers:
-            layer.set_routing(routing)
         yield model
     finally:
-        for (_, layer), r in zip(layers, previous):
-            layer._routing = r
+        _restore(previous)
 
 
 def merge(model: nn.Module, features: Mapping[str, str]) -> None:

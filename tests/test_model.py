@@ -607,3 +607,15 @@ def test_injected_layers_follow_the_mode_of_the_layer_they_replace(seed):
         torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
     model.train()
     assert all(layer.training for _, layer in fk.flix_layers(model))
+
+
+def test_use_routing_is_all_or_nothing(seed):
+    """A layer refusing the routing (another FeatureSpace) leaves every layer as it was."""
+    model = tiny_mlp(seed)
+    fk.inject(model, make_space(), target_modules=["fc1"])
+    fk.inject(model, make_space(languages=("de", "it")), target_modules=["fc2"])
+    routing = mixed_routing(make_space(), 2, torch.Generator().manual_seed(seed))
+    with pytest.raises(ValueError, match="FeatureSpace differs"):
+        with fk.use_routing(model, routing):
+            pass
+    assert model.fc1._routing is None and model.fc2._routing is None

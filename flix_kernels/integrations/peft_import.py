@@ -43,7 +43,7 @@ _PREFIX = "base_model.model."
 
 # LoraConfig options whose adapters are not "B A x added to a linear layer" (or need a
 # modified base model); value -> why, checked when the option is set to anything truthy.
-_UNSUPPORTED_OPTIONS = {
+UNSUPPORTED_LORA_OPTIONS = {
     "use_dora": "DoRA rescales the whole adapted weight by a learned magnitude vector, which is not a low-rank update",
     "lora_bias": "lora_bias adds a trainable bias to lora_B",
     "modules_to_save": "modules_to_save stores full copies of modules, which are not low-rank updates",
@@ -119,7 +119,7 @@ def _check_config(key, folder: str, cfg) -> None:
                                   "can be imported as FLix features")
     if cfg.get("flix_space") is not None:
         raise ValueError(f"{where} is a FLix adapter saved through PEFT; load it with flix_kernels.load_flix_peft")
-    for option, why in _UNSUPPORTED_OPTIONS.items():
+    for option, why in UNSUPPORTED_LORA_OPTIONS.items():
         if cfg.get(option):
             raise NotImplementedError(f"{where}: {option}={cfg[option]!r} is not supported ({why})")
     if cfg.get("bias", "none") != "none":

@@ -34,7 +34,6 @@ What released PEFT (0.21.2, where this is tested) does and does not do here:
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass, field, fields
@@ -46,27 +45,19 @@ from peft import LoraConfig, PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 
+from .._io import read_json
 from ..features import FeatureSpace
 from ..model import flix_layers
 from ..nn import FLixLinear, is_conv1d
+from .peft_import import CONFIG_NAME, WEIGHTS_NAME, UNSUPPORTED_LORA_OPTIONS
 
 __all__ = ["FLixLoraConfig", "FLixLoraLinear", "flix_lora_config", "load_flix_peft"]
 
-# LoraConfig options FLix layers do not implement (value -> why), refused when truthy.
+# LoraConfig options FLix layers do not implement (value -> why), refused when truthy: those the
+# importer refuses, but modules_to_save (left to PEFT here), plus the ones only a live config has.
 _UNSUPPORTED = {
-    "use_dora": "DoRA's magnitude vector is not a per-feature low-rank update",
-    "lora_bias": "lora_bias is not implemented by FLix layers",
+    **{k: v for k, v in UNSUPPORTED_LORA_OPTIONS.items() if k != "modules_to_save"},
     "rank_pattern": "FLix ranks come from the FeatureSpace, one per group",
-    "trainable_token_indices": "trainable tokens are not implemented with FLix layers",
-    "target_parameters": "FLix layers wrap linear modules, not raw parameters",
-    "layer_replication": "layer replication is not implemented with FLix layers",
-    "alora_invocation_tokens": "activated LoRA is not implemented by FLix layers",
-    "use_qalora": "QALoRA is not implemented by FLix layers",
-    "velora_config": "VeLoRA is not implemented by FLix layers",
-    "monteclora_config": "MonteCLoRA is not implemented by FLix layers",
-    "arrow_config": "Arrow routing is not implemented by FLix layers (FLix routes with flix_kernels.Routing)",
-    "kasa_config": "KaSA is not implemented by FLix layers",
-    "use_bdlora": "block-diagonal LoRA is not implemented by FLix layers",
     "megatron_config": "Megatron parallel layers are not implemented by FLix layers",
 }
 _INITS = {True: "lora", "gaussian": "gaussian", False: "lora"}
@@ -123,7 +114,6 @@ class FLixLoraLinear(FLixLinear, BaseTunerLayer):
         if config.init_lora_weights is False:  # PEFT's "no init": B random as well, so the layer is not the identity
             with torch.no_grad():
                 nn.init.kaiming_uniform_(self.lora_B, a=5 ** 0.5)
-        self.train(base_layer.training)  # a new module starts in training mode; keep the model's
         self._active_adapter = adapter_name
         self._disable_adapters = False
         self.merged_adapters = []
@@ -212,15 +202,13 @@ def load_flix_peft(base_model: nn.Module, path: str, *, adapter_name: str = "def
                    **kwargs) -> PeftModel:
     """See :func:`flix_kernels.load_flix_peft`."""
     path = os.fspath(path)
-    cfg_path = os.path.join(path, "adapter_config.json")
-    weights = os.path.join(path, "adapter_model.safetensors")
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    weights = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"no adapter_config.json in {path!r}")
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {path!r}")
     if not os.path.isfile(weights):
-        raise FileNotFoundError(f"no adapter_model.safetensors in {path!r} (flix_kernels never unpickles "
-                                "adapter_model.bin)")
-    with open(cfg_path) as f:
-        raw = json.load(f)
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path!r} (flix_kernels never unpickles adapter_model.bin)")
+    raw = read_json(cfg_path)
     if not isinstance(raw, dict) or raw.get("flix_space") is None:
         raise ValueError(f"{cfg_path} has no flix_space: not a FLix adapter (import plain LoRA adapters with "
                          "flix_kernels.from_peft_adapters)")

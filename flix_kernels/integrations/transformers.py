@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..features import FeatureSpace
-from ..model import _require_layers
+from ..model import _require_layers, _restore, _route
 from ..routing import Routing
 
 __all__ = ["FeatureCollator", "accept_feature_ids", "cu_seqlens_from_position_ids", "generate"]
@@ -29,22 +29,8 @@ __all__ = ["FeatureCollator", "accept_feature_ids", "cu_seqlens_from_position_id
 _BATCH_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds", "input_ids", "inputs_embeds")
 
 
-def _space_of(model: nn.Module) -> FeatureSpace:
-    return _require_layers(model)[0][1].space
-
-
-def _swap_routing(model: nn.Module, routing: Routing | None) -> list:
-    """Route every FLix layer with ``routing``; returns what to restore afterwards."""
-    layers = [layer for _, layer in _require_layers(model)]
-    previous = [(layer, layer._routing) for layer in layers]
-    for layer in layers:
-        layer.set_routing(routing)
-    return previous
-
-
-def _restore(previous: list) -> None:
-    for layer, routing in previous:
-        layer._routing = routing
+def _layers_of(model: nn.Module) -> list:
+    return [layer for _, layer in _require_layers(model)]
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -65,7 +51,9 @@ class _FeatureInputs:
     def __init__(self, model: nn.Module, feature_dropout: float, generator: torch.Generator | None):
         if not (0.0 <= float(feature_dropout) < 1.0):
             raise ValueError(f"feature_dropout must be in [0, 1), got {feature_dropout}")
-        self.model, self.space = model, _space_of(model)
+        # The FLix layers, found once: a forward only swaps their routing.
+        self.model, self.layers = model, _layers_of(model)
+        self.space = self.layers[0].space
         self.feature_dropout, self.generator = float(feature_dropout), generator
         self._stack: list = []  # one entry per active forward (None: left the routing alone)
         self._handles = [
@@ -92,7 +80,7 @@ class _FeatureInputs:
 
     def _pre(self, module, args, kwargs):
         routing = self._routing(kwargs)
-        self._stack.append(None if routing is None else _swap_routing(self.model, routing))
+        self._stack.append(None if routing is None else _route(self.layers, routing))
         return args, kwargs
 
     def _post(self, module, args, output):
@@ -124,7 +112,8 @@ def accept_feature_ids(model: nn.Module, *, feature_dropout: float = 0.0,
     replaces the previous hooks.
 
     With ``transformers.Trainer`` set ``TrainingArguments(remove_unused_columns=False)``: the
-    Trainer otherwise drops dataset columns its model's signature does not name.
+    Trainer otherwise drops dataset columns its model's signature does not name. Call it after
+    :func:`~flix_kernels.inject` (the hooks route the FLix layers the model has at that time).
     """
     old = getattr(model, "_flix_feature_inputs", None)
     if old is not None:
@@ -156,8 +145,9 @@ def generate(model: nn.Module, *args, feature_ids=None, routing: Routing | None 
     """
     if (feature_ids is None) == (routing is None):
         raise ValueError("generate needs exactly one of feature_ids= or routing=")
+    layers = _layers_of(model)
     if routing is None:
-        routing = Routing(feature_ids, _space_of(model))
+        routing = Routing(feature_ids, layers[0].space)
     elif not isinstance(routing, Routing):
         raise TypeError(f"routing must be a flix_kernels.Routing, got {type(routing).__name__}")
     if routing.cu_seqlens is not None:
@@ -177,7 +167,7 @@ def generate(model: nn.Module, *args, feature_ids=None, routing: Routing | None 
 
     def pre(module, a, kw):
         n = _batch_size(a, kw)
-        stack.append(None if n is None else _swap_routing(model, routing_for(n)))
+        stack.append(None if n is None else _route(layers, routing_for(n)))
 
     def post(module, a, output):
         if stack:
@@ -195,7 +185,7 @@ def generate(model: nn.Module, *args, feature_ids=None, routing: Routing | None 
         for m in modules:
             handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(m.register_forward_hook(post, always_call=True))
-        previous = _swap_routing(model, routing)  # also covers forwards the hooks cannot size
+        previous = _route(layers, routing)  # also covers forwards the hooks cannot size
         try:
             return model.generate(*args, **kwargs)
         finally:
@@ -270,7 +260,7 @@ class FeatureCollator:
             raise ValueError("cannot collate an empty list of examples")
         keys = list(fields[0])
         for i, ex in enumerate(fields):
-            if list(ex) != keys and set(ex) != set(keys):
+            if set(ex) != set(keys):
                 raise ValueError(f"example {i} has fields {sorted(ex)}, example 0 has {sorted(keys)}")
         out: dict[str, torch.Tensor] = {}
         lengths = [len(self._row(ex, "input_ids", i)) for i, ex in enumerate(fields)] if "input_ids" in keys else None

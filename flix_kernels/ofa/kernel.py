@@ -26,16 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:  # Triton is optional; backend "triton" then reports why it is off.
+from ..backends import unavailable_reason
+
+try:  # Triton is optional; backend "triton" then reports why it is off (unavailable_reason).
     import triton
     import triton.language as tl
 
     from ..triton import launch as _launch
-
-    _IMPORT_ERROR = None
-except Exception as exc:  # pragma: no cover - depends on the install
+except Exception:  # pragma: no cover - depends on the install
     triton = tl = _launch = None
-    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 __all__ = ["factorized_embedding", "tied_logits", "BACKENDS"]
 
@@ -229,14 +228,6 @@ class _FactorizedEmbedding(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
-def _triton_unavailable(device: torch.device) -> Optional[str]:
-    if _launch is None:
-        return f"triton could not be imported ({_IMPORT_ERROR})"
-    if device.type == "cuda" or _launch.interpreting():
-        return None
-    return "the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run them on CPU tensors, slowly)"
-
-
 def _validate(ids: Tensor, coords: Tensor, primitive: Tensor, padding_idx: Optional[int]) -> Optional[int]:
     """Check the inputs (clear errors); returns padding_idx normalised to [0, V) or None."""
     if not torch.is_tensor(ids) or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
@@ -287,7 +278,7 @@ def factorized_embedding(ids: Tensor, coords: Tensor, primitive: Tensor, *, padd
         backend = "triton" if ok else "torch"
     if backend == "torch":
         return F.embedding(ids, coords, padding_idx) @ primitive
-    reason = _triton_unavailable(coords.device)
+    reason = unavailable_reason("triton", coords.device)  # the same rule as the FLix kernels
     if reason is not None:
         raise RuntimeError(f"backend 'triton' is unavailable: {reason}")
     if coords.dtype not in _FLOAT_DTYPES:

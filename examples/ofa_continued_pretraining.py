@@ -35,7 +35,7 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from flix_kernels import ofa
-from flix_kernels._io import atomic_write_files, json_writer
+from flix_kernels._io import atomic_write_files, json_writer, text_writer
 
 LANGS = ("src", "new1", "new2")
 LETTERS = {"src": "abcdefghij", "new1": "klmnopqrst", "new2": "aeiouvwxyz"}
@@ -203,11 +203,6 @@ def summarize(runs: list[dict], args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -229,7 +224,7 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     atomic_write_files({
         os.path.join(args.out, "results.json"): json_writer({"args": vars(args), "runs": runs}),
-        os.path.join(args.out, "results.md"): lambda tmp: _write_text(tmp, md),
+        os.path.join(args.out, "results.md"): text_writer(md),
     })
 
 

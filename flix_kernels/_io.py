@@ -45,6 +45,18 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     atomic_write_files({path: write})
 
 
+def text_writer(text: str) -> Callable[[str], None]:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    return write
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write(os.fspath(path), text_writer(text))
+
+
 def json_writer(obj) -> Callable[[str], None]:
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:

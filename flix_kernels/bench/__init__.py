@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .._io import atomic_write_text
 from .._progress import Progress
 from .cases import SHAPE_SETS, Case
 from .suite import Config, run
@@ -29,9 +30,7 @@ def bench(cfg: Config, out_dir: Path, *, show_progress: bool = True) -> dict:
     record["summary"] = report.summarize(record)
     report.write_json(out_dir / "results.json", record)
     md = out_dir / "results.md"
-    tmp = md.with_name(md.name + ".tmp")
-    tmp.write_text(report.markdown(record))
-    tmp.replace(md)
+    atomic_write_text(md, report.markdown(record))
     record["plots"] = [str(p) for p in report.plots(record, out_dir)]
     report.console(record)
     print(f"wrote {out_dir / 'results.json'}, {md}" + "".join(f", {p}" for p in record["plots"]))

@@ -9,8 +9,9 @@ F.linear, forward+backward <= 1.20x; >= 10x faster than the per-feature loop; de
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from .._io import atomic_write, atomic_write_text
 
 TARGETS = {"headline forward / base": 1.08, "headline forward+backward / base": 1.20,
            "torch loop / ours at headline (forward+backward)": 10.0, "decode T=8 forward / base": 1.25}
@@ -84,9 +85,7 @@ def summarize(record: dict) -> dict:
 
 
 def write_json(path: Path, record: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(record, indent=1, default=str))
 
 
 def _fmt(ms):
@@ -215,9 +214,7 @@ def plots(record: dict, out_dir: Path) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    atomic_write(str(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     return path
 
 

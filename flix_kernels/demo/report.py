@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_write_files
+from .._io import atomic_write_files, text_writer
 from ..bench.timing import provenance as _bench_provenance
 from .data import Benchmark
 from .experiment import LABELS
@@ -226,7 +226,7 @@ def write(record: dict, out_dir: Path) -> dict:
         outputs["plot_note"] = note
     record["outputs"] = outputs
     md, js = markdown(record), json.dumps(record, indent=1, default=str) + "\n"
-    writers = {outputs["json"]: lambda tmp: Path(tmp).write_text(js), outputs["markdown"]: lambda tmp: Path(tmp).write_text(md)}
+    writers = {outputs["json"]: text_writer(js), outputs["markdown"]: text_writer(md)}
     if png_writer:
         writers[outputs["plot"]] = png_writer
     atomic_write_files(writers)

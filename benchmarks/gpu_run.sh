@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a lent GPU machine (see the device tool), one step per call so each fits the tool's
-# 10-minute limit:  bash benchmarks/gpu_run.sh install|test|sanitize|bench|all
-# install builds the CUDA extension there (FLIX_CUDA=1: a failed build is an error).
+# 10-minute limit:  bash benchmarks/gpu_run.sh install|test|sanitize|bench|ofa|all
+# install builds the CUDA extension there (FLIX_CUDA=1: a failed build is an error; FLIX_CUDA=0
+# skips it, e.g. for the ofa step, which does not use it).
 # Full logs go to $OUT (default /tmp/flix_out); copy $OUT/suite/* into
 # benchmarks/results/<device>/ and commit them.
 set -u -o pipefail
@@ -12,7 +13,7 @@ step=${1:-all}
 status=0
 
 install() {
-  FLIX_CUDA=1 FLIX_CUDA_ARCHS=${FLIX_CUDA_ARCHS:-90} python -m pip install -v --no-deps --no-build-isolation -e . \
+  FLIX_CUDA=${FLIX_CUDA:-1} FLIX_CUDA_ARCHS=${FLIX_CUDA_ARCHS:-90} python -m pip install -v --no-deps --no-build-isolation -e . \
     > "$OUT/install.log" 2>&1 || { tail -60 "$OUT/install.log"; return 1; }
   python -m flix_kernels info | tee "$OUT/info.log"
 }
@@ -36,12 +37,19 @@ sanitize() {  # memcheck (both backends) and racecheck (CUDA kernels) on small c
 bench() {  # the flix-kernels bench suite; BENCH_ARGS e.g. "--shapes headline decode --rep-ms 100"
   python -m flix_kernels bench --no-progress ${BENCH_ARGS:-} --out "$OUT/suite" 2>&1 | tee "$OUT/bench.log" | tail -60
 }
+ofa() {  # OFA: its tests on CUDA (bf16, CUDA graphs, torch.compile), then benchmarks/bench_ofa.py
+  python -m pytest -q -p no:cacheprovider -rs tests/test_ofa_kernel.py tests/test_ofa.py 2>&1 | tee "$OUT/pytest_ofa.log" | tail -15
+  local rc=${PIPESTATUS[0]}
+  python benchmarks/bench_ofa.py --out "$OUT/ofa" 2>&1 | tee "$OUT/bench_ofa.log" | tail -40
+  return $(( rc || PIPESTATUS[0] ))
+}
 
 case "$step" in
   install) install || status=1 ;;
   test) install && run_tests || status=1 ;;
   sanitize) install && sanitize || status=1 ;;
   bench) install && bench || status=1 ;;
+  ofa) install && ofa || status=1 ;;
   all) install && { run_tests || status=1; sanitize || status=1; bench || status=1; } ;;
   *) echo "usage: $0 install|test|sanitize|bench|all"; exit 2 ;;
 esac

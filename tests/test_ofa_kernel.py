@@ -4,6 +4,9 @@ repeated ids (the deterministic segment-sum dP), padding_idx, int32/int64 ids, e
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -150,6 +153,92 @@ def test_tied_logits(seed):
         tied_logits(h[..., :5], P, Q)
 
 
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_matches_eager_without_recompiling(seed, compiler):
+    """The Triton path is a custom op under torch.compile: one graph, reused for new ids of the
+    same shape, equal to eager in output and both gradients."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(seed)
+    V, K, D = 19, 6, 24
+    P = torch.randn(V, K, generator=gen).to(DEVICE).requires_grad_(True)
+    Q = torch.randn(K, D, generator=gen).to(DEVICE).requires_grad_(True)
+
+    def f(ids, P, Q):
+        return torch.tanh(factorized_embedding(ids, P, Q, padding_idx=2, backend=TRITON))
+
+    compiled = torch.compile(f, fullgraph=True, backend=compiler)
+    for step in range(2):
+        ids = torch.randint(0, V, (3, 7), generator=gen).to(DEVICE)
+        gout = torch.randn(3, 7, D, generator=gen).to(DEVICE)
+        ctx = torch._dynamo.config.patch(error_on_recompile=True) if step else contextlib.nullcontext()
+        with ctx:
+            got = compiled(ids, P, Q)
+        got_grads = torch.autograd.grad(got, (P, Q), gout)
+        want = f(ids, P, Q)
+        want_grads = torch.autograd.grad(want, (P, Q), gout)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for a, b in zip(got_grads, want_grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_out_of_range_ids_when_host_check_is_skipped(seed):
+    """Compiled, the ids are not read on the host: a bad id gets a NaN row and no gradient, the
+    other tokens are exact, and nothing is read or written out of bounds."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(seed)
+    V, K, D = 9, 5, 12
+    ids = torch.randint(0, V, (11,), generator=gen)
+    ids[[2, 7]] = torch.tensor([V, -3])
+    P = torch.randn(V, K, generator=gen, dtype=torch.float64)
+    Q = torch.randn(K, D, generator=gen, dtype=torch.float64)
+    Pm, Qm = P.float().to(DEVICE).requires_grad_(True), Q.float().to(DEVICE).requires_grad_(True)
+    compiled = torch.compile(lambda i, a, b: factorized_embedding(i, a, b, backend=TRITON), fullgraph=True,
+                             backend="aot_eager")
+    out = compiled(ids.to(DEVICE), Pm, Qm)
+    good = torch.ones(11, dtype=torch.bool)
+    good[[2, 7]] = False
+    assert torch.isnan(out[~good.to(DEVICE)]).all()
+    gout = torch.randn(11, D, generator=gen, dtype=torch.float64)
+    gout_m = torch.where(good[:, None], gout, 0.0)  # the bad tokens' gradient must not matter
+    dP, dQ = torch.autograd.grad(out, (Pm, Qm), gout.float().to(DEVICE))
+    want, wdP, wdQ = _oracle(ids[good], P, Q, None, torch.float64, gout_m[good])
+    assert_close(out[good.to(DEVICE)].detach().cpu(), want, torch.float32)
+    assert_close(dP.cpu(), wdP, torch.float32, scale=4)
+    assert_close(dQ.cpu(), wdQ, torch.float32, scale=4)
+
+
+@requires_cuda
+def test_cuda_graph_capture_of_forward_and_backward(seed):
+    gen = torch.Generator().manual_seed(seed)
+    V, K, D = 1000, 64, 256
+    P = torch.randn(V, K, generator=gen).cuda().to(torch.bfloat16).requires_grad_(True)
+    Q = (torch.randn(K, D, generator=gen) / 8).cuda().to(torch.bfloat16).requires_grad_(True)
+    static_ids = torch.randint(0, V, (4, 128), generator=gen).cuda()
+    static_gout = torch.randn(4, 128, D, generator=gen).cuda().to(torch.bfloat16)
+
+    def step():
+        out = factorized_embedding(static_ids, P, Q, padding_idx=0, backend=TRITON)
+        return (out, *torch.autograd.grad(out, (P, Q), static_gout))
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm up: compile the kernels
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    new_ids = torch.randint(0, V, (4, 128), generator=gen).cuda()
+    new_ids[:, ::2] = 5  # a long run in the sorted ids
+    static_ids.copy_(new_ids)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = step()
+    for a, b in zip(static, eager):
+        assert torch.equal(a, b)  # same kernels, deterministic: bit-identical
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gpu_large(seed, dtype):
@@ -158,3 +247,27 @@ def test_gpu_large(seed, dtype):
     ids = torch.randint(0, V, (8, 512), generator=gen)
     ids[:, ::3] = 7  # a long segment
     _check(ids.to(torch.int32), V, K, D, dtype, gen, padding_idx=0)
+
+
+def test_benchmark_script_checks_before_timing(tmp_path):
+    """benchmarks/bench_ofa.py runs end to end (smoke shapes) and its float64 check rejects a
+    wrong variant instead of timing it."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ofa.py"
+    spec = importlib.util.spec_from_file_location("bench_ofa", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    record = bench.main(["--smoke", "--out", str(tmp_path)])
+    variants = {(r["problem"], r["variant"]) for r in record["rows"]}
+    assert {("lookup", v) for v in bench.LOOKUP_VARIANTS} <= variants
+    assert (tmp_path / "ofa.json").exists() and "| triton |" in (tmp_path / "ofa.md").read_text()
+    ids = torch.tensor([1, 2, 2])
+    P, Q = torch.randn(4, 3, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    gout = torch.randn(3, 5, dtype=torch.float64)
+    off_by_one = lambda P, Q: factorized_embedding((ids + 1) % 4, P, Q, backend="torch")  # noqa: E731
+    right = lambda P, Q: factorized_embedding(ids, P, Q, backend="torch")  # noqa: E731
+    with pytest.raises(AssertionError, match="wrong result"):
+        bench.check(off_by_one, right, (P.float(), Q.float()), (P, Q), gout, torch.float32)

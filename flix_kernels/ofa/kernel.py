@@ -7,10 +7,12 @@ OFA factorizes an embedding matrix ``E (V x D)`` as coordinates ``P (V x k)`` ti
 * backend "triton": one kernel, grid (token tiles, D tiles), gathers the ``BLOCK_T x k`` rows
   of P for its tokens (in ``BLOCK_K`` chunks) and multiplies them by the ``k x BLOCK_D`` tile of
   Q with fp32 accumulation; neither ``E`` nor the ``T x k`` gathered rows reach global memory.
-  Backward: ``dQ = P[ids]^T dout`` by a kernel that owns one ``k x D`` tile and walks the token
-  tiles in order (the gather again, no ``T x k`` copy); ``dP``: ``g = dout Q^T`` (``T x k``,
+  Backward: ``dQ = P[ids]^T dout`` by a kernel whose programs each own one ``k x D`` tile of one
+  token range and walk its token tiles in order (the gather again, no ``T x k`` copy), the
+  ranges' fp32 partial sums then added in a fixed order; ``dP``: ``g = dout Q^T`` (``T x k``,
   fp32) by the same gather-matmul kernel, then the ids are sorted (stable) and a segment kernel
-  sums each id's contiguous run of ``g`` rows in a fixed order and writes that row of ``dP``.
+  sums each id's contiguous run of ``g`` rows in a fixed order and writes that row of ``dP``
+  (one program per sorted position; runs are found on the device, no host sync).
   No atomics: gradients are bit-identical run to run. Rows not referenced, and the
   ``padding_idx`` row, get zero gradient (as ``nn.Embedding``).
 * "auto": "triton" for CUDA tensors when Triton imports, else "torch".
@@ -49,85 +51,102 @@ if triton is not None:
 
     @triton.jit
     def gather_matmul_kernel(
-        IDS, A, B, OUT, T, K, N,
+        IDS, A, B, OUT, T, K, N, V,
         stride_am, stride_ak, stride_bk, stride_bn, stride_ot, stride_on,
         HAS_IDS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """``OUT[t, n] = sum_k A[row(t), k] B[k, n]`` with ``row(t) = IDS[t]`` (or t), fp32 acc.
 
-        Forward: A = P, B = Q. Backward ``g = dout Q^T``: A = dout, no ids, B = Q^T by strides."""
-        offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        Forward: A = P, B = Q. Backward ``g = dout Q^T``: A = dout, no ids, B = Q^T by strides.
+        An id outside ``[0, V)`` reads nothing and gives a NaN row (reachable only when the host
+        check is skipped: under torch.compile or CUDA-graph capture)."""
+        # program_id(0) (the fastest-launched axis) walks the N tiles, so the programs of one token
+        # tile run side by side and read its gathered rows of A from L2, not from HBM each time.
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
         t_in = offs_t < T
         n_in = offs_n < N
         if HAS_IDS:
             rows = tl.load(IDS + offs_t, mask=t_in, other=0).to(tl.int64)
+            t_ok = t_in & (rows >= 0) & (rows < V)
         else:
             rows = offs_t.to(tl.int64)
+            t_ok = t_in
         offs_n64 = offs_n.to(tl.int64)
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_in = offs_k < K
             a = tl.load(A + rows[:, None] * stride_am + offs_k.to(tl.int64)[None, :] * stride_ak,
-                        mask=t_in[:, None] & k_in[None, :], other=0.0)
+                        mask=t_ok[:, None] & k_in[None, :], other=0.0)
             b = tl.load(B + offs_k.to(tl.int64)[:, None] * stride_bk + offs_n64[None, :] * stride_bn,
                         mask=k_in[:, None] & n_in[None, :], other=0.0)
             acc += tl.dot(a.to(COMPUTE_DTYPE), b.to(COMPUTE_DTYPE), input_precision=PRECISION)
+        if HAS_IDS:
+            acc = tl.where(t_ok[:, None], acc, float("nan"))
         tl.store(OUT + offs_t.to(tl.int64)[:, None] * stride_ot + offs_n64[None, :] * stride_on,
                  acc.to(OUT.dtype.element_ty), mask=t_in[:, None] & n_in[None, :])
 
     @triton.jit
     def gathered_outer_kernel(
-        IDS, A, G, OUT, T, K, N,
-        stride_am, stride_ak, stride_gt, stride_gn, stride_ok, stride_on,
+        IDS, A, G, OUT, T, K, N, V, tokens_per_split,
+        stride_am, stride_ak, stride_gt, stride_gn, stride_os, stride_ok, stride_on,
         COMPUTE_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        """``OUT[k, n] = sum_t A[IDS[t], k] G[t, n]`` (dQ = P[ids]^T dout): each program owns one
-        (k, n) tile and walks the token tiles in order (deterministic, fp32 accumulation)."""
+        """``OUT[split, k, n] = sum over the split's tokens t of A[IDS[t], k] G[t, n]`` (partial
+        dQ = P[ids]^T dout): each program owns one (k, n) tile of one token split and walks its
+        token tiles in order (fp32). Ids outside ``[0, V)`` contribute nothing."""
         offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        split = tl.program_id(2)
         k_in = offs_k < K
         n_in = offs_n < N
         offs_k64 = offs_k.to(tl.int64)
         offs_n64 = offs_n.to(tl.int64)
+        t_lo = split * tokens_per_split
+        t_hi = tl.minimum(t_lo + tokens_per_split, T)
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        for t0 in range(0, T, BLOCK_T):
+        for t0 in range(t_lo, t_hi, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
-            t_in = offs_t < T
+            t_in = offs_t < t_hi
             rows = tl.load(IDS + offs_t, mask=t_in, other=0).to(tl.int64)
+            t_ok = t_in & (rows >= 0) & (rows < V)
             at = tl.load(A + rows[None, :] * stride_am + offs_k64[:, None] * stride_ak,
-                         mask=k_in[:, None] & t_in[None, :], other=0.0)
+                         mask=k_in[:, None] & t_ok[None, :], other=0.0)
             g = tl.load(G + offs_t.to(tl.int64)[:, None] * stride_gt + offs_n64[None, :] * stride_gn,
                         mask=t_in[:, None] & n_in[None, :], other=0.0)
             acc += tl.dot(at.to(COMPUTE_DTYPE), g.to(COMPUTE_DTYPE), input_precision=PRECISION)
-        tl.store(OUT + offs_k64[:, None] * stride_ok + offs_n64[None, :] * stride_on,
-                 acc.to(OUT.dtype.element_ty), mask=k_in[:, None] & n_in[None, :])
+        tl.store(OUT + split.to(tl.int64) * stride_os + offs_k64[:, None] * stride_ok + offs_n64[None, :] * stride_on,
+                 acc, mask=k_in[:, None] & n_in[None, :])
 
     @triton.jit
     def segment_sum_kernel(
-        G, ORDER, SEG_START, SEG_ID, OUT, K, padding_idx,
+        G, ORDER, SORTED_IDS, RUN_END, OUT, K, V, padding_idx,
         stride_gt, stride_ov,
         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """``OUT[id_s, k] = sum of G[ORDER[j], k]`` over the run ``j in [SEG_START[s], SEG_START[s+1])``
-        of segment s (one id of the sorted ids), in a fixed order; the padding row is not written."""
+        """``OUT[id, k] = sum of G[ORDER[j], k]`` over the run ``j in [s, RUN_END[s])`` of equal
+        sorted ids that starts at position s, summed in a fixed order. Program s is one position of
+        the sorted ids: it does the work if a run starts there and nothing otherwise, so the launch
+        needs no count of distinct ids from the host. The padding row and ids outside ``[0, V)``
+        are not written."""
         s = tl.program_id(0)
         offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         k_in = offs_k < K
-        row = tl.load(SEG_ID + s).to(tl.int64)
-        start = tl.load(SEG_START + s)
-        end = tl.load(SEG_START + s + 1)
+        row = tl.load(SORTED_IDS + s).to(tl.int64)
+        prev = tl.load(SORTED_IDS + tl.maximum(s - 1, 0)).to(tl.int64)
+        starts_run = (s == 0) | (prev != row)
+        stop = tl.where(starts_run, tl.load(RUN_END + s), s)
         acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for j0 in range(start, end, BLOCK_T):
+        for j0 in range(s, stop, BLOCK_T):
             offs_j = j0 + tl.arange(0, BLOCK_T)
-            j_in = offs_j < end
+            j_in = offs_j < stop
             tok = tl.load(ORDER + offs_j, mask=j_in, other=0).to(tl.int64)
             g = tl.load(G + tok[:, None] * stride_gt + offs_k[None, :], mask=j_in[:, None] & k_in[None, :], other=0.0)
             acc += tl.sum(g.to(tl.float32), axis=0)
-        if row != padding_idx:
+        if starts_run & (row != padding_idx) & (row >= 0) & (row < V):
             tl.store(OUT + row * stride_ov + offs_k, acc.to(OUT.dtype.element_ty), mask=k_in)
 
 
@@ -145,17 +164,21 @@ def _blocks(T: int, K: int, N: int, device: torch.device) -> dict:
     return cfg
 
 
-def _gather_matmul(ids: Optional[Tensor], A: Tensor, stride_am: int, stride_ak: int, B: Tensor, stride_bk: int,
-                   stride_bn: int, T: int, K: int, N: int, out_dtype: torch.dtype, compute_dtype: torch.dtype) -> Tensor:
+def _gather_matmul(ids: Optional[Tensor], V: int, A: Tensor, stride_am: int, stride_ak: int, B: Tensor,
+                   stride_bk: int, stride_bn: int, T: int, K: int, N: int, out_dtype: torch.dtype,
+                   compute_dtype: torch.dtype) -> Tensor:
     out = torch.empty(T, N, device=A.device, dtype=out_dtype)
     if T == 0 or N == 0:
         return out
-    if K == 0:
-        return out.zero_()
+    if K == 0:  # an empty sum, but an id out of range still gives its NaN row
+        out.zero_()
+        if ids is not None:
+            out.masked_fill_(((ids < 0) | (ids >= V))[:, None], float("nan"))
+        return out
     cfg = _blocks(T, K, N, A.device)
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(T, cfg["BLOCK_T"]))
     gather_matmul_kernel[grid](
-        ids if ids is not None else A, A, B, out, T, K, N,
+        ids if ids is not None else A, A, B, out, T, K, N, V,
         stride_am, stride_ak, stride_bk, stride_bn, out.stride(0), out.stride(1),
         HAS_IDS=ids is not None, COMPUTE_DTYPE=_launch.tl_dtype(compute_dtype),
         PRECISION=_launch.precision(compute_dtype), **cfg,
@@ -165,48 +188,73 @@ def _gather_matmul(ids: Optional[Tensor], A: Tensor, stride_am: int, stride_ak: 
 
 def _forward(ids: Tensor, P: Tensor, Q: Tensor) -> Tensor:
     T, (K, D) = ids.numel(), Q.shape
-    return _gather_matmul(ids, P, P.stride(0), P.stride(1), Q, Q.stride(0), Q.stride(1), T, K, D, P.dtype, P.dtype)
+    return _gather_matmul(ids, P.shape[0], P, P.stride(0), P.stride(1), Q, Q.stride(0), Q.stride(1), T, K, D,
+                          P.dtype, P.dtype)
+
+
+def _token_splits(T: int, tiles: int, block_t: int, device: torch.device) -> int:
+    """How many token ranges the dQ reduction is cut into: enough programs to fill the GPU
+    (a k x D grid alone can be a few dozen tiles), each range at least 4 token tiles long."""
+    if device.type != "cuda":
+        return min(2, triton.cdiv(T, block_t))  # the interpreter: still exercise the split path
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(2 * sms, max(tiles, 1))
+    return max(1, min(want, triton.cdiv(T, 4 * block_t)))
 
 
 def _grad_primitive(ids: Tensor, P: Tensor, dout: Tensor, dtype: torch.dtype) -> Tensor:
-    """``dQ = P[ids]^T dout`` (k x D) in ``dtype``; fp32 accumulation, deterministic."""
+    """``dQ = P[ids]^T dout`` (k x D) in ``dtype``: fp32 partial sums over token ranges, then
+    their sum in a fixed order (deterministic)."""
     T, D = dout.shape
-    K = P.shape[1]
-    out = torch.zeros(K, D, device=P.device, dtype=dtype)
+    V, K = P.shape
     if T == 0 or K == 0 or D == 0:
-        return out
+        return torch.zeros(K, D, device=P.device, dtype=dtype)
     cfg = _blocks(T, K, D, P.device)
-    grid = (triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(D, cfg["BLOCK_N"]))
+    tiles = triton.cdiv(K, cfg["BLOCK_K"]) * triton.cdiv(D, cfg["BLOCK_N"])
+    splits = _token_splits(T, tiles, cfg["BLOCK_T"], P.device)
+    per_split = triton.cdiv(triton.cdiv(T, splits), cfg["BLOCK_T"]) * cfg["BLOCK_T"]
+    splits = triton.cdiv(T, per_split)
+    partial = torch.empty(splits, K, D, device=P.device, dtype=torch.float32)
+    grid = (triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(D, cfg["BLOCK_N"]), splits)
     gathered_outer_kernel[grid](
-        ids, P, dout, out, T, K, D, P.stride(0), P.stride(1), dout.stride(0), dout.stride(1),
-        out.stride(0), out.stride(1),
+        ids, P, dout, partial, T, K, D, V, per_split, P.stride(0), P.stride(1), dout.stride(0), dout.stride(1),
+        partial.stride(0), partial.stride(1), partial.stride(2),
         COMPUTE_DTYPE=_launch.tl_dtype(P.dtype), PRECISION=_launch.precision(P.dtype), **cfg,
     )
-    return out
+    return (partial[0] if splits == 1 else partial.sum(0)).to(dtype)
 
 
 def _grad_coords(ids: Tensor, Q: Tensor, dout: Tensor, V: int, padding_idx: int, dtype: torch.dtype) -> Tensor:
-    """``dP (V x k)``: ``g = dout Q^T`` (T x k, fp32) then a deterministic segment sum per id."""
+    """``dP (V x k)``: ``g = dout Q^T`` (T x k, fp32) then a deterministic sum over each id's run
+    of the stably sorted ids. Sort and ``searchsorted`` stay on the device (no host sync)."""
     T, D = dout.shape
     K = Q.shape[0]
     dP = torch.zeros(V, K, device=Q.device, dtype=dtype)
     if T == 0 or K == 0:
         return dP
     # g = dout @ Q^T: the gather-matmul kernel with no ids and B = Q^T read through strides.
-    g = _gather_matmul(None, dout, dout.stride(0), dout.stride(1), Q, Q.stride(1), Q.stride(0), T, D, K,
+    g = _gather_matmul(None, V, dout, dout.stride(0), dout.stride(1), Q, Q.stride(1), Q.stride(0), T, D, K,
                        torch.float32, dout.dtype)
     sorted_ids, order = torch.sort(ids, stable=True)
-    seg_id, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-    seg_start = torch.zeros(seg_id.numel() + 1, device=ids.device, dtype=torch.int64)
-    torch.cumsum(counts, 0, out=seg_start[1:])
+    run_end = torch.searchsorted(sorted_ids, sorted_ids, right=True)
     cfg = _blocks(T, K, 0, Q.device)
     cfg.pop("BLOCK_N")
-    grid = (seg_id.numel(), triton.cdiv(K, cfg["BLOCK_K"]))
-    segment_sum_kernel[grid](g, order, seg_start, seg_id, dP, K, padding_idx, g.stride(0), dP.stride(0), **cfg)
+    grid = (T, triton.cdiv(K, cfg["BLOCK_K"]))
+    segment_sum_kernel[grid](g, order, sorted_ids, run_end, dP, K, V, padding_idx, g.stride(0), dP.stride(0), **cfg)
     return dP
 
 
+def _backward(dout: Tensor, ids: Tensor, coords: Tensor, primitive: Tensor, padding_idx: int, need_coords: bool,
+              need_primitive: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    dout = dout.to(coords.dtype).contiguous()
+    dP = _grad_coords(ids, primitive, dout, coords.shape[0], padding_idx, coords.dtype) if need_coords else None
+    dQ = _grad_primitive(ids, coords, dout, primitive.dtype) if need_primitive else None
+    return dP, dQ
+
+
 class _FactorizedEmbedding(torch.autograd.Function):
+    """Eager calls: the kernels directly, without torch.library's per-call dispatch cost."""
+
     @staticmethod
     def forward(ctx, ids: Tensor, coords: Tensor, primitive: Tensor, padding_idx: int) -> Tensor:
         ctx.save_for_backward(ids, coords, primitive)
@@ -216,13 +264,54 @@ class _FactorizedEmbedding(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: Tensor):
         ids, coords, primitive = ctx.saved_tensors
-        dout = dout.to(coords.dtype).contiguous()
-        dP = dQ = None
-        if ctx.needs_input_grad[1]:
-            dP = _grad_coords(ids, primitive, dout, coords.shape[0], ctx.padding_idx, coords.dtype)
-        if ctx.needs_input_grad[2]:
-            dQ = _grad_primitive(ids, coords, dout, primitive.dtype)
+        dP, dQ = _backward(dout, ids, coords, primitive, ctx.padding_idx, *ctx.needs_input_grad[1:3])
         return None, dP, dQ, None
+
+
+# The same kernels as torch.library custom ops with fake implementations, so torch.compile
+# traces them (fullgraph) and, with the sync-free backward, CUDA graphs capture them.
+if triton is not None:
+
+    @torch.library.custom_op("flix_kernels::ofa_embedding_forward", mutates_args=(), device_types=("cuda", "cpu"))
+    def _forward_op(ids: Tensor, coords: Tensor, primitive: Tensor, padding_idx: int) -> Tensor:
+        return _forward(ids, coords, primitive)
+
+    @_forward_op.register_fake
+    def _(ids, coords, primitive, padding_idx):
+        return coords.new_empty(ids.shape[0], primitive.shape[1])
+
+    @torch.library.custom_op("flix_kernels::ofa_embedding_backward", mutates_args=(), device_types=("cuda", "cpu"))
+    def _backward_op(dout: Tensor, ids: Tensor, coords: Tensor, primitive: Tensor, padding_idx: int,
+                     need_coords: bool, need_primitive: bool) -> tuple[Tensor, Tensor]:
+        dP, dQ = _backward(dout, ids, coords, primitive, padding_idx, need_coords, need_primitive)
+        # custom ops return tensors, not None: an empty tensor stands for "not asked for"
+        return (dP if dP is not None else coords.new_empty(0)), (dQ if dQ is not None else primitive.new_empty(0))
+
+    @_backward_op.register_fake
+    def _(dout, ids, coords, primitive, padding_idx, need_coords, need_primitive):
+        return (torch.empty_like(coords) if need_coords else coords.new_empty(0),
+                torch.empty_like(primitive) if need_primitive else primitive.new_empty(0))
+
+    def _op_setup_context(ctx, inputs, output):
+        ids, coords, primitive, padding_idx = inputs
+        ctx.save_for_backward(ids, coords, primitive)
+        ctx.padding_idx = padding_idx
+
+    def _op_backward(ctx, dout):
+        ids, coords, primitive = ctx.saved_tensors
+        need_coords, need_primitive = ctx.needs_input_grad[1:3]
+        dP, dQ = _backward_op(dout, ids, coords, primitive, ctx.padding_idx, need_coords, need_primitive)
+        return None, (dP if need_coords else None), (dQ if need_primitive else None), None
+
+    _forward_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+def _host_checks_allowed(device: torch.device) -> bool:
+    """False while torch.compile traces or a CUDA graph is being captured: a data-dependent
+    check would break the graph or fail the capture (the kernels then give NaN rows instead)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +342,7 @@ def _validate(ids: Tensor, coords: Tensor, primitive: Tensor, padding_idx: Optio
         if not -V <= padding_idx < V:
             raise ValueError(f"padding_idx {padding_idx} is out of range for coords with {V} rows")
         padding_idx = padding_idx + V if padding_idx < 0 else padding_idx
-    if ids.numel():
+    if ids.numel() and _host_checks_allowed(ids.device):
         bad = (ids < 0) | (ids >= V)
         if bool(bad.any()):
             pos = tuple(int(i) for i in bad.nonzero()[0])
@@ -287,7 +376,8 @@ def factorized_embedding(ids: Tensor, coords: Tensor, primitive: Tensor, *, padd
     flat = ids.reshape(-1)
     if flat.dtype not in (torch.int32, torch.int64):
         flat = flat.to(torch.int64)
-    out = _FactorizedEmbedding.apply(flat.contiguous(), coords, primitive, -1 if padding_idx is None else padding_idx)
+    args = (flat.contiguous(), coords, primitive, -1 if padding_idx is None else padding_idx)
+    out = _forward_op(*args) if torch.compiler.is_compiling() else _FactorizedEmbedding.apply(*args)
     return out.reshape(*ids.shape, primitive.shape[1])
 
 

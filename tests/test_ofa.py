@@ -222,13 +222,14 @@ def test_factorized_embedding_at_full_rank_equals_nn_embedding(padding_idx, seed
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_factorized_embedding_low_rank_matches_its_table(backend, seed):
     torch.manual_seed(seed)
-    fe = ofa.FactorizedEmbedding(50, 16, 4, padding_idx=0, backend=backend)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fe = ofa.FactorizedEmbedding(50, 16, 4, padding_idx=0, backend=backend, device=device)
     assert fe.coords[0].abs().sum() == 0 and sum(p.numel() for p in fe.parameters()) == 50 * 4 + 4 * 16
-    ids = torch.randint(0, 50, (33,))
+    ids = torch.randint(0, 50, (33,), device=device)
     table = fe.table().double()
     torch.testing.assert_close(fe(ids).double(), table[ids], rtol=1e-5, atol=1e-5)
-    bias = torch.randn(50)
-    h = torch.randn(5, 16)
+    bias = torch.randn(50, device=device)
+    h = torch.randn(5, 16, device=device)
     torch.testing.assert_close(fe.logits(h, bias).double(), h.double() @ table.T + bias.double(), rtol=1e-4, atol=1e-4)
     fe(ids).sum().backward()
     assert fe.coords.grad[0].abs().sum() == 0  # padding row learns nothing

@@ -118,27 +118,28 @@ def test_only_one_gradient_needed(seed):
 
 
 def test_errors():
-    P, Q = torch.randn(5, 3), torch.randn(3, 4)
+    P, Q = torch.randn(5, 3, device=DEVICE), torch.randn(3, 4, device=DEVICE)
+    t = lambda v: torch.tensor(v, device=DEVICE)  # noqa: E731
     with pytest.raises(IndexError, match=r"ids\[1, 2\] = 5 .*5 rows"):
-        factorized_embedding(torch.tensor([[0, 1, 2], [3, 4, 5]]), P, Q, backend=TRITON)
+        factorized_embedding(t([[0, 1, 2], [3, 4, 5]]), P, Q, backend=TRITON)
     with pytest.raises(IndexError, match=r"ids\[0\] = -1"):
-        factorized_embedding(torch.tensor([-1, 0]), P, Q, backend="torch")
+        factorized_embedding(t([-1, 0]), P, Q, backend="torch")
     with pytest.raises(ValueError, match=r"\(5, 3\).*\(4, 4\)"):
-        factorized_embedding(torch.tensor([0]), P, torch.randn(4, 4))
+        factorized_embedding(t([0]), P, torch.randn(4, 4, device=DEVICE))
     with pytest.raises(ValueError, match="2-D"):
-        factorized_embedding(torch.tensor([0]), P[0], Q)
+        factorized_embedding(t([0]), P[0], Q)
     with pytest.raises(TypeError, match="integer"):
-        factorized_embedding(torch.tensor([0.0]), P, Q)
+        factorized_embedding(t([0.0]), P, Q)
     with pytest.raises(TypeError, match="same dtype"):
-        factorized_embedding(torch.tensor([0]), P, Q.half())
+        factorized_embedding(t([0]), P, Q.half())
     with pytest.raises(TypeError, match="not supported"):
-        factorized_embedding(torch.tensor([0]), P.int(), Q.int())
+        factorized_embedding(t([0]), P.int(), Q.int())
     with pytest.raises(TypeError, match="backend='torch'"):
-        factorized_embedding(torch.tensor([0]), P.double(), Q.double(), backend=TRITON)
+        factorized_embedding(t([0]), P.double(), Q.double(), backend=TRITON)
     with pytest.raises(ValueError, match="padding_idx 5"):
-        factorized_embedding(torch.tensor([0]), P, Q, padding_idx=5)
+        factorized_embedding(t([0]), P, Q, padding_idx=5)
     with pytest.raises(ValueError, match="unknown backend"):
-        factorized_embedding(torch.tensor([0]), P, Q, backend="cuda")
+        factorized_embedding(t([0]), P, Q, backend="cuda")
 
 
 def test_tied_logits(seed):

@@ -153,12 +153,21 @@ if triton is not None:
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-def _blocks(T: int, K: int, N: int, device: torch.device) -> dict:
+# Launch configs by kernel role ("lookup", "grad_gather" = dout Q^T, "grad_primitive", "segment");
+# benchmarks/tune_ofa.py sets entries here to time candidate configs on a GPU.
+_CONFIG_OVERRIDE: dict = {}
+
+
+def _blocks(role: str, T: int, K: int, N: int, device: torch.device) -> dict:
     """Tile sizes: small tiles in the interpreter (fast CPU tests), larger on the GPU."""
+    if role in _CONFIG_OVERRIDE:
+        return dict(_CONFIG_OVERRIDE[role])
     small = device.type != "cuda"
     bt_hi, bn_hi = (16, 32) if small else (64, 128)
     pow2 = lambda n, hi: max(16, min(hi, triton.next_power_of_2(max(int(n), 1))))  # noqa: E731
     cfg = dict(BLOCK_T=pow2(T, bt_hi), BLOCK_K=pow2(K, 32 if small else 64), BLOCK_N=pow2(N, bn_hi))
+    if role == "segment":
+        cfg.pop("BLOCK_N")
     if not small:
         cfg["num_warps"] = 4
     return cfg
@@ -175,7 +184,7 @@ def _gather_matmul(ids: Optional[Tensor], V: int, A: Tensor, stride_am: int, str
         if ids is not None:
             out.masked_fill_(((ids < 0) | (ids >= V))[:, None], float("nan"))
         return out
-    cfg = _blocks(T, K, N, A.device)
+    cfg = _blocks("lookup" if ids is not None else "grad_gather", T, K, N, A.device)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(T, cfg["BLOCK_T"]))
     gather_matmul_kernel[grid](
         ids if ids is not None else A, A, B, out, T, K, N, V,
@@ -209,7 +218,7 @@ def _grad_primitive(ids: Tensor, P: Tensor, dout: Tensor, dtype: torch.dtype) ->
     V, K = P.shape
     if T == 0 or K == 0 or D == 0:
         return torch.zeros(K, D, device=P.device, dtype=dtype)
-    cfg = _blocks(T, K, D, P.device)
+    cfg = _blocks("grad_primitive", T, K, D, P.device)
     tiles = triton.cdiv(K, cfg["BLOCK_K"]) * triton.cdiv(D, cfg["BLOCK_N"])
     splits = _token_splits(T, tiles, cfg["BLOCK_T"], P.device)
     per_split = triton.cdiv(triton.cdiv(T, splits), cfg["BLOCK_T"]) * cfg["BLOCK_T"]
@@ -237,8 +246,7 @@ def _grad_coords(ids: Tensor, Q: Tensor, dout: Tensor, V: int, padding_idx: int,
                        torch.float32, dout.dtype)
     sorted_ids, order = torch.sort(ids, stable=True)
     run_end = torch.searchsorted(sorted_ids, sorted_ids, right=True)
-    cfg = _blocks(T, K, 0, Q.device)
-    cfg.pop("BLOCK_N")
+    cfg = _blocks("segment", T, K, 0, Q.device)
     grid = (T, triton.cdiv(K, cfg["BLOCK_K"]))
     segment_sum_kernel[grid](g, order, sorted_ids, run_end, dP, K, V, padding_idx, g.stride(0), dP.stride(0), **cfg)
     return dP

@@ -15,7 +15,6 @@ Also reported: the low-rank FLOPs of each variant and the floor of the low-rank 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics

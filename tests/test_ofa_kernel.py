@@ -182,9 +182,10 @@ def test_torch_compile_fullgraph_matches_eager_without_recompiling(seed, compile
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_out_of_range_ids_when_host_check_is_skipped(seed):
-    """Compiled, the ids are not read on the host: a bad id gets a NaN row and no gradient, the
-    other tokens are exact, and nothing is read or written out of bounds."""
+@pytest.mark.parametrize("skipped_by", ["compile", "check_ids=False"])
+def test_out_of_range_ids_when_host_check_is_skipped(seed, skipped_by):
+    """Compiled or with check_ids=False, the ids are not read on the host: a bad id gets a NaN
+    row and no gradient, the other tokens are exact, nothing is read or written out of bounds."""
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(seed)
     V, K, D = 9, 5, 12
@@ -193,9 +194,12 @@ def test_out_of_range_ids_when_host_check_is_skipped(seed):
     P = torch.randn(V, K, generator=gen, dtype=torch.float64)
     Q = torch.randn(K, D, generator=gen, dtype=torch.float64)
     Pm, Qm = P.float().to(DEVICE).requires_grad_(True), Q.float().to(DEVICE).requires_grad_(True)
-    compiled = torch.compile(lambda i, a, b: factorized_embedding(i, a, b, backend=TRITON), fullgraph=True,
-                             backend="aot_eager")
-    out = compiled(ids.to(DEVICE), Pm, Qm)
+    if skipped_by == "compile":
+        fn = torch.compile(lambda i, a, b: factorized_embedding(i, a, b, backend=TRITON), fullgraph=True,
+                           backend="aot_eager")
+    else:
+        fn = lambda i, a, b: factorized_embedding(i, a, b, backend=TRITON, check_ids=False)  # noqa: E731
+    out = fn(ids.to(DEVICE), Pm, Qm)
     good = torch.ones(11, dtype=torch.bool)
     good[[2, 7]] = False
     assert torch.isnan(out[~good.to(DEVICE)]).all()

@@ -23,10 +23,13 @@ class FactorizedEmbedding(nn.Module):
 
     A fresh layer draws coords ~ N(0, 1) and primitive ~ N(0, 1/latent_dim), so table entries
     have unit variance like ``nn.Embedding``'s.
+
+    ``backend`` and ``check_ids`` are those of :func:`~flix_kernels.ofa.kernel.factorized_embedding`
+    (``check_ids=False`` drops the per-call host sync of the id range check on a GPU).
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, latent_dim: int, padding_idx: int | None = None, *,
-                 backend: str = "auto", device=None, dtype=None):
+                 backend: str = "auto", check_ids: bool = True, device=None, dtype=None):
         super().__init__()
         for name, v in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim), ("latent_dim", latent_dim)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -38,7 +41,7 @@ class FactorizedEmbedding(nn.Module):
                 raise ValueError(f"padding_idx {padding_idx} out of range for {num_embeddings} embeddings")
             padding_idx %= num_embeddings
         self.num_embeddings, self.embedding_dim, self.latent_dim = num_embeddings, embedding_dim, latent_dim
-        self.padding_idx, self.backend = padding_idx, backend
+        self.padding_idx, self.backend, self.check_ids = padding_idx, backend, check_ids
         kw = dict(device=device, dtype=dtype)
         self.coords = nn.Parameter(torch.empty(num_embeddings, latent_dim, **kw))
         self.primitive = nn.Parameter(torch.empty(latent_dim, embedding_dim, **kw))
@@ -81,7 +84,7 @@ class FactorizedEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return factorized_embedding(ids, self.coords, self.primitive, padding_idx=self.padding_idx,
-                                    backend=self.backend)
+                                    backend=self.backend, check_ids=self.check_ids)
 
     def logits(self, hidden: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """The tied output head: ``hidden (..., D) -> (..., V)`` scores against every row of the table."""

@@ -15,7 +15,11 @@ OFA factorizes an embedding matrix ``E (V x D)`` as coordinates ``P (V x k)`` ti
   (one program per sorted position; runs are found on the device, no host sync).
   No atomics: gradients are bit-identical run to run. Rows not referenced, and the
   ``padding_idx`` row, get zero gradient (as ``nn.Embedding``).
-* "auto": "triton" for CUDA tensors when Triton imports, else "torch".
+* "auto": "torch". Measured on an H200 (bf16, 16k tokens, ``benchmarks/results/h200/ofa/``):
+  the fused lookup ties with gather + cuBLAS at D = 1024 and is 1.3-1.4x slower at D = 4096,
+  and its backward is slower than torch's (cuBLAS GEMMs and the sort-based, also deterministic,
+  embedding backward). "triton" stays for what it alone gives: no ``T x k`` intermediate, and a
+  single op that torch.compile and CUDA graphs take whole.
 
 :func:`tied_logits` is the tied output head ``hidden Q^T P^T (+ bias)``.
 """
@@ -159,17 +163,25 @@ _CONFIG_OVERRIDE: dict = {}
 
 
 def _blocks(role: str, T: int, K: int, N: int, device: torch.device) -> dict:
-    """Tile sizes: small tiles in the interpreter (fast CPU tests), larger on the GPU."""
+    """Tile sizes: small tiles in the interpreter (fast CPU tests), larger on the GPU. The GPU
+    choices are the H200 sweep's (benchmarks/results/h200/ofa/tune_ofa.json): for both gather-matmul
+    roles 128 x 256 (N) x 64 (K) tiles with 8 warps were fastest or within 5% on every shape but
+    the k = 100 backward. The dQ and segment kernels keep their first configs: the best candidate
+    gained at most 15% on dQ, and on the segment sum only uniform ids gained (0.44 -> 0.26 ms,
+    with 8 x 512 tiles that lose on Zipf ids)."""
     if role in _CONFIG_OVERRIDE:
         return dict(_CONFIG_OVERRIDE[role])
     small = device.type != "cuda"
-    bt_hi, bn_hi = (16, 32) if small else (64, 128)
     pow2 = lambda n, hi: max(16, min(hi, triton.next_power_of_2(max(int(n), 1))))  # noqa: E731
-    cfg = dict(BLOCK_T=pow2(T, bt_hi), BLOCK_K=pow2(K, 32 if small else 64), BLOCK_N=pow2(N, bn_hi))
+    if small:
+        cfg = dict(BLOCK_T=pow2(T, 16), BLOCK_K=pow2(K, 32), BLOCK_N=pow2(N, 32))
+    elif role in ("lookup", "grad_gather"):
+        cfg = dict(BLOCK_T=128, BLOCK_K=64, BLOCK_N=pow2(N, 256), num_stages=3)
+        cfg["num_warps"] = 8 if cfg["BLOCK_N"] == 256 else 4
+    else:
+        cfg = dict(BLOCK_T=pow2(T, 64), BLOCK_K=pow2(K, 64), BLOCK_N=pow2(N, 128), num_warps=4)
     if role == "segment":
         cfg.pop("BLOCK_N")
-    if not small:
-        cfg["num_warps"] = 4
     return cfg
 
 
@@ -325,7 +337,8 @@ def _host_checks_allowed(device: torch.device) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
-def _validate(ids: Tensor, coords: Tensor, primitive: Tensor, padding_idx: Optional[int]) -> Optional[int]:
+def _validate(ids: Tensor, coords: Tensor, primitive: Tensor, padding_idx: Optional[int],
+              check_ids: bool = True) -> Optional[int]:
     """Check the inputs (clear errors); returns padding_idx normalised to [0, V) or None."""
     if not torch.is_tensor(ids) or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise TypeError(f"ids must be an integer tensor, got {ids.dtype if torch.is_tensor(ids) else type(ids)}")
@@ -350,9 +363,10 @@ def _validate(ids: Tensor, coords: Tensor, primitive: Tensor, padding_idx: Optio
         if not -V <= padding_idx < V:
             raise ValueError(f"padding_idx {padding_idx} is out of range for coords with {V} rows")
         padding_idx = padding_idx + V if padding_idx < 0 else padding_idx
-    if ids.numel() and _host_checks_allowed(ids.device):
-        bad = (ids < 0) | (ids >= V)
-        if bool(bad.any()):
+    if check_ids and ids.numel() and _host_checks_allowed(ids.device):
+        lo, hi = torch.aminmax(ids)  # one host sync for both bounds; the slow search only on error
+        if int(lo) < 0 or int(hi) >= V:
+            bad = (ids < 0) | (ids >= V)
             pos = tuple(int(i) for i in bad.nonzero()[0])
             raise IndexError(f"ids{list(pos)} = {int(ids[pos])} is out of range for coords with {V} rows "
                              f"(valid ids: 0..{V - 1})")
@@ -360,7 +374,7 @@ def _validate(ids: Tensor, coords: Tensor, primitive: Tensor, padding_idx: Optio
 
 
 def factorized_embedding(ids: Tensor, coords: Tensor, primitive: Tensor, *, padding_idx: Optional[int] = None,
-                         backend: str = "auto") -> Tensor:
+                         backend: str = "auto", check_ids: bool = True) -> Tensor:
     """``coords[ids] @ primitive``, shape ``ids.shape + (D,)``, dtype of coords.
 
     Differentiable in ``coords`` and ``primitive``; the ``padding_idx`` row of coords gets no
@@ -369,10 +383,9 @@ def factorized_embedding(ids: Tensor, coords: Tensor, primitive: Tensor, *, padd
     an IndexError naming the first bad id and its position, before any kernel runs."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
-    padding_idx = _validate(ids, coords, primitive, padding_idx)
-    if backend == "auto":
-        ok = coords.device.type == "cuda" and _launch is not None and coords.dtype in _FLOAT_DTYPES
-        backend = "triton" if ok else "torch"
+    padding_idx = _validate(ids, coords, primitive, padding_idx, check_ids)
+    if backend == "auto":  # measured: cuBLAS after the gather is as fast or faster (see the docstring)
+        backend = "torch"
     if backend == "torch":
         return F.embedding(ids, coords, padding_idx) @ primitive
     reason = unavailable_reason("triton", coords.device)  # the same rule as the FLix kernels

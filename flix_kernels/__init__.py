@@ -9,7 +9,8 @@ Public API: :class:`FeatureSpace`, :class:`Routing`, :func:`flix_linear`, :func:
 :func:`available_backends`, :class:`FLixLinear`, :func:`inject`, :func:`set_routing`,
 :func:`use_routing`, :func:`merge`, :func:`unmerge`, :func:`save_adapters`,
 :func:`load_adapters`, :func:`export_peft`, :func:`info`; for transformers models
-:func:`accept_feature_ids`, :class:`FeatureCollator`, :func:`generate`.
+:func:`accept_feature_ids`, :class:`FeatureCollator`, :func:`generate`. OFA factorised
+multilingual embeddings: the subpackage :mod:`flix_kernels.ofa` (``fk.ofa``).
 """
 
 from .backends import BackendUnavailableError, available_backends
@@ -22,6 +23,7 @@ from .serialization import load_adapters, save_adapters
 from .integrations.peft import export_peft, flix_lora_config, from_peft_adapters, load_flix_peft
 from .integrations.transformers import FeatureCollator, accept_feature_ids, generate
 from .cli import info
+from . import ofa
 
 __version__ = "0.1.0"
 
@@ -45,6 +47,7 @@ __all__ = [
     "load_adapters",
     "load_flix_peft",
     "merge",
+    "ofa",
     "save_adapters",
     "set_routing",
     "unmerge",

@@ -51,6 +51,9 @@ class FLixLinear(nn.Module):
     of lora_A/lora_B; default the base weight's), ``backend`` (see :func:`flix_linear`).
     """
 
+    # Set by flix_kernels.distributed.ColwiseFLix / RowwiseFLix (tensor parallelism).
+    _parallel = None
+
     def __init__(self, in_features: int, out_features: int, space: FeatureSpace, *, bias: bool = True,
                  alpha: float = 8.0, dropout: float = 0.0, use_rslora: bool = False, init: str = "lora",
                  adapter_dtype: torch.dtype | None = None, backend: str = "auto", device=None, dtype=None):
@@ -205,6 +208,8 @@ class FLixLinear(nn.Module):
                 )
             return self.base_layer(x)
         routing = self._resolve_routing(routing)
+        if self._parallel is not None:  # tensor parallel: flix_kernels.distributed
+            return self._parallel.forward(self, x, routing)
         p = self.dropout if self.training else 0.0
         if type(self.base_layer) is nn.Linear:
             w, b = self.base_layer.weight, self.base_layer.bias
@@ -230,6 +235,8 @@ class FLixLinear(nn.Module):
         """Fold one feature set into the base weight (exact restore kept for low precision)."""
         if self._merged is not None:
             raise RuntimeError(f"already merged ({self._describe(self._merged)}); unmerge first")
+        if self._parallel is not None:
+            raise RuntimeError("merge is not supported on a tensor-parallel FLix layer")
         ids = tuple(sorted(set(int(k) for k in feature_ids)))
         if not ids:
             raise ValueError("merge needs at least one feature")

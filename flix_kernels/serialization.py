@@ -14,6 +14,7 @@ import uuid
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -21,6 +22,12 @@ from ._io import atomic_write_files, json_writer, read_json
 from .features import FeatureSpace
 from .model import _candidate_linears, _replace, flix_layers
 from .nn import FLixLinear, linear_in_out
+
+try:  # sharded parameters (FSDP2, tensor parallelism) are DTensors
+    from torch.distributed.tensor import DTensor as _DTensor
+    from torch.distributed.tensor import distribute_tensor as _distribute_tensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    _DTensor = _distribute_tensor = None
 
 __all__ = ["save_adapters", "load_adapters", "TENSORS_FILE", "CONFIG_FILE"]
 
@@ -52,22 +59,48 @@ def _config(layers: list[tuple[str, FLixLinear]]) -> dict:
     }
 
 
+def _is_dtensor(t) -> bool:
+    return _DTensor is not None and isinstance(t, _DTensor)
+
+
+def _writer_rank() -> bool:
+    """Whether this process writes: rank 0 of the default group, or the only process."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def save_adapters(model: nn.Module, path: str) -> None:
-    """Write every FLix layer's adapters of ``model`` to the folder ``path``."""
+    """Write every FLix layer's adapters of ``model`` to the folder ``path``.
+
+    Distributed: with sharded parameters (FSDP2 ``fully_shard``, tensor parallelism: DTensors)
+    every rank must call it, since the full tensors are gathered; then rank 0 alone writes, and
+    every rank returns once the files exist. With plain (replicated) parameters, e.g. DDP, rank 0
+    alone may call it; if every rank calls it, rank 0 alone writes."""
     layers = flix_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no FLix layers to save")
     config = _config(layers)
     tensors = {}
+    sharded = False
     for name, layer in layers:
-        tensors[f"{name}.lora_A"] = layer.lora_A.detach().cpu().contiguous()
-        tensors[f"{name}.lora_B"] = layer.lora_B.detach().cpu().contiguous()
+        for part in ("lora_A", "lora_B"):
+            t = getattr(layer, part).detach()
+            if _is_dtensor(t):
+                t, sharded = t.full_tensor(), True  # a collective: every rank takes part
+            tensors[f"{name}.{part}"] = t.cpu().contiguous()
+    if not _writer_rank():
+        if sharded:
+            dist.barrier()
+        return
     os.makedirs(path, exist_ok=True)
     meta = {"flix_config": json.dumps(config, sort_keys=True)}
-    atomic_write_files({
-        os.path.join(path, TENSORS_FILE): lambda tmp: save_file(tensors, tmp, metadata=meta),
-        os.path.join(path, CONFIG_FILE): json_writer(config),
-    })
+    try:
+        atomic_write_files({
+            os.path.join(path, TENSORS_FILE): lambda tmp: save_file(tensors, tmp, metadata=meta),
+            os.path.join(path, CONFIG_FILE): json_writer(config),
+        })
+    finally:
+        if sharded:
+            dist.barrier()  # the other ranks wait for the files (released even if the write failed)
 
 
 def _read_config(path: str) -> dict:
@@ -100,6 +133,10 @@ def load_adapters(model: nn.Module, path: str, *, strict: bool = True) -> list[s
     and a mismatch raises ``ValueError`` naming it. With ``strict`` (default), FLix layers of
     the model missing from the file are an error too. The saved alpha / use_rslora / dropout
     replace the layers' own.
+
+    Distributed: every rank calls it and reads the file. Sharded parameters (FSDP2, tensor
+    parallelism) receive their own shard, so it works before or after sharding; injecting FLix
+    layers from the file (a model without them) must happen before sharding.
     """
     config = _read_config(path)
     space = FeatureSpace.from_dict(config["space"])
@@ -165,7 +202,10 @@ def load_adapters(model: nn.Module, path: str, *, strict: bool = True) -> list[s
                 layer = layers[name]
                 for part in ("lora_A", "lora_B"):
                     param = getattr(layer, part)
-                    param.copy_(f.get_tensor(f"{name}.{part}").to(param.dtype))
+                    full = f.get_tensor(f"{name}.{part}").to(device=param.device, dtype=param.dtype)
+                    if _is_dtensor(param):  # sharded: every rank read the file and keeps its own shard
+                        full = _distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+                    param.copy_(full)
                 layer.set_scaling(hp["alpha"], hp["use_rslora"])
                 layer.dropout = float(hp["dropout"])
                 layer.lora_A.requires_grad_(True)

@@ -68,15 +68,19 @@ def supports(x: torch.Tensor, lora_A: torch.Tensor) -> Optional[str]:
     return None
 
 
-def plan(routing: Routing, layout: TokenLayout, device: torch.device) -> Plan:
+def plan(routing: Routing, layout: TokenLayout, device: torch.device, minimize_h: bool = False) -> Plan:
     """Build (once per routing, layout and device; cached on the routing) the strategy.
+
+    ``minimize_h``: choose the strategy whose low-rank intermediate h is smaller (tensor
+    parallelism sends h between ranks) instead of the one with fewer FLOPs.
 
     Host-side metadata work; kept out of torch.compile graphs (one graph break per layer
     call; the Triton backend's custom ops take prebuilt metadata tensors instead)."""
-    return routing.cached(("torch_plan", layout.key, device), lambda: _build_plan(routing, layout, device))
+    return routing.cached(("torch_plan", layout.key, device, minimize_h),
+                          lambda: _build_plan(routing, layout, device, minimize_h))
 
 
-def _build_plan(routing: Routing, layout: TokenLayout, device: torch.device) -> Plan:
+def _build_plan(routing: Routing, layout: TokenLayout, device: torch.device, minimize_h: bool = False) -> Plan:
     T = layout.num_tokens
     active_ex = (routing.active_rank > 0) & (layout.lengths > 0)  # examples with work to do
     if T == 0 or not bool(active_ex.any()):
@@ -103,6 +107,8 @@ def _build_plan(routing: Routing, layout: TokenLayout, device: torch.device) -> 
     dense_cost = T * R_p
     grouped_cost = _BMM_PENALTY * N * C * R_max + N * R_max + (_COPY_COST * 2 * T_active if copy else 0)
     use_dense = uniform or dense_cost <= grouped_cost
+    if minimize_h:  # h is T x R_p (dense) or N x C x R_max (grouped)
+        use_dense = uniform or T * R_p <= N * C * R_max
     if FORCE_STRATEGY is not None:
         use_dense = FORCE_STRATEGY == "dense"
     if use_dense:
@@ -163,14 +169,18 @@ def _zero_delta(x2d, lora_A, lora_B, out_features, dtype):
     return x2d.new_zeros(x2d.shape[0], out_features, dtype=dtype) + anchor.to(dtype)
 
 
-def delta(x, lora_A, lora_B, routing, scaling, dropout_p, generator):
-    """Low-rank FLix update, shape ``x.shape[:-1] + (out,)``, dtype of x."""
+def delta(x, lora_A, lora_B, routing, scaling, dropout_p, generator, h_hook=None):
+    """Low-rank FLix update, shape ``x.shape[:-1] + (out,)``, dtype of x.
+
+    ``h_hook(h) -> h``, if given, is applied to the scaled low-rank intermediate between the
+    shrink and the expand, and the strategy is then chosen to keep h small (tensor parallelism:
+    :mod:`flix_kernels.distributed` all-reduces h, or its gradient, there)."""
     in_f, out_f = x.shape[-1], lora_B.shape[0]
     layout = _layout(routing, x.shape[:-1])
     x2d = x.reshape(-1, in_f)
     cdt = lora_A.dtype
-    p = plan(routing, layout, x.device)
-    if p.strategy == "empty":
+    p = plan(routing, layout, x.device, minimize_h=h_hook is not None)
+    if p.strategy == "empty":  # the same on every rank (one routing, one token layout): no collective
         return _zero_delta(x2d, lora_A, lora_B, out_f, x.dtype).view(*x.shape[:-1], out_f)
     xl = x2d.to(cdt)
     if dropout_p > 0:
@@ -189,6 +199,8 @@ def delta(x, lora_A, lora_B, routing, scaling, dropout_p, generator):
                 h = (h.view(B, L, -1) * ex_scale[:, None, :]).view(B * L, -1)
             else:
                 h = h * ex_scale.index_select(0, p.token_example)
+        if h_hook is not None:
+            h = h_hook(h)
         out = h @ b.t()
     else:
         N, C = p.chunk_shape
@@ -202,6 +214,8 @@ def delta(x, lora_A, lora_B, routing, scaling, dropout_p, generator):
             src = xl if p.active_tokens is None else xl.index_select(0, p.active_tokens)
             xc = xl.new_zeros(N * C, in_f).index_copy(0, p.dest, src).view(N, C, in_f)
         h = torch.bmm(xc, a.transpose(1, 2)) * _slot_scale(scaling, feat, valid, cdt)[:, None, :]
+        if h_hook is not None:
+            h = h_hook(h)
         d = torch.bmm(h, b).view(N * C, out_f)
         if p.dest is None:
             out = d

@@ -1,0 +1,254 @@
+"""Worker functions of tests/test_distributed.py, run in spawned processes (gloo on CPU).
+
+Every rank builds the same float64 reference model from the same seed and computes the
+single-process result on the concatenated batch itself, so each rank checks its own
+distributed result against it. Feature ids are random per run (seed from the parent).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import flix_kernels as fk
+
+D_IN, D_HID, D_OUT, L = 12, 16, 10, 5
+TOL = dict(rtol=1e-9, atol=1e-10)
+
+
+def init(rank: int, world: int, init_file: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+
+
+def space() -> fk.FeatureSpace:
+    return fk.FeatureSpace({"language": [f"l{i}" for i in range(5)], "task": ["t0", "t1", "t2"]},
+                           {"language": 4, "task": 2})
+
+
+def feature_ids(sp: fk.FeatureSpace, batch: int, gen: torch.Generator) -> torch.Tensor:
+    """(batch, 2) ids: random language and task, each absent with probability 1/4."""
+    lang = torch.randint(0, 5, (batch,), generator=gen)
+    task = torch.randint(5, 8, (batch,), generator=gen)
+    lang[torch.rand(batch, generator=gen) < 0.25] = -1
+    task[torch.rand(batch, generator=gen) < 0.25] = -1
+    return torch.stack([lang, task], 1)
+
+
+def model(seed: int, sp: fk.FeatureSpace) -> nn.Module:
+    """Two FLix layers around a GELU, float64, lora_B random (never zero) so every gradient is."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(D_IN, D_HID), nn.GELU(), nn.Linear(D_HID, D_OUT)).double()
+    fk.inject(m, sp, target_modules=["0", "2"], init="gaussian")
+    with torch.no_grad():
+        for _, layer in fk.flix_layers(m):
+            layer.lora_B.normal_()
+    return m
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def lora_state(m: nn.Module) -> dict:
+    return {f"{n.removeprefix('module.')}.{p}": full(getattr(layer, p)).detach().clone()
+            for n, layer in fk.flix_layers(m) for p in ("lora_A", "lora_B")}
+
+
+def assert_states_equal(got: dict, want: dict, what: str) -> None:
+    assert got.keys() == want.keys(), what
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], **TOL, msg=lambda m: f"{what} {k}: {m}")
+
+
+def data_parallel(rank: int, world: int, init_file: str, seed: int, out_dir: str) -> None:
+    """DDP and FSDP2 (fully_shard) against single-process training on the concatenated batch:
+    gradients of the first step and parameters after three SGD steps, each rank with its own
+    routing (the last rank's batch has no feature at all in step 0). Then save_adapters from
+    the sharded model (rank 0 writes) and load_adapters before and after sharding."""
+    init(rank, world, init_file)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    sp = space()
+    per_rank, steps = 3, 3
+    gen = torch.Generator().manual_seed(seed)  # the same stream on every rank
+    batches = []
+    for step in range(steps):
+        ids = feature_ids(sp, world * per_rank, gen)
+        if step == 0:
+            ids[-per_rank:] = -1  # the last rank routes no feature: its update is zero, its grads too
+        batches.append((ids, torch.randn(world * per_rank, L, D_IN, generator=gen, dtype=torch.float64),
+                        torch.randn(world * per_rank, L, D_OUT, generator=gen, dtype=torch.float64)))
+
+    def train(m, shard_batch: bool, record_grads: bool):
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+        grads = None
+        for ids, x, y in batches:
+            if shard_batch:
+                sl = slice(rank * per_rank, (rank + 1) * per_rank)
+                ids, x, y = ids[sl], x[sl], y[sl]
+            fk.set_routing(m, fk.Routing(ids, sp))
+            loss = torch.nn.functional.mse_loss(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            if record_grads and grads is None:
+                grads = {n: full(p.grad).clone() for n, p in m.named_parameters() if p.grad is not None}
+            opt.step()
+        return grads
+
+    ref = model(seed, sp)
+    ref_grads = train(ref, shard_batch=False, record_grads=True)
+    ref_grads = {n.replace("module.", ""): g for n, g in ref_grads.items()}
+    assert set(ref_grads) == {f"{l}.{p}" for l in ("0", "2") for p in ("lora_A", "lora_B")}
+
+    # DDP: only the lora parameters require grad, so only they are reduced.
+    ddp = DDP(model(seed, sp))
+    grads = train(ddp, shard_batch=True, record_grads=True)
+    assert_states_equal({n.replace("module.", ""): g for n, g in grads.items()}, ref_grads, "DDP step-0 grads")
+    assert_states_equal(lora_state(ddp), lora_state(ref), "DDP params after 3 steps")
+
+    # FSDP2: every FLix layer and the root sharded over all ranks (frozen base weights included).
+    mesh = init_device_mesh("cpu", (world,))
+    fsdp = model(seed, sp)
+    for _, layer in fk.flix_layers(fsdp):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(fsdp, mesh=mesh)
+    assert type(fsdp[0].lora_A).__name__ == "DTensor"
+    grads = train(fsdp, shard_batch=True, record_grads=True)
+    assert_states_equal(grads, ref_grads, "FSDP2 step-0 grads")
+    assert_states_equal(lora_state(fsdp), lora_state(ref), "FSDP2 params after 3 steps")
+
+    # save_adapters from the sharded model: gathered on every rank, written once by rank 0.
+    path = os.path.join(out_dir, "fsdp_adapters")
+    fk.save_adapters(fsdp, path)
+    assert os.path.isfile(os.path.join(path, "flix_adapters.safetensors"))  # the barrier held every rank
+    # load_adapters into a plain model, into a sharded one, and into one sharded after loading.
+    plain = model(seed + 1, sp)
+    fk.load_adapters(plain, path)
+    assert_states_equal(lora_state(plain), lora_state(ref), "loaded into an unsharded model")
+    after = model(seed + 1, sp)
+    for _, layer in fk.flix_layers(after):
+        fully_shard(layer, mesh=mesh)
+    fk.load_adapters(after, path)
+    assert_states_equal(lora_state(after), lora_state(ref), "loaded after fully_shard")
+    before = model(seed + 1, sp)
+    fk.load_adapters(before, path)
+    for _, layer in fk.flix_layers(before):
+        fully_shard(layer, mesh=mesh)
+    assert_states_equal(lora_state(before), lora_state(ref), "loaded before fully_shard")
+    # the sharded model trains on from the loaded state like the reference
+    fk.set_routing(after, fk.Routing(batches[0][0][rank * per_rank:(rank + 1) * per_rank], sp))
+    after(batches[0][1][rank * per_rank:(rank + 1) * per_rank]).sum().backward()
+    dist.destroy_process_group()
+
+
+def tensor_parallel(rank: int, world: int, init_file: str, seed: int, out_dir: str) -> None:
+    """A FLix MLP (ColwiseFLix up, RowwiseFLix down) against the unsharded model: output, dx and
+    every gradient, for a mixed routing (grouped strategy), a uniform one (dense) and one with
+    no feature; the all-reduces are exactly the base's own plus one T x R_max tensor per layer.
+    Then save/load through the sharded layers and the styles' errors."""
+    init(rank, world, init_file)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from flix_kernels.distributed import ColwiseFLix, RowwiseFLix
+
+    sp = space()
+    mesh = init_device_mesh("cpu", (world,))
+    gen = torch.Generator().manual_seed(seed)  # identical inputs and routings on every TP rank
+    B = 4
+    ref = model(seed, sp)
+    tp = parallelize_module(model(seed, sp), mesh, {"0": ColwiseFLix(), "2": RowwiseFLix()})
+    assert tp[0].base_layer.weight.to_local().shape == (D_HID // world, D_IN)
+    assert tp[2].lora_A.to_local().shape == (sp.total_rank, D_HID // world)
+
+    sizes: list[int] = []
+    real_all_reduce = dist.all_reduce
+
+    def counting_all_reduce(t, *args, **kwargs):
+        sizes.append(t.numel())
+        return real_all_reduce(t, *args, **kwargs)
+
+    uniform = torch.tensor([[1, 6]] * B)
+    mixed = feature_ids(sp, B, gen)
+    mixed[0] = torch.tensor([2, 5])  # at least one example with both groups active
+    cases = {"mixed": mixed, "uniform": uniform, "no feature": torch.full((B, 2), -1)}
+    for what, ids in cases.items():
+        routing = fk.Routing(ids, sp)
+        x = torch.randn(B, L, D_IN, generator=gen, dtype=torch.float64)
+        gy = torch.randn(B, L, D_OUT, generator=gen, dtype=torch.float64)
+        fk.set_routing(ref, routing)
+        fk.set_routing(tp, routing)
+        xr, xt = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        want = ref(xr)
+        want.backward(gy)
+        dist.all_reduce = counting_all_reduce
+        try:
+            sizes.clear()
+            got = tp(xt)
+            got.backward(gy)
+        finally:
+            dist.all_reduce = real_all_reduce
+        torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"{what}: output {m}")
+        torch.testing.assert_close(xt.grad, xr.grad, **TOL, msg=lambda m: f"{what}: dx {m}")
+        for n, layer in fk.flix_layers(tp):
+            for p in ("lora_A", "lora_B"):
+                g, w = full(getattr(layer, p).grad), getattr(dict(fk.flix_layers(ref))[n], p).grad
+                torch.testing.assert_close(g, w, **TOL, msg=lambda m: f"{what}: {n}.{p} grad {m}")
+        T = B * L
+        rest = list(sizes)
+        for n in (T * D_IN, T * D_OUT):  # column: dx in backward; row: the partial output in forward
+            assert n in rest, f"{what}: the base's all-reduce of {n} elements is missing from {sizes}"
+            rest.remove(n)
+        if routing.max_active_rank:  # one h (or dh) per layer, at most T x R_max elements
+            assert len(rest) == 2 and rest[0] == rest[1] and 0 < rest[0] <= T * routing.max_active_rank, \
+                f"{what}: low-rank all-reduces {rest}, expected two of at most {T * routing.max_active_rank}"
+        else:
+            assert rest == [], f"{what}: no feature routed, yet low-rank all-reduces {rest}"
+        ref.zero_grad()
+        tp.zero_grad()
+
+    # save from the sharded layers, load back into a sharded model and an unsharded one
+    with torch.no_grad():
+        for _, layer in fk.flix_layers(ref):
+            layer.lora_A.mul_(1.5)
+    fresh = parallelize_module(model(seed, sp), mesh, {"0": ColwiseFLix(), "2": RowwiseFLix()})
+    path = os.path.join(out_dir, "tp_adapters")
+    if rank == 0:  # the reference is unsharded: rank 0 alone may save it
+        fk.save_adapters(ref, path)
+    dist.barrier()
+    fk.load_adapters(fresh, path)
+    assert_states_equal(lora_state(fresh), lora_state(ref), "loaded into tensor-parallel layers")
+    path2 = os.path.join(out_dir, "tp_adapters_from_sharded")
+    fk.save_adapters(fresh, path2)
+    plain = model(seed + 1, sp)
+    fk.load_adapters(plain, path2)
+    assert_states_equal(lora_state(plain), lora_state(ref), "saved from tensor-parallel layers")
+
+    # errors
+    import pytest
+
+    with pytest.raises(TypeError, match="FLixLinear"):
+        parallelize_module(nn.Linear(4, 4), mesh, ColwiseFLix())
+    dropped = model(seed, sp)
+    dropped[0].dropout = 0.1
+    with pytest.raises(ValueError, match="dropout"):
+        parallelize_module(dropped, mesh, {"0": ColwiseFLix()})
+    odd = nn.Sequential(nn.Linear(D_IN, 3 * world + 1)).double()
+    fk.inject(odd, sp, target_modules=["0"])
+    with pytest.raises(ValueError, match="not divisible"):
+        parallelize_module(odd, mesh, {"0": ColwiseFLix()})
+    with pytest.raises(RuntimeError, match="already tensor-parallel"):
+        parallelize_module(tp, mesh, {"0": ColwiseFLix()})
+    with pytest.raises(RuntimeError, match="tensor-parallel"):
+        fk.merge(tp, {"language": "l1"})
+    dist.destroy_process_group()

@@ -1,0 +1,50 @@
+"""FLix under torch.distributed on CPU (gloo), 2 and 4 processes: DDP, FSDP2 (fully_shard) and
+tensor parallelism (flix_kernels.distributed) against single-process runs. The checks run in
+the spawned ranks (tests/distributed_workers.py); a failing rank fails the test with its
+traceback."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import distributed_workers as workers
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")
+
+
+def _spawn(fn, world: int, tmp_path: Path) -> None:
+    seed = random.SystemRandom().randrange(2**31)
+    print(f"seed={seed}")
+    mp.spawn(fn, args=(world, str(tmp_path / "init"), seed, str(tmp_path)), nprocs=world, join=True)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ddp_and_fsdp2_match_single_process(world, tmp_path):
+    _spawn(workers.data_parallel, world, tmp_path)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_tensor_parallel_matches_unsharded(world, tmp_path):
+    _spawn(workers.tensor_parallel, world, tmp_path)
+
+
+def test_torchrun_example(tmp_path):
+    """The README's torchrun command (examples/distributed_train.py) in each mode, 2 processes."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for mode in ("ddp", "fsdp", "tp"):
+        out = tmp_path / mode
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(root / "examples" / "distributed_train.py"), "--mode", mode, "--steps", "3", "--out", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, f"{mode}: {proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        assert (out / "flix_adapters.safetensors").is_file() and "loss" in proc.stdout

@@ -217,6 +217,15 @@ def tensor_parallel(rank: int, world: int, init_file: str, seed: int, out_dir: s
         ref.zero_grad()
         tp.zero_grad()
 
+    # DTensor hand-over between the layers (use_local_output=False) gives the same result
+    dt = parallelize_module(model(seed, sp), mesh, {"0": ColwiseFLix(use_local_output=False),
+                                                    "2": RowwiseFLix(use_local_output=False)})
+    fk.set_routing(dt, routing)
+    fk.set_routing(ref, routing)
+    out = dt(x)
+    assert type(out).__name__ == "DTensor"
+    torch.testing.assert_close(out.full_tensor(), ref(x), **TOL)
+
     # save from the sharded layers, load back into a sharded model and an unsharded one
     with torch.no_grad():
         for _, layer in fk.flix_layers(ref):

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -48,3 +49,18 @@ def test_torchrun_example(tmp_path):
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, f"{mode}: {proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
         assert (out / "flix_adapters.safetensors").is_file() and "loss" in proc.stdout
+
+
+def test_batch_without_features_still_gives_zero_gradients(backend):
+    """DDP reduces every trainable parameter each step: a rank whose batch routes no feature
+    must still produce (zero) adapter gradients, on every backend."""
+    from conftest import DEVICE
+
+    import flix_kernels as fk
+
+    space = fk.FeatureSpace({"language": ["en", "fr"], "task": ["a"]}, 2)
+    layer = fk.FLixLinear(6, 5, space, backend=backend).to(DEVICE)
+    routing = fk.Routing([[-1, -1], [-1, -1]], space)
+    layer(torch.randn(2, 3, 6, device=DEVICE), routing=routing).sum().backward()
+    for p in (layer.lora_A, layer.lora_B):
+        assert p.grad is not None and p.grad.abs().sum() == 0

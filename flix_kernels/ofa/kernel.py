@@ -4,7 +4,7 @@ OFA factorizes an embedding matrix ``E (V x D)`` as coordinates ``P (V x k)`` ti
 ``Q (k x D)``. :func:`factorized_embedding` looks tokens up without ever forming ``E``:
 
 * backend "torch": ``F.embedding(ids, P, padding_idx) @ Q`` (the reference semantics);
-* backend "triton": one kernel, grid (token tiles, D tiles), gathers the ``BLOCK_T x k`` rows
+* backend "triton": one kernel, grid (D tiles, token tiles), gathers the ``BLOCK_T x k`` rows
   of P for its tokens (in ``BLOCK_K`` chunks) and multiplies them by the ``k x BLOCK_D`` tile of
   Q with fp32 accumulation; neither ``E`` nor the ``T x k`` gathered rows reach global memory.
   Backward: ``dQ = P[ids]^T dout`` by a kernel whose programs each own one ``k x D`` tile of one

@@ -155,7 +155,8 @@ def tensor_parallel(rank: int, world: int, init_file: str, seed: int, out_dir: s
     """A FLix MLP (ColwiseFLix up, RowwiseFLix down) against the unsharded model: output, dx and
     every gradient, for a mixed routing (grouped strategy), a uniform one (dense) and one with
     no feature; the all-reduces are exactly the base's own plus one T x R_max tensor per layer.
-    Then save/load through the sharded layers and the styles' errors."""
+    Then save/load through the sharded layers, with 4 ranks FSDP2 x TP on a 2-D mesh, and the
+    styles' errors."""
     init(rank, world, init_file)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
@@ -243,6 +244,9 @@ def tensor_parallel(rank: int, world: int, init_file: str, seed: int, out_dir: s
     fk.load_adapters(plain, path2)
     assert_states_equal(lora_state(plain), lora_state(ref), "saved from tensor-parallel layers")
 
+    if world == 4:
+        two_dimensional(rank, seed, sp, out_dir)
+
     # errors
     import pytest
 
@@ -261,3 +265,38 @@ def tensor_parallel(rank: int, world: int, init_file: str, seed: int, out_dir: s
     with pytest.raises(RuntimeError, match="tensor-parallel"):
         fk.merge(tp, {"language": "l1"})
     dist.destroy_process_group()
+
+
+def two_dimensional(rank: int, seed: int, sp: fk.FeatureSpace, out_dir: str) -> None:
+    """FSDP2 over "dp" (2) on top of FLix tensor parallelism over "tp" (2): gradients equal the
+    single-process ones on the concatenated batch; save gathers from the 2-D shards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from flix_kernels.distributed import ColwiseFLix, RowwiseFLix
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    gen = torch.Generator().manual_seed(seed + 2)
+    per = 2
+    ids = feature_ids(sp, 2 * per, gen)
+    x = torch.randn(2 * per, L, D_IN, generator=gen, dtype=torch.float64)
+    y = torch.randn(2 * per, L, D_OUT, generator=gen, dtype=torch.float64)
+    ref = model(seed, sp)
+    fk.set_routing(ref, fk.Routing(ids, sp))
+    torch.nn.functional.mse_loss(ref(x), y).backward()
+    m = parallelize_module(model(seed, sp), mesh["tp"], {"0": ColwiseFLix(), "2": RowwiseFLix()})
+    for _, layer in fk.flix_layers(m):
+        fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(m, mesh=mesh["dp"])
+    sl = slice(mesh["dp"].get_local_rank() * per, (mesh["dp"].get_local_rank() + 1) * per)
+    fk.set_routing(m, fk.Routing(ids[sl], sp))  # the dp group's own batch, the same on its tp ranks
+    torch.nn.functional.mse_loss(m(x[sl]), y[sl]).backward()
+    want = {f"{n}.{p}": getattr(layer, p).grad for n, layer in fk.flix_layers(ref) for p in ("lora_A", "lora_B")}
+    got = {f"{n}.{p}": full(getattr(layer, p).grad) for n, layer in fk.flix_layers(m) for p in ("lora_A", "lora_B")}
+    assert_states_equal(got, want, "FSDP2 x TP gradients")
+    path = os.path.join(out_dir, "two_d_adapters")
+    fk.save_adapters(m, path)
+    plain = model(seed + 1, sp)
+    fk.load_adapters(plain, path)
+    assert_states_equal(lora_state(plain), lora_state(ref), "saved from 2-D shards")

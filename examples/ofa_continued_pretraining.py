@@ -19,6 +19,18 @@ Reports the held-out loss on each new language and the source language at severa
 results.md. Minutes on a CPU:
 
     python examples/ofa_continued_pretraining.py --out examples/results/ofa_continued_pretraining
+
+``--ablation`` tests why OFA trains slower here (``none``, the default, is the run above):
+
+* ``untied``: for every method the output head becomes a separate copy of the initial input
+  table (the same coords @ primitive form, its own parameters), so tokens whose input rows
+  start as near-duplicates can be told apart at the output without moving their input rows;
+* ``noise``: Gaussian noise of ``--noise-scale`` (default 0.3) times the per-dimension std of
+  the source coordinates (the std OFA draws its random rows with) is added to every
+  similarity-initialised row (OFA methods only; ``random`` has no such rows and is unchanged);
+* ``untied-noise``: both.
+
+    python examples/ofa_continued_pretraining.py --ablation untied --out examples/results/ofa_continued_pretraining/ablation-untied
 """
 
 from __future__ import annotations
@@ -115,6 +127,30 @@ def near_duplicate_rows(table: torch.Tensor, threshold: float = 0.99) -> dict:
             "mean_nearest_cosine": float(nearest.mean())}
 
 
+@torch.no_grad()
+def add_similarity_noise(emb, source_embeddings: torch.Tensor, src_tok, tgt_tok, vectors, k: int, scale: float,
+                         seed: int, expected_rows: int) -> dict:
+    """Add N(0, (scale * sigma_j)^2) to coordinate j of every similarity-initialised row of ``emb``
+    (an OFA-initialised :class:`~flix_kernels.ofa.FactorizedEmbedding`), sigma_j the per-dimension
+    std of the source coordinates ``factorize(source_embeddings, k)``: the distribution OFA draws
+    its random rows from, scaled down. Similarity rows are found as :func:`ofa.initialize` finds
+    them (not shared with the source vocabulary, covered by the word vectors)."""
+    src = {ofa.normalize_token(t) for t in src_tok.get_vocab()}
+    tgt_vocab = tgt_tok.get_vocab()
+    _, covered = ofa.subword_vectors(vectors, tgt_tok, vocab_size=len(tgt_vocab))
+    rows = torch.zeros(len(tgt_vocab), dtype=torch.bool)
+    for tok, i in tgt_vocab.items():
+        rows[i] = bool(covered[i]) and ofa.normalize_token(tok) not in src
+    if int(rows.sum()) != expected_rows:
+        raise RuntimeError(f"found {int(rows.sum())} similarity rows, apply_to_model reported {expected_rows}")
+    coords_s, _ = ofa.factorize(source_embeddings.float(), k)
+    sigma = coords_s.double().std(0, unbiased=False)
+    g = torch.Generator().manual_seed(10_000 + seed)  # not the generator of OFA's random rows, nor the global one
+    noise = scale * sigma * torch.randn(int(rows.sum()), k, generator=g, dtype=torch.float64)
+    emb.coords[rows] += noise.to(emb.coords.dtype)
+    return {"rows": int(rows.sum()), "scale": scale, "mean_source_coord_std": float(sigma.mean())}
+
+
 def train(model, data, steps: int, lr: float, on_step=None):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
@@ -155,6 +191,16 @@ def run_seed(seed: int, args) -> dict:
         # vecs None: shared tokens copied, every other row random (OFA's rule for uncovered subwords)
         report = ofa.apply_to_model(model, src_tok, tgt_tok, vecs, k=k, seed=seed)
         emb = model.get_input_embeddings()
+        extra = {}
+        if args.ablation in ("noise", "untied-noise") and vecs is not None:
+            extra["noise"] = add_similarity_noise(emb, state["model.embed_tokens.weight"][:len(src_tok)], src_tok,
+                                                  tgt_tok, vecs, k, args.noise_scale, seed, report["similarity"])
+        if args.ablation in ("untied", "untied-noise"):  # the head: a copy of the initial table, own parameters
+            head = model.get_output_embeddings()
+            model.set_output_embeddings(ofa.FactorizedLMHead(copy.deepcopy(emb), head.bias))
+            shared = {id(p) for p in emb.parameters()}
+            extra["output_head_params"] = sum(p.numel() for p in model.get_output_embeddings().parameters()
+                                              if id(p) not in shared)
         duplicates = near_duplicate_rows(emb.table())
         curve = {}
 
@@ -167,8 +213,25 @@ def run_seed(seed: int, args) -> dict:
         train(model, batches(tgt_tok, multi_text, 32, args.length, rng), max(args.eval_at), 1e-3, evaluate)
         result["methods"][name] = {"report": report, "curve": curve, "seconds": time.perf_counter() - t0,
                                    "embedding_params": sum(p.numel() for p in emb.parameters()),
-                                   "initial_rows": duplicates}
+                                   "initial_rows": duplicates, **extra}
     return result
+
+
+def ablation_lines(runs: list[dict], args) -> list[str]:
+    if args.ablation == "none":
+        return []
+    out = [f"Ablation `{args.ablation}`:"]
+    if "untied" in args.ablation:
+        heads = {n: m.get("output_head_params") for n, m in runs[0]["methods"].items()}
+        out.append("- untied output head, for every method: a separate copy of the initial input table (same "
+                   "coords @ primitive form, own parameters; " + ", ".join(f"{n} +{p:,}" for n, p in heads.items())
+                   + " head parameters, not counted under embedding params below).")
+    if "noise" in args.ablation:
+        rows = {n: m["noise"]["rows"] for n, m in runs[0]["methods"].items() if "noise" in m}
+        out.append(f"- Gaussian noise of {args.noise_scale} x the per-dimension std of the source coordinates added to "
+                   "the similarity-initialised rows (OFA methods only; random is unchanged; "
+                   + ", ".join(f"{n}: {r} rows" for n, r in rows.items()) + " in seed 0).")
+    return out + [""]
 
 
 def summarize(runs: list[dict], args) -> str:
@@ -178,6 +241,7 @@ def summarize(runs: list[dict], args) -> str:
              f"{args.pretrain_steps} steps on the source language; continued pretraining on 3 languages at lr 1e-3, "
              f"batch 32 x {args.length} tokens; vocabularies {runs[0]['source_vocab']} -> {runs[0]['target_vocab']} "
              f"tokens; torch {torch.__version__}, transformers {transformers.__version__}, CPU.", "",
+             *ablation_lines(runs, args),
              "Held-out loss on the new languages (mean of new1 and new2), mean ± std over seeds:", "",
              "| method | " + " | ".join(f"step {s}" for s in args.eval_at) + " | embedding params | copied / similarity / random |",
              "|---|" + "---|" * (len(args.eval_at) + 2)]
@@ -211,6 +275,11 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=48)
     parser.add_argument("--pretrain-steps", type=int, default=400)
     parser.add_argument("--eval-at", type=int, nargs="+", default=[0, 25, 50, 100, 200, 400])
+    parser.add_argument("--ablation", choices=["none", "untied", "noise", "untied-noise"], default="none",
+                        help="untied: a separate output head, a copy of the initial table, for every method; noise: "
+                             "Gaussian noise on the similarity-initialised rows (see the module docstring)")
+    parser.add_argument("--noise-scale", type=float, default=0.3,
+                        help="noise std as a fraction of the per-dimension std of the source coordinates")
     parser.add_argument("--out", default="ofa-continued-pretraining")
     args = parser.parse_args()
     torch.set_num_threads(max(1, (os.cpu_count() or 1)))

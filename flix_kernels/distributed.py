@@ -8,7 +8,8 @@ its own :class:`~flix_kernels.Routing`, and :func:`~flix_kernels.save_adapters` 
 Tensor parallelism: :class:`ColwiseFLix` and :class:`RowwiseFLix` are ``ParallelStyle`` s for
 ``parallelize_module``, the FLix counterparts of ``ColwiseParallel`` / ``RowwiseParallel``
 (which accept only ``nn.Linear``). Every rank of the TP group routes the same batch, so the
-routing (host-side, built per rank) is identical across the group. With ``R`` the per-token
+routing (host-side, built per rank) is identical across the group; this is checked once per
+routing (a tiny all-gather), and a mismatch raises on every rank. With ``R`` the per-token
 low-rank width (the routed slots' total rank; see ``torch_backend.delta``):
 
 * **column-parallel** (W, bias and lora_B sharded on the output dim, lora_A replicated): x is
@@ -33,6 +34,7 @@ x, which needs an RNG synchronised across the TP group.
 
 from __future__ import annotations
 
+import zlib
 from typing import Optional
 
 import torch
@@ -88,6 +90,31 @@ def _local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
 
 
+def _fingerprint(routing: Routing) -> torch.Tensor:
+    parts = [routing.feature_ids.to(torch.int64).contiguous().cpu().numpy().tobytes()]
+    if routing.cu_seqlens is not None:
+        parts.append(routing.cu_seqlens.to(torch.int64).contiguous().cpu().numpy().tobytes())
+    return torch.tensor([routing.num_examples, zlib.crc32(b"|".join(parts))], dtype=torch.int64)
+
+
+def _check_same_routing(routing: Routing, group, device: torch.device) -> None:
+    """Every rank of a TP group must route the same batch: compared once per routing and group
+    (one tiny all-gather; later layers hit the routing's cache). All ranks raise together."""
+
+    def check():
+        mine = _fingerprint(routing).to(device)
+        every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(every, mine, group=group)
+        if not all(torch.equal(e, every[0]) for e in every):
+            ranks = [i for i, e in enumerate(every) if not torch.equal(e, every[0])]
+            raise ValueError(f"the ranks of a tensor-parallel group were given different routings (group ranks "
+                             f"{ranks} differ from rank 0's): every TP rank must route the same batch, with the same "
+                             "feature ids, cu_seqlens and feature-dropout draws")
+        return True
+
+    routing.cached(("tp_same_routing", id(group)), check)
+
+
 def _set_param(module: nn.Module, name: str, value: torch.Tensor, requires_grad: bool) -> None:
     setattr(module, name, nn.Parameter(value, requires_grad=requires_grad))
 
@@ -99,7 +126,8 @@ class _FLixParallel(ParallelStyle):
         super().__init__()
         self.use_local_output = use_local_output
 
-    def _placements(self) -> dict:
+    def _placements(self, module: FLixLinear) -> list:
+        """``(owner module, parameter name, placement)`` of every parameter to distribute."""
         raise NotImplementedError
 
     def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
@@ -158,6 +186,7 @@ class ColwiseFLix(_FLixParallel):
             raise ValueError(f"dropout={module.dropout} on a column-parallel FLix layer is not supported (the "
                              "replicated input would need the same mask on every rank); set the layer's dropout to 0")
         group = module._tp_group
+        _check_same_routing(routing, group, module.lora_A.device)
         if DTensor is not None and isinstance(x, DTensor):
             x = x.full_tensor() if any(not p.is_replicate() for p in x.placements) else x.to_local()
         w, b = _local(module.base_layer.weight), _local(module.base_layer.bias)
@@ -187,6 +216,7 @@ class RowwiseFLix(_FLixParallel):
 
     def forward(self, module, x, routing):
         group = module._tp_group
+        _check_same_routing(routing, group, module.lora_A.device)
         if DTensor is not None and isinstance(x, DTensor):
             pl = x.placements
             if len(pl) != 1 or not pl[0].is_shard() or pl[0].dim not in (-1, x.dim() - 1):

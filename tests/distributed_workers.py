@@ -218,6 +218,14 @@ def tensor_parallel(rank: int, world: int, init_file: str, seed: int, out_dir: s
         ref.zero_grad()
         tp.zero_grad()
 
+    # TP ranks given different routings: every rank raises, none hangs
+    import pytest
+
+    bad = fk.Routing(torch.tensor([[rank % 5, 5]] * B), sp)
+    fk.set_routing(tp, bad)
+    with pytest.raises(ValueError, match="different routings"):
+        tp(x)
+
     # DTensor hand-over between the layers (use_local_output=False) gives the same result
     dt = parallelize_module(model(seed, sp), mesh, {"0": ColwiseFLix(use_local_output=False),
                                                     "2": RowwiseFLix(use_local_output=False)})
@@ -248,8 +256,6 @@ def tensor_parallel(rank: int, world: int, init_file: str, seed: int, out_dir: s
         two_dimensional(rank, seed, sp, out_dir)
 
     # errors
-    import pytest
-
     with pytest.raises(TypeError, match="FLixLinear"):
         parallelize_module(nn.Linear(4, 4), mesh, ColwiseFLix())
     dropped = model(seed, sp)

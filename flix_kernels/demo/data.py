@@ -89,6 +89,12 @@ class Benchmark:
     holdout_shift: int | None = None  # default: the seed
     perms: list[list[int]] = field(init=False)
 
+    @classmethod
+    def for_config(cls, cfg, seed: int) -> "Benchmark":
+        """The benchmark of a :class:`~flix_kernels.demo.DemoConfig` for one data seed."""
+        return cls(seed, num_symbols=cfg.num_symbols, languages=tuple(cfg.languages), tasks=tuple(cfg.tasks),
+                   min_len=cfg.min_len, max_len=cfg.max_len)
+
     def __post_init__(self):
         unknown = [t for t in self.tasks if t not in TASKS or t == "copy"]
         if unknown:

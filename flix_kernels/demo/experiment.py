@@ -221,8 +221,7 @@ def train_method(name: str, base_state: dict, bench: Benchmark, cfg, seed: int, 
 
 
 def run_seed(seed: int, cfg, device, tick=lambda: None, say=lambda s: None) -> dict:
-    bench = Benchmark(seed, num_symbols=cfg.num_symbols, languages=tuple(cfg.languages), tasks=tuple(cfg.tasks),
-                      min_len=cfg.min_len, max_len=cfg.max_len)
+    bench = Benchmark.for_config(cfg, seed)
     eval_sets = bench.eval_sets(cfg.eval_per_pair)
     say(f"seed {seed}: pretraining the base model")
     base_state, base_stats = pretrain(bench, cfg, seed, device, tick)

@@ -19,10 +19,8 @@ from .experiment import LABELS
 # -- record -----------------------------------------------------------------------------------
 def design(cfg) -> dict:
     """The experiment's design in words (stored in results.json, printed in results.md)."""
-    b = Benchmark(cfg.seeds[0] if cfg.seeds else 0, num_symbols=cfg.num_symbols, languages=tuple(cfg.languages),
-                  tasks=tuple(cfg.tasks), min_len=cfg.min_len, max_len=cfg.max_len)
-    held = {s: [f"{l}/{t}" for l, t in Benchmark(s, num_symbols=cfg.num_symbols, languages=tuple(cfg.languages),
-                                                  tasks=tuple(cfg.tasks)).held_out] for s in cfg.seeds}
+    b = Benchmark.for_config(cfg, cfg.seeds[0] if cfg.seeds else 0)
+    held = {s: [f"{l}/{t}" for l, t in Benchmark.for_config(cfg, s).held_out] for s in cfg.seeds}
     return {
         "languages": f"{len(cfg.languages)} languages, each a disjoint range of {cfg.num_symbols} token ids writing "
                      f"the same {cfg.num_symbols} abstract symbols in its own random order (fixed by the seed)",

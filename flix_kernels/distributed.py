@@ -28,8 +28,8 @@ The added traffic per layer and step is ``T * R`` elements against the base's ``
 
 The low-rank part runs on backend "torch" (two GEMMs or batched GEMMs, the fastest backend for
 prefill and decode on the GPUs measured), with its strategy chosen to keep h small.
-Column-parallel layers refuse dropout: every rank would need the same mask of the replicated
-x, which needs an RNG synchronised across the TP group.
+Tensor-parallel layers refuse dropout in training: the masks of a replicated x would have to
+agree across ranks, those of a sharded x must differ, and neither is provided.
 """
 
 from __future__ import annotations
@@ -53,16 +53,17 @@ try:  # DTensor / tensor parallelism; absent from builds without torch.distribut
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.parallel import ParallelStyle
 except ImportError:  # pragma: no cover - depends on the torch build
-    DTensor = None
+    DTensor = Replicate = Shard = distribute_tensor = None
     ParallelStyle = object
 
 
 class _AllReduceForward(torch.autograd.Function):
-    """Sum over the group in forward; identity in backward (the gradient is already replicated)."""
+    """Sum over the group in forward, in place (its inputs here are fresh GEMM outputs that no
+    backward needs); identity in backward (the gradient is already replicated)."""
 
     @staticmethod
     def forward(ctx, x, group):
-        x = x.contiguous().clone()
+        ctx.mark_dirty(x)
         dist.all_reduce(x, group=group)
         return x
 
@@ -81,46 +82,50 @@ class _AllReduceBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
+        grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
 
 
+def is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
 def _local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
-def _fingerprint(routing: Routing) -> torch.Tensor:
-    parts = [routing.feature_ids.to(torch.int64).contiguous().cpu().numpy().tobytes()]
+def _fingerprint(routing: Routing, token_shape) -> torch.Tensor:
+    parts = [routing.feature_ids.to(torch.int64).contiguous().cpu().numpy().tobytes(), repr(tuple(token_shape)).encode()]
     if routing.cu_seqlens is not None:
         parts.append(routing.cu_seqlens.to(torch.int64).contiguous().cpu().numpy().tobytes())
     return torch.tensor([routing.num_examples, zlib.crc32(b"|".join(parts))], dtype=torch.int64)
 
 
-def _check_same_routing(routing: Routing, group, device: torch.device) -> None:
-    """Every rank of a TP group must route the same batch: compared once per routing and group
-    (one tiny all-gather; later layers hit the routing's cache). All ranks raise together."""
+def _check_same_routing(routing: Routing, token_shape, group, device: torch.device) -> None:
+    """Every rank of a TP group must route the same batch (and token shape): compared once per
+    routing, shape and group (one tiny all-gather; later layers hit the routing's cache). All
+    ranks raise together. Ranks must therefore build their routings alike (one per batch)."""
 
     def check():
-        mine = _fingerprint(routing).to(device)
+        mine = _fingerprint(routing, token_shape).to(device)
         every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
         dist.all_gather(every, mine, group=group)
-        if not all(torch.equal(e, every[0]) for e in every):
-            ranks = [i for i, e in enumerate(every) if not torch.equal(e, every[0])]
-            raise ValueError(f"the ranks of a tensor-parallel group were given different routings (group ranks "
-                             f"{ranks} differ from rank 0's): every TP rank must route the same batch, with the same "
-                             "feature ids, cu_seqlens and feature-dropout draws")
+        every = torch.stack(every).cpu()  # one host copy
+        ranks = [i for i in range(len(every)) if not torch.equal(every[i], every[0])]
+        if ranks:
+            raise ValueError(f"the ranks of a tensor-parallel group were given different routings or input shapes "
+                             f"(group ranks {ranks} differ from rank 0's): every TP rank must route the same batch, "
+                             "with the same feature ids, cu_seqlens, feature-dropout draws and token shape")
         return True
 
-    routing.cached(("tp_same_routing", id(group)), check)
-
-
-def _set_param(module: nn.Module, name: str, value: torch.Tensor, requires_grad: bool) -> None:
-    setattr(module, name, nn.Parameter(value, requires_grad=requires_grad))
+    routing.cached(("tp_same_routing", id(group), tuple(token_shape)), check)
 
 
 class _FLixParallel(ParallelStyle):
-    kind = ""
+    """Shared by the two styles: checks, parameter distribution, and the per-call prelude."""
+
+    sharded_dim = ""  # "out_features" (column) or "in_features" (row)
 
     def __init__(self, *, use_local_output: bool = True):
         super().__init__()
@@ -142,31 +147,42 @@ class _FLixParallel(ParallelStyle):
                              "mesh['tp'] of a 2-D mesh")
         if module.merged is not None:
             raise RuntimeError(f"{name}: the layer has a merged feature set; unmerge before parallelising")
-        if getattr(module, "_parallel", None) is not None:
+        if module._parallel is not None:
             raise RuntimeError(f"{name}: the layer is already tensor-parallel")
-        if self.kind == "colwise" and module.dropout > 0:
-            raise ValueError(f"{name}: dropout={module.dropout} on a column-parallel FLix layer would need the same "
-                             "dropout mask on every rank (an RNG synchronised across the TP group, not provided); "
-                             "set the layer's dropout to 0")
-        tp = device_mesh.size()
-        dims = {"colwise": ("out_features", module.out_features), "rowwise": ("in_features", module.in_features)}
-        what, size = dims[self.kind]
-        if size % tp:
-            raise ValueError(f"{name}: {what}={size} is not divisible by the tensor-parallel size {tp}")
+        size = getattr(module, self.sharded_dim)
+        if size % device_mesh.size():
+            raise ValueError(f"{name}: {self.sharded_dim}={size} is not divisible by the tensor-parallel size "
+                             f"{device_mesh.size()}")
+        # torch's styles scatter from src_data_rank (parallelize_module's argument, default 0), so
+        # ranks need not hold the same initial tensors; None: every rank keeps its own shard.
+        src = getattr(self, "src_data_rank", 0)
         for owner, pname, place in self._placements(module):
             p = getattr(owner, pname)
-            if p is None:
-                continue
-            # src_data_rank=None: every rank holds the same full tensor (same init or checkpoint),
-            # so each takes its own shard without a scatter.
-            dt = distribute_tensor(p.detach(), device_mesh, [place], src_data_rank=None)
-            _set_param(owner, pname, dt, p.requires_grad)
-        module._parallel = self
-        module._tp_group = device_mesh.get_group()
+            if p is not None:
+                dt = distribute_tensor(p.detach(), device_mesh, [place], src_data_rank=src)
+                setattr(owner, pname, nn.Parameter(dt, requires_grad=p.requires_grad))
+        module._parallel, module._tp_mesh = self, device_mesh
         return module
 
-    def forward(self, module: FLixLinear, x: torch.Tensor, routing: Optional[Routing]) -> torch.Tensor:
-        raise NotImplementedError
+    def forward(self, module: FLixLinear, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        if module.training and module.dropout > 0:
+            # Masks of a replicated x would have to agree across ranks, and those of the shards of
+            # a sharded x must not (identically seeded ranks would draw the same pattern).
+            raise ValueError(f"dropout={module.dropout} is not supported on tensor-parallel FLix layers (it needs an "
+                             "RNG coordinated across the TP group); set the layer's dropout to 0 for training")
+        x = self._input(x)
+        group = self._group(module)
+        _check_same_routing(routing, x.shape[:-1], group, module.lora_A.device)
+        w, b = _local(module.base_layer.weight), _local(module.base_layer.bias)
+        A, B = _local(module.lora_A), _local(module.lora_B)
+        y = self._compute(module, x, w, b, A, B, routing, group)
+        if not self.use_local_output:
+            y = DTensor.from_local(y, module._tp_mesh, [self.output_placement], run_check=False)
+        return y
+
+    @staticmethod
+    def _group(module):
+        return module._tp_mesh.get_group()
 
 
 class ColwiseFLix(_FLixParallel):
@@ -174,64 +190,55 @@ class ColwiseFLix(_FLixParallel):
     tensor, or a ``Shard(-1)`` DTensor with ``use_local_output=False``). Feeds a
     :class:`RowwiseFLix` layer (or torch's ``RowwiseParallel``) as in a Megatron MLP."""
 
-    kind = "colwise"
+    sharded_dim = "out_features"
+    output_placement = Shard(-1) if DTensor is not None else None
 
     def _placements(self, module):
         base = module.base_layer
         return [(base, "weight", Shard(0)), (base, "bias", Shard(0)), (module, "lora_A", Replicate()),
                 (module, "lora_B", Shard(0))]
 
-    def forward(self, module, x, routing):
-        if module.training and module.dropout > 0:
-            raise ValueError(f"dropout={module.dropout} on a column-parallel FLix layer is not supported (the "
-                             "replicated input would need the same mask on every rank); set the layer's dropout to 0")
-        group = module._tp_group
-        _check_same_routing(routing, group, module.lora_A.device)
-        if DTensor is not None and isinstance(x, DTensor):
-            x = x.full_tensor() if any(not p.is_replicate() for p in x.placements) else x.to_local()
-        w, b = _local(module.base_layer.weight), _local(module.base_layer.bias)
-        A, B = _local(module.lora_A), _local(module.lora_B)
+    @staticmethod
+    def _input(x):
+        if is_dtensor(x):
+            return x.full_tensor() if any(not p.is_replicate() for p in x.placements) else x.to_local()
+        return x
+
+    def _compute(self, module, x, w, b, A, B, routing, group):
         _validate(x, A, B, routing, module.scaling, 0.0, w, b, with_base=True)
         # dx of the base is partial per rank: summed by the layer's own all-reduce.
         y = F.linear(_AllReduceBackward.apply(x, group), w, b)
         # h is identical on every rank; its gradient dy_r B_r is partial: summed before dA and dx.
         d = torch_backend.delta(x, A, B, routing, module.scaling, 0.0, None,
                                 h_hook=lambda h: _AllReduceBackward.apply(h, group))
-        y = y + d.to(y.dtype)
-        if not self.use_local_output:
-            y = DTensor.from_local(y, module.base_layer.weight.device_mesh, [Shard(-1)], run_check=False)
-        return y
+        return y + d.to(y.dtype)
 
 
 class RowwiseFLix(_FLixParallel):
     """Row-parallel FLix layer: input sharded on its last dim (a local tensor, as a
     :class:`ColwiseFLix` layer outputs, or a ``Shard(-1)`` DTensor), output replicated."""
 
-    kind = "rowwise"
+    sharded_dim = "in_features"
+    output_placement = Replicate() if DTensor is not None else None
 
     def _placements(self, module):
         base = module.base_layer
         return [(base, "weight", Shard(1)), (base, "bias", Replicate()), (module, "lora_A", Shard(1)),
                 (module, "lora_B", Replicate())]
 
-    def forward(self, module, x, routing):
-        group = module._tp_group
-        _check_same_routing(routing, group, module.lora_A.device)
-        if DTensor is not None and isinstance(x, DTensor):
+    @staticmethod
+    def _input(x):
+        if is_dtensor(x):
             pl = x.placements
             if len(pl) != 1 or not pl[0].is_shard() or pl[0].dim not in (-1, x.dim() - 1):
                 raise ValueError(f"RowwiseFLix expects its input sharded on the last dim, got {x.placements}")
-            x = x.to_local()
-        w, b = _local(module.base_layer.weight), _local(module.base_layer.bias)
-        A, B = _local(module.lora_A), _local(module.lora_B)
-        _validate(x, A, B, routing, module.scaling, 0.0, w, None, with_base=True)
+            return x.to_local()
+        return x
+
+    def _compute(self, module, x, w, b, A, B, routing, group):
+        _validate(x, A, B, routing, module.scaling, 0.0, w, b, with_base=True)
         y = _AllReduceForward.apply(F.linear(x, w), group)  # the layer's own collective
-        p = module.dropout if module.training else 0.0
-        d = torch_backend.delta(x, A, B, routing, module.scaling, p, None,
+        d = torch_backend.delta(x, A, B, routing, module.scaling, 0.0, None,
                                 h_hook=lambda h: _AllReduceForward.apply(h, group))
         y = y + d.to(y.dtype)
-        if b is not None:
-            y = y + b
-        if not self.use_local_output:
-            y = DTensor.from_local(y, module.base_layer.weight.device_mesh, [Replicate()], run_check=False)
-        return y
+        return y if b is None else y + b.to(y.dtype)

@@ -20,14 +20,10 @@ from safetensors.torch import save_file
 
 from ._io import atomic_write_files, json_writer, read_json
 from .features import FeatureSpace
+from .distributed import distribute_tensor as _distribute_tensor
+from .distributed import is_dtensor
 from .model import _candidate_linears, _replace, flix_layers
 from .nn import FLixLinear, linear_in_out
-
-try:  # sharded parameters (FSDP2, tensor parallelism) are DTensors
-    from torch.distributed.tensor import DTensor as _DTensor
-    from torch.distributed.tensor import distribute_tensor as _distribute_tensor
-except ImportError:  # pragma: no cover - torch built without distributed
-    _DTensor = _distribute_tensor = None
 
 __all__ = ["save_adapters", "load_adapters", "TENSORS_FILE", "CONFIG_FILE"]
 
@@ -59,10 +55,6 @@ def _config(layers: list[tuple[str, FLixLinear]]) -> dict:
     }
 
 
-def _is_dtensor(t) -> bool:
-    return _DTensor is not None and isinstance(t, _DTensor)
-
-
 def _writer_rank() -> bool:
     """Whether this process writes: rank 0 of the default group, or the only process."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
@@ -72,35 +64,42 @@ def save_adapters(model: nn.Module, path: str) -> None:
     """Write every FLix layer's adapters of ``model`` to the folder ``path``.
 
     Distributed: with sharded parameters (FSDP2 ``fully_shard``, tensor parallelism: DTensors)
-    every rank must call it, since the full tensors are gathered; then rank 0 alone writes, and
-    every rank returns once the files exist. With plain (replicated) parameters, e.g. DDP, rank 0
-    alone may call it; if every rank calls it, rank 0 alone writes."""
+    every rank must call it, since the full tensors are gathered; then rank 0 alone writes, every
+    rank returns once it is done, and if its write failed every rank raises. With plain
+    (replicated) parameters, e.g. DDP, rank 0 alone may call it; if every rank calls it, rank 0
+    alone writes."""
     layers = flix_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no FLix layers to save")
     config = _config(layers)
     tensors = {}
-    sharded = False
+    sharded, device = False, layers[0][1].lora_A.device
+    writer = _writer_rank()
     for name, layer in layers:
         for part in ("lora_A", "lora_B"):
             t = getattr(layer, part).detach()
-            if _is_dtensor(t):
+            if is_dtensor(t):
                 t, sharded = t.full_tensor(), True  # a collective: every rank takes part
-            tensors[f"{name}.{part}"] = t.cpu().contiguous()
-    if not _writer_rank():
-        if sharded:
-            dist.barrier()
-        return
-    os.makedirs(path, exist_ok=True)
-    meta = {"flix_config": json.dumps(config, sort_keys=True)}
+            if writer:
+                tensors[f"{name}.{part}"] = t.cpu().contiguous()
+    ok = torch.ones(1, dtype=torch.int32, device=device)
     try:
-        atomic_write_files({
-            os.path.join(path, TENSORS_FILE): lambda tmp: save_file(tensors, tmp, metadata=meta),
-            os.path.join(path, CONFIG_FILE): json_writer(config),
-        })
+        if writer:
+            meta = {"flix_config": json.dumps(config, sort_keys=True)}
+            try:
+                os.makedirs(path, exist_ok=True)
+                atomic_write_files({
+                    os.path.join(path, TENSORS_FILE): lambda tmp: save_file(tensors, tmp, metadata=meta),
+                    os.path.join(path, CONFIG_FILE): json_writer(config),
+                })
+            except BaseException:
+                ok.zero_()
+                raise
     finally:
-        if sharded:
-            dist.barrier()  # the other ranks wait for the files (released even if the write failed)
+        if sharded:  # every rank returns once rank 0 is done; all of them raise if it failed
+            dist.broadcast(ok, src=0)
+    if not ok.item():
+        raise RuntimeError(f"rank 0 failed to write the adapters to {path!r} (see its error)")
 
 
 def _read_config(path: str) -> dict:
@@ -203,7 +202,7 @@ def load_adapters(model: nn.Module, path: str, *, strict: bool = True) -> list[s
                 for part in ("lora_A", "lora_B"):
                     param = getattr(layer, part)
                     full = f.get_tensor(f"{name}.{part}").to(device=param.device, dtype=param.dtype)
-                    if _is_dtensor(param):  # sharded: every rank read the file and keeps its own shard
+                    if is_dtensor(param):  # sharded: every rank read the file and keeps its own shard
                         full = _distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
                     param.copy_(full)
                 layer.set_scaling(hp["alpha"], hp["use_rslora"])

@@ -131,6 +131,16 @@ def data_parallel(rank: int, world: int, init_file: str, seed: int, out_dir: str
     path = os.path.join(out_dir, "fsdp_adapters")
     fk.save_adapters(fsdp, path)
     assert os.path.isfile(os.path.join(path, "flix_adapters.safetensors"))  # the barrier held every rank
+    # rank 0's write fails (the path is a file): every rank raises, none hangs
+    blocked = os.path.join(out_dir, "a_file")
+    if rank == 0:
+        open(blocked, "w").close()
+    dist.barrier()
+    import pytest
+
+    with pytest.raises((OSError, RuntimeError)) as err:
+        fk.save_adapters(fsdp, blocked)
+    assert rank == 0 or "rank 0 failed" in str(err.value)
     # load_adapters into a plain model, into a sharded one, and into one sharded after loading.
     plain = model(seed + 1, sp)
     fk.load_adapters(plain, path)
@@ -145,7 +155,7 @@ def data_parallel(rank: int, world: int, init_file: str, seed: int, out_dir: str
     for _, layer in fk.flix_layers(before):
         fully_shard(layer, mesh=mesh)
     assert_states_equal(lora_state(before), lora_state(ref), "loaded before fully_shard")
-    # the sharded model trains on from the loaded state like the reference
+    # the sharded model loaded after sharding still runs forward and backward (a smoke check)
     fk.set_routing(after, fk.Routing(batches[0][0][rank * per_rank:(rank + 1) * per_rank], sp))
     after(batches[0][1][rank * per_rank:(rank + 1) * per_rank]).sum().backward()
     dist.destroy_process_group()
@@ -182,11 +192,21 @@ def tensor_parallel(rank: int, world: int, init_file: str, seed: int, out_dir: s
     uniform = torch.tensor([[1, 6]] * B)
     mixed = feature_ids(sp, B, gen)
     mixed[0] = torch.tensor([2, 5])  # at least one example with both groups active
-    cases = {"mixed": mixed, "uniform": uniform, "no feature": torch.full((B, 2), -1)}
-    for what, ids in cases.items():
-        routing = fk.Routing(ids, sp)
-        x = torch.randn(B, L, D_IN, generator=gen, dtype=torch.float64)
-        gy = torch.randn(B, L, D_OUT, generator=gen, dtype=torch.float64)
+    lengths = torch.tensor([3, 7, 1, 5])
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    from flix_kernels.backends import torch_backend
+
+    # (name, feature ids, cu_seqlens, forced torch-backend strategy)
+    cases = [("mixed", mixed, None, None), ("mixed, dense", mixed, None, "dense"),
+             ("mixed, grouped", mixed, None, "grouped"), ("packed", mixed, cu, None),
+             ("packed, grouped", mixed, cu, "grouped"), ("uniform", uniform, None, None),
+             ("no feature", torch.full((B, 2), -1), None, None)]
+    for what, ids, cu_seqlens, strategy in cases:
+        torch_backend.FORCE_STRATEGY = strategy
+        routing = fk.Routing(ids, sp, cu_seqlens=cu_seqlens)
+        tokens = (int(cu_seqlens[-1]),) if cu_seqlens is not None else (B, L)
+        x = torch.randn(*tokens, D_IN, generator=gen, dtype=torch.float64)
+        gy = torch.randn(*tokens, D_OUT, generator=gen, dtype=torch.float64)
         fk.set_routing(ref, routing)
         fk.set_routing(tp, routing)
         xr, xt = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
@@ -205,18 +225,32 @@ def tensor_parallel(rank: int, world: int, init_file: str, seed: int, out_dir: s
             for p in ("lora_A", "lora_B"):
                 g, w = full(getattr(layer, p).grad), getattr(dict(fk.flix_layers(ref))[n], p).grad
                 torch.testing.assert_close(g, w, **TOL, msg=lambda m: f"{what}: {n}.{p} grad {m}")
-        T = B * L
+        torch_backend.FORCE_STRATEGY = None
+        T = x.shape[:-1].numel()
         rest = list(sizes)
         for n in (T * D_IN, T * D_OUT):  # column: dx in backward; row: the partial output in forward
             assert n in rest, f"{what}: the base's all-reduce of {n} elements is missing from {sizes}"
             rest.remove(n)
-        if routing.max_active_rank:  # one h (or dh) per layer, at most T x R_max elements
-            assert len(rest) == 2 and rest[0] == rest[1] and 0 < rest[0] <= T * routing.max_active_rank, \
-                f"{what}: low-rank all-reduces {rest}, expected two of at most {T * routing.max_active_rank}"
+        if routing.max_active_rank:  # one h (or dh) per layer: at most T x R_max (2T x R_max packed, whose
+            # grouped chunks pad) unless a strategy is forced
+            bound = (2 if cu_seqlens is not None else 1) * T * routing.max_active_rank
+            bound = bound if strategy is None else 2 * T * sp.total_rank
+            assert len(rest) == 2 and rest[0] == rest[1] and 0 < rest[0] <= bound, \
+                f"{what}: low-rank all-reduces {rest}, expected two of at most {bound}"
         else:
             assert rest == [], f"{what}: no feature routed, yet low-rank all-reduces {rest}"
         ref.zero_grad()
         tp.zero_grad()
+
+    # autocast: the TP model returns what the unsharded one does (dtype included), in bf16
+    ref32, tp32 = model(seed, sp).float(), model(seed, sp).float()
+    parallelize_module(tp32, mesh, {"0": ColwiseFLix(), "2": RowwiseFLix()})
+    fk.set_routing(ref32, routing)
+    fk.set_routing(tp32, routing)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = ref32(x.float()), tp32(x.float())
+    assert got.dtype == want.dtype == torch.bfloat16, (got.dtype, want.dtype)
+    torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)
 
     # TP ranks given different routings: every rank raises, none hangs
     import pytest
@@ -258,14 +292,31 @@ def tensor_parallel(rank: int, world: int, init_file: str, seed: int, out_dir: s
     # errors
     with pytest.raises(TypeError, match="FLixLinear"):
         parallelize_module(nn.Linear(4, 4), mesh, ColwiseFLix())
-    dropped = model(seed, sp)
-    dropped[0].dropout = 0.1
-    with pytest.raises(ValueError, match="dropout"):
-        parallelize_module(dropped, mesh, {"0": ColwiseFLix()})
-    odd = nn.Sequential(nn.Linear(D_IN, 3 * world + 1)).double()
-    fk.inject(odd, sp, target_modules=["0"])
-    with pytest.raises(ValueError, match="not divisible"):
+    dropped = parallelize_module(model(seed, sp), mesh, {"0": ColwiseFLix(), "2": RowwiseFLix()})
+    fk.set_routing(dropped, routing)
+    for i in (0, 2):
+        dropped[i].dropout = 0.1
+        with pytest.raises(ValueError, match="dropout"):
+            dropped(x)
+        dropped.eval()
+        torch.testing.assert_close(dropped(x), ref(x), **TOL)  # eval: no dropout, no objection
+        dropped.train()
+        dropped[i].dropout = 0.0
+    with pytest.raises(ValueError, match="1-D"):
+        parallelize_module(model(seed, sp), init_device_mesh("cpu", (1, world)), {"0": ColwiseFLix()})
+    merged = model(seed, sp)
+    fk.merge(merged, {"language": "l1"})
+    with pytest.raises(RuntimeError, match="merged"):
+        parallelize_module(merged, mesh, {"0": ColwiseFLix()})
+    with pytest.raises(ValueError, match="sharded on the last dim"):
+        from torch.distributed.tensor import Replicate, distribute_tensor
+        tp[2](distribute_tensor(torch.randn(B, L, D_HID, dtype=torch.float64), mesh, [Replicate()]))
+    odd = nn.Sequential(nn.Linear(D_IN, 3 * world + 1), nn.Linear(3 * world + 1, D_IN)).double()
+    fk.inject(odd, sp, target_modules=["0", "1"])
+    with pytest.raises(ValueError, match="out_features=.* not divisible"):
         parallelize_module(odd, mesh, {"0": ColwiseFLix()})
+    with pytest.raises(ValueError, match="in_features=.* not divisible"):
+        parallelize_module(odd, mesh, {"1": RowwiseFLix()})
     with pytest.raises(RuntimeError, match="already tensor-parallel"):
         parallelize_module(tp, mesh, {"0": ColwiseFLix()})
     with pytest.raises(RuntimeError, match="tensor-parallel"):

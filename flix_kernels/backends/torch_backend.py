@@ -106,9 +106,10 @@ def _build_plan(routing: Routing, layout: TokenLayout, device: torch.device, min
     N = int(n_chunks.sum())
     dense_cost = T * R_p
     grouped_cost = _BMM_PENALTY * N * C * R_max + N * R_max + (_COPY_COST * 2 * T_active if copy else 0)
-    use_dense = uniform or dense_cost <= grouped_cost
     if minimize_h:  # h is T x R_p (dense) or N x C x R_max (grouped)
         use_dense = uniform or T * R_p <= N * C * R_max
+    else:
+        use_dense = uniform or dense_cost <= grouped_cost
     if FORCE_STRATEGY is not None:
         use_dense = FORCE_STRATEGY == "dense"
     if use_dense:

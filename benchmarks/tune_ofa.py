@@ -19,9 +19,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bench_ofa import GPU_CASES, SMOKE_CASES, make_ids, make_tables  # noqa: E402
+from bench_ofa import GPU_CASES, SMOKE_CASES, make_ids, make_tables, rel_err  # noqa: E402
 
 from flix_kernels._io import atomic_write_files, json_writer, text_writer  # noqa: E402
+from flix_kernels.backends import unavailable_reason  # noqa: E402
 from flix_kernels.bench.timing import Timer, provenance  # noqa: E402
 from flix_kernels.ofa import kernel as ok  # noqa: E402
 
@@ -43,6 +44,9 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (TRITON_INTERPRET=1): the script runs")
     args = ap.parse_args(argv)
     device = torch.device("cpu" if args.smoke else "cuda")
+    reason = unavailable_reason("triton", device)
+    if reason is not None:
+        raise SystemExit(f"tune_ofa.py: the Triton kernels cannot run here: {reason}")
     timer = Timer(device, args.rep_ms)
     dtype = torch.float32 if args.smoke else torch.bfloat16
     gen = torch.Generator().manual_seed(0)
@@ -73,7 +77,7 @@ def main(argv=None):
                 ok._CONFIG_OVERRIDE[role] = cfg
                 try:
                     got = ours().float()
-                    err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+                    err = rel_err(got, want.double())
                     if not err < 2e-2:
                         raise AssertionError(f"relative difference {err:.3g} from the default config")
                     row["candidates"].append({"config": cfg, "ms": timer.time(ours)["median_ms"]})
@@ -86,7 +90,7 @@ def main(argv=None):
             b = row["best"]
             print(f"{c.name:24s} {role:15s} default {row['default_ms']:.3f}  best {b['ms'] if b else float('nan'):.3f} "
                   f"{b['config'] if b else ''}  torch {row['torch_ms']:.3f}", flush=True)
-    record = {**provenance(device), "dtype": "bfloat16", "rows": rows}
+    record = {**provenance(device), "dtype": str(dtype).replace("torch.", ""), "rows": rows}
     lines = ["# OFA kernel launch-config sweep", "", f"{record['device']['name']}, commit `{record['commit']}`", "",
              "| case | role | default ms | best ms | best config | torch ms |", "|---|---|---|---|---|---|"]
     for r in rows:

@@ -3,12 +3,14 @@ vocabularies and vectors), and FactorizedEmbedding against nn.Embedding."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 
+from conftest import DEVICE
 from flix_kernels import ofa
 
 
@@ -40,6 +42,7 @@ def test_factorize_rejects_bad_k():
             ofa.factorize(E, k)
     with pytest.raises(ValueError, match="exceeds the vocabulary size 3"):
         ofa.factorize(torch.randn(3, 8), 4)
+    assert ofa.factorize(torch.randn(3, 8), 8)[1].shape == (8, 8)  # k = D needs no SVD, so no k <= V
     with pytest.raises(ValueError, match="2-D"):
         ofa.factorize(torch.randn(3), 1)
 
@@ -222,10 +225,11 @@ def test_factorized_embedding_at_full_rank_equals_nn_embedding(padding_idx, seed
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_factorized_embedding_low_rank_matches_its_table(backend, seed):
     torch.manual_seed(seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = DEVICE
     fe = ofa.FactorizedEmbedding(50, 16, 4, padding_idx=0, backend=backend, device=device)
     assert fe.coords[0].abs().sum() == 0 and sum(p.numel() for p in fe.parameters()) == 50 * 4 + 4 * 16
     ids = torch.randint(0, 50, (33,), device=device)
+    ids[0] = 0  # the padding row is used, so its zero gradient below is a real check
     table = fe.table().double()
     torch.testing.assert_close(fe(ids).double(), table[ids], rtol=1e-5, atol=1e-5)
     bias = torch.randn(50, device=device)
@@ -256,7 +260,7 @@ TARGET_WORDS = ["gato", "perro", "casa", "arbol", "agua", "el", "y", "verde", "c
 
 
 @pytest.mark.parametrize("k", [32, 8])
-def test_apply_to_model_switches_the_vocabulary(k, seed):
+def test_apply_to_model_switches_the_vocabulary(k, seed, tmp_path):
     transformers = pytest.importorskip("transformers")
     src_tok, tgt_tok = train_tokenizer(SOURCE_WORDS, 60, seed), train_tokenizer(TARGET_WORDS, 80, seed + 1)
     torch.manual_seed(seed)
@@ -294,6 +298,19 @@ def test_apply_to_model_switches_the_vocabulary(k, seed):
             want = ref(text_src).logits
         cols_t, cols_s = [tgt_vocab[t] for t in shared], [src_vocab[t] for t in shared]
         torch.testing.assert_close(out[..., cols_t], want[..., cols_s], rtol=1e-4, atol=1e-4)
+    # save_pretrained stores the shared factors once, and they load back into a fresh copy
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert not any(n.startswith("lm_head.embedding") for n in saved)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.get_input_embeddings().coords.zero_()
+    twin.load_state_dict(saved)
+    assert twin.get_output_embeddings().embedding is twin.get_input_embeddings()
+    with torch.no_grad():
+        torch.testing.assert_close(twin(text_tgt).logits, out, rtol=0, atol=0)
     model.train()
     loss = model(text_tgt, labels=text_tgt).loss
     loss.backward()

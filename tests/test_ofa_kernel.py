@@ -62,11 +62,12 @@ def test_matches_oracle(seed, dtype, shape, V, K, D):
     _check(ids, V, K, D, dtype, gen)
 
 
-@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64, torch.int16])
-def test_ids_dtypes(seed, ids_dtype):
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64, torch.int16, torch.uint8])
+@pytest.mark.parametrize("backend", [TRITON, "torch"])
+def test_ids_dtypes(seed, ids_dtype, backend):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 13, (4, 6), generator=gen).to(ids_dtype)
-    _check(ids, 13, 5, 9, torch.float32, gen)
+    _check(ids, 13, 5, 9, torch.float32, gen, backend=backend)
 
 
 @pytest.mark.parametrize("padding_idx", [0, 3, -1])

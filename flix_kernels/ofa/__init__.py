@@ -12,9 +12,9 @@ subwords a source model has never seen.
 """
 
 from .embedding import FactorizedEmbedding
-from .init import factorize, initialize, normalize_token, subword_vectors
+from .init import copy_sources, factorize, initialize, normalize_token, subword_vectors
 from .kernel import factorized_embedding, tied_logits
 from .model import FactorizedLMHead, apply_to_model
 
-__all__ = ["FactorizedEmbedding", "FactorizedLMHead", "apply_to_model", "factorize", "factorized_embedding", "initialize", "normalize_token",
+__all__ = ["FactorizedEmbedding", "FactorizedLMHead", "apply_to_model", "copy_sources", "factorize", "factorized_embedding", "initialize", "normalize_token",
            "subword_vectors", "tied_logits"]

@@ -17,7 +17,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-__all__ = ["factorize", "initialize", "normalize_token", "subword_vectors"]
+__all__ = ["copy_sources", "factorize", "initialize", "normalize_token", "subword_vectors"]
 
 # Word-start markers of the common subword schemes (SentencePiece "▁", byte-level BPE "Ġ"),
 # unified so that vocabularies of different tokenizer families can share tokens.
@@ -37,11 +37,11 @@ def factorize(weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     V, D = weight.shape
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= D:
         raise ValueError(f"k must be an int in [1, D={D}], got {k!r}")
+    out = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    if k == D:  # no factorisation, so no k <= V limit
+        return weight.detach().to(out).clone(), torch.eye(D, dtype=out, device=weight.device)
     if k > V:
         raise ValueError(f"k={k} exceeds the vocabulary size {V}; a rank-k factorisation needs k <= V")
-    out = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-    if k == D:
-        return weight.detach().to(out).clone(), torch.eye(D, dtype=out, device=weight.device)
     U, S, Vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
     return U[:, :k].to(out).contiguous(), (S[:k, None] * Vh[:k]).to(out).contiguous()
 
@@ -141,6 +141,18 @@ def _check_vectors(vectors, rows: int, what: str) -> torch.Tensor:
 
 
 @torch.no_grad()
+def copy_sources(source_vocab, target_vocab, case_insensitive: bool = False) -> torch.Tensor:
+    """For each target token id, the source id whose token is the same after
+    :func:`normalize_token` (the OFA copy rule), or -1; a LongTensor of the target's size."""
+    src_tokens = _vocab_list(source_vocab, "source_vocab")
+    tgt_tokens = _vocab_list(target_vocab, "target_vocab")
+    src_index: dict[str, int] = {}
+    for i, tok in enumerate(src_tokens):
+        src_index.setdefault(normalize_token(tok, case_insensitive), i)
+    return torch.tensor([src_index.get(normalize_token(t, case_insensitive), -1) for t in tgt_tokens],
+                        dtype=torch.long)
+
+
 def initialize(source_embeddings: torch.Tensor, source_vocab, target_vocab, source_vectors, target_vectors, *,
                k: int, neighbors: int = 10, temperature: float = 0.1, seed: int = 0,
                case_insensitive: bool = False, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -178,11 +190,7 @@ def initialize(source_embeddings: torch.Tensor, source_vocab, target_vocab, sour
     coords_s, primitive = factorize(E, k)  # raises for k > D
     P = coords_s.double().cpu()
 
-    src_index: dict[str, int] = {}
-    for i, tok in enumerate(src_tokens):
-        src_index.setdefault(normalize_token(tok, case_insensitive), i)
-    copy_from = torch.tensor([src_index.get(normalize_token(t, case_insensitive), -1) for t in tgt_tokens],
-                             dtype=torch.long)
+    copy_from = copy_sources(src_tokens, tgt_tokens, case_insensitive)
     copied = copy_from >= 0
     if not bool(copied.any()):
         raise ValueError("the source and target vocabularies share no token (after normalising word-start markers"

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backends import unavailable_reason
+from ..backends import BackendUnavailableError, unavailable_reason
 
 try:  # Triton is optional; backend "triton" then reports why it is off (unavailable_reason).
     import triton
@@ -172,7 +172,7 @@ def _blocks(role: str, T: int, K: int, N: int, device: torch.device) -> dict:
     if role in _CONFIG_OVERRIDE:
         return dict(_CONFIG_OVERRIDE[role])
     small = device.type != "cuda"
-    pow2 = lambda n, hi: max(16, min(hi, triton.next_power_of_2(max(int(n), 1))))  # noqa: E731
+    pow2 = lambda n, hi: _launch._pow2(n, hi=hi)  # noqa: E731
     if small:
         cfg = dict(BLOCK_T=pow2(T, 16), BLOCK_K=pow2(K, 32), BLOCK_N=pow2(N, 32))
     elif role in ("lookup", "grad_gather"):
@@ -218,7 +218,7 @@ def _token_splits(T: int, tiles: int, block_t: int, device: torch.device) -> int
     (a k x D grid alone can be a few dozen tiles), each range at least 4 token tiles long."""
     if device.type != "cuda":
         return min(2, triton.cdiv(T, block_t))  # the interpreter: still exercise the split path
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _launch.num_sms(device)
     want = triton.cdiv(2 * sms, max(tiles, 1))
     return max(1, min(want, triton.cdiv(T, 4 * block_t)))
 
@@ -364,8 +364,8 @@ def _validate(ids: Tensor, coords: Tensor, primitive: Tensor, padding_idx: Optio
             raise ValueError(f"padding_idx {padding_idx} is out of range for coords with {V} rows")
         padding_idx = padding_idx + V if padding_idx < 0 else padding_idx
     if check_ids and ids.numel() and _host_checks_allowed(ids.device):
-        lo, hi = torch.aminmax(ids)  # one host sync for both bounds; the slow search only on error
-        if int(lo) < 0 or int(hi) >= V:
+        lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one host sync; the slow search only on error
+        if lo < 0 or hi >= V:
             bad = (ids < 0) | (ids >= V)
             pos = tuple(int(i) for i in bad.nonzero()[0])
             raise IndexError(f"ids{list(pos)} = {int(ids[pos])} is out of range for coords with {V} rows "
@@ -384,19 +384,19 @@ def factorized_embedding(ids: Tensor, coords: Tensor, primitive: Tensor, *, padd
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
     padding_idx = _validate(ids, coords, primitive, padding_idx, check_ids)
+    if ids.dtype not in (torch.int32, torch.int64):  # F.embedding and the kernels take int32/int64
+        ids = ids.to(torch.int64)
     if backend == "auto":  # measured: cuBLAS after the gather is as fast or faster (see the docstring)
         backend = "torch"
     if backend == "torch":
         return F.embedding(ids, coords, padding_idx) @ primitive
     reason = unavailable_reason("triton", coords.device)  # the same rule as the FLix kernels
     if reason is not None:
-        raise RuntimeError(f"backend 'triton' is unavailable: {reason}")
+        raise BackendUnavailableError(f"backend 'triton' is unavailable: {reason}")
     if coords.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"dtype {coords.dtype} is not supported by the Triton kernels (float32, float16, "
                         "bfloat16); use backend='torch'")
     flat = ids.reshape(-1)
-    if flat.dtype not in (torch.int32, torch.int64):
-        flat = flat.to(torch.int64)
     args = (flat.contiguous(), coords, primitive, -1 if padding_idx is None else padding_idx)
     out = _forward_op(*args) if torch.compiler.is_compiling() else _FactorizedEmbedding.apply(*args)
     return out.reshape(*ids.shape, primitive.shape[1])

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from .embedding import FactorizedEmbedding
-from .init import initialize, subword_vectors
+from .init import copy_sources, initialize, subword_vectors
 
 __all__ = ["FactorizedLMHead", "apply_to_model"]
 
@@ -14,13 +14,15 @@ __all__ = ["FactorizedLMHead", "apply_to_model"]
 class FactorizedLMHead(nn.Module):
     """The output head tied to a :class:`FactorizedEmbedding`: ``hidden -> hidden @ Q^T @ P^T (+ bias)``.
 
-    Holds the embedding module itself (not a copy), so the head and the input embeddings share
-    coords and primitive, as OFA ties them.
+    Refers to the embedding module itself (not a copy), so the head and the input embeddings
+    share coords and primitive, as OFA ties them. The embedding is not registered as a submodule
+    of the head: the model already owns it, and a second registration would store its tensors
+    twice in the state dict (which ``save_pretrained``'s safetensors refuses).
     """
 
     def __init__(self, embedding: FactorizedEmbedding, bias: torch.Tensor | None = None):
         super().__init__()
-        self.embedding = embedding
+        object.__setattr__(self, "embedding", embedding)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -69,12 +71,10 @@ def apply_to_model(model: nn.Module, source_tokenizer, target_tokenizer, word_ve
                                            padding_idx=pad).to(emb.weight.dtype)
     bias = None
     if getattr(head, "bias", None) is not None:
-        # Keep the bias of tokens both vocabularies share; new tokens start unbiased.
+        # Keep the bias of the tokens whose rows were copied (the same rule); new tokens start unbiased.
+        src = copy_sources(src_vocab, tgt_vocab, case_insensitive).to(head.bias.device)
         bias = torch.zeros(len(tgt_vocab), dtype=head.bias.dtype, device=head.bias.device)
-        for tok, i in tgt_vocab.items():
-            j = src_vocab.get(tok)
-            if j is not None:
-                bias[i] = head.bias[j]
+        bias[src >= 0] = head.bias[src[src >= 0]]
     model.set_input_embeddings(new)
     model.set_output_embeddings(FactorizedLMHead(new, bias))
     config = getattr(model, "config", None)

@@ -342,3 +342,38 @@ def test_apply_to_model_refuses_an_untied_head(seed):
         intermediate_size=48, tie_word_embeddings=False))
     with pytest.raises(NotImplementedError, match="tied"):
         ofa.apply_to_model(model, tok, tok, {"cat": [1.0, 2.0]}, k=4)
+
+
+def test_apply_to_model_keeps_the_head_bias_of_copied_tokens(seed):
+    """A tied head with a bias: copied tokens keep their source bias, every other token gets 0."""
+    src_tok, tgt_tok = train_tokenizer(SOURCE_WORDS, 60, seed), train_tokenizer(TARGET_WORDS, 80, seed + 1)
+
+    class TiedLM(nn.Module):
+        def __init__(self, V, D):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(V, D), nn.Linear(D, V)
+            self.head.weight = self.embed.weight
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def set_input_embeddings(self, m):
+            self.embed = m
+
+        def get_output_embeddings(self):
+            return self.head
+
+        def set_output_embeddings(self, m):
+            self.head = m
+
+    torch.manual_seed(seed)
+    model = TiedLM(len(src_tok), 8)
+    old_bias = model.head.bias.detach().clone()
+    report = ofa.apply_to_model(model, src_tok, tgt_tok, None, k=8)
+    src_vocab, tgt_vocab = src_tok.get_vocab(), tgt_tok.get_vocab()
+    bias = model.head.bias.detach()
+    assert bias.shape == (len(tgt_vocab),) and int((bias != 0).sum()) == report["copied"]
+    for tok in set(src_vocab) & set(tgt_vocab):  # identical strings are always copied
+        assert bias[tgt_vocab[tok]] == old_bias[src_vocab[tok]]
+    h = torch.randn(3, 8)
+    torch.testing.assert_close(model.head(h), h @ model.embed.table().T + bias)

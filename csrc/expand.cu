@@ -1,9 +1,11 @@
 // expand: Y[t, n] (= | +=) drop(sum_j H[t, j] * M[slot(e(t), j), n])
 //
 // One block per (tile of BM tokens, tile of BN output columns). As in shrink, a token tile that
-// straddles examples runs one pass per example over that example's slots, into one accumulator.
-// Accumulating into Y (the base output from cuBLAS, or dy W for the input gradient): a tile whose
-// tokens use no feature neither reads nor writes Y.
+// straddles examples runs one pass per example over that example's slots and writes only that
+// example's rows from it (never a sum over examples: another example's rows of the pass hold
+// 0 * its factor rows, NaN where those are inf). Accumulating into Y (the base output from
+// cuBLAS, or dy W for the input gradient): rows whose example uses no feature are neither read
+// nor written.
 #include "common.cuh"
 
 namespace flix {
@@ -30,12 +32,16 @@ __global__ void __launch_bounds__(kThreads)
   tile_examples<BM>(map, t0, T, row_example, e_first, e_last);
 
   typename Tile::Mma mma;
-  mma.zero();
-  bool active = false;  // block-uniform: does any token of the tile use a feature?
+  const float* Cs = sh.Cs();
+  const DropoutTransform drop = DropoutTransform::make(dropout);
+  const int64_t t_stop = min(t0 + BM, T);
   for (int e = e_first; e <= e_last; ++e) {
     int64_t start, end;
     map.range(e, start, end);
-    if (start >= end) continue;
+    if (start >= end) continue;  // an empty (packed) example owns no row of the tile
+    const int r_begin = static_cast<int>(max(start, t0) - t0), r_end = static_cast<int>(min(end, t_stop) - t0);
+    mma.zero();
+    bool active = false;  // block-uniform: does the example use a feature?
     for (int j0 = 0; j0 < R; j0 += BK) {
       if (routing.slot_feature[static_cast<int64_t>(e) * R + j0] < 0) break;  // the rest is padding
       active = true;
@@ -60,20 +66,18 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();
       mma.step(sh.As(), sh.Bs());
     }
-  }
-  if (accumulate && !active) return;  // whole block: Y keeps its values, unread
-  const float* Cs = sh.Cs();
-  stage_result<Tile::LDC>(mma, sh.Cs());
-
-  const DropoutTransform drop = DropoutTransform::make(dropout);
-  for (int i = threadIdx.x; i < BM * BN; i += kThreads) {
-    const int r = i / BN, c = i % BN;
-    const int64_t t = t0 + r;
-    if (t >= T || c >= ncols) continue;
-    float v = drop.apply(Cs[r * Tile::LDC + c], t, n0 + c);
-    TA* y = Y + t * syt + static_cast<int64_t>(n0 + c) * syn;
-    if (accumulate) v += to_f32(*y);
-    *y = from_f32<TA>(v);
+    if (accumulate && !active) continue;  // Y keeps this example's rows, unread
+    if (active) stage_result<Tile::LDC>(mma, sh.Cs());
+    const int rows = r_end - r_begin;
+    for (int i = threadIdx.x; i < rows * BN; i += kThreads) {
+      const int r = r_begin + i / BN, c = i % BN;
+      if (c >= ncols) continue;
+      const int64_t t = t0 + r;
+      float v = active ? drop.apply(Cs[r * Tile::LDC + c], t, n0 + c) : 0.0f;
+      TA* y = Y + t * syt + static_cast<int64_t>(n0 + c) * syn;
+      if (accumulate) v += to_f32(*y);
+      *y = from_f32<TA>(v);
+    }
   }
 }
 

@@ -2,8 +2,10 @@
 //
 // One block per (tile of BM tokens, tile of BN slots, part of K). A token tile may straddle examples
 // (decode: one token per example); the block then runs one pass per example, loading only that
-// example's token rows (the others read as zero) and its own gathered rank rows, into one fp32
-// accumulator. X is read once in total; each example's rank rows once per token tile.
+// example's token rows (the others read as zero) and its own gathered rank rows, and writes only
+// that example's rows from the pass's accumulator: the other rows hold 0 * (its rank rows), which
+// is NaN where a feature's values are inf, so they are never summed across examples. X is read
+// once in total; each example's rank rows once per token tile.
 #include "common.cuh"
 
 namespace flix {
@@ -32,45 +34,48 @@ __global__ void __launch_bounds__(kThreads)
   tile_examples<BM>(map, t0, T, row_example, e_first, e_last);
 
   typename Tile::Mma mma;
-  mma.zero();
+  const float* Cs = sh.Cs();
+  float* o = out + blockIdx.z * split_stride;
+  const int64_t t_stop = min(t0 + BM, T);
   for (int e = e_first; e <= e_last; ++e) {
     int64_t start, end;
     map.range(e, start, end);
-    // Block-uniform skips: an empty (packed) example, or one with no slot in this slot tile
-    // (slots are a valid prefix, so slot j0 tells).
-    if (start >= end || routing.slot_feature[static_cast<int64_t>(e) * R + j0] < 0) continue;
-    __syncthreads();  // the previous pass is done with x_row / m_row
-    if (threadIdx.x < BM) {
-      const int64_t t = t0 + threadIdx.x;
-      x_row[threadIdx.x] = (t < T && row_example[threadIdx.x] == e) ? t * sxt : -1;
-    }
-    for (int j = threadIdx.x; j < BN; j += kThreads) {
-      const int64_t idx = static_cast<int64_t>(e) * R + j0 + j;
-      m_row[j] = (j0 + j < R && routing.slot_feature[idx] >= 0) ? routing.slot_rank[idx] * smr : -1;
-    }
-    __syncthreads();
-    for (int k0 = k_begin; k0 < k_end; k0 += BK) {
-      const int kn = min(BK, k_end - k0);
-      const auto dropped = [&](int r, int c, float v) { return drop.apply(v, t0 + r, k0 + c); };
-      load_tile<BM, BK, Tile::LDA, 1>(sh.As(), X + k0 * sxk, x_row, sxk, kn, dropped);
-      load_tile<BN, BK, Tile::LDB, 1>(sh.Bs(), M + k0 * smk, m_row, smk, kn, NoTransform{});
+    if (start >= end) continue;  // an empty (packed) example owns no row of the tile
+    const int r_begin = static_cast<int>(max(start, t0) - t0), r_end = static_cast<int>(min(end, t_stop) - t0);
+    // Block-uniform: does the example have a slot in this slot tile (slots are a valid prefix)?
+    const bool has_slots = routing.slot_feature[static_cast<int64_t>(e) * R + j0] >= 0;
+    mma.zero();
+    if (has_slots) {
+      __syncthreads();  // the previous pass is done with x_row / m_row
+      if (threadIdx.x < BM) {
+        const int64_t t = t0 + threadIdx.x;
+        x_row[threadIdx.x] = (t < T && row_example[threadIdx.x] == e) ? t * sxt : -1;
+      }
+      for (int j = threadIdx.x; j < BN; j += kThreads) {
+        const int64_t idx = static_cast<int64_t>(e) * R + j0 + j;
+        m_row[j] = (j0 + j < R && routing.slot_feature[idx] >= 0) ? routing.slot_rank[idx] * smr : -1;
+      }
       __syncthreads();
-      mma.step(sh.As(), sh.Bs());
-      __syncthreads();
+      for (int k0 = k_begin; k0 < k_end; k0 += BK) {
+        const int kn = min(BK, k_end - k0);
+        const auto dropped = [&](int r, int c, float v) { return drop.apply(v, t0 + r, k0 + c); };
+        load_tile<BM, BK, Tile::LDA, 1>(sh.As(), X + k0 * sxk, x_row, sxk, kn, dropped);
+        load_tile<BN, BK, Tile::LDB, 1>(sh.Bs(), M + k0 * smk, m_row, smk, kn, NoTransform{});
+        __syncthreads();
+        mma.step(sh.As(), sh.Bs());
+        __syncthreads();
+      }
+      stage_result<Tile::LDC>(mma, sh.Cs());
     }
-  }
-  const float* Cs = sh.Cs();
-  stage_result<Tile::LDC>(mma, sh.Cs());
-
-  float* o = out + blockIdx.z * split_stride;
-  for (int i = threadIdx.x; i < BM * BN; i += kThreads) {
-    const int r = i / BN, j = i % BN;
-    const int64_t t = t0 + r;
-    if (t >= T || j0 + j >= R) continue;
-    const int f = routing.slot_feature[static_cast<int64_t>(row_example[r]) * R + j0 + j];
-    // Padding slots are exactly 0 (not acc * 0, which is NaN for an inf input).
-    const float s = f < 0 ? 0.0f : (scaling != nullptr ? scaling[f] : scale);
-    o[t * R + j0 + j] = f < 0 ? 0.0f : Cs[r * Tile::LDC + j] * s;
+    const int rows = r_end - r_begin;
+    for (int i = threadIdx.x; i < rows * BN; i += kThreads) {
+      const int r = r_begin + i / BN, j = i % BN;
+      if (j0 + j >= R) continue;
+      const int f = routing.slot_feature[static_cast<int64_t>(e) * R + j0 + j];
+      // Padding slots are exactly 0 (not acc * 0, which is NaN for an inf input).
+      const float s = f < 0 ? 0.0f : (scaling != nullptr ? scaling[f] : scale);
+      o[(t0 + r) * R + j0 + j] = f < 0 ? 0.0f : Cs[r * Tile::LDC + j] * s;
+    }
   }
 }
 

@@ -19,7 +19,9 @@ lora_B^T (shrink of dy), lora_B (expand of h) and lora_A^T (expand of dh) are on
   of k (zeros for features not in the batch). No atomics: results are bit-identical run to run.
 
 Token tiles may straddle examples (decode: one token per example); a program then loops over
-the examples its rows belong to, masking the others. Dropout regenerates its keep-mask from
+the examples its rows belong to, masking the others. Masking is a select, never a product with
+zero: the rows of other examples and the padding slots contribute exactly nothing even when a
+feature's values are inf or NaN (``inf * 0`` is NaN). Dropout regenerates its keep-mask from
 (seed, t * K + k) in every kernel that needs it; the mask is never stored.
 """
 
@@ -172,7 +174,12 @@ def expand_kernel(
                                 mask=rows[:, None] & valid[None, :], other=0.0)
                     m = tl.load(M + ridx[:, None] * stride_mr + offs_n.to(tl.int64)[None, :] * stride_mn,
                                 mask=valid[:, None] & n_in[None, :], other=0.0)
-                    lora += tl.dot(h.to(COMPUTE_DTYPE), m.to(COMPUTE_DTYPE), input_precision=PRECISION)
+                    if e_first == e_last:
+                        lora = tl.dot(h.to(COMPUTE_DTYPE), m.to(COMPUTE_DTYPE), lora, input_precision=PRECISION)
+                    else:
+                        # The other examples' rows of h read as 0, but 0 * inf is NaN: keep only e's rows.
+                        part = tl.dot(h.to(COMPUTE_DTYPE), m.to(COMPUTE_DTYPE), input_precision=PRECISION)
+                        lora += tl.where(rows[:, None], part, 0.0)
     if HAS_DROPOUT:
         keep = _keep(tl.load(seed_ptr), offs_t, offs_n, N, p_drop)
         lora = tl.where(keep, lora * (1.0 / (1.0 - p_drop)), 0.0)

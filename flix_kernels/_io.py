@@ -1,15 +1,40 @@
 """Atomic file writes: write to temporary files in the same folder, fsync, then rename.
 
 A set of files written together (tensors + config) is staged completely before the first
-rename, so a failure while writing any of them leaves the previous set untouched.
+rename, so a failure while writing any of them leaves the previous set untouched. A written
+file gets the permissions a plain ``open(path, "w")`` would give it: those of the file it
+replaces, or ``0o666`` less the process umask for a new file (``tempfile.mkstemp`` alone
+would leave every file ``0o600``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from typing import Callable, Mapping
+
+
+def _umask() -> int:
+    try:  # Linux reports it without changing it (os.umask can only be read by setting it)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(path: str) -> int:
+    """The permission bits ``open(path, "w")`` would leave on ``path``."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
 
 
 def _stage(path: str, write: Callable[[str], None]) -> str:
@@ -19,6 +44,8 @@ def _stage(path: str, write: Callable[[str], None]) -> str:
     os.close(fd)
     try:
         write(tmp)
+        # After the write: some writers (safetensors' save_file) replace the file they are given.
+        os.chmod(tmp, _mode_for(path))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
     except BaseException:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+import warnings
 
 import torch
 import torch.nn as nn
@@ -125,13 +126,16 @@ def _saved_dtype(name: str, hp: dict) -> torch.dtype:
 
 
 def load_adapters(model: nn.Module, path: str, *, strict: bool = True) -> list[str]:
-    """Load adapters saved by :func:`save_adapters` into ``model``; returns the layer names.
+    """Load adapters saved by :func:`save_adapters` into ``model``; returns the loaded layer names.
 
     A model without FLix layers gets them injected first (at the saved layer names, with the
-    saved hyper-parameters). The FeatureSpace, every layer name and every shape are checked
-    and a mismatch raises ``ValueError`` naming it. With ``strict`` (default), FLix layers of
-    the model missing from the file are an error too. The saved alpha / use_rslora / dropout
-    replace the layers' own.
+    saved hyper-parameters). The FeatureSpace and every shape are checked and a mismatch
+    raises ``ValueError`` naming it. With ``strict`` (default) the layer names must match both
+    ways: a saved layer the model lacks (or that is not an nn.Linear / Conv1D of a fresh
+    model) and a FLix layer of the model with no saved adapters are errors. With
+    ``strict=False`` both are skipped, and a ``UserWarning`` names every skipped layer; a file
+    of which no layer matches still raises. The saved alpha / use_rslora / dropout replace the
+    layers' own.
 
     Distributed: every rank calls it and reads the file. Sharded parameters (FSDP2, tensor
     parallelism) receive their own shard, so it works before or after sharding; injecting FLix
@@ -148,23 +152,35 @@ def load_adapters(model: nn.Module, path: str, *, strict: bool = True) -> list[s
     if merged:
         raise RuntimeError(f"layers {merged[:5]} are merged; call flix_kernels.unmerge(model) before load_adapters")
     fresh = not layers
+    linears = dict(_candidate_linears(model)) if fresh else {}
+    targets = linears if fresh else layers
+    missing = [n for n in saved if n not in targets]  # in the file, not in the model
+    extra = [] if fresh else [n for n in layers if n not in saved]  # in the model, not in the file
+    if strict and missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        if fresh:
+            msg = f"saved layers {missing[:5]}{more} are not nn.Linear (or Conv1D) modules of {type(model).__name__}"
+        else:
+            msg = f"the file has adapters for layers the model lacks (or that are not FLix layers): {missing[:5]}{more}"
+        raise ValueError(msg + "; pass strict=False to skip them")
+    if strict and extra:
+        raise ValueError(f"the model's FLix layers {extra[:5]} have no adapters in {path!r} (pass strict=False to skip them)")
+    saved = {n: hp for n, hp in saved.items() if n in targets}
+    if not saved:
+        raise ValueError(f"no layer of {path!r} matches the model: the file has {sorted(config['layers'])[:5]}, the model "
+                         + (f"{type(model).__name__} has linear modules {sorted(linears)[:5]}" if fresh
+                            else f"has FLix layers {sorted(layers)[:5]}"))
+    skipped = ([f"{len(missing)} saved layer(s) the model lacks {missing[:10]}"] if missing else []) + (
+        [f"{len(extra)} FLix layer(s) of the model with no saved adapters {extra[:10]} (left as they were)"] if extra else [])
+    if skipped:
+        warnings.warn("load_adapters(strict=False) skipped " + " and ".join(skipped), stacklevel=2)
     if fresh:
         # Shapes the layers will have once injected; nothing is replaced until all checks pass.
-        linears = dict(_candidate_linears(model))
-        missing = [n for n in saved if n not in linears]
-        if missing:
-            raise ValueError(f"saved layers {missing[:5]} are not nn.Linear (or Conv1D) modules of {type(model).__name__}")
         in_out = {n: linear_in_out(linears[n]) for n in saved}
         shapes = {n: {"lora_A": (space.total_rank, in_out[n][0]),
                       "lora_B": (in_out[n][1], space.total_rank)} for n in saved}
         dtypes = {n: _saved_dtype(n, hp) for n, hp in saved.items()}
     else:
-        missing = [n for n in saved if n not in layers]
-        if missing:
-            raise ValueError(f"the file has adapters for layers the model lacks (or that are not FLix layers): {missing[:5]}")
-        extra = [n for n in layers if n not in saved]
-        if strict and extra:
-            raise ValueError(f"the model's FLix layers {extra[:5]} have no adapters in {path!r} (pass strict=False to skip them)")
         for name in saved:
             if layers[name].space != space:
                 raise ValueError(f"layer {name!r}: the saved FeatureSpace differs from the layer's: "

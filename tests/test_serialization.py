@@ -274,7 +274,8 @@ def test_model_layer_missing_from_file_raises_only_when_strict(seed, tmp_path):
     with pytest.raises(ValueError, match=r"fc2.*no adapters.*strict=False"):
         fk.load_adapters(model, path)
     assert_same_adapters(model, before)
-    assert fk.load_adapters(model, path, strict=False) == ["fc1", "fc3"]
+    with pytest.warns(UserWarning, match=r"skipped 1 FLix layer.*'fc2'.*left as they were"):
+        assert fk.load_adapters(model, path, strict=False) == ["fc1", "fc3"]
     after, expected = adapter_state(model), adapter_state(saved)
     for k in after:
         assert torch.equal(after[k], expected[k] if not k.startswith("fc2.") else before[k]), k
@@ -441,3 +442,40 @@ def test_failed_config_write_keeps_a_loadable_save(seed, tmp_path, monkeypatch):
     fresh = tiny_mlp(seed)
     fk.load_adapters(fresh, path)
     assert_same_adapters(fresh, adapter_state(first))
+
+
+def test_strict_false_skips_mismatched_layers_both_ways_and_names_them(seed, tmp_path):
+    saved = trained_mlp(seed, targets=["fc1", "fc2"])
+    path = save(saved, tmp_path)
+    model = trained_mlp(seed + 1, targets=["fc2", "fc3"])  # lacks fc1 (in the file), has fc3 (not in it)
+    before = adapter_state(model)
+    with pytest.raises(ValueError, match=r"layers the model lacks.*fc1.*strict=False"):
+        fk.load_adapters(model, path)
+    assert_same_adapters(model, before)
+    with pytest.warns(UserWarning, match=r"skipped 1 saved layer.*'fc1'.*1 FLix layer.*'fc3'"):
+        assert fk.load_adapters(model, path, strict=False) == ["fc2"]
+    after, expected = adapter_state(model), adapter_state(saved)
+    for k in after:
+        assert torch.equal(after[k], expected[k] if k.startswith("fc2.") else before[k]), k
+
+
+def test_strict_false_injects_only_the_saved_layers_a_fresh_model_has(seed, tmp_path):
+    saved = trained_mlp(seed)  # fc1, fc2, fc3
+    path = save(saved, tmp_path)
+    partial = nn.Module()
+    partial.fc1, partial.fc3 = nn.Linear(12, 20), nn.Linear(16, 7)
+    with pytest.warns(UserWarning, match=r"skipped 1 saved layer.*'fc2'"):
+        assert fk.load_adapters(partial, path, strict=False) == ["fc1", "fc3"]
+    assert [n for n, _ in fk.flix_layers(partial)] == ["fc1", "fc3"]
+    expected = adapter_state(saved)
+    for n, layer in fk.flix_layers(partial):
+        assert torch.equal(layer.lora_A, expected[f"{n}.lora_A"]) and torch.equal(layer.lora_B, expected[f"{n}.lora_B"])
+
+
+def test_strict_false_with_no_matching_layer_still_raises(seed, tmp_path):
+    path = save(trained_mlp(seed, targets=["fc1"]), tmp_path)
+    with pytest.raises(ValueError, match=r"no layer of .* matches the model"):
+        fk.load_adapters(nn.Sequential(nn.Linear(3, 3)), path, strict=False)
+    other = trained_mlp(seed, targets=["fc3"])
+    with pytest.raises(ValueError, match=r"no layer of .* matches the model.*FLix layers \['fc3'\]"):
+        fk.load_adapters(other, path, strict=False)

@@ -2,10 +2,12 @@
 built with CMake and ninja) when nvcc is found.
 
 Environment:
-  FLIX_CUDA=1        build the extension; fail if nvcc is missing or the build fails
+  FLIX_CUDA=1        build the extension; fail if nvcc is missing or the build fails (also on a
+                     machine without a GPU: build machines, CI)
   FLIX_CUDA=0        do not build it (the "cuda" backend is then unavailable)
-  (unset)            build it when nvcc is found; otherwise, or if the build fails, install the
-                     pure-Python package and say so once
+  (unset)            build it when nvcc is found and an NVIDIA GPU driver is present; otherwise,
+                     or if the build fails, install the pure-Python package and say so once
+                     (a CPU-only machine that happens to have nvcc installs in seconds, not minutes)
   FLIX_CUDA_ARCHS    CMake CUDA architectures, e.g. "90" or "80-real;90" (default "80-real;89-real;90")
   CUDACXX            the nvcc to use (else PATH, $CUDA_HOME/bin, $CUDA_PATH/bin, /usr/local/cuda/bin)
 
@@ -38,9 +40,25 @@ def find_nvcc(env=os.environ, which=shutil.which, standard=STANDARD_NVCC) -> str
     return None
 
 
-def cuda_build_plan(env=os.environ, which=shutil.which, standard=STANDARD_NVCC) -> tuple[bool, str, str | None]:
-    """``(build, reason_if_not, nvcc)`` from FLIX_CUDA and the toolkit found; raises SystemExit for
-    FLIX_CUDA=1 without nvcc, or a FLIX_CUDA value that is not 0, 1 or empty."""
+def gpu_driver_present(which=shutil.which) -> bool:
+    """Whether an NVIDIA driver is installed here: its kernel module reports a version, or
+    ``nvidia-smi`` runs (WSL and containers that expose the GPU without /proc/driver)."""
+    if os.path.exists("/proc/driver/nvidia/version"):
+        return True
+    smi = which("nvidia-smi")
+    if smi is None:
+        return False
+    try:
+        return subprocess.run([smi, "-L"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def cuda_build_plan(env=os.environ, which=shutil.which, standard=STANDARD_NVCC,
+                    has_driver=gpu_driver_present) -> tuple[bool, str, str | None]:
+    """``(build, reason_if_not, nvcc)`` from FLIX_CUDA, the toolkit found and the GPU driver;
+    raises SystemExit for FLIX_CUDA=1 without nvcc, or a FLIX_CUDA value that is not 0, 1 or
+    empty. ``has_driver()`` is only asked when FLIX_CUDA is unset and nvcc was found."""
     mode = env.get("FLIX_CUDA", "").strip()
     if mode not in ("", "0", "1"):
         raise SystemExit(f"FLIX_CUDA must be 0, 1 or unset, got {mode!r}")
@@ -54,6 +72,9 @@ def cuda_build_plan(env=os.environ, which=shutil.which, standard=STANDARD_NVCC) 
                 "$CUDA_HOME/bin, $CUDA_PATH/bin, /usr/local/cuda/bin). Install the CUDA toolkit, point CUDACXX at "
                 "nvcc, or unset FLIX_CUDA to install without the CUDA backend.")
         return False, "not built: no nvcc was found at install time (install the CUDA toolkit and reinstall)", None
+    if mode == "" and not has_driver():
+        return False, ("not built: no NVIDIA GPU driver at install time, so the kernels could not run here "
+                       "(reinstall with FLIX_CUDA=1 to build them anyway)"), None
     return True, "", nvcc
 
 
@@ -87,7 +108,8 @@ if __name__ == "__main__":
             target.parent.mkdir(parents=True, exist_ok=True)
             build, reason, nvcc = cuda_build_plan()
             forced = os.environ.get("FLIX_CUDA", "").strip() == "1"
-            status = {"cuda_extension": "skipped", "reason": reason, "archs": cuda_archs(), "nvcc": nvcc}
+            status = {"cuda_extension": "skipped", "reason": reason, "archs": cuda_archs(), "nvcc": nvcc,
+                      "requested": os.environ.get("FLIX_CUDA", "").strip() or "auto"}
             if build:
                 try:
                     self._cmake(target, nvcc)

@@ -44,8 +44,13 @@ def _setup_module():
 # ---------------------------------------------------------------------------------------------
 def test_extension_is_built_and_imports_when_nvcc_is_present():
     setup = _setup_module()
-    if os.environ.get("FLIX_CUDA") == "0" or setup.find_nvcc() is None:
+    status = bridge.build_status()
+    requested = status.get("requested", os.environ.get("FLIX_CUDA") or "auto")
+    if requested == "0" or setup.find_nvcc() is None:
         pytest.skip("no nvcc here (or FLIX_CUDA=0): the package installs without the extension")
+    if requested == "auto" and not setup.gpu_driver_present():
+        assert status.get("cuda_extension") == "skipped" and "no NVIDIA GPU driver" in status.get("reason", "")
+        pytest.skip("no GPU driver and FLIX_CUDA unset at install time: the extension is skipped by default")
     assert bridge._C is not None, bridge.extension_error()
     info = bridge.build_info()
     recorded = bridge.build_status().get("archs")  # what setup.py was asked for (default or FLIX_CUDA_ARCHS)
@@ -60,7 +65,7 @@ def test_build_switches(tmp_path):
     fake_nvcc = tmp_path / "nvcc"
     fake_nvcc.write_text("#!/bin/sh\n")
     fake_nvcc.chmod(0o755)
-    none = dict(which=lambda _: None, standard=())
+    none = dict(which=lambda _: None, standard=(), has_driver=lambda: True)
     # FLIX_CUDA=1 without nvcc: a clear failure, naming where it looked and what to do.
     with pytest.raises(SystemExit, match="FLIX_CUDA=1 asks for the CUDA extension, but no nvcc was found"):
         setup.cuda_build_plan({"FLIX_CUDA": "1"}, **none)
@@ -75,6 +80,11 @@ def test_build_switches(tmp_path):
     home_nvcc.write_text("#!/bin/sh\n")
     home_nvcc.chmod(0o755)
     assert setup.cuda_build_plan({"CUDA_HOME": str(home), "FLIX_CUDA": "1"}, **none) == (True, "", str(home_nvcc))
+    # No GPU driver: skipped by default (a CPU-only install takes seconds), built when FLIX_CUDA=1 asks.
+    no_driver = dict(none, has_driver=lambda: False)
+    build, reason, _ = setup.cuda_build_plan({"CUDACXX": str(fake_nvcc)}, **no_driver)
+    assert not build and "no NVIDIA GPU driver" in reason and "FLIX_CUDA=1" in reason
+    assert setup.cuda_build_plan({"CUDACXX": str(fake_nvcc), "FLIX_CUDA": "1"}, **no_driver) == (True, "", str(fake_nvcc))
     with pytest.raises(SystemExit, match="FLIX_CUDA must be 0, 1 or unset"):
         setup.cuda_build_plan({"FLIX_CUDA": "yes"}, **none)
     assert setup.cuda_archs({}) == "80-real;89-real;90"
@@ -149,12 +159,13 @@ def test_raw_calls_reject_bad_arguments_before_touching_the_device():
 def test_backend_is_unavailable_without_a_gpu_and_says_why():
     assert "cuda" not in fk.available_backends()
     reason = backends.unavailable_reason("cuda", "cpu")
-    assert "CUDA device" in reason
+    # Without the extension the reason is why it was not built; with it, that there is no device.
+    assert ("CUDA device" in reason) if bridge._C is not None else ("not built" in reason or "not importable" in reason)
     space = _space()
     routing = fk.Routing([[0, 5]], space)
     x = torch.randn(1, 2, 4)
     A, Bm = torch.randn(space.total_rank, 4), torch.randn(3, space.total_rank)
-    with pytest.raises(BackendUnavailableError, match="backend 'cuda' is unavailable: .*CUDA"):
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda' is unavailable: .*(CUDA|FLIX_CUDA)"):
         fk.flix_delta(x, A, Bm, routing, scaling=1.0, backend="cuda")
     assert fk.info()["backends"]["cuda"] == reason
 

@@ -21,7 +21,8 @@ def _check(cond: bool, msg: str, exc=ValueError):
         raise exc(msg)
 
 
-def _validate(x, lora_A, lora_B, routing, scaling, dropout_p, weight=None, bias=None, with_base=False):
+def _validate(x, lora_A, lora_B, routing, scaling, dropout_p, weight=None, bias=None, with_base=False, *,
+              generator=None):
     _check(isinstance(routing, Routing), f"routing must be a flix_kernels.Routing, got {type(routing).__name__}", TypeError)
     for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B)):
         _check(torch.is_tensor(t), f"{name} must be a tensor, got {type(t).__name__}", TypeError)
@@ -61,7 +62,15 @@ def _validate(x, lora_A, lora_B, routing, scaling, dropout_p, weight=None, bias=
                f"scaling must be a float or a tensor of per-feature scales, got {type(scaling).__name__}", TypeError)
     if len({d for _, d in devs}) > 1:
         raise ValueError("all tensors must be on one device; got " + ", ".join(f"{n} on {d}" for n, d in sorted(devs, key=str)))
-    _check(isinstance(dropout_p, numbers.Real) and 0.0 <= float(dropout_p) < 1.0, f"dropout_p must be in [0, 1), got {dropout_p}")
+    _check(isinstance(dropout_p, numbers.Real) and not isinstance(dropout_p, bool) and 0.0 <= float(dropout_p) < 1.0,
+           f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if generator is not None:
+        _check(isinstance(generator, torch.Generator),
+               f"generator must be a torch.Generator or None, got {type(generator).__name__} {generator!r} "
+               f"(for example torch.Generator(device={str(x.device)!r}).manual_seed(0))", TypeError)
+        _check(generator.device.type == x.device.type,
+               f"the dropout generator is on {generator.device} but x is on {x.device}; "
+               f"use torch.Generator(device={str(x.device)!r})")
     routing.classify(x.shape[:-1])  # raises if the token dimensions do not match the routing
 
 
@@ -83,7 +92,7 @@ def flix_delta(x, lora_A, lora_B, routing, *, scaling, dropout_p: float = 0.0, b
     Returns ``x.shape[:-1] + (out,)`` in x's dtype, differentiable in x, lora_A, lora_B. The
     low-rank path computes in lora_A's dtype.
     """
-    _validate(x, lora_A, lora_B, routing, scaling, dropout_p)
+    _validate(x, lora_A, lora_B, routing, scaling, dropout_p, generator=generator)
     impl = get_backend(backend, x.device, x, lora_A)
     return impl.delta(x, lora_A, lora_B, routing, scaling, float(dropout_p), generator)
 
@@ -95,6 +104,6 @@ def flix_linear(x, weight, bias, lora_A, lora_B, routing, *, scaling, dropout_p:
     ``weight`` is ``(out, in)`` in x's dtype, ``bias`` ``(out,)`` or None. Differentiable in
     x, lora_A, lora_B, and in weight/bias when they require grad. See :func:`flix_delta`.
     """
-    _validate(x, lora_A, lora_B, routing, scaling, dropout_p, weight, bias, with_base=True)
+    _validate(x, lora_A, lora_B, routing, scaling, dropout_p, weight, bias, with_base=True, generator=generator)
     impl = get_backend(backend, x.device, x, lora_A)
     return impl.linear(x, weight, bias, lora_A, lora_B, routing, scaling, float(dropout_p), generator)

@@ -219,6 +219,8 @@ def _bad_call(kind):
         return lambda: fk.flix_delta(torch.randn(3, 3, 4), A, Bm, routing, **kw)
     if kind == "routing":
         return lambda: fk.flix_delta(x, A, Bm, [[0], [1]], **kw)
+    if kind == "generator_type":
+        return lambda: fk.flix_delta(x, A, Bm, routing, scaling=1.0, dropout_p=0.1, generator="cuda")
     if kind == "backend":
         return lambda: fk.flix_delta(x, A, Bm, routing, scaling=1.0, backend="cuda")
     if kind == "backend_name":
@@ -242,6 +244,7 @@ def _bad_call(kind):
         ("dropout", ValueError, r"dropout_p must be in \[0, 1\)"),
         ("tokens", ValueError, r"token dimensions \(3, 3\) does not match the routing of 2 examples"),
         ("routing", TypeError, r"routing must be a flix_kernels.Routing"),
+        ("generator_type", TypeError, r"generator must be a torch.Generator or None, got str 'cuda'"),
         ("backend", fk.BackendUnavailableError, r"backend 'cuda' is unavailable"),
         ("backend_name", fk.BackendUnavailableError, r"unknown backend 'fast'"),
     ],
@@ -292,3 +295,12 @@ def test_packed_routing_also_serves_one_token_per_example(seed):
         x = torch.randn(*shape, 6, generator=gen, dtype=torch.float64)
         got = fk.flix_delta(x, A, Bm, routing, scaling=0.5)
         assert_close(got, flix_delta_reference(x, A, Bm, ids, space.rank_offsets, 0.5, cu_seqlens=cu))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (a generator on another device)")
+def test_a_dropout_generator_on_another_device_is_named():
+    space = fk.FeatureSpace({"language": ["a", "b"]}, 2)
+    x = torch.randn(2, 3, 4, device="cuda")
+    A, Bm = torch.randn(4, 4, device="cuda"), torch.randn(5, 4, device="cuda")
+    with pytest.raises(ValueError, match=r"generator is on cpu but x is on cuda"):
+        fk.flix_delta(x, A, Bm, fk.Routing([[0], [1]], space), scaling=1.0, dropout_p=0.1, generator=torch.Generator())

@@ -7,7 +7,8 @@ each adapted linear layer; an example uses the sum of its features' updates::
 
 Public API: :class:`FeatureSpace`, :class:`Routing`, :func:`flix_linear`, :func:`flix_delta`,
 :func:`available_backends`, :class:`FLixLinear`, :func:`inject`, :func:`set_routing`,
-:func:`use_routing`, :func:`merge`, :func:`unmerge`, :func:`save_adapters`,
+:func:`use_routing`, :func:`merge`, :func:`unmerge`, :func:`merge_and_unload`,
+:func:`unload`, :func:`flix_layers`, :func:`save_adapters`,
 :func:`load_adapters`, :func:`export_peft`, :func:`info`; for transformers models
 :func:`accept_feature_ids`, :class:`FeatureCollator`, :func:`generate`. OFA factorised
 multilingual embeddings: the subpackage :mod:`flix_kernels.ofa` (``fk.ofa``).
@@ -18,7 +19,7 @@ from .features import FeatureSpace
 from .routing import Routing
 from .ops import flix_delta, flix_linear
 from .nn import FLixLinear
-from .model import flix_layers, inject, merge, set_routing, unmerge, use_routing
+from .model import flix_layers, inject, merge, merge_and_unload, set_routing, unload, unmerge, use_routing
 from .serialization import load_adapters, save_adapters
 from .integrations.peft import export_peft, flix_lora_config, from_peft_adapters, load_flix_peft
 from .integrations.transformers import FeatureCollator, accept_feature_ids, generate
@@ -47,9 +48,11 @@ __all__ = [
     "load_adapters",
     "load_flix_peft",
     "merge",
+    "merge_and_unload",
     "ofa",
     "save_adapters",
     "set_routing",
+    "unload",
     "unmerge",
     "use_routing",
     "__version__",

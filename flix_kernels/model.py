@@ -1,4 +1,11 @@
-"""Model utilities: inject FLix layers, route a whole model, merge a feature set."""
+"""Model utilities: inject FLix layers, route a whole model, merge a feature set, unload.
+
+An injected model's ``state_dict()`` keeps the plain model's names for the base parameters
+(``...q_proj.weight``; see :class:`~flix_kernels.FLixLinear`) with the adapters as extra keys
+(``...q_proj.lora_A`` / ``lora_B``), so its checkpoints (``save_pretrained``, ``Trainer``)
+load into the plain model (the adapters reported as unexpected keys) and back into an
+injected one. :func:`merge_and_unload` and :func:`unload` give back plain layers.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +16,10 @@ from typing import Iterable, Mapping
 import torch.nn as nn
 
 from .features import FeatureSpace
-from .nn import FLixLinear, is_conv1d
+from .nn import FLixLinear, check_alpha, is_conv1d
 from .routing import Routing
 
-__all__ = ["flix_layers", "inject", "set_routing", "use_routing", "merge", "unmerge"]
+__all__ = ["flix_layers", "inject", "set_routing", "use_routing", "merge", "unmerge", "merge_and_unload", "unload"]
 
 
 def flix_layers(model: nn.Module) -> list[tuple[str, FLixLinear]]:
@@ -81,14 +88,30 @@ def inject(model: nn.Module, space: FeatureSpace, *, target_modules, alpha: floa
     ``target_modules``: module-name suffixes (``["q_proj", "v_proj"]``), a regex matched
     against full names, or ``"all-linear"`` (every nn.Linear but the output head). Returns the
     replaced names. Afterwards only the FLix ``lora_A``/``lora_B`` parameters require grad.
+    Injecting again wraps more modules with the same space; modules that are FLix layers already
+    are skipped (targets matching only those raise), and another FeatureSpace raises.
+    :func:`unload` undoes it, :func:`merge_and_unload` folds one feature set in and undoes it.
     """
     if not isinstance(space, FeatureSpace):
         raise TypeError(f"space must be a FeatureSpace, got {type(space).__name__}")
+    check_alpha(alpha)
+    existing = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, FLixLinear)]
+    for name, layer in existing:
+        if layer.space != space:
+            raise ValueError(f"{type(model).__name__} already has FLix layers of another FeatureSpace ({name!r}: "
+                             f"{layer.space.describe_difference(space)}); a model has one FeatureSpace: inject with "
+                             "the same space, or call flix_kernels.unload(model) first")
     candidates = _candidate_linears(model)
     head = _output_head(model)
     head_names = {n for n, m in candidates if m is head}
     names = _match([n for n, _ in candidates], target_modules, head_names)
     if not names:
+        already = _match([n for n, _ in existing], target_modules, set()) if existing else []
+        if already:
+            shown = already if len(already) <= 8 else already[:8] + ["..."]
+            raise ValueError(f"target_modules {target_modules!r} match only modules that are already FLix layers: "
+                             f"{shown} are already FLix layers; call flix_kernels.unload(model) first to inject "
+                             "anew, or target other modules")
         shown = [n for n, _ in candidates][:20]
         raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear in {type(model).__name__}; "
                          f"its linear modules include {shown}")
@@ -156,3 +179,58 @@ def unmerge(model: nn.Module) -> None:
     """Undo :func:`merge` on every FLix layer."""
     for _, layer in _require_layers(model):
         layer.unmerge()
+
+
+def _unwrap(model: nn.Module, release) -> nn.Module:
+    """Replace every occurrence of every FLix layer by ``release(layer)`` (once per layer, so a
+    module shared by several names stays shared). Removes the hooks of
+    :func:`~flix_kernels.accept_feature_ids`: the model is plain after."""
+    layers = _require_layers(model)
+    for name, layer in layers:
+        if layer._parallel is not None:
+            raise RuntimeError(f"layer {name!r} is tensor-parallel; merge_and_unload / unload need the model before "
+                               "tensor parallelism is applied")
+    bases = {id(layer): release(layer) for _, layer in layers}
+    if isinstance(model, FLixLinear):  # the model is one FLix layer: its base is the plain model
+        return bases[id(model)]
+    for name, layer in [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, FLixLinear)]:
+        _replace(model, name, bases[id(layer)])
+    hooks = getattr(model, "_flix_feature_inputs", None)
+    if hooks is not None:
+        hooks.remove()
+    return model
+
+
+def merge_and_unload(model: nn.Module, features: Mapping[str, str]) -> nn.Module:
+    """Fold the feature set ``features`` (``{group: value}``) into every FLix layer's base weight
+    and replace each FLix layer by its base module (the ``nn.Linear`` or ``Conv1D`` that
+    :func:`inject` wrapped, the same object); returns ``model`` (the base module when ``model``
+    is itself a FLix layer), now a plain model computing what the FLix model computed for
+    examples with exactly these features.
+
+    The merged weight is ``W + sum_k s_k B_k A_k`` rounded once to W's dtype (the update is
+    computed in float32, float64 for float64 weights). A model already merged with the same
+    set (:func:`merge`) keeps that merge; another set raises. The restored weights and biases
+    get back the ``requires_grad`` they had when wrapped; the other parameters stay as
+    :func:`inject` left them (frozen). To keep the adapters, use :func:`merge` (reversible).
+    """
+    if not isinstance(features, Mapping):
+        raise TypeError(f"merge_and_unload takes one feature set {{group: value}} (the model then applies that set "
+                        f"to every input), got {type(features).__name__}")
+    layers = _require_layers(model)
+    ids = {id(layer): tuple(layer.space.feature_ids(features)) for _, layer in layers}  # unknown features raise
+    for name, layer in layers:  # every check before any layer changes
+        layer._merge_ids(ids[id(layer)], "merge_and_unload")
+        if layer.merged is not None and layer.merged != ids[id(layer)]:
+            raise RuntimeError(f"layer {name!r} is merged with {layer._describe(layer.merged)}, not "
+                               f"{layer._describe(ids[id(layer)])}; call flix_kernels.unmerge(model) first")
+    return _unwrap(model, lambda layer: layer._merged_base(ids[id(layer)]))
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Replace every FLix layer by its base module, unchanged (a merged layer's original weight is
+    restored bit for bit first); returns ``model``, as it was before :func:`inject` (or
+    :func:`~flix_kernels.load_adapters`) wrapped its layers. The adapters are dropped: save them
+    first with :func:`~flix_kernels.save_adapters`. ``requires_grad`` as in :func:`merge_and_unload`.
+    """
+    return _unwrap(model, lambda layer: layer._original_base())

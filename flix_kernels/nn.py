@@ -29,6 +29,17 @@ def is_conv1d(module: nn.Module) -> bool:
     return cls is not None and isinstance(module, cls)
 
 
+def check_alpha(alpha) -> float:
+    """``alpha`` as a float; a ``TypeError``/``ValueError`` naming it unless it is a finite number > 0."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) and not (
+            isinstance(alpha, torch.Tensor) and alpha.numel() == 1):
+        raise TypeError(f"alpha must be a number, got {alpha!r} ({type(alpha).__name__})")
+    value = float(alpha)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    return value
+
+
 def linear_in_out(base: nn.Module) -> tuple[int, int]:
     if isinstance(base, nn.Linear):
         return base.in_features, base.out_features
@@ -53,6 +64,8 @@ class FLixLinear(nn.Module):
 
     # Set by flix_kernels.distributed.ColwiseFLix / RowwiseFLix (tensor parallelism).
     _parallel = None
+    # Set by flix_kernels.accept_feature_ids: how that model is routed, for the no-routing error.
+    _no_routing_hint: str | None = None
 
     def __init__(self, in_features: int, out_features: int, space: FeatureSpace, *, bias: bool = True,
                  alpha: float = 8.0, dropout: float = 0.0, use_rslora: bool = False, init: str = "lora",
@@ -60,6 +73,7 @@ class FLixLinear(nn.Module):
         super().__init__()
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._setup(base, space, alpha, dropout, use_rslora, init, adapter_dtype, backend)
+        self._plain_state_dict_names()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, space: FeatureSpace, *, alpha: float = 8.0, dropout: float = 0.0,
@@ -71,6 +85,7 @@ class FLixLinear(nn.Module):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._setup(linear, space, alpha, dropout, use_rslora, init, adapter_dtype, backend)
+        self._plain_state_dict_names()
         return self
 
     def _setup(self, base, space, alpha, dropout, use_rslora, init, adapter_dtype, backend):
@@ -80,7 +95,10 @@ class FLixLinear(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if init not in _INITS:
             raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+        check_alpha(alpha)
         self.base_layer = base
+        # What unload / merge_and_unload give back to the base parameters.
+        self._base_requires_grad = {n: p.requires_grad for n, p in base.named_parameters(recurse=False)}
         base.weight.requires_grad_(False)
         if base.bias is not None:
             base.bias.requires_grad_(False)
@@ -99,8 +117,27 @@ class FLixLinear(nn.Module):
         self._routing: Routing | None = None
         self._last_routing: Routing | None = None  # recompute fallback, see _eager_routing
         self._merged: tuple[int, ...] | None = None
-        self._merge_backup: torch.Tensor | None = None
+        self._merge_backup: torch.Tensor | None = None  # the base weight before merge, restored by unmerge
         self.train(base.training)  # a layer injected into an eval-mode model must not apply dropout
+
+    # -- state dict ---------------------------------------------------------------------------
+    # Keys ``weight`` / ``bias`` (not ``base_layer.weight``) so that a plain model loads an
+    # injected model's checkpoint; PEFT's own layers (integrations/peft_layer.py) build
+    # themselves without this and keep PEFT's ``base_layer.`` names.
+    def _plain_state_dict_names(self) -> None:
+        self.register_state_dict_post_hook(_base_keys_to_plain)
+        self.register_load_state_dict_pre_hook(_plain_keys_to_base)
+        self.register_load_state_dict_post_hook(_missing_base_keys_to_plain)
+
+    def _fqn_modifiers(self) -> dict[str, str]:
+        """For torch.distributed.checkpoint's get/set_model_state_dict: the state-dict names that
+        live on ``base_layer`` (it reads this to map our keys back to the parameters)."""
+        if not self._has_plain_state_dict_names():
+            return {}
+        return {n: "base_layer" for n in _base_state_names(self.base_layer)}
+
+    def _has_plain_state_dict_names(self) -> bool:
+        return _base_keys_to_plain in self._state_dict_hooks.values()
 
     # Models that inspect a projection's parameters (T5 reads ``wo.weight.dtype``; tied-weight
     # and init code look for ``.weight``) see the frozen base layer's, as with PEFT's layers.
@@ -116,7 +153,7 @@ class FLixLinear(nn.Module):
     def set_scaling(self, alpha: float, use_rslora: bool = False) -> None:
         if getattr(self, "_merged", None) is not None:
             raise RuntimeError("cannot change the scaling of a merged layer; call flix_kernels.unmerge(model) first")
-        self.alpha, self.use_rslora = float(alpha), bool(use_rslora)
+        self.alpha, self.use_rslora = check_alpha(alpha), bool(use_rslora)
         self._refresh_scaling()
 
     def _refresh_scaling(self) -> None:
@@ -131,6 +168,8 @@ class FLixLinear(nn.Module):
         # weights; keep them exact as PEFT does with its Python-float scaling.
         out = super()._apply(fn, recurse)
         self._refresh_scaling()
+        if self._merge_backup is not None:  # follows the weight's device and dtype
+            self._merge_backup = fn(self._merge_backup)
         return out
 
     @torch.no_grad()
@@ -170,8 +209,10 @@ class FLixLinear(nn.Module):
             routing = self._eager_routing(routing)
         if routing is None:
             raise RuntimeError(
-                "FLixLinear has no routing: pass forward(x, routing=...) or set one for the whole model "
-                "with flix_kernels.set_routing(model, routing) or `with flix_kernels.use_routing(model, routing):`"
+                "FLixLinear has no routing: "
+                + (self._no_routing_hint + "; or " if self._no_routing_hint else "pass forward(x, routing=...) or ")
+                + "set one for the whole model with flix_kernels.set_routing(model, routing) or "
+                "`with flix_kernels.use_routing(model, routing):`"
             )
         return routing
 
@@ -201,13 +242,12 @@ class FLixLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
         if self._merged is not None:
-            r = routing if routing is not None else self._routing
-            if r is not None and r.num_examples and r.uniform_features != self._merged:
-                raise RuntimeError(
-                    f"this layer has feature set {self._describe(self._merged)} merged into its weights, but the "
-                    "routing asks for other features; call flix_kernels.unmerge(model) first"
-                )
-            return self.base_layer(x)
+            self._check_merged_routing(routing if routing is not None else self._routing)
+            y = self.base_layer(x)
+            if self.training and torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
+                # A training step: the forward is right, but the adapters would get no gradient.
+                y = _NoTrainingWhileMerged.apply(y, self.lora_A, self._describe(self._merged))
+            return y
         routing = self._resolve_routing(routing)
         if self._parallel is not None:  # tensor parallel: flix_kernels.distributed
             return self._parallel.forward(self, x, routing)
@@ -223,6 +263,16 @@ class FLixLinear(nn.Module):
     def _describe(self, feature_ids: Sequence[int]) -> str:
         return "{" + ", ".join(f"{g}={v!r}" for g, v in (self.space.feature_names[k] for k in feature_ids)) + "}"
 
+    def _check_merged_routing(self, routing: Routing | None) -> None:
+        if routing is not None and routing.num_examples and routing.uniform_features != self._merged:
+            merged = self._describe(self._merged)
+            raise RuntimeError(
+                f"this layer has feature set {merged} merged into its weights, but the routing (set with "
+                "set_routing / use_routing or passed to forward) asks for other features. To run the merged model, "
+                "clear the routing with flix_kernels.set_routing(model, None) (a merged model needs none) or route "
+                f"every example with {merged}; to route other features, call flix_kernels.unmerge(model) first"
+            )
+
     @torch.no_grad()
     def delta_weight(self, feature_ids: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``sum_k s_k B_k A_k`` over ``feature_ids``, an ``(out, in)`` matrix."""
@@ -231,33 +281,69 @@ class FLixLinear(nn.Module):
         s = self.scaling.to(dtype)[owners]
         return (self.lora_B[:, rows].to(dtype) * s) @ self.lora_A[rows].to(dtype)
 
-    @torch.no_grad()
-    def merge(self, feature_ids: Sequence[int]) -> None:
-        """Fold one feature set into the base weight (exact restore kept for low precision)."""
-        if self._merged is not None:
-            raise RuntimeError(f"already merged ({self._describe(self._merged)}); unmerge first")
+    def _merge_ids(self, feature_ids: Sequence[int], what: str = "merge") -> tuple[int, ...]:
         if self._parallel is not None:
-            raise RuntimeError("merge is not supported on a tensor-parallel FLix layer")
+            raise RuntimeError(f"{what} is not supported on a tensor-parallel FLix layer")
         ids = tuple(sorted(set(int(k) for k in feature_ids)))
         if not ids:
-            raise ValueError("merge needs at least one feature")
+            raise ValueError(f"{what} needs at least one feature")
+        bad = [k for k in ids if not 0 <= k < self.space.num_features]
+        if bad:
+            raise ValueError(f"{what}: feature ids {bad} are not in 0..{self.space.num_features - 1}")
+        return ids
+
+    @torch.no_grad()
+    def _fold(self, ids: tuple[int, ...]) -> None:
+        """``W <- W + delta`` rounded once to W's dtype (delta in float32, float64 for float64 W)."""
         w = self.base_layer.weight
-        high = w.dtype in (torch.float32, torch.float64)
-        self._merge_backup = None if high else w.detach().clone()
-        w.add_(self._as_base_layout(self.delta_weight(ids, torch.float64 if w.dtype == torch.float64 else torch.float32))
-               .to(w.dtype))
+        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+        delta = self._as_base_layout(self.delta_weight(ids, acc))
+        if w.dtype == acc:
+            w.add_(delta)
+        else:
+            w.copy_(w.to(acc) + delta)
+
+    @torch.no_grad()
+    def merge(self, feature_ids: Sequence[int]) -> None:
+        """Fold one feature set into the base weight. A copy of the original weight is kept so that
+        :meth:`unmerge` restores it exactly (one weight's memory while merged)."""
+        if self._merged is not None:
+            raise RuntimeError(f"already merged ({self._describe(self._merged)}); unmerge first")
+        ids = self._merge_ids(feature_ids)
+        self._merge_backup = self.base_layer.weight.detach().clone()
+        self._fold(ids)
         self._merged = ids
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """Restore the weight :meth:`merge` changed, bit for bit."""
         if self._merged is None:
             return
-        w = self.base_layer.weight
-        if self._merge_backup is not None:
-            w.copy_(self._merge_backup)
-        else:
-            w.sub_(self._as_base_layout(self.delta_weight(self._merged, w.dtype)))
+        self.base_layer.weight.copy_(self._merge_backup)
         self._merged, self._merge_backup = None, None
+
+    # For flix_kernels.merge_and_unload / unload (which check every layer first); the layer must
+    # not be used after either.
+    @torch.no_grad()
+    def _merged_base(self, ids: tuple[int, ...]) -> nn.Module:
+        """The base module with ``ids`` folded into its weight in place (no copy kept; a merge of
+        the same set is kept as it is)."""
+        if self._merged is None:
+            self._fold(ids)
+        self._merged, self._merge_backup = None, None
+        return self._release_base()
+
+    def _original_base(self) -> nn.Module:
+        """The base module as it was before wrapping (a merge undone bit for bit)."""
+        self.unmerge()
+        return self._release_base()
+
+    def _release_base(self) -> nn.Module:
+        base = self.base_layer
+        for name, p in base.named_parameters(recurse=False):
+            p.requires_grad_(self._base_requires_grad.get(name, p.requires_grad))
+        self._routing = self._last_routing = None
+        return base
 
     def _as_base_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.t() if self.fan_in_fan_out else delta
@@ -270,3 +356,85 @@ class FLixLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, features={self.space.num_features}, "
                 f"total_rank={self.space.total_rank}, alpha={self.alpha}, use_rslora={self.use_rslora}, "
                 f"dropout={self.dropout}")
+
+
+class _NoTrainingWhileMerged(torch.autograd.Function):
+    """Identity on a merged layer's output whose backward raises: training a merged model would
+    silently give the adapters no gradient (or fail in torch with 'element 0 of tensors does not
+    require grad'). Forward-only use, e.g. evaluation in training mode, is unaffected."""
+
+    @staticmethod
+    def forward(ctx, y, lora_A, merged: str):
+        ctx.merged = merged
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(
+            f"backward through a FLix layer with feature set {ctx.merged} merged into its weights: a merged layer has "
+            "no adapter path to train; call flix_kernels.unmerge(model) before training (inference works merged)")
+
+
+# -- state-dict hooks (module-level functions: deepcopy and pickle keep them) ---------------------
+_BASE = "base_layer."
+
+
+def _base_state_names(base: nn.Module) -> list[str]:
+    """First components of the base module's state-dict keys (``weight``, ``bias``)."""
+    names = [n for n, _ in base.named_parameters(recurse=False)]
+    names += [n for n, _ in base.named_buffers(recurse=False) if n not in base._non_persistent_buffers_set]
+    return names + list(base._modules)
+
+
+def _base_keys_to_plain(module: FLixLinear, state_dict, prefix: str, local_metadata) -> None:
+    """``<prefix>base_layer.weight`` -> ``<prefix>weight`` (same for bias), base keys first. A
+    merged layer saves its unmerged weight: a checkpoint always means base + adapters."""
+    # This module's keys are the last ones written (its own, then base_layer's): reorder them.
+    mine = [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + _BASE)]
+    mine_set = set(mine)
+    own = {k: state_dict.pop(k) for k in mine}
+    base = {k: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix + _BASE)}
+    for key, value in base.items():
+        plain = prefix + key[len(prefix + _BASE):]
+        if plain in mine_set:  # a base state name equal to one of ours: keep the structural name
+            plain = key
+        if plain == prefix + "weight" and module._merged is not None:
+            value = module._merge_backup
+        state_dict[plain] = value
+    state_dict.update(own)
+
+
+def _plain_keys_to_base(module: FLixLinear, state_dict, prefix: str, local_metadata, strict, missing_keys,
+                        unexpected_keys, error_msgs) -> None:
+    """Accept ``<prefix>weight`` and the older ``<prefix>base_layer.weight`` alike."""
+    module._loading_prefix = prefix
+    names = _base_state_names(module.base_layer)
+    keys = [k for k in state_dict if k.startswith(prefix) and (
+        k[len(prefix):].split(".", 1)[0] in names or k.startswith(prefix + _BASE))]
+    if keys and module._merged is not None:
+        error_msgs.append(f"{prefix or 'the model'}: the FLix layer has {module._describe(module._merged)} merged; "
+                          "call flix_kernels.unmerge(model) before load_state_dict")
+        for k in keys:
+            del state_dict[k]
+        return
+    for key in keys:
+        if key.startswith(prefix + _BASE):
+            continue
+        rest = key[len(prefix):]
+        target = prefix + _BASE + rest
+        if target in state_dict:
+            error_msgs.append(f"the state dict has both {rest!r} and {_BASE + rest!r} under {prefix!r}: the plain and "
+                              "the older name of the same FLix base parameter; keep one")
+            continue
+        state_dict[target] = state_dict.pop(key)
+
+
+def _missing_base_keys_to_plain(module: FLixLinear, incompatible_keys) -> None:
+    """Report a missing base parameter by the name state_dict() gives it."""
+    prefix = getattr(module, "_loading_prefix", None)
+    if prefix is None:
+        return
+    missing = incompatible_keys.missing_keys
+    for i, key in enumerate(missing):
+        if key.startswith(prefix + _BASE):
+            missing[i] = prefix + key[len(prefix + _BASE):]

@@ -89,8 +89,29 @@ def test_inject_again_wraps_only_remaining_linears(seed):
     second = fk.inject(model, space, target_modules="all-linear")
     assert set(first).isdisjoint(second) and len(first) + len(second) == 2 * len(LLAMA_LINEARS)
     assert model.model.layers[0].self_attn.q_proj is layer and type(layer.base_layer) is nn.Linear
-    with pytest.raises(ValueError, match="matched no nn.Linear"):
+    with pytest.raises(ValueError, match="are already FLix layers; call flix_kernels.unload"):
         fk.inject(model, space, target_modules="all-linear")
+    with pytest.raises(ValueError, match=r"\['model.layers.0.self_attn.q_proj', 'model.layers.1.self_attn.q_proj'\] "
+                                         "are already FLix layers"):
+        fk.inject(model, space, target_modules=["q_proj"])
+
+
+def test_inject_with_another_feature_space_raises_and_changes_nothing(seed):
+    model = tiny_llama(seed)
+    fk.inject(model, make_space(), target_modules=["q_proj"])
+    modules = dict(model.named_modules())
+    other = make_space(languages=("en", "fr", "de"))
+    with pytest.raises(ValueError, match=r"another FeatureSpace.*values of group 'language' differ"):
+        fk.inject(model, other, target_modules=["v_proj"])
+    assert dict(model.named_modules()) == modules
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), 0.0, -2.0])
+def test_inject_with_bad_alpha_raises_and_changes_nothing(seed, alpha):
+    model = tiny_mlp(seed)
+    with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
+        fk.inject(model, make_space(), target_modules="all-linear", alpha=alpha)
+    assert not fk.flix_layers(model) and all(p.requires_grad for p in model.parameters())
 
 
 def test_inject_wraps_a_shared_linear_once(seed):
@@ -613,9 +634,198 @@ def test_use_routing_is_all_or_nothing(seed):
     """A layer refusing the routing (another FeatureSpace) leaves every layer as it was."""
     model = tiny_mlp(seed)
     fk.inject(model, make_space(), target_modules=["fc1"])
-    fk.inject(model, make_space(languages=("de", "it")), target_modules=["fc2"])
+    # inject refuses a second space; a layer built by hand can still bring one
+    model.fc2 = fk.FLixLinear.from_linear(model.fc2, make_space(languages=("de", "it")))
     routing = mixed_routing(make_space(), 2, torch.Generator().manual_seed(seed))
     with pytest.raises(ValueError, match="FeatureSpace differs"):
         with fk.use_routing(model, routing):
             pass
     assert model.fc1._routing is None and model.fc2._routing is None
+
+
+# ---------------------------------------------------------------------------------------------
+# merge_and_unload / unload
+# ---------------------------------------------------------------------------------------------
+
+def _plain_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return dict(model.named_modules(remove_duplicate=False))
+
+
+@pytest.mark.parametrize("features", [{"language": "fr", "task": "mt"}, {"task": "qa"}])
+def test_merge_and_unload_gives_plain_linears_with_the_routed_output(seed, features):
+    gen = torch.Generator().manual_seed(seed)
+    model = tiny_llama(seed).double()
+    base = copy.deepcopy(model)
+    space = make_space()
+    names = fk.inject(model, space, target_modules="all-linear")
+    randomize_adapters(model, gen, b_scale=0.2)
+    originals = {n: m.base_layer for n, m in _plain_modules(model).items() if isinstance(m, fk.FLixLinear)}
+    expected_w = {n: (layer.base_layer.weight + layer.delta_weight(space.feature_ids(features), torch.float64)).detach()
+                  for n, layer in fk.flix_layers(model)}
+    ids = token_ids(3, 7, gen)
+    with torch.no_grad(), fk.use_routing(model, uniform_routing(space, features, 3)):
+        routed = model(ids).logits
+    fk.set_routing(model, uniform_routing(space, features, 3))  # a routing left set is dropped with the layers
+
+    assert fk.merge_and_unload(model, features) is model
+    assert not fk.flix_layers(model)
+    modules = _plain_modules(model)
+    for n in names:
+        assert modules[n] is originals[n] and type(modules[n]) is nn.Linear  # the very module inject wrapped
+        assert torch.equal(modules[n].weight, expected_w[n])
+    assert _plain_modules(base).keys() == modules.keys()
+    with torch.no_grad():
+        merged = model(ids).logits  # plain: no routing needed
+    torch.testing.assert_close(merged, routed, rtol=1e-9, atol=1e-9)
+    # requires_grad of the restored layers is what it was before inject; the rest stays frozen
+    assert all(modules[n].weight.requires_grad and modules[n].bias is None for n in names)
+    assert not model.model.embed_tokens.weight.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_merge_and_unload_rounds_once_in_every_dtype(seed, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    model = tiny_mlp(seed, dims=(32, 48, 40, 16), dtype=dtype)
+    space = make_space()
+    fk.inject(model, space, target_modules="all-linear", adapter_dtype=torch.float32)
+    randomize_adapters(model, gen, b_scale=0.5)
+    features = {"language": "sw", "task": "qa"}
+    ids = space.feature_ids(features)
+    expected = {n: (layer.base_layer.weight.float() + layer.delta_weight(ids)).to(dtype)
+                for n, layer in fk.flix_layers(model)}
+    fk.merge_and_unload(model, features)
+    for n, w in expected.items():
+        assert model.get_submodule(n).weight.dtype == dtype
+        assert torch.equal(model.get_submodule(n).weight, w), n
+
+
+def test_merge_and_unload_of_a_merged_model(seed):
+    """Already merged with the same set: kept as merged (no second fold); another set raises."""
+    gen = torch.Generator().manual_seed(seed)
+    model, space = _adapted_mlp(seed, gen)
+    fk.merge(model, {"language": "en"})
+    with pytest.raises(RuntimeError, match=r"merged with \{language='en'\}.*unmerge"):
+        fk.merge_and_unload(model, {"language": "fr"})
+    assert len(fk.flix_layers(model)) == 3  # nothing unloaded
+    merged = _base_weights(model)
+    fk.merge_and_unload(model, {"language": "en"})
+    for n, w in merged.items():
+        assert torch.equal(model.get_submodule(n).weight, w)
+
+
+@pytest.mark.parametrize("features, error, match", [
+    ([{"language": "en"}], TypeError, "one feature set"),
+    ({}, ValueError, "at least one feature"),
+    ({"language": "de"}, ValueError, "unknown feature"),
+])
+def test_merge_and_unload_with_bad_features_raises_and_changes_nothing(seed, features, error, match):
+    gen = torch.Generator().manual_seed(seed)
+    model, _ = _adapted_mlp(seed, gen)
+    weights = _base_weights(model)
+    with pytest.raises(error, match=match):
+        fk.merge_and_unload(model, features)
+    assert _base_weights(model).keys() == weights.keys()
+    for n, w in _base_weights(model).items():
+        assert torch.equal(w, weights[n])
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_unload_restores_the_original_model_exactly(seed, merged):
+    gen = torch.Generator().manual_seed(seed)
+    model = tiny_llama(seed)
+    base = copy.deepcopy(model)
+    space = make_space()
+    fk.inject(model, space, target_modules=["q_proj", "v_proj", "down_proj"])
+    randomize_adapters(model, gen)
+    if merged:  # float32: the exact original weights come back, not W + delta - delta
+        fk.merge(model, {"language": "fr", "task": "qa"})
+    assert fk.unload(model) is model
+    assert not fk.flix_layers(model)
+    assert {n: type(m) for n, m in _plain_modules(model).items()} == {n: type(m) for n, m in _plain_modules(base).items()}
+    state, want = model.state_dict(), base.state_dict()
+    assert list(state) == list(want)
+    for k in want:
+        assert torch.equal(state[k], want[k]), k
+    ids = token_ids(2, 6, gen)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base(ids).logits)
+    wrapped = [n for n, _ in base.named_modules() if n.endswith(("q_proj", "v_proj", "down_proj"))]
+    assert all(model.get_submodule(n).weight.requires_grad for n in wrapped)
+
+
+def test_unload_keeps_a_shared_linear_shared(seed):
+    torch.manual_seed(seed)
+    model = nn.Module()
+    model.enc = lin = nn.Linear(6, 6)
+    model.dec = model.enc
+    lin.bias.requires_grad_(False)  # recorded at inject, restored at unload
+    fk.inject(model, make_space(), target_modules="all-linear")
+    fk.unload(model)
+    assert model.enc is lin and model.dec is lin
+    assert lin.weight.requires_grad and not lin.bias.requires_grad
+
+
+def test_unload_after_load_adapters(seed, tmp_path):
+    gen = torch.Generator().manual_seed(seed)
+    model, space = _adapted_mlp(seed, gen)
+    fk.save_adapters(model, str(tmp_path))
+    fresh = tiny_mlp(seed)
+    want = copy.deepcopy(fresh)
+    fk.load_adapters(fresh, str(tmp_path))  # injects, then loads
+    assert len(fk.flix_layers(fresh)) == 3
+    fk.unload(fresh)
+    x = torch.randn(2, 12, generator=gen)
+    assert not fk.flix_layers(fresh) and torch.equal(fresh(x), want(x))
+    fk.load_adapters(fresh, str(tmp_path))
+    fk.merge_and_unload(fresh, {"language": "sw"})
+    with fk.use_routing(model, uniform_routing(space, {"language": "sw"}, 2)):
+        torch.testing.assert_close(fresh(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_unload_of_a_model_without_flix_layers_raises(seed):
+    with pytest.raises(ValueError, match="no FLix layers"):
+        fk.unload(tiny_mlp(seed))
+    with pytest.raises(ValueError, match="no FLix layers"):
+        fk.merge_and_unload(tiny_mlp(seed), {"language": "en"})
+
+
+def test_injected_model_state_dict_loads_into_the_plain_model(seed):
+    """state_dict() of an injected model has the plain model's keys plus the adapters'."""
+    gen = torch.Generator().manual_seed(seed)
+    model = tiny_llama(seed)
+    plain = copy.deepcopy(model)
+    space = make_space()
+    fk.inject(model, space, target_modules="all-linear")
+    randomize_adapters(model, gen)
+    state = model.state_dict()
+    adapters = {k for k in state if k.endswith((".lora_A", ".lora_B"))}
+    assert set(state) - adapters == set(plain.state_dict())
+    assert not any("base_layer" in k for k in state)
+    torch.manual_seed(seed + 1)
+    other = tiny_llama(seed + 1)  # other weights, same architecture
+    result = other.load_state_dict(state, strict=False)
+    assert not result.missing_keys and set(result.unexpected_keys) == adapters
+    ids = token_ids(2, 5, gen)
+    with torch.no_grad():
+        assert torch.equal(other(ids).logits, plain(ids).logits)
+    # into an injected model: the adapters come back too
+    again = tiny_llama(seed + 1)
+    fk.inject(again, space, target_modules="all-linear")
+    again.load_state_dict(state)
+    routing = mixed_routing(space, 2, gen)
+    with torch.no_grad(), fk.use_routing(model, routing), fk.use_routing(again, routing):
+        assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_distributed_checkpoint_state_dict_helpers_see_the_plain_names(seed):
+    """torch.distributed.checkpoint's get/set_model_state_dict (what FSDP2 users call) map our
+    state-dict keys back to the parameters (FLixLinear._fqn_modifiers)."""
+    dcp_sd = pytest.importorskip("torch.distributed.checkpoint.state_dict")
+    gen = torch.Generator().manual_seed(seed)
+    model, space = _adapted_mlp(seed, gen)
+    state = dcp_sd.get_model_state_dict(model)
+    assert set(state) == set(model.state_dict()) and "fc1.weight" in state
+    other, _ = _adapted_mlp(seed + 1, torch.Generator().manual_seed(seed + 1))
+    dcp_sd.set_model_state_dict(other, state)
+    for k, v in model.state_dict().items():
+        assert torch.equal(other.state_dict()[k], v), k

@@ -102,9 +102,163 @@ def test_adapter_dtype_and_repr():
     assert "total_rank=36" in repr(layer)
 
 
-def test_state_dict_holds_adapters_and_base():
+def test_state_dict_keeps_the_plain_linear_names():
+    """The base parameters keep nn.Linear's names (a plain model loads them); the adapters are extra keys."""
     layer = fk.FLixLinear(4, 3, space())
-    assert set(layer.state_dict()) == {"base_layer.weight", "base_layer.bias", "lora_A", "lora_B"}
+    assert list(layer.state_dict()) == ["weight", "bias", "lora_A", "lora_B"]
+    assert layer.state_dict()["weight"].data_ptr() == layer.base_layer.weight.data_ptr()
+    assert list(fk.FLixLinear(4, 3, space(), bias=False).state_dict()) == ["weight", "lora_A", "lora_B"]
+    # named_parameters (what optimizers and FSDP see) keep the module structure
+    assert [n for n, _ in layer.named_parameters()] == ["lora_A", "lora_B", "base_layer.weight", "base_layer.bias"]
+
+
+def _filled(seed: int, **kw) -> fk.FLixLinear:
+    torch.manual_seed(seed)
+    layer = fk.FLixLinear(6, 5, space(), **kw)
+    nn.init.normal_(layer.lora_B)
+    return layer
+
+
+@pytest.mark.parametrize("old_names", [False, True], ids=["plain_keys", "base_layer_keys"])
+def test_load_state_dict_takes_plain_and_base_layer_keys(seed, old_names):
+    src, dst = _filled(seed), _filled(seed + 1)
+    state = src.state_dict()
+    if old_names:  # checkpoints written before the plain names (base_layer.weight, ...) still load
+        state = {("base_layer." + k if k in ("weight", "bias") else k): v for k, v in state.items()}
+    assert not dst.load_state_dict(state).missing_keys
+    for name, value in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[name], value), name
+    # a plain nn.Linear state dict loads into the base (the adapters are reported missing)
+    lin = nn.Linear(6, 5)
+    result = dst.load_state_dict(lin.state_dict(), strict=False)
+    assert torch.equal(dst.base_layer.weight, lin.weight) and torch.equal(dst.base_layer.bias, lin.bias)
+    assert sorted(result.missing_keys) == ["lora_A", "lora_B"] and not result.unexpected_keys
+
+
+def test_load_state_dict_reports_missing_base_keys_by_their_plain_names(seed):
+    layer = _filled(seed)
+    result = layer.load_state_dict({"lora_A": layer.lora_A.detach(), "lora_B": layer.lora_B.detach()}, strict=False)
+    assert sorted(result.missing_keys) == ["bias", "weight"]
+    model = nn.Sequential(_filled(seed))
+    result = model.load_state_dict({"0.weight": model[0].weight.detach()}, strict=False)
+    assert sorted(result.missing_keys) == ["0.bias", "0.lora_A", "0.lora_B"]
+
+
+def test_load_state_dict_with_both_names_of_one_weight_raises(seed):
+    layer = _filled(seed)
+    state = {**layer.state_dict(), "base_layer.weight": torch.zeros(5, 6)}
+    with pytest.raises(RuntimeError, match="both 'weight' and 'base_layer.weight'"):
+        layer.load_state_dict(state)
+
+
+def test_state_dict_of_a_merged_layer_holds_the_unmerged_weight(seed):
+    """A checkpoint means base + adapters whatever the merge state (loading it never applies a
+    feature set twice); loading into a merged layer raises."""
+    layer = _filled(seed)
+    w0 = layer.base_layer.weight.detach().clone()
+    layer.merge([1, 4])
+    state = layer.state_dict()
+    assert torch.equal(state["weight"], w0) and not torch.equal(layer.base_layer.weight, w0)
+    with pytest.raises(RuntimeError, match="merged.*unmerge"):
+        layer.load_state_dict(state)
+    layer.unmerge()
+    layer.load_state_dict(state)
+    assert torch.equal(layer.base_layer.weight, w0)
+
+
+def test_state_dict_round_trips_through_deepcopy_and_pickle(seed, tmp_path):
+    import copy
+    layer = _filled(seed)
+    for clone in (copy.deepcopy(layer), torch.load(_saved(layer, tmp_path), weights_only=False)):
+        assert list(clone.state_dict()) == ["weight", "bias", "lora_A", "lora_B"]
+        clone.load_state_dict(layer.state_dict())
+
+
+def _saved(module, tmp_path):
+    path = tmp_path / "module.pt"
+    torch.save(module, path)
+    return path
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), 0, 0.0, -1.0])
+def test_alpha_must_be_finite_and_positive(alpha):
+    with pytest.raises(ValueError, match=f"alpha must be a finite number > 0, got {alpha!r}"):
+        fk.FLixLinear(4, 3, space(), alpha=alpha)
+    with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
+        fk.FLixLinear.from_linear(nn.Linear(4, 3), space(), alpha=alpha)
+    layer = fk.FLixLinear(4, 3, space(), alpha=4)
+    with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
+        layer.set_scaling(alpha)
+    assert layer.alpha == 4.0 and layer.scaling.tolist() == pytest.approx([0.5] * 4 + [2.0] * 2)
+
+
+@pytest.mark.parametrize("alpha", ["8", None, True])
+def test_alpha_must_be_a_number(alpha):
+    with pytest.raises(TypeError, match="alpha must be a number"):
+        fk.FLixLinear(4, 3, space(), alpha=alpha)
+
+
+def test_merged_forward_with_another_routing_says_what_works(seed):
+    layer = _filled(seed)
+    s = layer.space
+    layer.merge([1, 4])
+    other = fk.Routing([[2, 4]] * 3, s)
+    with pytest.raises(RuntimeError) as e:
+        layer(torch.randn(3, 6), other)
+    msg = str(e.value)
+    assert "{language='fr', task='qa'}" in msg
+    assert "flix_kernels.set_routing(model, None)" in msg and "flix_kernels.unmerge(model)" in msg
+    layer.set_routing(other)
+    with pytest.raises(RuntimeError, match=r"set_routing\(model, None\)"):
+        layer(torch.randn(3, 6))
+    layer.set_routing(None)
+    layer(torch.randn(3, 6))  # what the message says works
+
+
+def test_training_a_merged_layer_raises_but_inference_works(seed):
+    """A merged layer has no adapter path: backward of a training forward (train mode, grad enabled,
+    trainable adapters) would give the adapters no gradient, so it raises; forwards (in any mode)
+    and backward in eval mode or with frozen adapters work."""
+    layer = _filled(seed)
+    x = torch.randn(3, 6)
+    layer.merge([1, 4])
+    layer.train()
+    y = layer(x)  # the forward itself is fine: e.g. an evaluation loss in a model left in train mode
+    assert torch.equal(y, layer.base_layer(x))
+    with pytest.raises(RuntimeError, match=r"backward through a FLix layer with feature set \{language='fr', "
+                                           r"task='qa'\} merged.*unmerge\(model\) before training"):
+        y.sum().backward()
+    with torch.no_grad():
+        layer(x)  # e.g. generate() in a model left in train mode
+    layer.eval()
+    y = layer(x.requires_grad_(True))  # eval with grad: gradients of the input, e.g. attribution
+    y.sum().backward()
+    assert x.grad is not None
+    layer.train()
+    layer.lora_A.requires_grad_(False)
+    layer.lora_B.requires_grad_(False)
+    layer(x)  # frozen adapters: training something else through the merged weights
+    layer.unmerge()
+    layer.lora_A.requires_grad_(True)
+    layer.lora_B.requires_grad_(True)
+    layer(x, fk.Routing([[1, 4]] * 3, layer.space)).sum().backward()
+    assert layer.lora_B.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_merge_rounds_once_and_unmerge_restores_exactly(seed, dtype):
+    """The merged weight is W + delta rounded once to W's dtype (delta in float32, float64 for
+    float64 weights); unmerge restores the original bits in every dtype."""
+    torch.manual_seed(seed)
+    layer = fk.FLixLinear(64, 48, space(), dtype=dtype, adapter_dtype=torch.float32)
+    nn.init.normal_(layer.lora_B, std=0.3)
+    w0 = layer.base_layer.weight.detach().clone()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    delta = layer.delta_weight([0, 5], acc)
+    layer.merge([0, 5])
+    assert torch.equal(layer.base_layer.weight, (w0.to(acc) + delta).to(dtype))
+    layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, w0)
 
 
 def test_merge_unmerge_layer(seed):

@@ -80,15 +80,36 @@ def test_feature_ids_input_routes_each_example(kind, seed):
             one = {k: v[b:b + 1] for k, v in extra.items()}
             want = merged_output(model, feats, lambda m: m(input_ids=x[b:b + 1], **one).logits)
             torch.testing.assert_close(got[b:b + 1], want, rtol=1e-9, atol=1e-9)
-    # The routing lived for that forward only; without feature_ids nothing routes the model.
+    # The routing lived for that forward only; without feature_ids nothing routes the model,
+    # and the error names the input this model takes.
     assert all(layer._routing is None for _, layer in fk.flix_layers(model))
-    with pytest.raises(RuntimeError, match="no routing"), torch.no_grad():
+    with pytest.raises(RuntimeError, match="no routing.*pass feature_ids="), torch.no_grad():
         model(input_ids=x, **extra)
     with pytest.raises(ValueError, match="cu_seqlens was passed without feature_ids"), torch.no_grad():
         model(input_ids=x, cu_seqlens=torch.tensor([0, 6]), **extra)
     handle.remove()
-    with pytest.raises(RuntimeError, match="no routing"), torch.no_grad():  # feature_ids is ignored again
+    with pytest.raises(RuntimeError, match="no routing") as e, torch.no_grad():  # feature_ids is ignored again
         model(input_ids=x, feature_ids=space.encode(FEATURES), **extra)
+    assert "feature_ids=" not in str(e.value)
+
+
+def test_feature_ids_given_as_dicts_are_encoded_with_the_space(seed):
+    model, space = flix_model("llama", seed)
+    fk.accept_feature_ids(model)
+    x = tokens(torch.Generator().manual_seed(seed), len(FEATURES), 5)
+    with torch.no_grad():
+        want = model(input_ids=x, feature_ids=space.encode(FEATURES)).logits
+        got = model(input_ids=x, feature_ids=[dict(f) for f in FEATURES]).logits
+        assert torch.equal(got, want)
+        assert torch.equal(fk.generate(model, x, feature_ids=FEATURES, max_new_tokens=3, do_sample=False, pad_token_id=0),
+                           fk.generate(model, x, feature_ids=space.encode(FEATURES), max_new_tokens=3, do_sample=False,
+                                       pad_token_id=0))
+        with pytest.raises(ValueError, match="example 1: unknown feature 'xx'"):
+            model(input_ids=x, feature_ids=[{}, {"language": "xx"}, {}, {}])
+        with pytest.raises(ValueError, match="feature_ids.*list of .*dicts.*example 1 is a list"):
+            model(input_ids=x, feature_ids=[{}, [0, 1], {}, {}])
+        with pytest.raises(ValueError, match=r"a list of one \{group: value\} dict per example; got a single dict"):
+            model(input_ids=x, feature_ids={"language": "fr"})
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "t5"])
@@ -160,6 +181,38 @@ def test_collator_pads_and_encodes_features(seed):
     # A user collator handles the model fields; FeatureCollator only adds feature_ids.
     custom = fk.FeatureCollator(space, collator=lambda rows: {"n": torch.tensor(len(rows))})(examples)
     assert custom["n"].item() == 4 and custom["feature_ids"].shape == (4, 2)
+
+
+@pytest.mark.parametrize("field", ["labels", "attention_mask"])
+def test_collator_rejects_token_fields_of_another_length(seed, field):
+    """labels (and the other per-token fields) align with input_ids token by token in a causal LM:
+    a length mismatch is a data bug, not something to pad."""
+    space = make_space()
+    examples = ragged_examples(torch.Generator().manual_seed(seed), [4, 6, 3])
+    for ex in examples:
+        ex[field] = [1] * len(ex["input_ids"])
+    examples[1][field] = examples[1][field][:-2]
+    with pytest.raises(ValueError, match=f"example 1: {field} has 4 tokens, input_ids 6"):
+        fk.FeatureCollator(space)(examples)
+    if field == "labels":  # packing uses input_ids and labels only
+        with pytest.raises(ValueError, match=f"example 1: {field} has 4 tokens, input_ids 6"):
+            fk.FeatureCollator(space, pack=True)(examples)
+
+
+def test_collator_pads_seq2seq_labels_on_their_own(seed):
+    """seq2seq=True: labels are decoder targets of their own length (T5), padded to the longest labels."""
+    space = make_space()
+    gen = torch.Generator().manual_seed(seed)
+    examples = ragged_examples(gen, [4, 6, 3])
+    for ex, n in zip(examples, [2, 5, 1]):
+        ex["labels"] = tokens(gen, n).tolist()
+    batch = fk.FeatureCollator(space, seq2seq=True)(examples)
+    assert batch["input_ids"].shape == (3, 6) and batch["labels"].shape == (3, 5)
+    for b, ex in enumerate(examples):
+        n = len(ex["labels"])
+        assert batch["labels"][b, :n].tolist() == ex["labels"] and (batch["labels"][b, n:] == -100).all()
+    with pytest.raises(ValueError, match="seq2seq=True does not pack"):
+        fk.FeatureCollator(space, seq2seq=True, pack=True)
 
 
 def test_collator_errors_name_the_example(seed):
@@ -292,3 +345,79 @@ def test_gpt2_adapters_save_and_load_into_a_fresh_model(tmp_path, seed):
         with fk.use_routing(fresh, fk.Routing(ids, space)):
             got = fresh(x).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _outputs(model, x, routing=None):
+    with torch.no_grad():
+        if routing is None:
+            return model(input_ids=x).logits
+        with fk.use_routing(model, routing):
+            return model(input_ids=x).logits
+
+
+def test_save_pretrained_of_an_injected_model_loads_as_the_plain_model(tmp_path, seed):
+    """save_pretrained keeps the plain names: plain from_pretrained gets the base weights (the
+    adapters are unexpected keys), and the same checkpoint restores an injected model, adapters too."""
+    model, space = flix_model("llama", seed, dtype=torch.float32)
+    base = model.flix_test_base
+    model.save_pretrained(tmp_path / "ckpt")
+    plain, info = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ckpt", output_loading_info=True)
+    plain.eval()
+    adapters = {k for k in model.state_dict() if k.endswith((".lora_A", ".lora_B"))}
+    assert not info["missing_keys"] and set(info["unexpected_keys"]) == adapters
+    assert not any(isinstance(m, fk.FLixLinear) for m in plain.modules())
+    x = tokens(torch.Generator().manual_seed(seed), len(FEATURES), 6)
+    assert torch.equal(_outputs(plain, x), _outputs(base, x))
+
+    # the checkpoint into a freshly injected model (what resuming a Trainer checkpoint does)
+    fresh = tiny("llama", seed + 1)
+    fk.inject(fresh, space, target_modules="all-linear")
+    from safetensors.torch import load_file
+    result = fresh.load_state_dict(load_file(tmp_path / "ckpt" / "model.safetensors"), strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+    routing = fk.Routing(space.encode(FEATURES), space)
+    assert torch.equal(_outputs(fresh, x, routing), _outputs(model, x, routing))
+
+
+def test_trainer_checkpoint_resumes_into_an_injected_model_and_loads_as_plain(tmp_path, seed):
+    pytest.importorskip("accelerate")
+    model, space = flix_model("llama", seed, dtype=torch.float32)
+    fk.accept_feature_ids(model)
+    data = ragged_examples(torch.Generator().manual_seed(seed), [4, 6, 3, 5])
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+        remove_unused_columns=False, report_to=[], use_cpu=True, save_strategy="steps", save_steps=2,
+        disable_tqdm=True)
+    for ex in data:
+        ex["labels"] = list(ex["input_ids"])
+    transformers.Trainer(model=model, args=args, train_dataset=data, data_collator=fk.FeatureCollator(space)).train()
+    ckpt = tmp_path / "checkpoint-2"
+    x = tokens(torch.Generator().manual_seed(seed + 3), len(FEATURES), 6)
+    routing = fk.Routing(space.encode(FEATURES), space)
+    plain = transformers.LlamaForCausalLM.from_pretrained(ckpt).eval()
+    assert torch.equal(_outputs(plain, x), _outputs(model.flix_test_base, x))  # the base never trained
+    resumed = tiny("llama", seed + 1)
+    fk.inject(resumed, space, target_modules="all-linear")
+    trainer = transformers.Trainer(model=resumed, args=args, train_dataset=data, data_collator=fk.FeatureCollator(space))
+    trainer._load_from_checkpoint(str(ckpt))  # what train(resume_from_checkpoint=...) loads the model with
+    model.eval()
+    assert torch.equal(_outputs(resumed, x, routing), _outputs(model, x, routing))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_merge_and_unload_and_unload_of_transformers_models(kind, seed):
+    model, space = flix_model(kind, seed)
+    base = model.flix_test_base
+    kept = copy.deepcopy(model)
+    fk.accept_feature_ids(kept)
+    feats = {"language": "sw", "task": "qa"}
+    x = tokens(torch.Generator().manual_seed(seed), 2, 5)
+    routing = fk.Routing(space.encode([feats] * 2), space)
+    routed = _outputs(model, x, routing)
+    fk.merge_and_unload(model, feats)
+    assert not fk.flix_layers(model)
+    assert {n: type(m) for n, m in model.named_modules()} == {n: type(m) for n, m in base.named_modules()}
+    torch.testing.assert_close(_outputs(model, x), routed, rtol=1e-9, atol=1e-9)
+    fk.unload(kept)  # also removes the feature_ids hooks (they would route the dropped layers)
+    assert torch.equal(_outputs(kept, x), _outputs(base, x))
+    assert kept._flix_feature_inputs is None and not kept._forward_pre_hooks and not kept._forward_hooks

@@ -22,7 +22,7 @@ from ..features import FeatureSpace
 from ..model import _require_layers, _restore, _route
 from ..routing import Routing
 
-__all__ = ["FeatureCollator", "accept_feature_ids", "cu_seqlens_from_position_ids", "generate"]
+__all__ = ["FeatureCollator", "accept_feature_ids", "cu_seqlens_from_position_ids", "feature_ids_tensor", "generate"]
 
 # Inputs that fix a forward's batch size, most specific first: an encoder-decoder's top-level
 # forward runs the decoder on decoder_input_ids while input_ids may be absent.
@@ -31,6 +31,37 @@ _BATCH_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds", "input_ids", "inp
 
 def _layers_of(model: nn.Module) -> list:
     return [layer for _, layer in _require_layers(model)]
+
+
+def feature_ids_tensor(feature_ids, space: FeatureSpace) -> torch.Tensor:
+    """``feature_ids`` as a forward or :func:`generate` takes them: ``(B, num_groups)`` ids (as
+    :meth:`FeatureSpace.encode` gives) or a list of one ``{group: value}`` dict per example
+    (encoded with ``space``)."""
+    if isinstance(feature_ids, torch.Tensor):
+        return feature_ids
+    if isinstance(feature_ids, Mapping):
+        raise ValueError("feature_ids must be (B, num_groups) ids or a list of one {group: value} dict per example; "
+                         "got a single dict (for a batch of one, pass [that dict])")
+    if isinstance(feature_ids, (list, tuple)) and any(isinstance(e, Mapping) for e in feature_ids):
+        for i, e in enumerate(feature_ids):
+            if not isinstance(e, Mapping):
+                raise ValueError(f"feature_ids given as a list of {{group: value}} dicts must hold one dict per "
+                                 f"example; example {i} is a {type(e).__name__}")
+        return space.encode(feature_ids)
+    try:
+        return torch.as_tensor(feature_ids)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"feature_ids must be (B, {space.num_groups}) integer ids (FeatureSpace.encode) or a list of "
+                         f"one {{group: value}} dict per example; could not read {type(feature_ids).__name__}: {e}"
+                         ) from None
+
+
+# What a layer of a model prepared by accept_feature_ids says when a forward left it unrouted.
+_NO_ROUTING_HINT = (
+    "this model takes its routing from its inputs (flix_kernels.accept_feature_ids): pass feature_ids= to its "
+    "forward, (B, num_groups) ids from FeatureSpace.encode or a list of one {group: value} dict per example "
+    "(FeatureCollator adds them to a batch), or generate with flix_kernels.generate(model, ..., feature_ids=...)"
+)
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -60,6 +91,8 @@ class _FeatureInputs:
             model.register_forward_pre_hook(self._pre, with_kwargs=True),
             model.register_forward_hook(self._post, always_call=True),
         ]
+        for layer in self.layers:
+            layer._no_routing_hint = _NO_ROUTING_HINT
 
     def _routing(self, kwargs: dict) -> Routing | None:
         ids = kwargs.pop("feature_ids", None)
@@ -68,7 +101,8 @@ class _FeatureInputs:
             if cu is not None:
                 raise ValueError("cu_seqlens was passed without feature_ids; pass both (FeatureCollator(pack=True) does)")
             return None
-        if cu is None and torch.as_tensor(ids).shape[0] > 1:
+        ids = feature_ids_tensor(ids, self.space)
+        if cu is None and ids.dim() and ids.shape[0] > 1:
             # A packed row of several examples (batch size 1, position_ids restarting at 0)
             # carries its boundaries in position_ids, e.g. from DataCollatorWithFlattening.
             pos = kwargs.get("position_ids")
@@ -93,6 +127,8 @@ class _FeatureInputs:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+        for layer in self.layers:
+            layer._no_routing_hint = None
         self.model._flix_feature_inputs = None
 
 
@@ -101,13 +137,14 @@ def accept_feature_ids(model: nn.Module, *, feature_dropout: float = 0.0,
     """Let ``model(..., feature_ids=ids, cu_seqlens=None)`` route its FLix layers.
 
     Installs forward hooks on ``model`` that take ``feature_ids`` ``(B, num_groups)`` (as
-    :meth:`FeatureSpace.encode` and :class:`FeatureCollator` produce them) and the optional
+    :meth:`FeatureSpace.encode` and :class:`FeatureCollator` produce them, or a list of one
+    ``{group: value}`` dict per example, encoded with the layers' space) and the optional
     ``cu_seqlens`` out of the forward's keyword arguments, build the batch's :class:`Routing`
     (with ``feature_dropout`` while the model is in training mode), route every FLix layer for
     that forward and restore the previous routing afterwards. For a packed row (batch size 1)
     with ``position_ids`` and no ``cu_seqlens`` the boundaries are read from the positions.
     A forward without ``feature_ids`` keeps whatever routing the layers have
-    (:func:`~flix_kernels.set_routing`). Activation checkpointing replays each forward's own
+    (:func:`~flix_kernels.set_routing`; none is an error that names ``feature_ids=``). Activation checkpointing replays each forward's own
     routing. Returns a handle whose ``remove()`` uninstalls the hooks; calling it again
     replaces the previous hooks.
 
@@ -137,7 +174,8 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
 def generate(model: nn.Module, *args, feature_ids=None, routing: Routing | None = None, **kwargs):
     """``model.generate(*args, **kwargs)`` with every example using its own features.
 
-    Pass ``feature_ids`` ``(B, num_groups)`` or a ``routing`` of the B prompts. ``generate``
+    Pass ``feature_ids`` (``(B, num_groups)`` ids or a list of B ``{group: value}`` dicts) or a
+    ``routing`` of the B prompts. ``generate``
     repeats each prompt for beam search and for several return sequences (``[e0, e0, e1, e1,
     ...]``); every forward it runs (the encoder of an encoder-decoder, then prefill and each
     decode step with the KV cache) is routed with the routing of its own batch size, B or a
@@ -147,7 +185,7 @@ def generate(model: nn.Module, *args, feature_ids=None, routing: Routing | None 
         raise ValueError("generate needs exactly one of feature_ids= or routing=")
     layers = _layers_of(model)
     if routing is None:
-        routing = Routing(feature_ids, layers[0].space)
+        routing = Routing(feature_ids_tensor(feature_ids, layers[0].space), layers[0].space)
     elif not isinstance(routing, Routing):
         raise TypeError(f"routing must be a flix_kernels.Routing, got {type(routing).__name__}")
     if routing.cu_seqlens is not None:
@@ -206,8 +244,13 @@ class FeatureCollator:
 
     * ``pack=False``: the remaining fields go through ``collator`` (any callable on a list of
       dicts, e.g. a transformers data collator) or, by default, are right-padded (``input_ids``
-      with ``pad_token_id``, ``labels`` with -100, ``attention_mask`` with 0 and built when
-      absent; ``padding_side="left"`` for generation prompts).
+      with ``pad_token_id``, ``labels`` with ``label_pad_token_id`` (-100), ``attention_mask``
+      with 0 and built when absent; ``padding_side="left"`` for generation prompts). The
+      per-token fields (``labels``, ``attention_mask``, ``token_type_ids``, ``position_ids``)
+      must have as many tokens as ``input_ids`` (a mismatch raises, naming the example): a
+      causal LM's labels align with its inputs token by token. ``seq2seq=True`` is for
+      encoder-decoder targets (T5): ``labels`` then have their own length and are padded to the
+      longest ``labels``.
     * ``pack=True``: the examples are concatenated into one row ``(1, T)`` with
       ``position_ids`` restarting at 0 for each example and ``cu_seqlens`` ``(B + 1,)``; no
       attention mask and ``use_cache=False``, the case in which transformers' attention keeps
@@ -221,13 +264,17 @@ class FeatureCollator:
 
     def __init__(self, space: FeatureSpace, *, feature_key: str = "features", collator: Callable | None = None,
                  pack: bool = False, pad_token_id: int = 0, label_pad_token_id: int = -100,
-                 padding_side: str = "right", flash_attn_kwargs: bool = False):
+                 padding_side: str = "right", flash_attn_kwargs: bool = False, seq2seq: bool = False):
         if not isinstance(space, FeatureSpace):
             raise TypeError(f"space must be a FeatureSpace, got {type(space).__name__}")
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         if pack and collator is not None:
             raise ValueError("pack=True builds the packed row itself; it does not take a collator")
+        if pack and seq2seq:
+            raise ValueError("seq2seq=True does not pack: a packed row holds decoder-only examples whose labels align "
+                             "with input_ids")
+        self.seq2seq = bool(seq2seq)
         self.space, self.feature_key, self.collator, self.pack = space, feature_key, collator, bool(pack)
         self.pad_token_id, self.label_pad_token_id = int(pad_token_id), int(label_pad_token_id)
         self.padding_side, self.flash_attn_kwargs = padding_side, bool(flash_attn_kwargs)
@@ -264,13 +311,15 @@ class FeatureCollator:
                 raise ValueError(f"example {i} has fields {sorted(ex)}, example 0 has {sorted(keys)}")
         out: dict[str, torch.Tensor] = {}
         lengths = [len(self._row(ex, "input_ids", i)) for i, ex in enumerate(fields)] if "input_ids" in keys else None
-        width = max(lengths) if lengths else 0
         pad_value = {"input_ids": self.pad_token_id, "labels": self.label_pad_token_id, "attention_mask": 0,
                      "token_type_ids": 0, "position_ids": 0}
         for key in keys:
             if key in self._PAD_FIELDS:
                 rows = [self._row(ex, key, i) for i, ex in enumerate(fields)]
-                w = max(width, max(len(r) for r in rows))
+                if lengths is not None and key != "input_ids" and not (self.seq2seq and key == "labels"):
+                    for i, r in enumerate(rows):
+                        self._check_aligned(i, key, len(r), lengths[i])
+                w = max(len(r) for r in rows)
                 out[key] = torch.stack([self._pad(r, w, pad_value[key]) for r in rows])
             else:
                 out[key] = torch.utils.data.default_collate([ex[key] for ex in fields])
@@ -278,6 +327,12 @@ class FeatureCollator:
             w = out["input_ids"].shape[1]
             out["attention_mask"] = torch.stack([self._pad(torch.ones(n, dtype=torch.long), w, 0) for n in lengths])
         return out
+
+    def _check_aligned(self, i: int, key: str, n: int, n_input: int) -> None:
+        if n != n_input:
+            hint = ("; labels align with input_ids token by token (for an encoder-decoder's targets pass "
+                    "FeatureCollator(..., seq2seq=True))") if key == "labels" and not self.pack else ""
+            raise ValueError(f"example {i}: {key} has {n} tokens, input_ids {n_input}{hint}")
 
     def _pad(self, row: torch.Tensor, width: int, value: int) -> torch.Tensor:
         pad = row.new_full((width - len(row),), value)
@@ -290,8 +345,7 @@ class FeatureCollator:
                 raise KeyError(f"example {i}: packing needs input_ids")
             x = self._row(ex, "input_ids", i)
             y = self._row(ex, "labels", i).clone() if "labels" in ex else x.clone()
-            if len(y) != len(x):
-                raise ValueError(f"example {i}: labels has {len(y)} tokens, input_ids {len(x)}")
+            self._check_aligned(i, "labels", len(y), len(x))
             if len(x) == 0:
                 raise ValueError(f"example {i} has no tokens; packing needs at least one per example")
             y[0] = self.label_pad_token_id

@@ -135,9 +135,12 @@ class Routing:
         if not (0.0 <= float(feature_dropout) < 1.0):
             raise ValueError(f"feature_dropout must be in [0, 1), got {feature_dropout}")
         self.requested_feature_ids = ids
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a CPU torch.Generator or None, got {type(generator).__name__} {generator!r}")
         if feature_dropout > 0 and ids.numel():
             if generator is not None and generator.device.type != "cpu":
-                raise ValueError("the feature_dropout generator must be a CPU torch.Generator")
+                raise ValueError(f"the feature_dropout generator must be a CPU torch.Generator (the draw happens on the "
+                                 f"host, once per batch), got one on {generator.device}")
             drop = torch.rand(ids.shape, generator=generator) < feature_dropout
             ids = ids.masked_fill(drop & (ids >= 0), -1)
         self.space = space

@@ -117,6 +117,8 @@ def test_feature_dropout_statistics_and_determinism():
     assert abs(both_dropped - p * p) < 5 * (p * p * (1 - p * p) / both.sum().item()) ** 0.5
     with pytest.raises(ValueError, match="feature_dropout"):
         fk.Routing(ids, s, feature_dropout=1.0)
+    with pytest.raises(TypeError, match=r"generator must be a CPU torch.Generator or None, got str 'cuda'"):
+        fk.Routing(ids, s, feature_dropout=p, generator="cuda")
 
 
 def test_device_metadata_is_built_once_per_routing():

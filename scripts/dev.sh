@@ -8,9 +8,9 @@
 #   scripts/dev.sh test [ARGS]  ... then python -m pytest -q tests ARGS        (make test)
 #
 # The environment is $FLIX_VENV (default .venv). torch: an installed one is kept; otherwise
-# the CUDA build where an NVIDIA driver is present, else the CPU build (a local
-# torch==$FLIX_TORCH_CPU_VERSION+cpu wheel when pip's find-links has one, else PyTorch's CPU
-# index), so a CPU machine never downloads the CUDA wheels. The package is reinstalled when
+# the CUDA build where an NVIDIA driver is present, else the CPU build (torch==
+# $FLIX_TORCH_CPU_VERSION+cpu where pip finds such a wheel, e.g. in its find-links, else the
+# newest from PyTorch's CPU index), so a CPU machine never downloads the CUDA wheels. The package is reinstalled when
 # pyproject.toml or setup.py changed since the last install. FLIX_CUDA is passed through
 # (see setup.py: unset builds the CUDA extension only where nvcc and a GPU driver are present).
 set -euo pipefail
@@ -42,7 +42,9 @@ setup() {
       "$PY" -m pip install -q torch
     else
       say "installing the CPU build of torch (no NVIDIA driver here)"
-      "$PY" -m pip install -q --no-index "torch==${TORCH_CPU_VERSION}+cpu" 2>/dev/null \
+      # A "+cpu" local version exists only as a local wheel or on PyTorch's CPU index (PyPI has none,
+      # so the first try fails fast where no such wheel is on disk).
+      "$PY" -m pip install -q "torch==${TORCH_CPU_VERSION}+cpu" 2>/dev/null \
         || "$PY" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
     fi
   fi

@@ -7,7 +7,7 @@ Shared LoRA, one LoRA per seen pair, FLix and FLix with feature dropout get the 
 the script reports exact match on seen and held-out pairs over several seeds and writes
 results.json, results.md and curves.png. Same as ``flix-kernels demo``:
 
-    python examples/zero_shot_composition.py --quick            # about 4 minutes on 2 CPU cores
+    python examples/zero_shot_composition.py --quick            # smoke run, about 4.5 min on 2 CPU cores
     python examples/zero_shot_composition.py --seeds 4 --out flix-demo
     python examples/zero_shot_composition.py --quick --set rank_language=8 --set rank_task=8
 """
@@ -15,34 +15,46 @@ results.json, results.md and curves.png. Same as ``flix-kernels demo``:
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
+from pathlib import Path
 
+from flix_kernels.cli import DEMO_QUICK, check_out_folder, device_arg, positive_arg
 from flix_kernels.demo import DemoConfig, run
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 seeds, shorter training")
-    parser.add_argument("--smoke", action="store_true", help="a few seconds; the numbers mean nothing")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: preset's)")
-    parser.add_argument("--out", default="flix-demo", help="output folder")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    preset = parser.add_mutually_exclusive_group()
+    preset.add_argument("--quick", action="store_true",
+                        help=f"a short, undertrained smoke run: 2 seeds, fewer steps ({DEMO_QUICK}); "
+                             "its accuracies are not the experiment's result")
+    preset.add_argument("--smoke", action="store_true", help="a few seconds; the numbers mean nothing")
+    parser.add_argument("--seeds", type=positive_arg(int), default=None, metavar="N",
+                        help="number of seeds 0..N-1 (default: the preset's)")
+    parser.add_argument("--out", default="flix-demo", metavar="DIR", help="output folder (default: ./flix-demo)")
+    parser.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a DemoConfig field, e.g. --set rank_task=8 --set methods=lora,flix")
     args = parser.parse_args()
     cfg = DemoConfig.smoke() if args.smoke else DemoConfig.quick() if args.quick else DemoConfig.default()
-    cfg.device = args.device
+    cfg.device = str(args.device)
     if args.seeds:
         cfg = cfg.with_seeds(args.seeds)
+    names = [f.name for f in fields(DemoConfig)]
     for item in args.set:  # for the investigations in the findings: other ranks, dropout, pretraining
         key, _, value = item.partition("=")
-        if not hasattr(cfg, key):
-            parser.error(f"unknown DemoConfig field {key!r}")
+        if key not in names:
+            parser.error(f"argument --set: unknown DemoConfig field {key!r}; fields: {', '.join(names)}")
         old = getattr(cfg, key)
-        if isinstance(old, tuple):
-            new = tuple(type(old[0])(v) if old else v for v in value.split(","))
-        else:
-            new = type(old)(value) if old is not None else int(value)
+        try:
+            if isinstance(old, tuple):
+                new = tuple(type(old[0])(v) if old else v for v in value.split(","))
+            else:
+                new = type(old)(value) if old is not None else int(value)
+        except ValueError:
+            parser.error(f"argument --set: {key}={value!r} is not a valid {type(old).__name__}")
         setattr(cfg, key, new)
+    check_out_folder(parser, Path(args.out))
     run(cfg, args.out, show_progress=True, console=True)
 
 

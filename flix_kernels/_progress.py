@@ -1,52 +1,76 @@
-"""A rich progress line for the long CLI commands (plain lines without rich)."""
+"""A progress line for the long CLI commands: done/total, time elapsed and, once something is
+done, the time left (rich when installed, plain lines otherwise, nothing when disabled)."""
 
 from __future__ import annotations
 
+import time
+from typing import Callable
+
+
+def duration(seconds: float) -> str:
+    """``"42 s"``, ``"3 min 05 s"``, ``"1 h 02 min"``."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
 
 class Progress:
-    """``with Progress(enabled, total) as p: p.say("pretraining"); p.tick()``.
+    """``with Progress(enabled, total, unit="cases") as p: p.say("headline"); p.tick()``.
 
-    With ``total`` a bar with a count and the time remaining, else a spinner counting steps.
-    Without rich installed (or ``enabled`` False for quiet runs), ``say`` prints plain lines
-    (or nothing).
+    :meth:`text` is the line shown: ``"3/8 cases, 1 min 05 s elapsed, about 1 min 48 s left:
+    headline"``. The time left is the mean time per unit done so far times the units left, so it
+    appears once one unit is done. Without ``total`` the line counts units. ``clock`` (seconds)
+    is replaceable for tests; ``use_rich=False`` prints plain lines even where rich is installed.
     """
 
-    def __init__(self, enabled: bool, total: int | None = None):
-        self.enabled, self.total, self.bar = enabled, total, None
+    def __init__(self, enabled: bool, total: int | None = None, *, unit: str = "steps",
+                 clock: Callable[[], float] = time.monotonic, use_rich: bool | None = None):
+        self.enabled, self.total, self.unit, self.clock = enabled, total, unit, clock
+        self.use_rich = use_rich
+        self.done, self.what, self.bar = 0, "starting", None
+        self.start = clock()
 
     def __enter__(self) -> "Progress":
-        if self.enabled:
+        self.start = self.clock()
+        if self.enabled and self.use_rich is not False:
             try:
                 from rich import progress as rp
             except ImportError:
                 return self
-            if self.total is None:
-                columns = (rp.SpinnerColumn(), rp.TextColumn("{task.description}"), rp.TimeElapsedColumn(),
-                           rp.TextColumn("{task.completed} steps"))
-            else:
-                columns = (rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
-                           rp.TimeElapsedColumn(), rp.TimeRemainingColumn())
+            columns = [rp.SpinnerColumn()] + ([rp.BarColumn()] if self.total else []) + [rp.TextColumn("{task.description}")]
             self.bar = rp.Progress(*columns)
             self.bar.start()
-            self.task = self.bar.add_task("starting", total=self.total)
+            self.task = self.bar.add_task(self.text(), total=self.total)
         return self
+
+    def text(self) -> str:
+        """The status line: done[/total] unit, elapsed, time left (after the first unit), the step."""
+        elapsed = self.clock() - self.start
+        count = f"{self.done}/{self.total}" if self.total else f"{self.done}"
+        parts = [f"{count} {self.unit}", f"{duration(elapsed)} elapsed"]
+        if self.total and 0 < self.done < self.total:
+            parts.append(f"about {duration(elapsed / self.done * (self.total - self.done))} left")
+        return ", ".join(parts) + f": {self.what}"
+
+    def _show(self) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, description=self.text(), completed=self.done)
 
     def say(self, what: str) -> None:
         """Name the step in progress."""
+        self.what = what
         if self.bar is not None:
-            self.bar.update(self.task, description=what)
+            self._show()
         elif self.enabled:
-            print(f"... {what}", flush=True)
+            print(f"... {self.text()}", flush=True)
 
-    def tick(self) -> None:
-        """One unit of work done."""
-        if self.bar is not None:
-            self.bar.advance(self.task)
-
-    def step(self, what: str) -> None:
-        """Start the next step: name it and count it."""
-        self.say(what)
-        self.tick()
+    def tick(self, n: int = 1) -> None:
+        """``n`` units of work done."""
+        self.done += n
+        self._show()
 
     def __exit__(self, *exc) -> bool:
         if self.bar is not None:

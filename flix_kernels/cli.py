@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -69,66 +71,148 @@ def _print_info() -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="flix-kernels", description="FLix kernels: tools")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, device, which backends are available (and why not), CUDA build")
-    b = sub.add_parser("bench", help="time FLix layers against base F.linear, plain PyTorch, PEFT LoRA and more")
-    b.add_argument("--quick", action="store_true", help="short runs and fewer shapes (under two minutes on a CPU)")
-    b.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+INFO = ("show versions, the device, which backends can run here (and why not), how backend 'auto' chooses, "
+        "the CUDA extension's build and the Triton settings")
+BENCH = ("time FLix layers against base F.linear, the per-feature loop, PEFT LoRA and more, each checked against "
+         "float64 first; writes results.json, results.md and plots (CPU timings are smoke tests, not results)")
+DEMO = ("zero-shot composition experiment: FLix vs LoRA on held-out (language, task) pairs of a synthetic "
+        "benchmark, over seeds; writes results.json, results.md and curves.png")
+BENCH_QUICK = "about 1 min on 2 CPU cores"
+DEMO_QUICK = "about 4.5 min on 2 CPU cores"
+
+
+def device_arg(spec: str):
+    """argparse type: cpu, cuda or cuda:N that can run here."""
+    from flix_kernels.bench.timing import resolve_device
+
+    try:
+        return resolve_device(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def positive_arg(kind):
+    """argparse type: a positive finite ``kind`` (int or float)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a positive {'integer' if kind is int else 'number'}, "
+                                             f"got {text!r}")
+        return value
+
+    return parse
+
+
+def _writable_folder(path: Path) -> str | None:
+    """None when ``path`` is a folder this process can write files into (created if missing),
+    else why not. Checked before a long run, so it cannot fail at the end for want of a folder."""
+    if path.exists() and not path.is_dir():
+        return "exists and is not a folder"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot be created ({e.strerror or e})"
+    try:
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".flix-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"is not writable ({e.strerror or e})"
+    return None
+
+
+def check_out_folder(parser: argparse.ArgumentParser, path: Path) -> None:
+    """``parser.error`` (exit 2) unless ``path`` is a folder the run can write its outputs into."""
+    why = _writable_folder(path)
+    if why:
+        parser.error(f"argument --out: {str(path)!r} {why}; give a folder that can be created and written")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``flix-kernels`` parser: ``info``, ``bench`` and ``demo``, every option described."""
+    parser = argparse.ArgumentParser(prog="flix-kernels", description="FLix kernels: inspect the install (info), "
+                                     "benchmark the layers (bench), run the zero-shot composition experiment (demo)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,bench,demo}")
+    i = sub.add_parser("info", help=INFO, description=INFO[0].upper() + INFO[1:] + ".")
+    i.set_defaults(handler=lambda args: _print_info(), parser=i)
+
+    b = sub.add_parser("bench", help=BENCH, description=BENCH[0].upper() + BENCH[1:] + ".")
+    b.set_defaults(handler=_bench, parser=b)
+    b.add_argument("--quick", action="store_true",
+                   help=f"fewer shapes and shorter timings ({BENCH_QUICK}; a smoke test on a CPU)")
+    b.add_argument("--device", type=device_arg, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else cpu)")
     b.add_argument("--shapes", choices=("headline", "decode", "sweep", "all"), nargs="+", default=None,
-                   help="shape sets (default: all; headline and decode with --quick)")
-    b.add_argument("--out", type=Path, default=None, help="output folder (default: ./flix-bench-<device>)")
+                   help="shape sets to time (default: all; headline and decode with --quick)")
+    b.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="output folder, created if missing and checked writable before the run "
+                        "(default: ./flix-bench-<device>)")
     b.add_argument("--compile", dest="compile_torch", action="store_true", default=None,
                    help="also time torch.compile of the torch backend (default on CUDA)")
-    b.add_argument("--no-compile", dest="compile_torch", action="store_false")
+    b.add_argument("--no-compile", dest="compile_torch", action="store_false",
+                   help="do not time torch.compile (default on a CPU)")
     b.add_argument("--no-e2e", dest="e2e", action="store_false", help="skip the end-to-end training step")
     b.add_argument("--backends", nargs="+", choices=("torch", "triton", "cuda"), default=None,
-                   help="our backends to time (default: every available one)")
-    b.add_argument("--rep-ms", type=float, default=None,
-                   help="milliseconds each timing runs (default: GPU 200, CPU 400; --quick: 60 / 100)")
-    b.add_argument("--no-progress", dest="progress", action="store_false")
-    d = sub.add_parser("demo", help="zero-shot composition experiment: FLix vs LoRA on held-out (language, task) pairs")
-    d.add_argument("--quick", action="store_true", help="2 seeds, shorter training (under 5 minutes on 2 CPU cores)")
-    d.add_argument("--smoke", action="store_true", help="seconds; a tiny model and a few steps (CI), numbers mean nothing")
-    d.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default: 4, --quick 2, --smoke 1)")
-    d.add_argument("--out", type=Path, default=Path("flix-demo"), help="output folder (default: ./flix-demo)")
-    d.add_argument("--device", default=None, help="cpu (default) or cuda")
-    d.add_argument("--no-progress", dest="progress", action="store_false")
-    args = parser.parse_args(argv)
-    if args.command == "info":
-        return _print_info()
-    if args.command == "bench":
-        return _bench(args)
-    if args.command == "demo":
-        return _demo(args)
-    return 2
+                   help="our backends to time (default: every one available on the device)")
+    b.add_argument("--rep-ms", type=positive_arg(float), default=None, metavar="MS",
+                   help="milliseconds each timing runs, > 0 (default: GPU 200, CPU 400; --quick: 60 / 100)")
+    b.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress line (for logs and CI)")
+
+    d = sub.add_parser("demo", help=DEMO, description=DEMO[0].upper() + DEMO[1:] + ".")
+    d.set_defaults(handler=_demo, parser=d)
+    preset = d.add_mutually_exclusive_group()
+    preset.add_argument("--quick", action="store_true",
+                        help=f"a short, undertrained smoke run of the pipeline: 2 seeds, fewer steps ({DEMO_QUICK}); "
+                             "its accuracies are not the experiment's result")
+    preset.add_argument("--smoke", action="store_true",
+                        help="seconds; a tiny model and a few steps (CI), numbers mean nothing")
+    d.add_argument("--seeds", type=positive_arg(int), default=None, metavar="N",
+                   help="number of seeds 0..N-1, at least 1 (default: 4, --quick 2, --smoke 1)")
+    d.add_argument("--out", type=Path, default=Path("flix-demo"), metavar="DIR",
+                   help="output folder, created if missing and checked writable before the run (default: ./flix-demo)")
+    d.add_argument("--device", type=device_arg, default=None, help="cpu (default), cuda or cuda:N")
+    d.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (for logs and CI)")
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit code: 0, 1 for
+    a run that found failures, 2 for bad arguments (one ``error:`` line naming the value)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return args.handler(args)
+    except SystemExit as e:  # argparse's errors (2) and --help (0), returned like every other outcome
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
 
 
 def _bench(args) -> int:
     import torch
 
-    from flix_kernels.backends import unavailable_reason
+    from flix_kernels.backends import available_backends, unavailable_reason
     from flix_kernels.bench import SHAPE_SETS, Config, bench
+    from flix_kernels.bench.report import CPU_CAVEAT
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("flix-kernels bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
-        return 2
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backends = args.backends
+    for name in backends or ():
+        why = unavailable_reason(name, device)
+        if why:
+            args.parser.error(f"argument --backends: backend {name!r} is unavailable on {device}: {why}; "
+                              f"available here: {', '.join(available_backends(device))}")
+    out = args.out or Path(f"flix-bench-{device.type}")
+    check_out_folder(args.parser, out)
     if device.type == "cpu":
         why = {b: unavailable_reason(b, "cpu") for b in ("triton", "cuda")}
         print("CPU run: timing the torch backend and the plain-PyTorch/PEFT variants; "
-              + "; ".join(f"{b} is not timed ({r})" for b, r in why.items() if r))
+              + "; ".join(f"{b} is not timed ({r})" for b, r in why.items() if r) + ". " + CPU_CAVEAT)
     shapes = args.shapes or (["headline", "decode"] if args.quick else ["all"])
     shapes = SHAPE_SETS if "all" in shapes else tuple(shapes)
-    backends = args.backends
-    if backends:
-        bad = {b: unavailable_reason(b, device) for b in backends if unavailable_reason(b, device)}
-        if bad:
-            print("flix-kernels bench: " + "; ".join(f"backend {b} is unavailable: {r}" for b, r in bad.items()),
-                  file=sys.stderr)
-            return 2
-    out = args.out or Path(f"flix-bench-{device.type}")
     cfg = Config(device=device, shapes=shapes, quick=args.quick, compile_torch=args.compile_torch, e2e=args.e2e,
                  backends=backends, rep_ms=args.rep_ms)
     record = bench(cfg, out, show_progress=args.progress)
@@ -139,29 +223,17 @@ def _bench(args) -> int:
 
 
 def _demo(args) -> int:
-    import torch
-
     try:
         import transformers  # noqa: F401
     except ImportError:
-        print("flix-kernels demo needs transformers (pip install transformers)", file=sys.stderr)
-        return 2
+        args.parser.error("the demo needs transformers (pip install transformers)")
     from flix_kernels.demo import DemoConfig, run
 
-    if args.quick and args.smoke:
-        print("flix-kernels demo: choose one of --quick and --smoke", file=sys.stderr)
-        return 2
-    device = args.device or "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print("flix-kernels demo: --device cuda, but torch sees no CUDA device", file=sys.stderr)
-        return 2
     cfg = DemoConfig.smoke() if args.smoke else DemoConfig.quick() if args.quick else DemoConfig.default()
-    cfg.device = device
+    cfg.device = str(args.device or "cpu")
     if args.seeds is not None:
-        if args.seeds < 1:
-            print("flix-kernels demo: --seeds must be at least 1", file=sys.stderr)
-            return 2
         cfg = cfg.with_seeds(args.seeds)
+    check_out_folder(args.parser, args.out)
     run(cfg, args.out, show_progress=args.progress, console=True)
     return 0
 

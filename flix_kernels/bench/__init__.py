@@ -14,7 +14,7 @@ from pathlib import Path
 from .._io import atomic_write_text
 from .._progress import Progress
 from .cases import SHAPE_SETS, Case
-from .suite import Config, run
+from .suite import Config, parts, run
 
 __all__ = ["Case", "Config", "SHAPE_SETS", "bench", "run"]
 
@@ -25,9 +25,9 @@ def bench(cfg: Config, out_dir: Path, *, show_progress: bool = True) -> dict:
     from . import report
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    with Progress(show_progress) as progress:
-        record = run(cfg, progress=progress.step, checkpoint=lambda rec: report.write_json(out_dir / "results.json", rec))
-    record["summary"] = report.summarize(record)
+    with Progress(show_progress, total=parts(cfg), unit="cases") as progress:
+        record = run(cfg, progress=progress, checkpoint=lambda rec: report.write_json(out_dir / "results.json", rec))
+    report.annotate(record)
     report.write_json(out_dir / "results.json", record)
     md = out_dir / "results.md"
     atomic_write_text(md, report.markdown(record))

@@ -126,7 +126,9 @@ def run_e2e(device: torch.device, dtype, backends: list[str], *, quick: bool, ti
                 _sync(device)
                 times.append(time.perf_counter() - t0)
             med = statistics.median(times)
-            rows[name] = {"step_ms": med * 1e3, "step_ms_min": min(times) * 1e3, "tokens_per_s": B * L / med,
+            # the spread between the slowest and the fastest identical step, relative to the fastest
+            rows[name] = {"step_ms": med * 1e3, "step_ms_min": min(times) * 1e3,
+                          "spread": (max(times) - min(times)) / min(times), "tokens_per_s": B * L / med,
                           "peak_mem_mib": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
                           "trainable_params": sum(p.numel() for p in trainable), "first_loss": first[name]}
         except Exception as e:  # noqa: BLE001

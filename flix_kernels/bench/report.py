@@ -4,17 +4,76 @@ table, and the targets the suite reports against.
 Targets (headline shape, ours = the fastest of our backends there): forward <= 1.08x base
 F.linear, forward+backward <= 1.20x; >= 10x faster than the per-feature loop; decode T=8 <=
 1.25x base (CUDA-graph replays on a GPU); never slower than PEFT's single LoRA of equal rank.
+
+Noise: every timing carries its repeat spread (the relative difference between two identical
+runs, see :mod:`.timing`). A ratio of two timings is uncertain by the two spreads combined; a
+ratio whose uncertainty is as large as the difference it claims is flagged "noisy" (marked
+``~``), and a time below its floor (x floor < 1, impossible) is flagged "below floor" (``!``).
+A target is "met" (or "not met") only when its goal lies outside the ratio's uncertainty;
+otherwise it is "inconclusive (noisy)" (and "inconclusive (below base)" when ours measures
+faster than the base GEMM it contains). On a CPU the timings are smoke tests.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .._io import atomic_write, atomic_write_text
 
 TARGETS = {"headline forward / base": 1.08, "headline forward+backward / base": 1.20,
            "torch loop / ours at headline (forward+backward)": 10.0, "decode T=8 forward / base": 1.25}
+NOISY, BELOW_FLOOR, BELOW_BASE = "noisy", "below floor", "below base"
+MARKS = {NOISY: "~", BELOW_FLOOR: "!", BELOW_BASE: "!"}
+LEGEND = {NOISY: "~ noisy: the repeat spreads of the timings behind this ratio are as large as the difference it "
+                 "shows, so it is not a result",
+          BELOW_FLOOR: "! below floor: faster than the measured peaks allow, which is impossible; the timing (or "
+                       "the peak it is compared with) is wrong, so it is not a result",
+          BELOW_BASE: "! below base: faster than the base F.linear it contains, which is impossible; the base "
+                      "timing is wrong, so the target is not decided"}
+INCONCLUSIVE, INCONCLUSIVE_BASE = "inconclusive (noisy)", "inconclusive (below base)"
+CPU_CAVEAT = ("CPU timings are smoke tests of the code path (every variant is checked against float64, then "
+              "timed at scaled-down shapes on shared cores), not performance results; the targets are GPU targets.")
+
+
+# -- noise ------------------------------------------------------------------------------------
+def combined_spread(*spreads: float) -> float:
+    """Relative uncertainty of a ratio (or product) of timings with these relative repeat
+    spreads, taken at its worst: (1 + s1)(1 + s2)... - 1."""
+    u = 1.0
+    for s in spreads:
+        u *= 1.0 + s
+    return u - 1.0
+
+
+def effect(ratio: float) -> float:
+    """The difference a ratio of two times claims, relative to the smaller time (the same
+    measure as a repeat spread): 0.5 and 2.0 both claim 1.0 (a factor of two)."""
+    return max(ratio, 1.0 / ratio) - 1.0 if ratio > 0 else math.nan  # a zero or NaN time claims nothing
+
+
+def ratio_flag(ratio: float, uncertainty: float, floor: bool = False) -> str | None:
+    """None for a ratio that is a result; "below floor" for a time under its floor (``floor``:
+    the ratio is time / floor); "noisy" when the uncertainty is as large as the effect."""
+    if floor and ratio < 1.0:
+        return BELOW_FLOOR
+    if not uncertainty < effect(ratio):  # NaN (an unknown spread) is noisy too
+        return NOISY
+    return None
+
+
+def _spread(row) -> float:
+    return row.get("spread", math.nan)
+
+
+def _peak_spread(record, case_label, mode) -> float:
+    """Spread of the measured peak that bounds this case's floor (0 where a record has none)."""
+    peaks = record["peaks"]
+    case = next((c for c in record["cases"] if c["label"] == case_label), {})
+    bound = case.get("floor_bound", {}).get(mode)
+    keys = [f"{bound}_spread"] if bound else ["matmul_spread", "copy_spread"]
+    return max(peaks.get(k, 0.0) for k in keys)
 
 
 def _timed(rows):
@@ -32,56 +91,134 @@ def best_ours(rows, case, mode, graph=False):
 
 
 def _ratio(rows, case, variant, mode, graph=False):
+    """(other / ours, its uncertainty) at this case and mode, or None."""
     ours = best_ours(rows, case, mode, graph)
     other = _lookup(rows, case, variant, mode, graph)
     if not ours or not other:
-        return None, None
-    return other[0]["median_ms"] / ours["median_ms"], ours["variant"]
+        return None
+    return other[0]["median_ms"] / ours["median_ms"], combined_spread(_spread(other[0]), _spread(ours))
+
+
+COMPARED = (("base F.linear", "ours / base"), ("torch loop", "loop / ours"), ("PEFT LoRA (r=active rank)", "peft / ours"),
+            ("torch dense-masked", "dense / ours"), ("torch._grouped_mm", "grouped_mm / ours"),
+            ("torch backend + compile", "compiled torch / ours"))
+
+
+def _target(name, entry, ratio_key, invert=False) -> dict:
+    """The verdict on one target: "met" or "not met" only when the goal lies outside the
+    ratio's uncertainty; "inconclusive (noisy)" when the noise could put it on either side of the
+    goal; "inconclusive (below base)" when ours, which contains the base GEMM, measures faster
+    than base F.linear alone by more than the noise (the base timing is wrong)."""
+    v, u = entry[ratio_key], entry["uncertainty"][ratio_key]
+    goal = TARGETS[name]
+    passes = v >= goal if invert else v <= goal
+    flag, why = None, None
+    if ratio_key == "ours / base" and v * (1 + u) < 1.0:
+        flag, why = BELOW_BASE, f"ours at {v:.2f}x the base GEMM it contains (uncertainty {100 * u:.0f}%)"
+    elif not u < effect(v / goal):
+        flag, why = NOISY, f"uncertainty {100 * u:.0f}% against a distance of {100 * effect(v / goal):.0f}% to the goal"
+    verdict = f"inconclusive ({flag})" if flag else "met" if passes else "not met"
+    out = {"target": goal, "measured": v, "ours": entry["ours"], "met": verdict == "met", "verdict": verdict,
+           "uncertainty": u, "flag": flag}
+    if why:
+        out["why"] = why
+    return out
 
 
 def summarize(record: dict) -> dict:
-    """Ratios per case and the targets, with the measured figure and whether each is met."""
+    """Ratios per case (with their uncertainty and flags) and the targets: the measured figure,
+    its verdict ("met", "not met", "inconclusive (noisy)") and ``met`` (true only when met)."""
     rows, cuda = record["rows"], record["device"]["type"] == "cuda"
     ratios = {}
-    for case in {r["case"] for r in _timed(rows)}:
+    for case in sorted({r["case"] for r in _timed(rows)}):
         for mode in ("forward", "forward+backward"):
             for graph in (False, True):
                 ours = best_ours(rows, case, mode, graph)
                 if not ours:
                     continue
-                entry = {"ours": ours["variant"], "ours_ms": ours["median_ms"]}
-                for name, key in (("base F.linear", "ours / base"), ("torch loop", "loop / ours"),
-                                  ("PEFT LoRA (r=active rank)", "peft / ours"), ("torch dense-masked", "dense / ours"),
-                                  ("torch._grouped_mm", "grouped_mm / ours"),
-                                  ("torch backend + compile", "compiled torch / ours")):
-                    r, _ = _ratio(rows, case, name, mode, graph)
-                    if r is not None:
+                entry = {"ours": ours["variant"], "ours_ms": ours["median_ms"], "ours_spread": _spread(ours),
+                         "uncertainty": {}, "flags": {}}
+                for name, key in COMPARED:
+                    got = _ratio(rows, case, name, mode, graph)
+                    if got is not None:
+                        r, u = got
                         entry[key] = 1 / r if key == "ours / base" else r
+                        entry["uncertainty"][key] = u
+                        if ratio_flag(r, u):
+                            entry["flags"][key] = ratio_flag(r, u)
                 ratios[f"{case} | {mode}{' | graph' if graph else ''}"] = entry
     targets = {}
-
-    def target(name, key, ratio_key, invert=False):
+    decode_key = f"decode T=8 | forward{' | graph' if cuda else ''}"
+    for name, key, ratio_key, invert in (
+            ("headline forward / base", "headline | forward", "ours / base", False),
+            ("headline forward+backward / base", "headline | forward+backward", "ours / base", False),
+            ("torch loop / ours at headline (forward+backward)", "headline | forward+backward", "loop / ours", True),
+            ("decode T=8 forward / base", decode_key, "ours / base", False)):
         e = ratios.get(key)
         if e and ratio_key in e:
-            v = e[ratio_key]
-            targets[name] = {"target": TARGETS[name], "measured": v, "ours": e["ours"],
-                             "met": v >= TARGETS[name] if invert else v <= TARGETS[name]}
-
-    target("headline forward / base", "headline | forward", "ours / base")
-    target("headline forward+backward / base", "headline | forward+backward", "ours / base")
-    target("torch loop / ours at headline (forward+backward)", "headline | forward+backward", "loop / ours", True)
-    target("decode T=8 forward / base", f"decode T=8 | forward{' | graph' if cuda else ''}", "ours / base")
-    slower = [f"{k}: {e['peft / ours']:.2f}x" for k, e in ratios.items() if e.get("peft / ours", 2) < 1.0]
-    targets["never slower than PEFT LoRA"] = {"target": "peft / ours >= 1 everywhere", "met": not slower,
-                                             "measured": slower or "met in every measured case"}
-    auto = {}  # what the measurements say flix_kernels.backends.AUTO_TABLE should try first
-    for cls, key in (("decode", f"decode T=8 | forward{' | graph' if cuda else ''}"),
-                     ("prefill", "headline | forward+backward")):
-        cands = sorted((r for r in _lookup(rows, key.split(" | ")[0], mode=key.split(" | ")[1], graph=" | graph" in key)
-                        if r["ours"]), key=lambda r: r["median_ms"])
+            targets[name] = _target(name, e, ratio_key, invert)
+    peft = [(k, e["peft / ours"], e["flags"].get("peft / ours")) for k, e in ratios.items() if "peft / ours" in e]
+    slower = [f"{k}: {v:.2f}x" for k, v, flag in peft if v < 1.0 and not flag]
+    noisy = [f"{k}: {v:.2f}x {MARKS[flag]}" for k, v, flag in peft if flag]
+    verdict = "not met" if slower else INCONCLUSIVE if noisy else "met"
+    targets["never slower than PEFT LoRA"] = {
+        "target": "peft / ours >= 1 everywhere", "met": verdict == "met", "verdict": verdict,
+        "measured": slower or noisy or "met in every measured case", "noisy": noisy}
+    auto, auto_noisy = {}, {}  # what the measurements say flix_kernels.backends.AUTO_TABLE should try first
+    for cls, key in (("decode", decode_key), ("prefill", "headline | forward+backward")):
+        case, mode = key.split(" | ")[:2]
+        cands = sorted((r for r in _lookup(rows, case, mode=mode, graph=" | graph" in key) if r["ours"]),
+                       key=lambda r: r["median_ms"])
         if cands:
             auto[cls] = [r["variant"].removeprefix("ours: ") for r in cands]
-    return {"ratios": ratios, "targets": targets, "measured_auto_order": auto}
+            auto_noisy[cls] = any(ratio_flag(b["median_ms"] / a["median_ms"], combined_spread(_spread(a), _spread(b)))
+                                  for a, b in zip(cands, cands[1:]))
+    flagged = {NOISY: 0, BELOW_FLOOR: 0, "ratios": 0}
+    for r in _timed(rows):
+        for kind in ("x base", "x floor"):
+            got = row_ratio(record, r, kind)
+            if got:
+                flagged["ratios"] += 1
+                if got[2]:
+                    flagged[got[2]] += 1
+    notes = []
+    if flagged[NOISY] or flagged[BELOW_FLOOR]:
+        notes.append(f"{flagged[NOISY]} of {flagged['ratios']} ratios in the timings table are noisy and "
+                     f"{flagged[BELOW_FLOOR]} are below their floor; they are marked and are not results.")
+    return {"ratios": ratios, "targets": targets, "measured_auto_order": auto, "measured_auto_order_noisy": auto_noisy,
+            "flagged": flagged, "caveat": None if cuda else CPU_CAVEAT, "notes": notes}
+
+
+def row_ratio(record: dict, row: dict, kind: str):
+    """``(value, uncertainty, flag)`` of a timed row's "x base" (time / base F.linear's at the
+    same case and mode) or "x floor" (time / the case's floor), or None where there is none."""
+    if kind == "x base":
+        base = _lookup(record["rows"], row["case"], "base F.linear", row["mode"], row.get("graph", False))
+        if not base:
+            return None
+        v, u = row["median_ms"] / base[0]["median_ms"], combined_spread(_spread(row), _spread(base[0]))
+        if base[0] is row:  # 1 by definition, not a measured difference
+            return v, u, None
+        return v, u, ratio_flag(v, u)
+    floor = next((c["floors_ms"].get(row["mode"]) for c in record["cases"] if c["label"] == row["case"]), None)
+    if not floor:
+        return None
+    v = row["median_ms"] / floor
+    u = combined_spread(_spread(row), _peak_spread(record, row["case"], row["mode"]))
+    return v, u, ratio_flag(v, u, floor=True)
+
+
+def annotate(record: dict) -> dict:
+    """Add the summary and, on every timed row, its ratios with their uncertainty and flag
+    (``x_base``, ``x_base_uncertainty``, ``x_base_flag``, and the same for ``x_floor``)."""
+    for r in _timed(record["rows"]):
+        for kind in ("x base", "x floor"):
+            got = row_ratio(record, r, kind)
+            if got:
+                key = kind.replace(" ", "_")
+                r[key], r[key + "_uncertainty"], r[key + "_flag"] = got
+    record["summary"] = summarize(record)
+    return record
 
 
 def write_json(path: Path, record: dict) -> None:
@@ -92,24 +229,65 @@ def _fmt(ms):
     return "" if ms is None else (f"{ms * 1e3:.1f} us" if ms < 1 else f"{ms:.3f} ms")
 
 
+def _ratio_cell(got) -> str:
+    if got is None:
+        return ""
+    v, _, flag = got
+    return f"{v:.2f}" + (f" {MARKS[flag]}" if flag else "")
+
+
 def table_rows(record: dict) -> list[list[str]]:
-    floors = {c["label"]: c["floors_ms"] for c in record["cases"]}
+    """One row per timing: case, variant, mode, median, p20 .. p80, repeat spread, x base,
+    x floor (ratios marked ``~`` noisy or ``!`` below floor), peak MiB."""
     out = []
     for r in record["rows"]:
         if "median_ms" not in r:
             out.append([r["case"], r["variant"], r.get("mode", ""), "", "error: " + r.get("error", ""), "", "", "", ""])
             continue
-        base = _lookup(record["rows"], r["case"], "base F.linear", r["mode"], r.get("graph", False))
-        ratio = f"{r['median_ms'] / base[0]['median_ms']:.2f}" if base else ""
-        floor = floors.get(r["case"], {}).get(r["mode"])
         mem = r.get("peak_mem_mib")
         out.append([r["case"], r["variant"], r["mode"] + (" [graph]" if r.get("graph") else ""), _fmt(r["median_ms"]),
-                    f"{_fmt(r['p20_ms'])} .. {_fmt(r['p80_ms'])}", f"{100 * r['spread']:.1f}%", ratio,
-                    f"{r['median_ms'] / floor:.2f}" if floor else "", "" if mem is None else f"{mem:.0f}"])
+                    f"{_fmt(r['p20_ms'])} .. {_fmt(r['p80_ms'])}", f"{100 * _spread(r):.1f}%",
+                    _ratio_cell(row_ratio(record, r, "x base")), _ratio_cell(row_ratio(record, r, "x floor")),
+                    "" if mem is None else f"{mem:.0f}"])
     return out
 
 
 HEADER = ["case", "variant", "mode", "median", "p20 .. p80", "repeat spread", "x base", "x floor", "peak MiB"]
+VERDICT_CELL = {"met": "yes", "not met": "**no**", INCONCLUSIVE: INCONCLUSIVE, INCONCLUSIVE_BASE: INCONCLUSIVE_BASE}
+
+
+def _verdict(t: dict) -> str:
+    return t.get("verdict") or ("met" if t["met"] else "not met")  # records written before verdicts
+
+
+def _measured(t: dict) -> str:
+    m = t["measured"]
+    if isinstance(m, list):
+        return ", ".join(m)
+    if isinstance(m, str):
+        return m
+    return f"{m:.3f}" + (f" ±{100 * t['uncertainty']:.0f}%" if "uncertainty" in t else "") + \
+        (f" {MARKS[t['flag']]}" if t.get("flag") else "")
+
+
+def _e2e_spread(r: dict) -> str:
+    return f"{100 * r['spread']:.0f}%" if "spread" in r else ""
+
+
+def legend(record: dict) -> list[str]:
+    """The legend lines of the markers that appear in this record's tables."""
+    shown = set()
+    for r in _timed(record["rows"]):
+        for kind in ("x base", "x floor"):
+            got = row_ratio(record, r, kind)
+            if got and got[2]:
+                shown.add(got[2])
+    for t in record.get("summary", {}).get("targets", {}).values():
+        if t.get("flag"):
+            shown.add(t["flag"])
+        if t.get("noisy"):
+            shown.add(NOISY)
+    return [LEGEND[k] for k in (NOISY, BELOW_FLOOR, BELOW_BASE) if k in shown]
 
 
 def markdown(record: dict) -> str:
@@ -118,31 +296,37 @@ def markdown(record: dict) -> str:
     lines = [f"# flix-kernels bench: {dev['name']}", "",
              f"commit `{record['commit'][:12]}`, {record['date']}; torch {v['torch']}, triton {v.get('triton')}, "
              f"CUDA {v.get('cuda')}, peft {v.get('peft')}; dtype {record['dtype']}"
-             + (f"; clocks {dev.get('clocks')}" if dev.get("clocks") else ""), "",
-             f"Measured peaks: {p['matmul_dtype']} matmul {p['matmul_tflops']:.1f} TFLOP/s, copy {p['copy_GBps']:.0f} GB/s. "
-             f"Method: {record['method']}.", ""]
+             + (f"; clocks {dev.get('clocks')}" if dev.get("clocks") else ""), ""]
     s = record.get("summary", {})
+    if s.get("caveat"):
+        lines += [f"**{s['caveat']}**", ""]
+    lines += [f"Measured peaks: {p['matmul_dtype']} matmul {p['matmul_tflops']:.1f} TFLOP/s, copy {p['copy_GBps']:.0f} GB/s. "
+              f"Method: {record['method']}.", ""]
+    lines += [*s.get("notes", []), ""] if s.get("notes") else []
+    legend_lines = [f"- {x}" for x in legend(record)]
     if s.get("targets"):
         lines += ["## Targets", "", "| target | goal | measured | ours | met |", "|---|---|---|---|---|"]
         for name, t in s["targets"].items():
-            m = t["measured"]
-            lines.append(f"| {name} | {t['target']} | {m if isinstance(m, (str, list)) else f'{m:.3f}'} | "
-                         f"{t.get('ours', '')} | {'yes' if t['met'] else '**no**'} |")
+            lines.append(f"| {name} | {t['target']} | {_measured(t)} | {t.get('ours', '')} | "
+                         f"{VERDICT_CELL[_verdict(t)]} |")
         lines.append("")
     lines += ["## All timings", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(record)]
+    if legend_lines:
+        lines += [""] + legend_lines
     e2e = record.get("e2e")
     if e2e and "rows" in e2e:
         m = e2e["model"]
         lines += ["", f"## End to end: training step, Llama-style {m['parameters'] / 1e6:.0f}M parameters, batch "
                       f"{e2e['batch']} x {e2e['seq_len']}, {e2e['dtype']}, adapters on every linear layer", "",
-                  "| variant | step | tokens/s | peak MiB | trainable params |", "|---|---|---|---|---|"]
+                  "| variant | step (median) | step spread | tokens/s | peak MiB | trainable params |",
+                  "|---|---|---|---|---|---|"]
         for name, r in e2e["rows"].items():
             if "error" in r:
-                lines.append(f"| {name} | error: {r['error']} | | | |")
+                lines.append(f"| {name} | error: {r['error']} | | | | |")
             else:
                 mem = "" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
-                lines.append(f"| {name} | {r['step_ms']:.1f} ms | {r['tokens_per_s']:.0f} | {mem} | "
+                lines.append(f"| {name} | {r['step_ms']:.1f} ms | {_e2e_spread(r)} | {r['tokens_per_s']:.0f} | {mem} | "
                              f"{r['trainable_params'] / 1e6:.2f}M |")
     if record.get("skipped"):
         lines += ["", "Not run here: " + "; ".join(f"{k} ({v})" for k, v in record["skipped"].items())]
@@ -219,42 +403,49 @@ def _save(fig, path: Path) -> Path:
 
 
 def console(record: dict) -> None:
-    """The summary tables on the terminal (rich when installed, plain text otherwise)."""
+    """The summary tables on the terminal (rich when installed, plain text otherwise), with the
+    legend of the noise markers and, on a CPU, the caveat that the timings are smoke tests."""
     rows = table_rows(record)
     s = record.get("summary", {})
     try:
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
     except ImportError:
         print(markdown(record))
         return
     con = Console(width=None if Console().is_terminal else 160)
-    t = Table(title=f"flix-kernels bench on {record['device']['name']} ({record['dtype']}); details in results.md")
-    for h in ("case", "variant", "mode", "median", "x base", "x floor", "peak MiB"):
+    t = Table(title=f"flix-kernels bench on {escape(record['device']['name'])} ({record['dtype']}); details in results.md")
+    for h in ("case", "variant", "mode", "median", "spread", "x base", "x floor", "peak MiB"):
         t.add_column(h, justify="left" if h in ("case", "variant", "mode") else "right")
     for row in rows:
-        t.add_row(*row[:4], *row[6:], style="bold" if row[1].startswith("ours") else None)
+        t.add_row(*map(escape, row[:4] + row[5:]), style="bold" if row[1].startswith("ours") else None)
     con.print(t)
     if s.get("targets"):
         tt = Table(title="targets")
         for h in ("target", "goal", "measured", "ours", "met"):
             tt.add_column(h)
+        style = {"met": "[green]yes[/]", "not met": "[red]no[/]", INCONCLUSIVE: f"[yellow]{INCONCLUSIVE}[/]",
+                 INCONCLUSIVE_BASE: f"[yellow]{INCONCLUSIVE_BASE}[/]"}
         for name, x in s["targets"].items():
-            m = x["measured"]
-            tt.add_row(name, str(x["target"]), m if isinstance(m, str) else (", ".join(m) if isinstance(m, list) else f"{m:.3f}"),
-                       x.get("ours", ""), "[green]yes[/]" if x["met"] else "[red]no[/]")
+            tt.add_row(escape(name), escape(str(x["target"])), escape(_measured(x)), escape(x.get("ours", "")),
+                       style[_verdict(x)])
         con.print(tt)
     e2e = record.get("e2e")
     if e2e and "rows" in e2e:
         et = Table(title=f"training step, {e2e['model']['parameters'] / 1e6:.1f}M-parameter Llama, {e2e['batch']}x{e2e['seq_len']}")
-        for h in ("variant", "step ms", "tokens/s", "peak MiB"):
+        for h in ("variant", "step ms", "spread", "tokens/s", "peak MiB"):
             et.add_column(h)
         for name, r in e2e["rows"].items():
             if "error" in r:
-                et.add_row(name, "error: " + r["error"], "", "")
+                et.add_row(escape(name), escape("error: " + r["error"]), "", "", "")
             else:
-                et.add_row(name, f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:.0f}",
+                et.add_row(escape(name), f"{r['step_ms']:.1f}", _e2e_spread(r), f"{r['tokens_per_s']:.0f}",
                            "" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}")
         con.print(et)
+    for line in legend(record) + s.get("notes", []):
+        con.print(escape(line))
+    if s.get("caveat"):
+        con.print(f"[bold yellow]{escape(s['caveat'])}[/]")
     for f in record.get("failures", []):
-        con.print(f"[red]FAILED[/] {f}")
+        con.print(f"[red]FAILED[/] {escape(f)}")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..backends import available_backends
 from ..reference import flix_linear_reference
 from .cases import SCALING, SHAPE_SETS, Case, Inputs, make_inputs, make_routing, shape_sets
-from .timing import Timer, floor_ms, measured_peaks, peak_memory_mib, provenance
+from .timing import Timer, floor_bound, floor_ms, measured_peaks, peak_memory_mib, provenance, resolve_device
 from .variants import Context, Variant, variants
 
 MODES = ("forward", "backward", "forward+backward")
@@ -118,10 +118,23 @@ def _dedupe(cases: list[Case]) -> list[Case]:
     return out
 
 
+def plan(cfg: Config) -> list[Case]:
+    """The cases a run of ``cfg`` times, in order."""
+    sets = shape_sets(resolve_device(cfg.device).type, cfg.quick)
+    return _dedupe(cfg.cases or [c for s in cfg.shapes for c in sets[s]])
+
+
+def parts(cfg: Config) -> int:
+    """How many parts a run of ``cfg`` counts in its progress: the cases and the end-to-end step."""
+    return len(plan(cfg)) + (1 if cfg.e2e else 0)
+
+
 def run(cfg: Config, progress=None, checkpoint=None) -> dict:
     """Run the suite; returns the results record (see :mod:`.report` for its outputs).
-    ``checkpoint(record)`` is called after every case, so a run cut short keeps what it measured."""
-    device = cfg.device
+    ``progress`` (a :class:`flix_kernels._progress.Progress`) is told each step (``say``) and
+    ticked after each of the :func:`parts`; ``checkpoint(record)`` is called after every case,
+    so a run cut short keeps what it measured."""
+    device = resolve_device(cfg.device)
     cuda = device.type == "cuda"
     dtype = cfg.dtype or (torch.bfloat16 if cuda else torch.float32)
     if cuda:
@@ -131,8 +144,9 @@ def run(cfg: Config, progress=None, checkpoint=None) -> dict:
     compile_torch = cuda if cfg.compile_torch is None else cfg.compile_torch
     backends = cfg.backends or available_backends(device)
     not_here = {b: why for b, why in _unavailable(device).items() if b not in backends}
-    sets = shape_sets(device.type, cfg.quick)
-    cases = _dedupe(cfg.cases or [c for s in cfg.shapes for c in sets[s]])
+    cases = plan(cfg)
+    if progress:
+        progress.say("measuring this device's matmul rate and copy bandwidth")
     record = {**provenance(device), "dtype": str(dtype).replace("torch.", ""), "quick": cfg.quick,
               "backends": backends, "backends_unavailable": not_here,
               "method": (f"{'triton.testing.do_bench (CUDA events, L2 flushed before each call) and CUDA-graph replays' if cuda else 'host clock around each call'}"
@@ -151,23 +165,33 @@ def run(cfg: Config, progress=None, checkpoint=None) -> dict:
         ctx = Context(case, routing, device, {})
         vs, skipped = variants(device, dtype, case, compile_torch=compile_torch, backends=backends)
         record["skipped"].update(skipped)
-        floors = {m: floor_ms(case.flops()[m], case.bytes(elem)[m], record["peaks"]) for m in MODES}
-        record["cases"].append({**case.as_dict(), "floors_ms": floors})
+        flops, nbytes, peaks = case.flops(), case.bytes(elem), record["peaks"]
+        record["cases"].append({**case.as_dict(), "floors_ms": {m: floor_ms(flops[m], nbytes[m], peaks) for m in MODES},
+                                "floor_bound": {m: floor_bound(flops[m], nbytes[m], peaks) for m in MODES}})
+        timed = []
         for v in vs:
             if progress:
-                progress(f"{case.label}: {v.name}")
-            _run_variant(v, ctx, inputs, timer, record, cuda)
-        del inputs, ctx
+                progress.say(f"{case.label}: {v.name}")
+            timed += _run_variant(v, ctx, inputs, timer, record, cuda)
+        if progress:
+            progress.say(f"{case.label}: repeating every timing")
+        for v, prepared, row in timed:
+            _repeat(v, ctx, prepared, inputs, row, timer, record)
+        del inputs, ctx, timed
         if cuda:
             torch.cuda.empty_cache()
         if checkpoint:
             checkpoint(record)
+        if progress:
+            progress.tick()
     if cfg.e2e:
         from .e2e import run_e2e
 
         if progress:
-            progress("end-to-end training step")
+            progress.say("end-to-end training step")
         record["e2e"] = run_e2e(device, dtype, backends, quick=cfg.quick, timer=timer)
+        if progress:
+            progress.tick()
     return record
 
 
@@ -177,7 +201,17 @@ def _unavailable(device) -> dict:
     return {b: unavailable_reason(b, device) for b in BACKENDS if unavailable_reason(b, device)}
 
 
-def _run_variant(v: Variant, ctx: Context, inputs: list[Inputs], timer: Timer, record: dict, cuda: bool):
+def _failed(v: Variant, ctx: Context, row: dict, e: Exception, record: dict, timer: Timer, mode: str) -> None:
+    row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    if v.ours:
+        record["failures"].append(f"{v.name} on {ctx.case.label} {mode}: {row['error']}")
+    with contextlib.suppress(Exception):
+        timer.sync()
+
+
+def _run_variant(v: Variant, ctx: Context, inputs: list[Inputs], timer: Timer, record: dict, cuda: bool) -> list:
+    """Check ``v``, then time each of its modes once; returns ``[(v, prepared, row)]`` for the
+    repeat pass (:func:`_repeat`)."""
     base_row = {"case": ctx.case.label, "variant": v.name, "ours": v.ours}
     try:
         prepared = [v.prepare(ctx, s) for s in inputs]
@@ -185,25 +219,37 @@ def _run_variant(v: Variant, ctx: Context, inputs: list[Inputs], timer: Timer, r
     except WrongResult as e:
         record["failures"].append(str(e))
         record["rows"].append({**base_row, "mode": "check", "error": str(e)})
-        return
+        return []
     except Exception as e:  # noqa: BLE001 - a variant that cannot run here is reported, not fatal
         msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         if v.ours:
             record["failures"].append(f"{v.name} on {ctx.case.label}: {msg}")
         record["rows"].append({**base_row, "mode": "check", "error": msg})
-        return
+        return []
+    timed = []
     for mode in v.modes:
         for graph in ((False, True) if cuda and v.graphable and mode != "backward" else (False,)):
             row = {**base_row, "mode": mode, "graph": graph, "rel_err": errs}
             try:
                 call = _call(mode, prepared, inputs)
-                row.update(timer.time(call, graph=graph))
+                row.update(timer.first(call, graph=graph))
                 if mode == "forward+backward" and not graph:
                     row["peak_mem_mib"] = peak_memory_mib(call, ctx.device)
+                timed.append((v, prepared, row))
             except Exception as e:  # noqa: BLE001
-                row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                if v.ours:
-                    record["failures"].append(f"{v.name} on {ctx.case.label} {mode}: {row['error']}")
-                with contextlib.suppress(Exception):
-                    timer.sync()
+                _failed(v, ctx, row, e, record, timer, mode)
             record["rows"].append(row)
+    return timed
+
+
+TIMING_FIELDS = ("median_ms", "p20_ms", "p80_ms", "cuda_graph", "peak_mem_mib")
+
+
+def _repeat(v: Variant, ctx: Context, prepared, inputs: list[Inputs], row: dict, timer: Timer, record: dict) -> None:
+    """The second timing of ``row`` (a fresh callable: a kept backward graph is rebuilt)."""
+    try:
+        timer.repeat(_call(row["mode"], prepared, inputs), row, graph=row["graph"])
+    except Exception as e:  # noqa: BLE001 - a timing without its repeat is not a result
+        for k in TIMING_FIELDS:
+            row.pop(k, None)
+        _failed(v, ctx, row, e, record, timer, row["mode"] + " (repeat)")

@@ -2,8 +2,9 @@
 
 On CUDA a timing is ``triton.testing.do_bench`` (CUDA events, L2 flushed before every call) or
 ``do_bench_cudagraph`` (replays of a captured graph, for shapes where launches dominate); on a
-CPU it is a host clock around each call. Every timing is taken twice so the spread between two
-identical measurements is on record next to the difference between variants.
+CPU it is a host clock around each call. Every timing is taken twice, the second time after the
+case's other variants, so the spread between two identical measurements is on record next to the
+difference between variants (:mod:`.report` flags ratios that the spread could explain).
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ def _cpu_bench(fn, rep_ms: float) -> tuple[float, float, float]:
 
 
 class Timer:
-    """``time(fn, graph=False)`` -> median/p20/p80 of one run and the median of a repeat run."""
+    """``first(fn)`` -> median/p20/p80 of one run; ``repeat(fn, row)`` adds the median of a second
+    identical run and the spread between the two. The suite takes the repeat after the case's
+    other variants, so a burst of load on a shared machine shows as spread instead of hitting
+    both runs alike; ``time(fn)`` takes both back to back."""
 
     def __init__(self, device: torch.device, rep_ms: float):
         self.device, self.rep_ms = device, rep_ms
@@ -49,17 +53,49 @@ class Timer:
             return tuple(do_bench_cudagraph(fn, rep=self.rep_ms, quantiles=q))
         return tuple(do_bench(fn, warmup=max(10, self.rep_ms / 4), rep=self.rep_ms, quantiles=q))
 
-    def time(self, fn, graph: bool = False) -> dict:
+    def first(self, fn, graph: bool = False) -> dict:
         fn()  # compile, build metadata and autotune outside the timed region and any capture
         self.sync()
         med, p20, p80 = self._once(fn, graph)
-        again = self._once(fn, graph)[0]
-        return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "repeat_median_ms": again,
-                "spread": abs(med - again) / max(min(med, again), 1e-12), "cuda_graph": graph}
+        return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "cuda_graph": graph}
+
+    def repeat(self, fn, row: dict, graph: bool = False) -> dict:
+        """Time ``fn`` again and add ``repeat_median_ms`` and ``spread`` (the relative difference
+        of the two medians, against the smaller) to ``row``, the result of :meth:`first`."""
+        fn()
+        self.sync()
+        med, again = row["median_ms"], self._once(fn, graph)[0]
+        row.update(repeat_median_ms=again, spread=abs(med - again) / max(min(med, again), 1e-12))
+        return row
+
+    def time(self, fn, graph: bool = False) -> dict:
+        return self.repeat(fn, self.first(fn, graph), graph)
 
     def sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+DEVICES = "cpu, cuda or cuda:N"
+
+
+def resolve_device(spec) -> torch.device:
+    """``spec`` ("cpu", "cuda", "cuda:N" or a torch.device) as a device these tools can run on;
+    ValueError naming the value and what is accepted, or why CUDA cannot be used here."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {str(spec)!r}; use {DEVICES}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(spec)!r} is not supported here; use {DEVICES}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+            raise ValueError(f"device {str(spec)!r}: torch {torch.__version__} ({build}) sees no CUDA device; use cpu")
+        n = torch.cuda.device_count()
+        if device.index is not None and device.index >= n:
+            raise ValueError(f"device {str(spec)!r}: torch sees {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    return device
 
 
 def peak_memory_mib(fn, device: torch.device) -> float | None:
@@ -85,19 +121,27 @@ def measured_peaks(device: torch.device, dtype: torch.dtype, timer: Timer) -> di
     gen = torch.Generator(device).manual_seed(1)
     a = torch.randn(n, n, device=device, generator=gen).to(dtype)
     b = torch.randn(n, n, device=device, generator=gen).to(dtype)
-    t = timer.time(lambda: a @ b)["median_ms"]
-    tflops = 2 * n**3 / (t * 1e-3) / 1e12
     nbytes = (1 << 30) if cuda else (1 << 27)
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device, generator=gen)
     dst = torch.empty_like(src)
-    t = timer.time(lambda: dst.copy_(src))["median_ms"]
+    matmul, copy = (lambda: a @ b), (lambda: dst.copy_(src))
+    mm, cp = timer.first(matmul), timer.first(copy)
+    timer.repeat(matmul, mm)  # each repeat apart from its first run, as in the suite
+    timer.repeat(copy, cp)
+    tflops = 2 * n**3 / (mm["median_ms"] * 1e-3) / 1e12
     return {"matmul_tflops": tflops, "matmul_dtype": str(dtype).replace("torch.", ""), "matmul_n": n,
-            "copy_GBps": 2 * nbytes / (t * 1e-3) / 1e9, "copy_bytes": nbytes}
+            "matmul_spread": mm["spread"], "copy_GBps": 2 * nbytes / (cp["median_ms"] * 1e-3) / 1e9,
+            "copy_bytes": nbytes, "copy_spread": cp["spread"]}
 
 
 def floor_ms(flops: float, nbytes: float, peaks: dict) -> float:
     """max(FLOPs / measured matmul rate, bytes / measured copy bandwidth) in ms."""
     return max(flops / (peaks["matmul_tflops"] * 1e12), nbytes / (peaks["copy_GBps"] * 1e9)) * 1e3
+
+
+def floor_bound(flops: float, nbytes: float, peaks: dict) -> str:
+    """Which measured peak sets :func:`floor_ms`: "matmul" or "copy"."""
+    return "matmul" if flops / (peaks["matmul_tflops"] * 1e12) >= nbytes / (peaks["copy_GBps"] * 1e9) else "copy"
 
 
 def git_commit() -> str:

@@ -129,6 +129,30 @@ def findings(summary: dict) -> list[str]:
     return lines
 
 
+RECORDED_RESULTS = "examples/results/zero_shot_composition/ (results.md, findings.md) in the repository"
+
+
+def caveat(record: dict) -> str | None:
+    """What a quick or smoke run is for: a short run of the pipeline whose accuracies are not the
+    experiment's result (None for the default preset)."""
+    cfg, preset = record["config"], record["config"]["preset"]
+    if preset not in ("quick", "smoke"):
+        return None
+    from . import DemoConfig
+
+    default = DemoConfig.default()
+    methods = record.get("summary", {}).get("methods", {})
+    seen = methods.get("lora", {}).get("seen", {}).get("mean")
+    fit = f"; the shared LoRA fits only {100 * seen:.0f}% of the seen pairs" if seen is not None and seen < 0.95 else ""
+    what = ("a smoke test of the code path: a tiny model and a few steps, so the numbers mean nothing"
+            if preset == "smoke" else
+            f"a short smoke run of the pipeline ({len(cfg['seeds'])} seeds, {cfg['pretrain_steps']} pretraining and "
+            f"{cfg['steps']} adapter steps against {len(default.seeds)} seeds, {default.pretrain_steps} and "
+            f"{default.steps} in the default run), undertrained{fit}, so its accuracies are not the experiment's result")
+    return (f"This {preset} run is {what}. The experiment's result is the default run (`flix-kernels demo`), "
+            f"recorded in {RECORDED_RESULTS}.")
+
+
 # -- files ------------------------------------------------------------------------------------
 def _pct(st: dict) -> str:
     return (f"{100 * st['mean']:.1f} ± {100 * st['std']:.1f} "
@@ -142,7 +166,10 @@ def markdown(record: dict) -> str:
              f"commit `{prov['commit'][:12]}`{' (package modified)' if prov.get('package_modified') else ''}, {prov['date']}; torch {v['torch']}, transformers {v.get('transformers')}; "
              f"device {prov['device']['name']} ({prov['device']['type']}, {prov['torch_threads']} torch thread(s) per seed, "
              f"{prov['workers']} seed(s) in parallel); "
-             f"seeds {cfg['seeds']}; total wall time {record['wall_seconds'] / 60:.1f} min.", "",
+             f"seeds {cfg['seeds']}; total wall time {record['wall_seconds'] / 60:.1f} min.", ""]
+    if record.get("caveat"):
+        lines += [f"**{record['caveat']}**", ""]
+    lines += [
              "Exact match (%) of the whole target at the end of training, mean ± std over seeds [min, max]:", "",
              "| method | seen pairs | held-out pairs (zero-shot) | trainable params | time / seed |",
              "|---|---|---|---|---|"]
@@ -235,6 +262,7 @@ def console(record: dict) -> None:
     summ = record["summary"]["methods"]
     try:
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
     except ImportError:
         print(markdown(record))
@@ -248,10 +276,12 @@ def console(record: dict) -> None:
         t.add_row(s["label"], _pct(s["seen"]), _pct(s["held_out"]), f"{s['trainable_params']:,}", f"{s['seconds']:.0f} s")
     con.print(t)
     for f in record["summary"]["findings"]:
-        con.print("- " + f)
+        con.print("- " + escape(f))
+    if record.get("caveat"):
+        con.print(f"[bold yellow]{escape(record['caveat'])}[/]")
     out = record.get("outputs", {})
     if out:
         print("wrote " + ", ".join(v for k, v in out.items() if k != "plot_note") + (f"; {out['plot_note']}" if "plot_note" in out else ""))
 
 
-__all__ = ["console", "design", "findings", "markdown", "plot", "provenance", "summarize", "write"]
+__all__ = ["caveat", "console", "design", "findings", "markdown", "plot", "provenance", "summarize", "write"]

@@ -1,4 +1,4 @@
-"""Quick start: train FLix adapters on a frozen model, then save, reload, merge and export.
+"""Quick start: train FLix adapters on a frozen model, then save, reload, merge, export and unload.
 
 A small frozen MLP learns, through FLix adapters only, a family of regression targets that
 depend on an example's (language, task) pair: target = base + u_language + v_task, an
@@ -85,11 +85,18 @@ def main() -> None:
         routing = fk.Routing(space.encode([held_out] * batch), space)
         with fk.use_routing(model, routing):
             routed = model(x)
-        fk.set_routing(model, None)  # the last training batch's routing differs from the merged set
+        # A merged model needs no routing; the last training batch's routing is still set and asks
+        # for other features, which a merged model refuses: clear it.
+        fk.set_routing(model, None)
         fk.merge(model, held_out)
         merged = model(x)
         fk.unmerge(model)
+        # A plain copy with the feature set folded in: nn.Linear layers only, no flix_kernels needed to run it.
+        plain = fk.merge_and_unload(copy.deepcopy(model), held_out)
+        plain_out = plain(x)
     print(f"merged {held_out} into the base weights: max |merged - routed| = {(merged - routed).abs().max():.2e}")
+    print(f"merge_and_unload: {type(plain[0]).__name__} layers, max |plain - routed| = "
+          f"{(plain_out - routed).abs().max():.2e}")
 
 
 if __name__ == "__main__":

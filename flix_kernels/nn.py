@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -31,8 +32,7 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def check_alpha(alpha) -> float:
     """``alpha`` as a float; a ``TypeError``/``ValueError`` naming it unless it is a finite number > 0."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) and not (
-            isinstance(alpha, torch.Tensor) and alpha.numel() == 1):
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"alpha must be a number, got {alpha!r} ({type(alpha).__name__})")
     value = float(alpha)
     if not (math.isfinite(value) and value > 0):
@@ -56,10 +56,16 @@ class FLixLinear(nn.Module):
     per-feature scale is ``alpha / r_k`` (``alpha / sqrt(r_k)`` with ``use_rslora``).
     Initialised like LoRA (A Kaiming-uniform, B zero), so a fresh layer equals its base.
 
-    Args beyond ``nn.Linear``'s: ``space`` (the :class:`FeatureSpace`), ``alpha`` (default 8,
-    PEFT's default ``lora_alpha``), ``dropout`` (on the low-rank input, training only),
-    ``use_rslora``, ``init`` ("lora" or "gaussian": A ~ N(0, 1/r)), ``adapter_dtype`` (dtype
-    of lora_A/lora_B; default the base weight's), ``backend`` (see :func:`flix_linear`).
+    Args beyond ``nn.Linear``'s: ``space`` (the :class:`FeatureSpace`), ``alpha`` (a finite
+    number > 0, default 8, PEFT's default ``lora_alpha``), ``dropout`` (on the low-rank input,
+    training only), ``use_rslora``, ``init`` ("lora" or "gaussian": A ~ N(0, 1/r)),
+    ``adapter_dtype`` (dtype of lora_A/lora_B; default the base weight's), ``backend`` (see
+    :func:`flix_linear`).
+
+    ``state_dict()`` keys are ``weight``, ``bias`` (the base layer's, under nn.Linear's names,
+    so a plain model loads them), ``lora_A`` and ``lora_B``; loading also accepts the older
+    ``base_layer.weight`` / ``base_layer.bias``. A merged layer's state dict holds its unmerged
+    weight (a checkpoint is always base + adapters) and loading into a merged layer raises.
     """
 
     # Set by flix_kernels.distributed.ColwiseFLix / RowwiseFLix (tensor parallelism).
@@ -390,36 +396,29 @@ def _base_keys_to_plain(module: FLixLinear, state_dict, prefix: str, local_metad
     """``<prefix>base_layer.weight`` -> ``<prefix>weight`` (same for bias), base keys first. A
     merged layer saves its unmerged weight: a checkpoint always means base + adapters."""
     # This module's keys are the last ones written (its own, then base_layer's): reorder them.
-    mine = [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + _BASE)]
-    mine_set = set(mine)
-    own = {k: state_dict.pop(k) for k in mine}
-    base = {k: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix + _BASE)}
-    for key, value in base.items():
-        plain = prefix + key[len(prefix + _BASE):]
-        if plain in mine_set:  # a base state name equal to one of ours: keep the structural name
-            plain = key
-        if plain == prefix + "weight" and module._merged is not None:
-            value = module._merge_backup
-        state_dict[plain] = value
-    state_dict.update(own)
+    own = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(prefix)]}
+    for key, value in own.items():
+        if key.startswith(prefix + _BASE):
+            plain = prefix + key[len(prefix + _BASE):]
+            merged_weight = module._merged is not None and plain == prefix + "weight"
+            state_dict[plain] = module._merge_backup if merged_weight else value
+    state_dict.update((k, v) for k, v in own.items() if not k.startswith(prefix + _BASE))
 
 
 def _plain_keys_to_base(module: FLixLinear, state_dict, prefix: str, local_metadata, strict, missing_keys,
                         unexpected_keys, error_msgs) -> None:
     """Accept ``<prefix>weight`` and the older ``<prefix>base_layer.weight`` alike."""
     module._loading_prefix = prefix
-    names = _base_state_names(module.base_layer)
-    keys = [k for k in state_dict if k.startswith(prefix) and (
-        k[len(prefix):].split(".", 1)[0] in names or k.startswith(prefix + _BASE))]
-    if keys and module._merged is not None:
-        error_msgs.append(f"{prefix or 'the model'}: the FLix layer has {module._describe(module._merged)} merged; "
-                          "call flix_kernels.unmerge(model) before load_state_dict")
-        for k in keys:
+    if module._merged is not None and any(k.startswith(prefix) for k in state_dict):
+        # Loading base weights or adapters under a merge would leave the merged weight stale.
+        error_msgs.append(f"{prefix[:-1] or 'the FLix layer'}: has {module._describe(module._merged)} merged into its "
+                          "weights; call flix_kernels.unmerge(model) before load_state_dict")
+        for k in [k for k in state_dict if k.startswith(prefix)]:
             del state_dict[k]
         return
+    names = _base_state_names(module.base_layer)
+    keys = [k for k in state_dict if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0] in names]
     for key in keys:
-        if key.startswith(prefix + _BASE):
-            continue
         rest = key[len(prefix):]
         target = prefix + _BASE + rest
         if target in state_dict:

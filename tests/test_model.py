@@ -819,13 +819,15 @@ def test_injected_model_state_dict_loads_into_the_plain_model(seed):
 
 def test_distributed_checkpoint_state_dict_helpers_see_the_plain_names(seed):
     """torch.distributed.checkpoint's get/set_model_state_dict (what FSDP2 users call) map our
-    state-dict keys back to the parameters (FLixLinear._fqn_modifiers)."""
+    state-dict keys back to the parameters (FLixLinear._fqn_modifiers; full_state_dict=True is
+    the path that walks the modules)."""
     dcp_sd = pytest.importorskip("torch.distributed.checkpoint.state_dict")
     gen = torch.Generator().manual_seed(seed)
     model, space = _adapted_mlp(seed, gen)
-    state = dcp_sd.get_model_state_dict(model)
+    options = dcp_sd.StateDictOptions(full_state_dict=True)
+    state = dcp_sd.get_model_state_dict(model, options=options)
     assert set(state) == set(model.state_dict()) and "fc1.weight" in state
     other, _ = _adapted_mlp(seed + 1, torch.Generator().manual_seed(seed + 1))
-    dcp_sd.set_model_state_dict(other, state)
+    dcp_sd.set_model_state_dict(other, state, options=options)
     for k, v in model.state_dict().items():
         assert torch.equal(other.state_dict()[k], v), k

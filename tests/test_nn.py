@@ -161,6 +161,8 @@ def test_state_dict_of_a_merged_layer_holds_the_unmerged_weight(seed):
     assert torch.equal(state["weight"], w0) and not torch.equal(layer.base_layer.weight, w0)
     with pytest.raises(RuntimeError, match="merged.*unmerge"):
         layer.load_state_dict(state)
+    with pytest.raises(RuntimeError, match="merged.*unmerge"):  # adapters alone would leave the merge stale
+        layer.load_state_dict({"lora_A": state["lora_A"], "lora_B": state["lora_B"]}, strict=False)
     layer.unmerge()
     layer.load_state_dict(state)
     assert torch.equal(layer.base_layer.weight, w0)
@@ -192,7 +194,7 @@ def test_alpha_must_be_finite_and_positive(alpha):
     assert layer.alpha == 4.0 and layer.scaling.tolist() == pytest.approx([0.5] * 4 + [2.0] * 2)
 
 
-@pytest.mark.parametrize("alpha", ["8", None, True])
+@pytest.mark.parametrize("alpha", ["8", None, True, torch.tensor(8.0)])
 def test_alpha_must_be_a_number(alpha):
     with pytest.raises(TypeError, match="alpha must be a number"):
         fk.FLixLinear(4, 3, space(), alpha=alpha)

@@ -144,9 +144,10 @@ def accept_feature_ids(model: nn.Module, *, feature_dropout: float = 0.0,
     that forward and restore the previous routing afterwards. For a packed row (batch size 1)
     with ``position_ids`` and no ``cu_seqlens`` the boundaries are read from the positions.
     A forward without ``feature_ids`` keeps whatever routing the layers have
-    (:func:`~flix_kernels.set_routing`; none is an error that names ``feature_ids=``). Activation checkpointing replays each forward's own
-    routing. Returns a handle whose ``remove()`` uninstalls the hooks; calling it again
-    replaces the previous hooks.
+    (:func:`~flix_kernels.set_routing`; with none, the error names ``feature_ids=``).
+    Activation checkpointing replays each forward's own routing. Returns a handle whose
+    ``remove()`` uninstalls the hooks; calling it again replaces the previous hooks;
+    :func:`~flix_kernels.unload` and :func:`~flix_kernels.merge_and_unload` remove them.
 
     With ``transformers.Trainer`` set ``TrainingArguments(remove_unused_columns=False)``: the
     Trainer otherwise drops dataset columns its model's signature does not name. Call it after
@@ -175,11 +176,11 @@ def generate(model: nn.Module, *args, feature_ids=None, routing: Routing | None 
     """``model.generate(*args, **kwargs)`` with every example using its own features.
 
     Pass ``feature_ids`` (``(B, num_groups)`` ids or a list of B ``{group: value}`` dicts) or a
-    ``routing`` of the B prompts. ``generate``
-    repeats each prompt for beam search and for several return sequences (``[e0, e0, e1, e1,
-    ...]``); every forward it runs (the encoder of an encoder-decoder, then prefill and each
-    decode step with the KV cache) is routed with the routing of its own batch size, B or a
-    multiple of B, so beams of one example keep that example's features.
+    ``routing`` of the B prompts. ``generate`` repeats each prompt for beam search and for
+    several return sequences (``[e0, e0, e1, e1, ...]``); every forward it runs (the encoder
+    of an encoder-decoder, then prefill and each decode step with the KV cache) is routed with
+    the routing of its own batch size, B or a multiple of B, so beams of one example keep that
+    example's features.
     """
     if (feature_ids is None) == (routing is None):
         raise ValueError("generate needs exactly one of feature_ids= or routing=")

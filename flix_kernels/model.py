@@ -166,7 +166,16 @@ def use_routing(model: nn.Module, routing: Routing):
 
 
 def merge(model: nn.Module, features: Mapping[str, str]) -> None:
-    """Fold the update of one feature set (``{group: value}``) into every FLix layer's base weight."""
+    """Fold the update of one feature set (``{group: value}``) into every FLix layer's base weight.
+
+    A merged model needs no routing. A routing left set (say the last training batch's) that
+    asks for other features raises at forward: clear it with ``set_routing(model, None)`` (or
+    route every example with the merged set) to run the merged model, or :func:`unmerge` to
+    route other features. Backward through a merged layer in training mode raises (it has no
+    adapter path); eval and ``no_grad`` inference, ``generate`` included, work. Each layer
+    keeps a copy of its original weight so that :func:`unmerge` restores it bit for bit; for
+    a plain model without that copy use :func:`merge_and_unload`.
+    """
     layers = _require_layers(model)
     for name, layer in layers:
         if layer.merged is not None:

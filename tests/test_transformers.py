@@ -398,9 +398,11 @@ def test_trainer_checkpoint_resumes_into_an_injected_model_and_loads_as_plain(tm
     assert torch.equal(_outputs(plain, x), _outputs(model.flix_test_base, x))  # the base never trained
     resumed = tiny("llama", seed + 1)
     fk.inject(resumed, space, target_modules="all-linear")
+    fk.accept_feature_ids(resumed)
     trainer = transformers.Trainer(model=resumed, args=args, train_dataset=data, data_collator=fk.FeatureCollator(space))
-    trainer._load_from_checkpoint(str(ckpt))  # what train(resume_from_checkpoint=...) loads the model with
+    trainer.train(resume_from_checkpoint=str(ckpt))  # loads the checkpoint; max_steps is reached, no step runs
     model.eval()
+    resumed.eval()
     assert torch.equal(_outputs(resumed, x, routing), _outputs(model, x, routing))
 
 

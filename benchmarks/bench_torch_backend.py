@@ -7,7 +7,10 @@ Compared side by side on the same inputs, forward and forward+backward:
   dense / grouped / auto   backend "torch" with its strategy forced, and as its cost model picks.
 Each variant's output is checked against the loop in float64 before anything is timed.
 Also reported: the low-rank FLOPs of each variant and the floor of the low-rank part
-(active FLOPs over the measured GEMM rate). Writes JSON + markdown to --out.
+(active FLOPs over the measured GEMM rate). Every timing is taken twice, the repeat after the
+case's other variants, with the suite's timer (:mod:`flix_kernels.bench.timing`); ratios the
+noise could explain are marked as in ``flix-kernels bench``. CPU timings are smoke tests of
+the code path, not performance results. Writes JSON + markdown to --out.
 
     python benchmarks/bench_torch_backend.py [--quick] [--out benchmarks/results/cpu]
 """
@@ -17,38 +20,23 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import flix_kernels as fk  # noqa: E402
-from flix_kernels._io import atomic_write_json  # noqa: E402
+from flix_kernels._io import atomic_write_json, atomic_write_text  # noqa: E402
 from flix_kernels.backends import torch_backend  # noqa: E402
+from flix_kernels.bench import report  # noqa: E402
+from flix_kernels.bench.timing import Timer, measured_peaks  # noqa: E402
+from flix_kernels.cli import check_out_folder  # noqa: E402
 from flix_kernels.reference import flix_delta_reference  # noqa: E402
 
-
-def timeit(fn, min_time=0.3, max_reps=50):
-    fn()  # warm-up
-    times = []
-    t_end = time.perf_counter() + min_time
-    while len(times) < 3 or (time.perf_counter() < t_end and len(times) < max_reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
-    return {"median_ms": 1e3 * statistics.median(times), "p20_ms": 1e3 * q(0.2), "p80_ms": 1e3 * q(0.8), "reps": len(times)}
-
-
-def gemm_rate(n=1024):
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    t = timeit(lambda: a @ b)["median_ms"] / 1e3
-    return 2 * n**3 / t
+CPU = torch.device("cpu")
 
 
 def example_rank_mask(routing, scaling):
@@ -67,7 +55,7 @@ def masked_all_features(x, A, B, own):
     return h @ B.t()
 
 
-def run_case(name, space, ids, L, in_f, out_f, quick):
+def run_case(name, space, ids, L, in_f, out_f, timer):
     gen = torch.Generator().manual_seed(0)
     B = ids.shape[0]
     x = torch.randn(B, L, in_f, generator=gen)
@@ -102,9 +90,12 @@ def run_case(name, space, ids, L, in_f, out_f, quick):
 
     T = B * L
     active = sum(sum(space.ranks[k] for k in fk.Routing(ids, space).features_of(b)) for b in range(B)) * L
-    rows = []
-    base = timeit(lambda: F.linear(x, W), 0.2 if quick else 0.5)
-    rows.append({"variant": "base F.linear", "pass": "fwd", **base})
+    timed = []  # (row, fn): each timed once here, then again after the case's other variants
+
+    def first(variant, pass_, fn):
+        timed.append(({"variant": variant, "pass": pass_, **timer.first(fn)}, fn))
+
+    first("base F.linear", "fwd", lambda: F.linear(x, W))
     xg, Ag, Bg = x.clone().requires_grad_(True), A.clone().requires_grad_(True), Bm.clone().requires_grad_(True)
     for v, f in variants.items():
         # Routing built once per batch and shared by layers: time the per-layer cost with a warm cache.
@@ -122,8 +113,19 @@ def run_case(name, space, ids, L, in_f, out_f, quick):
         else:
             fn = lambda f=f: f(x, A, Bm)  # noqa: E731
             fb = lambda f=f: f(xg, Ag, Bg).sum().backward()  # noqa: E731
-        rows.append({"variant": v, "pass": "fwd", **timeit(fn, 0.2 if quick else 0.5)})
-        rows.append({"variant": v, "pass": "fwd+bwd", **timeit(fb, 0.2 if quick else 0.5)})
+        first(v, "fwd", fn)
+        first(v, "fwd+bwd", fb)
+    rows = []
+    for row, fn in timed:
+        timer.repeat(fn, row)
+        row["noise"] = report.noise(row)
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        if row["pass"] == "fwd":
+            row["x_base"] = row["median_ms"] / base["median_ms"]
+            row["x_base_uncertainty"] = report.combined_spread(row["noise"], base["noise"])
+            row["x_base_flag"] = None if row is base else report.ratio_flag(row["x_base"], row["x_base_uncertainty"])
     strategy = torch_backend.plan(routing, routing.layout((B, L)), torch.device("cpu")).strategy
     return {
         "case": name, "B": B, "L": L, "in": in_f, "out": out_f, "features": space.num_features,
@@ -133,13 +135,24 @@ def run_case(name, space, ids, L, in_f, out_f, quick):
     }
 
 
+def _mark(row) -> str:
+    return f" {report.MARKS[row['x_base_flag']]}" if row.get("x_base_flag") else ""
+
+
+def _x_base(row) -> str:
+    return f"{row['x_base']:.2f}{_mark(row)}" if "x_base" in row else ""
+
+
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu"))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller shapes and shorter timings")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu"), metavar="DIR",
+                    help="output folder (default: benchmarks/results/cpu)")
     args = ap.parse_args()
+    check_out_folder(ap, Path(args.out))
     torch.manual_seed(0)
-    rate = gemm_rate()
+    timer = Timer(CPU, 200 if args.quick else 500)
+    rate = measured_peaks(CPU, torch.float32, timer)["matmul_tflops"] * 1e12
     langs = fk.FeatureSpace({"language": [f"l{i}" for i in range(32)], "task": [f"t{i}" for i in range(32)]}, 16)
     many = fk.FeatureSpace({"language": [f"l{i}" for i in range(1024)]}, 8)
     B, L, D = (8, 64, 512) if args.quick else (8, 256, 1024)
@@ -153,13 +166,15 @@ def main():
     results = []
     for name, space, ids in cases:
         Lc = L // 4 if ids.shape[0] > B else L
-        res = run_case(name, space, ids, Lc, D, D, args.quick)
+        res = run_case(name, space, ids, Lc, D, D, timer)
         res["lowrank_floor_ms"] = 1e3 * res["lowrank_active_flops_fwd"] / rate
         results.append(res)
         print(f"\n{name}: B={res['B']} L={res['L']} in=out={D}, auto -> {res['auto_strategy']}, "
               f"low-rank floor {res['lowrank_floor_ms']:.3f} ms")
         for row in res["rows"]:
-            print(f"  {row['variant']:14s} {row['pass']:8s} {row['median_ms']:9.3f} ms  (p20 {row['p20_ms']:.3f}, p80 {row['p80_ms']:.3f})")
+            print(f"  {row['variant']:14s} {row['pass']:8s} {row['median_ms']:9.3f} ms  (p20 {row['p20_ms']:.3f}, "
+                  f"p80 {row['p80_ms']:.3f}, repeat spread {100 * row['spread']:.0f}%){_mark(row)}")
+    print("\n" + report.CPU_CAVEAT)
     try:
         commit = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(__file__), text=True).strip()
     except Exception:
@@ -167,22 +182,23 @@ def main():
     meta = {"device": f"cpu ({platform.machine()}, {os.cpu_count()} cores)", "torch": torch.__version__,
             "python": platform.python_version(), "flix_kernels": fk.__version__, "commit": commit,
             "threads": torch.get_num_threads(), "measured_gemm_gflops": rate / 1e9, "quick": args.quick}
-    os.makedirs(args.out, exist_ok=True)
     atomic_write_json(os.path.join(args.out, "torch_backend.json"), {"meta": meta, "results": results})
     lines = [f"# backend 'torch' on {meta['device']}", "",
-             f"torch {meta['torch']}, commit {commit}, measured GEMM rate {rate / 1e9:.1f} GFLOP/s, {meta['threads']} threads.",
-             "Median ms (p20-p80). The low-rank floor is the active low-rank FLOPs over the GEMM rate.", ""]
+             f"torch {meta['torch']}, commit {commit}, measured GEMM rate {rate / 1e9:.1f} GFLOP/s, {meta['threads']} threads.", "",
+             f"**{report.CPU_CAVEAT}**", "",
+             "Median ms (p20-p80), the repeat spread (the second run after the case's other variants), and the "
+             f"forward time over base F.linear's. {report.NOISE_RULE} The low-rank floor is the active low-rank FLOPs "
+             "over the GEMM rate.", "", f"- {report.LEGEND[report.NOISY]}", ""]
     for res in results:
         lines += [f"## {res['case']}", "",
                   f"B={res['B']}, L={res['L']}, in=out={res['in']}, {res['features']} features, total rank {res['total_rank']}, "
                   f"active rank/token {res['active_rank_per_token']:.0f}; auto picks **{res['auto_strategy']}**; "
                   f"low-rank floor {res['lowrank_floor_ms']:.3f} ms", "",
-                  "| variant | pass | median ms | p20-p80 |", "|---|---|---|---|"]
-        lines += [f"| {r['variant']} | {r['pass']} | {r['median_ms']:.3f} | {r['p20_ms']:.3f}-{r['p80_ms']:.3f} |" for r in res["rows"]]
+                  "| variant | pass | median ms | p20-p80 | repeat spread | x base |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['variant']} | {r['pass']} | {r['median_ms']:.3f} | {r['p20_ms']:.3f}-{r['p80_ms']:.3f} | "
+                  f"{100 * r['spread']:.0f}% | {_x_base(r)} |" for r in res["rows"]]
         lines.append("")
-    with open(os.path.join(args.out, "torch_backend.md.tmp"), "w") as f:
-        f.write("\n".join(lines))
-    os.replace(os.path.join(args.out, "torch_backend.md.tmp"), os.path.join(args.out, "torch_backend.md"))
+    atomic_write_text(os.path.join(args.out, "torch_backend.md"), "\n".join(lines))
     print(f"\nwrote {args.out}/torch_backend.json and .md")
 
 

@@ -94,11 +94,13 @@ def test_every_timing_is_repeated_after_the_other_variants_of_its_case(monkeypat
 
 # -- noise flags, on synthetic records ---------------------------------------------------------
 def _record(device: str, timings: dict, floors: dict | None = None) -> dict:
-    """A results record with ``timings[(case, variant, mode)] = (median_ms, spread)``."""
+    """A results record with ``timings[(case, variant, mode)] = (median_ms, spread[, p20..p80 width])``
+    (the width relative to the median, default a tenth of the spread)."""
     rows, cases = [], {}
-    for (case, variant, mode), (ms, spread) in timings.items():
+    for (case, variant, mode), (ms, spread, *width) in timings.items():
+        w = width[0] if width else spread / 10
         rows.append({"case": case, "variant": variant, "ours": variant.startswith("ours"), "mode": mode,
-                     "graph": False, "median_ms": ms, "p20_ms": ms * 0.9, "p80_ms": ms * 1.1,
+                     "graph": False, "median_ms": ms, "p20_ms": ms * (1 - w / 2), "p80_ms": ms * (1 + w / 2),
                      "repeat_median_ms": ms * (1 + spread), "spread": spread, "cuda_graph": False})
         cases.setdefault(case, {"label": case, "floors_ms": {}})
     for case, f in (floors or {}).items():
@@ -153,6 +155,30 @@ def test_a_noisy_measurement_never_meets_a_target():
     # ours faster than the base GEMM it contains, beyond the noise: the base timing is wrong
     below = _headline(0.03, 1.0)["summary"]["targets"]["headline forward / base"]
     assert below["flag"] == report.BELOW_BASE and below["verdict"] == report.INCONCLUSIVE_BASE and not below["met"]
+
+
+def test_scattered_samples_are_noise_even_when_two_runs_agree():
+    # a busy machine's time slicing: the two medians agree, the samples between p20 and p80 do not
+    peft = ("headline", "PEFT LoRA (r=active rank)", "forward")
+    rec = _headline(8.0, 4.0, ours_spread=0.02, more={peft: (0.8, 0.05, 60.0)})  # p20..p80 60x its median
+    row = next(r for r in rec["rows"] if r["variant"] == peft[1])
+    assert row["noise"] == pytest.approx(60.0) and row["spread"] == 0.05
+    e = rec["summary"]["ratios"]["headline | forward"]
+    assert e["flags"]["peft / ours"] == report.NOISY and "ours / base" not in e["flags"]
+    assert rec["summary"]["targets"]["never slower than PEFT LoRA"]["verdict"] == report.INCONCLUSIVE
+    tight = _headline(8.0, 4.0, ours_spread=0.02, more={peft: (0.8, 0.05, 0.05)})
+    assert tight["summary"]["targets"]["never slower than PEFT LoRA"]["verdict"] == "not met"
+
+
+def test_a_busy_machine_is_named_in_the_report():
+    rec = _record("cpu", {("headline", "base F.linear", "forward"): (1.0, 0.01)})
+    rec["host_load"] = {"cores": 2, "start": 1.2, "end": 10.7}
+    note = report.busy_note(rec)
+    assert note.startswith("The machine was busy during this run (1-minute load average up to 10.7 on 2 cores)")
+    report.annotate(rec)
+    assert note in rec["summary"]["notes"] and note in report.markdown(rec)
+    rec["host_load"] = {"cores": 2, "start": 1.2, "end": 2.5}  # our own two threads, nothing else
+    assert report.busy_note(rec) is None and report.busy_note({"host_load": {"cores": 2, "start": None}}) is None
 
 
 def test_noise_and_impossible_floors_are_marked_in_the_tables_with_a_legend():

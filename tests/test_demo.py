@@ -2,13 +2,16 @@
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("transformers")
 
+import flix_kernels.demo  # noqa: E402
 from flix_kernels import cli  # noqa: E402
 from flix_kernels.demo import DemoConfig, run  # noqa: E402
+from flix_kernels.demo import report as demo_report  # noqa: E402
 from flix_kernels.demo.data import BOS, EOS, IGNORE, SEP, TASKS, Benchmark, latin_square_holdout  # noqa: E402
 from flix_kernels.demo.experiment import make_method  # noqa: E402
 
@@ -111,6 +114,7 @@ def test_smoke_run_writes_sane_results(tmp_path):
     assert "same information" in rec["design"]["tags"]
     md = (tmp_path / "results.md").read_text()
     assert md.startswith("# flix-kernels demo") and "held-out pairs (zero-shot)" in md
+    assert "the numbers mean nothing" in rec["caveat"] and f"**{rec['caveat']}**" in md
     assert (tmp_path / "curves.png").stat().st_size > 1000
 
 
@@ -125,3 +129,70 @@ def test_a_seed_reproduces_in_process_and_in_parallel_workers():
         assert ra["curve"] == rb["curve"] and ra["final"] == rb["final"]
         assert sa["base"]["final_loss"] == sb["base"]["final_loss"]
     assert a["provenance"]["workers"] == 1 and b["provenance"]["workers"] == 2
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_quick_run_says_it_is_an_undertrained_smoke_run(tmp_path, capsys):
+    # the quick preset's caveat, on a run small enough for a test
+    cfg = DemoConfig.smoke(preset="quick", seeds=(0,), pretrain_steps=8, steps=4, eval_every=2, methods=("lora",))
+    rec = run(cfg, tmp_path, console=True)
+    seen = rec["summary"]["methods"]["lora"]["seen"]["mean"]
+    caveat = rec["caveat"]
+    default = DemoConfig.default()
+    assert caveat.startswith("This quick run is a short smoke run of the pipeline (1 seeds, 8 pretraining and 4 adapter "
+                             f"steps against {len(default.seeds)} seeds, {default.pretrain_steps} and {default.steps} "
+                             "in the default run), undertrained")
+    assert f"the shared LoRA fits only {100 * seen:.0f}% of the seen pairs" in caveat
+    assert "its accuracies are not the experiment's result" in caveat and "`flix-kernels demo`" in caveat
+    assert demo_report.RECORDED_RESULTS in caveat
+    assert (REPO / demo_report.RECORDED_RESULTS.split(" ")[0] / "results.md").is_file()  # where it points exists
+    assert json.loads((tmp_path / "results.json").read_text())["caveat"] == caveat
+    assert f"**{caveat}**" in (tmp_path / "results.md").read_text()
+    assert " ".join(caveat.split()) in " ".join(capsys.readouterr().out.split())
+    assert demo_report.caveat({"config": {"preset": "default"}}) is None  # the default run is the result
+
+
+def test_bad_device_and_seeds_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"unknown device 'gpu'; use cpu, cuda or cuda:N"):
+        run(DemoConfig.smoke(device="gpu"))
+    with pytest.raises(ValueError, match="at least one seed"):
+        run(DemoConfig.smoke(seeds=()))
+    for n in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=f"the number of seeds must be an integer of at least 1, got {n!r}"):
+            DemoConfig.smoke().with_seeds(n)
+
+
+@pytest.fixture
+def no_run(monkeypatch):
+    def started(*a, **k):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(flix_kernels.demo, "run", started)
+
+
+BAD_DEMO = [
+    (["--device", "gpu"], "argument --device: unknown device 'gpu'; use cpu, cuda or cuda:N"),
+    (["--device", "cuda:x"], "argument --device: unknown device 'cuda:x'; use cpu, cuda or cuda:N"),
+    (["--seeds", "0"], "argument --seeds: expected a positive integer, got '0'"),
+    (["--seeds", "two"], "argument --seeds: expected a positive integer, got 'two'"),
+    (["--quick", "--smoke"], "argument --smoke: not allowed with argument --quick"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_DEMO, ids=[" ".join(a) for a, _ in BAD_DEMO])
+def test_demo_refuses_bad_arguments_in_one_line(args, message, capsys, no_run, tmp_path):
+    assert cli.main(["demo", "--no-progress", "--out", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("flix-kernels demo: error: ") and message in line
+
+
+def test_demo_refuses_an_output_folder_it_cannot_create_before_running(tmp_path, capsys, no_run):
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "demo"
+    assert cli.main(["demo", "--smoke", "--out", str(out)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("flix-kernels demo: error: argument --out: ") and "cannot be created" in line

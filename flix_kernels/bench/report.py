@@ -6,7 +6,8 @@ F.linear, forward+backward <= 1.20x; >= 10x faster than the per-feature loop; de
 1.25x base (CUDA-graph replays on a GPU); never slower than PEFT's single LoRA of equal rank.
 
 Noise: every timing carries its repeat spread (the relative difference between two identical
-runs, see :mod:`.timing`). A ratio of two timings is uncertain by the two spreads combined; a
+runs, taken apart in time, see :mod:`.timing`); its noise is the wider of that spread and its
+p20..p80 width over the median. A ratio of two timings is uncertain by their noise combined; a
 ratio whose uncertainty is as large as the difference it claims is flagged "noisy" (marked
 ``~``), and a time below its floor (x floor < 1, impossible) is flagged "below floor" (``!``).
 A target is "met" (or "not met") only when its goal lies outside the ratio's uncertainty;
@@ -26,13 +27,15 @@ TARGETS = {"headline forward / base": 1.08, "headline forward+backward / base": 
            "torch loop / ours at headline (forward+backward)": 10.0, "decode T=8 forward / base": 1.25}
 NOISY, BELOW_FLOOR, BELOW_BASE = "noisy", "below floor", "below base"
 MARKS = {NOISY: "~", BELOW_FLOOR: "!", BELOW_BASE: "!"}
-LEGEND = {NOISY: "~ noisy: the repeat spreads of the timings behind this ratio are as large as the difference it "
-                 "shows, so it is not a result",
+LEGEND = {NOISY: "~ noisy: the noise of the timings behind this ratio (repeat spread, p20..p80 width) is as large "
+                 "as the difference it shows, so it is not a result",
           BELOW_FLOOR: "! below floor: faster than the measured peaks allow, which is impossible; the timing (or "
                        "the peak it is compared with) is wrong, so it is not a result",
           BELOW_BASE: "! below base: faster than the base F.linear it contains, which is impossible; the base "
                       "timing is wrong, so the target is not decided"}
 INCONCLUSIVE, INCONCLUSIVE_BASE = "inconclusive (noisy)", "inconclusive (below base)"
+NOISE_RULE = ("A timing's noise is the wider of its repeat spread and its p20..p80 width over the median; a ratio's "
+              "uncertainty combines the noise of its two timings.")
 CPU_CAVEAT = ("CPU timings are smoke tests of the code path (every variant is checked against float64, then "
               "timed at scaled-down shapes on shared cores), not performance results; the targets are GPU targets.")
 
@@ -67,6 +70,15 @@ def _spread(row) -> float:
     return row.get("spread", math.nan)
 
 
+def noise(row) -> float:
+    """A timing's relative uncertainty: the wider of its repeat spread and its p20..p80 width
+    over the median (a run whose samples scatter, as under a busy machine's time slicing, has
+    no well-defined middle even when two runs happen to agree)."""
+    med = row["median_ms"]
+    width = (row["p80_ms"] - row["p20_ms"]) / med if med > 0 else math.nan
+    return max(_spread(row), width) if not math.isnan(width) else math.nan
+
+
 def _peak_spread(record, case_label, mode) -> float:
     """Spread of the measured peak that bounds this case's floor (0 where a record has none)."""
     peaks = record["peaks"]
@@ -96,7 +108,7 @@ def _ratio(rows, case, variant, mode, graph=False):
     other = _lookup(rows, case, variant, mode, graph)
     if not ours or not other:
         return None
-    return other[0]["median_ms"] / ours["median_ms"], combined_spread(_spread(other[0]), _spread(ours))
+    return other[0]["median_ms"] / ours["median_ms"], combined_spread(noise(other[0]), noise(ours))
 
 
 COMPARED = (("base F.linear", "ours / base"), ("torch loop", "loop / ours"), ("PEFT LoRA (r=active rank)", "peft / ours"),
@@ -136,7 +148,7 @@ def summarize(record: dict) -> dict:
                 ours = best_ours(rows, case, mode, graph)
                 if not ours:
                     continue
-                entry = {"ours": ours["variant"], "ours_ms": ours["median_ms"], "ours_spread": _spread(ours),
+                entry = {"ours": ours["variant"], "ours_ms": ours["median_ms"], "ours_noise": noise(ours),
                          "uncertainty": {}, "flags": {}}
                 for name, key in COMPARED:
                     got = _ratio(rows, case, name, mode, graph)
@@ -171,7 +183,7 @@ def summarize(record: dict) -> dict:
                        key=lambda r: r["median_ms"])
         if cands:
             auto[cls] = [r["variant"].removeprefix("ours: ") for r in cands]
-            auto_noisy[cls] = any(ratio_flag(b["median_ms"] / a["median_ms"], combined_spread(_spread(a), _spread(b)))
+            auto_noisy[cls] = any(ratio_flag(b["median_ms"] / a["median_ms"], combined_spread(noise(a), noise(b)))
                                   for a, b in zip(cands, cands[1:]))
     flagged = {NOISY: 0, BELOW_FLOOR: 0, "ratios": 0}
     for r in _timed(rows):
@@ -181,12 +193,23 @@ def summarize(record: dict) -> dict:
                 flagged["ratios"] += 1
                 if got[2]:
                     flagged[got[2]] += 1
-    notes = []
+    notes = [busy] if (busy := busy_note(record)) else []
     if flagged[NOISY] or flagged[BELOW_FLOOR]:
         notes.append(f"{flagged[NOISY]} of {flagged['ratios']} ratios in the timings table are noisy and "
                      f"{flagged[BELOW_FLOOR]} are below their floor; they are marked and are not results.")
     return {"ratios": ratios, "targets": targets, "measured_auto_order": auto, "measured_auto_order_noisy": auto_noisy,
             "flagged": flagged, "caveat": None if cuda else CPU_CAVEAT, "notes": notes}
+
+
+def busy_note(record: dict) -> str | None:
+    """A sentence when the host's load average exceeded its cores by more than one while the
+    run measured (its own threads count too, hence the margin), else None."""
+    load = record.get("host_load") or {}
+    seen = [x for x in (load.get("start"), load.get("end")) if x is not None]
+    if not seen or not load.get("cores") or max(seen) <= load["cores"] + 1:
+        return None
+    return (f"The machine was busy during this run (1-minute load average up to {max(seen):.1f} on {load['cores']} "
+            "cores): other processes took CPU time, so the timings include their interference.")
 
 
 def row_ratio(record: dict, row: dict, kind: str):
@@ -196,7 +219,7 @@ def row_ratio(record: dict, row: dict, kind: str):
         base = _lookup(record["rows"], row["case"], "base F.linear", row["mode"], row.get("graph", False))
         if not base:
             return None
-        v, u = row["median_ms"] / base[0]["median_ms"], combined_spread(_spread(row), _spread(base[0]))
+        v, u = row["median_ms"] / base[0]["median_ms"], combined_spread(noise(row), noise(base[0]))
         if base[0] is row:  # 1 by definition, not a measured difference
             return v, u, None
         return v, u, ratio_flag(v, u)
@@ -204,14 +227,16 @@ def row_ratio(record: dict, row: dict, kind: str):
     if not floor:
         return None
     v = row["median_ms"] / floor
-    u = combined_spread(_spread(row), _peak_spread(record, row["case"], row["mode"]))
+    u = combined_spread(noise(row), _peak_spread(record, row["case"], row["mode"]))
     return v, u, ratio_flag(v, u, floor=True)
 
 
 def annotate(record: dict) -> dict:
-    """Add the summary and, on every timed row, its ratios with their uncertainty and flag
-    (``x_base``, ``x_base_uncertainty``, ``x_base_flag``, and the same for ``x_floor``)."""
+    """Add the summary and, on every timed row, its :func:`noise` and its ratios with their
+    uncertainty and flag (``x_base``, ``x_base_uncertainty``, ``x_base_flag``, the same for
+    ``x_floor``)."""
     for r in _timed(record["rows"]):
+        r["noise"] = noise(r)
         for kind in ("x base", "x floor"):
             got = row_ratio(record, r, kind)
             if got:
@@ -301,7 +326,7 @@ def markdown(record: dict) -> str:
     if s.get("caveat"):
         lines += [f"**{s['caveat']}**", ""]
     lines += [f"Measured peaks: {p['matmul_dtype']} matmul {p['matmul_tflops']:.1f} TFLOP/s, copy {p['copy_GBps']:.0f} GB/s. "
-              f"Method: {record['method']}.", ""]
+              f"Method: {record['method']}. {NOISE_RULE}", ""]
     lines += [*s.get("notes", []), ""] if s.get("notes") else []
     legend_lines = [f"- {x}" for x in legend(record)]
     if s.get("targets"):
@@ -416,10 +441,11 @@ def console(record: dict) -> None:
         return
     con = Console(width=None if Console().is_terminal else 160)
     t = Table(title=f"flix-kernels bench on {escape(record['device']['name'])} ({record['dtype']}); details in results.md")
-    for h in ("case", "variant", "mode", "median", "spread", "x base", "x floor", "peak MiB"):
+    for h in ("case", "variant", "mode", "median", "noise", "x base", "x floor", "peak MiB"):
         t.add_column(h, justify="left" if h in ("case", "variant", "mode") else "right")
-    for row in rows:
-        t.add_row(*map(escape, row[:4] + row[5:]), style="bold" if row[1].startswith("ours") else None)
+    for row, r in zip(rows, record["rows"]):
+        cells = row[:4] + [f"{100 * noise(r):.0f}%" if "median_ms" in r else ""] + row[6:]
+        t.add_row(*map(escape, cells), style="bold" if row[1].startswith("ours") else None)
     con.print(t)
     if s.get("targets"):
         tt = Table(title="targets")

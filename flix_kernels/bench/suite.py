@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from ..backends import available_backends
 from ..reference import flix_linear_reference
 from .cases import SCALING, SHAPE_SETS, Case, Inputs, make_inputs, make_routing, shape_sets
-from .timing import Timer, floor_bound, floor_ms, measured_peaks, peak_memory_mib, provenance, resolve_device
+from .timing import (Timer, floor_bound, floor_ms, load_average, measured_peaks, peak_memory_mib, provenance,
+                     resolve_device)
 from .variants import Context, Variant, variants
 
 MODES = ("forward", "backward", "forward+backward")
@@ -192,6 +193,7 @@ def run(cfg: Config, progress=None, checkpoint=None) -> dict:
         record["e2e"] = run_e2e(device, dtype, backends, quick=cfg.quick, timer=timer)
         if progress:
             progress.tick()
+    record["host_load"]["end"] = load_average()
     return record
 
 

@@ -184,4 +184,14 @@ def provenance(device: torch.device) -> dict:
         dev = {"type": "cpu", "name": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "torch_threads": torch.get_num_threads()}
     return {"device": dev, "versions": versions, "commit": git_commit(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "host_load": {"cores": os.cpu_count(), "start": load_average()}}
+
+
+def load_average() -> float | None:
+    """The host's 1-minute load average (runnable processes), where the OS reports one: a
+    machine busy with other work shows here before it shows in the timings."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None

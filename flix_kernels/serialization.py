@@ -24,7 +24,7 @@ from .features import FeatureSpace
 from .distributed import distribute_tensor as _distribute_tensor
 from .distributed import is_dtensor
 from .model import _candidate_linears, _replace, flix_layers
-from .nn import FLixLinear, linear_in_out
+from .nn import FLixLinear, check_alpha, linear_in_out
 
 __all__ = ["save_adapters", "load_adapters", "TENSORS_FILE", "CONFIG_FILE"]
 
@@ -174,6 +174,13 @@ def load_adapters(model: nn.Module, path: str, *, strict: bool = True) -> list[s
         [f"{len(extra)} FLix layer(s) of the model with no saved adapters {extra[:10]} (left as they were)"] if extra else [])
     if skipped:
         warnings.warn("load_adapters(strict=False) skipped " + " and ".join(skipped), stacklevel=2)
+    for name, hp in saved.items():  # hyper-parameters checked before anything changes
+        try:
+            check_alpha(hp.get("alpha"))
+            if not (isinstance(hp.get("dropout"), (int, float)) and 0.0 <= float(hp["dropout"]) < 1.0):
+                raise ValueError(f"dropout must be in [0, 1), got {hp.get('dropout')!r}")
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{CONFIG_FILE} in {path!r}, layer {name!r}: {e}") from None
     if fresh:
         # Shapes the layers will have once injected; nothing is replaced until all checks pass.
         in_out = {n: linear_in_out(linears[n]) for n in saved}

@@ -479,3 +479,19 @@ def test_strict_false_with_no_matching_layer_still_raises(seed, tmp_path):
     other = trained_mlp(seed, targets=["fc3"])
     with pytest.raises(ValueError, match=r"no layer of .* matches the model.*FLix layers \['fc3'\]"):
         fk.load_adapters(other, path, strict=False)
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), 0.0, -1.0])
+def test_a_saved_bad_alpha_raises_before_the_model_changes(seed, tmp_path, alpha):
+    saved = trained_mlp(seed)
+    dict(fk.flix_layers(saved))["fc2"].alpha = alpha  # as a file written by hand or by an older version
+    path = save(saved, tmp_path)
+    fresh = tiny_mlp(seed)
+    with pytest.raises(ValueError, match=r"layer 'fc2': alpha must be a finite number > 0"):
+        fk.load_adapters(fresh, path)
+    assert not fk.flix_layers(fresh)
+    model = trained_mlp(seed + 1)
+    before = adapter_state(model)
+    with pytest.raises(ValueError, match=r"layer 'fc2': alpha must be a finite number > 0"):
+        fk.load_adapters(model, path)
+    assert_same_adapters(model, before)

@@ -7,7 +7,7 @@ import torch
 
 import flix_kernels as fk
 from conftest import DEVICE, random_adapters, random_feature_ids
-from flix_kernels.backends import cuda_backend, kernel_ops, triton_backend
+from flix_kernels.backends import cuda_backend, kernel_ops, torch_backend, triton_backend
 
 # Launch plans that exercise every path on tiny shapes: small tiles (token tiles straddling
 # examples), K split over several blocks, weight gradients split over token chunks.
@@ -52,9 +52,13 @@ def forced_paths(backend: str, overrides=None, fuse_base=None):
 
 
 def keep_mask(backend: str, seed: int, T: int, K: int, p: float) -> torch.Tensor:
-    """The (T, K) dropout keep-mask ``backend``'s kernels use for the seed the ops draw from
-    ``torch.Generator(DEVICE).manual_seed(seed)``, computed by that backend's own code."""
-    seed_t = kernel_ops.draw_seed(DEVICE, torch.Generator(DEVICE).manual_seed(seed))
+    """The (T, K) dropout keep-mask ``backend`` uses when the ops get the generator
+    ``torch.Generator(DEVICE).manual_seed(seed)``, computed by that backend's own code (the
+    kernels turn one drawn seed into Philox bits; "torch" draws the mask from the generator)."""
+    gen = torch.Generator(DEVICE).manual_seed(seed)
+    if backend == "torch":
+        return torch_backend.dropout_mask((T, K), p, gen, DEVICE)
+    seed_t = kernel_ops.draw_seed(DEVICE, gen)
     if backend == "triton":
         return triton_backend.launch.keep_mask(seed_t, T, K, p)
     return cuda_backend.launch.keep_mask(int(seed_t), T, K, p).to(DEVICE)

@@ -1,17 +1,29 @@
-"""Shared test helpers: random feature spaces, routings and adapters, tolerances by dtype.
+"""Shared test helpers: random feature spaces, routings and adapters, tolerances by dtype,
+and the suite's seed policy.
 
 Every kernel and layer test compares against :mod:`flix_kernels.reference` (the per-feature
-loop) run in float64. Inputs are random and fresh each run (seeded from the test's own RNG
-so a failure prints the seed that reproduces it).
+loop) run in float64.
+
+Seeds: every test is deterministic. Before each test, ``random``, ``numpy.random`` and
+``torch`` (CPU and CUDA) are seeded from a stable value derived from the test's node id and
+a base seed (0, or ``$FLIX_TEST_SEED``); the ``seed`` fixture returns the same value, and
+hypothesis tests get it as their ``@seed`` (no example database). A failing test's report
+has a "reproduce" section with its seed and the command that reruns it with the same draws.
+``FLIX_LONG_TESTS=1`` selects the long hypothesis profile and the long case counts.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import random
+import shlex
+import zlib
 
+import hypothesis
 import pytest
 import torch
+from hypothesis import HealthCheck
 
 # Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. It must be on
 # before flix_kernels (and so triton.jit) is imported.
@@ -72,13 +84,107 @@ def assert_close_to_oracle(actual: torch.Tensor, oracle64: torch.Tensor, oracle_
     assert err <= 2 * base + slack, f"{what}: error {err:.3g} > 2 x same-precision oracle error {base:.3g} + {slack:.3g}"
 
 
-@pytest.fixture
-def seed(request) -> int:
-    """A fresh seed per test run, printed on failure through the test id in the report."""
-    s = random.SystemRandom().randrange(2**31)
-    request.node.user_properties.append(("seed", s))
-    print(f"seed={s}")
+# -- seed policy -----------------------------------------------------------------------------
+SEED_ENV = "FLIX_TEST_SEED"
+LONG_ENV = "FLIX_LONG_TESTS"
+LONG_TESTS = os.environ.get(LONG_ENV, "").strip() not in ("", "0")
+
+
+def base_seed() -> int:
+    """The base of every test's seed: ``$FLIX_TEST_SEED`` (any int literal), else 0."""
+    raw = os.environ.get(SEED_ENV, "").strip()
+    if not raw:
+        return 0
+    try:
+        return int(raw, 0)
+    except ValueError:
+        raise pytest.UsageError(f"{SEED_ENV} must be an integer, got {raw!r}") from None
+
+
+def stable_seed(nodeid: str, base: int | None = None) -> int:
+    """The seed of the test ``nodeid``: the same on every run and machine for one base seed
+    (a CRC, not ``hash()``, which Python salts per process)."""
+    return zlib.crc32(f"{base_seed() if base is None else base}:{nodeid}".encode()) & 0x7FFFFFFF
+
+
+# Hypothesis: no example database (a failure replayed from .hypothesis/ would make runs differ),
+# no deadline (shared CPUs), the failing example's reproduce blob printed; the seed comes from
+# the autouse fixture below. Case counts of the property tests (tests/test_properties.py) are
+# chosen with the profile.
+_HYPOTHESIS = dict(deadline=None, database=None, print_blob=True,
+                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+hypothesis.settings.register_profile("flix-ci", **_HYPOTHESIS)
+hypothesis.settings.register_profile("flix-long", **_HYPOTHESIS)
+HYPOTHESIS_PROFILE = "flix-long" if LONG_TESTS else "flix-ci"
+hypothesis.settings.load_profile(HYPOTHESIS_PROFILE)
+# Random cases per property test: FLIX_LONG_TESTS=1 runs >= 10,000 on the torch backend and
+# >= 2,000 per kernel backend; CI runs a few hundred in all.
+PROPERTY_CASES = {"torch": 10_000, "kernel": 2_000} if LONG_TESTS else {"torch": 300, "kernel": 40}
+# Cases run and their wall time (seconds) per backend, counted by the property tests, summed up at the end.
+PROPERTY_RUNS: collections.Counter = collections.Counter()
+PROPERTY_SECONDS: collections.Counter = collections.Counter()
+
+_SEED_KEY = pytest.StashKey[int]()
+
+
+def pytest_configure(config):
+    base_seed()  # a malformed FLIX_TEST_SEED stops the run before any test
+
+
+def pytest_report_header(config):
+    source = f"from ${SEED_ENV}" if os.environ.get(SEED_ENV, "").strip() else f"default; set ${SEED_ENV} to change"
+    return (f"flix_kernels tests: base seed {base_seed()} ({source}), hypothesis profile {HYPOTHESIS_PROFILE}, "
+            f"property cases {PROPERTY_CASES}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if PROPERTY_RUNS:
+        terminalreporter.write_sep("-", "property cases against the float64 oracle")
+        for backend, n in sorted(PROPERTY_RUNS.items()):
+            terminalreporter.write_line(f"{backend}: {n} cases in {PROPERTY_SECONDS[backend]:.0f} s")
+
+
+def reproduce_command(nodeid: str) -> str:
+    """The shell command that reruns ``nodeid`` with the same seeds and case counts."""
+    env = [f"{SEED_ENV}={base_seed()}"] + ([f"{LONG_ENV}=1"] if LONG_TESTS else [])
+    return " ".join(env + ["python", "-m", "pytest", shlex.quote(nodeid)])
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything(request) -> int:
+    """Seed every global RNG from the test's stable seed (see the module docstring)."""
+    s = stable_seed(request.node.nodeid)
+    request.node.stash[_SEED_KEY] = s
+    random.seed(s)
+    torch.manual_seed(s)  # also every CUDA device
+    try:
+        import numpy
+    except ImportError:
+        pass
+    else:
+        numpy.random.seed(s)
+    fn = getattr(request, "function", None)
+    if getattr(fn, "is_hypothesis_test", False):
+        hypothesis.seed(s)(fn)  # read when the test runs; overrides the profile's derandomize
     return s
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    s = item.stash.get(_SEED_KEY, None)
+    if report.failed and s is not None:
+        report.sections.append(("reproduce", (
+            f"seed {s} (base seed {base_seed()} and this test's node id; ${SEED_ENV} changes the base)\n"
+            f"rerun with the same draws: {reproduce_command(item.nodeid)}")))
+    return report
+
+
+@pytest.fixture
+def seed(request, _seed_everything) -> int:
+    """This test's stable seed (the one the global RNGs were seeded with)."""
+    request.node.user_properties.append(("seed", _seed_everything))
+    return _seed_everything
 
 
 def random_space(gen: torch.Generator, num_groups: int | None = None, max_values: int = 5, max_rank: int = 8,
@@ -113,14 +219,23 @@ def random_scaling(space: fk.FeatureSpace, gen: torch.Generator, dtype=torch.flo
     return (0.5 + torch.rand(space.num_features, generator=gen, dtype=torch.float64)).to(dtype)
 
 
-def oracle(x, A, Bm, ids, space, scaling, dtype, cu=None, weight=None, bias=None, dropout_mask=None, dropout_p=0.0):
-    """The per-feature loop oracle on CPU in ``dtype`` and its leaves ``(x, A, B[, W, b])``."""
-    leaves = [t.detach().cpu().to(dtype).requires_grad_(True) for t in (x, A, Bm)]
+FACTORS = ("x", "lora_A", "lora_B")
+
+
+def oracle(x, A, Bm, ids, space, scaling, dtype, cu=None, weight=None, bias=None, dropout_mask=None, dropout_p=0.0,
+           lora_dtype=None, requires_grad=FACTORS):
+    """The per-feature loop oracle on CPU in ``dtype`` and its leaves ``(x, A, B[, W, b])``.
+
+    ``lora_dtype`` (default ``dtype``) is the dtype of the adapters and so of the low-rank
+    path, as in the ops; ``requires_grad`` names the factors that get gradients."""
+    lora_dtype = lora_dtype or dtype
+    leaves = [t.detach().cpu().to(d).requires_grad_(name in requires_grad)
+              for name, t, d in zip(FACTORS, (x, A, Bm), (dtype, lora_dtype, lora_dtype))]
     xo, Ao, Bo = leaves
-    s = scaling.detach().cpu().to(dtype) if torch.is_tensor(scaling) else scaling
+    s = scaling.detach().cpu().to(lora_dtype) if torch.is_tensor(scaling) else scaling
     drop = dict(dropout_mask=None if dropout_mask is None else dropout_mask.cpu(), dropout_p=dropout_p)
     if weight is None:
-        ref = flix_delta_reference(xo, Ao, Bo, ids, space.rank_offsets, s, cu_seqlens=cu, **drop)
+        ref = flix_delta_reference(xo, Ao, Bo, ids, space.rank_offsets, s, cu_seqlens=cu, **drop).to(dtype)
     else:
         wo = weight.detach().cpu().to(dtype).requires_grad_(weight.requires_grad)
         bo = None if bias is None else bias.detach().cpu().to(dtype).requires_grad_(bias.requires_grad)
@@ -130,28 +245,66 @@ def oracle(x, A, Bm, ids, space, scaling, dtype, cu=None, weight=None, bias=None
     return ref, leaves
 
 
+# Memory layouts :func:`stored_as` makes; "strided" and "offset" copies have a finite sentinel
+# around the values, so a kernel that reads past its strides gives a visibly wrong result.
+MEMORY_LAYOUTS = ("contiguous", "transposed", "strided", "offset")
+_SENTINEL = 1000.0
+
+
+def stored_as(t: torch.Tensor, layout: str | None) -> torch.Tensor:
+    """A detached copy of ``t`` with the same values stored in ``layout``: "contiguous";
+    "transposed" (every dimension's order reversed in memory); "strided" (the last dimension
+    at stride 2, i.e. a slice of a wider tensor); "offset" (contiguous, one element past the
+    start of its storage, so not 16-byte aligned); None: ``t.clone()`` (keeps t's layout)."""
+    t = t.detach()
+    if layout is None:
+        return t.clone()
+    if layout == "contiguous":
+        return t.clone(memory_format=torch.contiguous_format)
+    if layout == "transposed":
+        rev = list(range(t.dim()))[::-1]
+        return t.permute(rev).contiguous().permute(rev)
+    if layout == "strided":
+        wide = torch.full((*t.shape[:-1], 2 * t.shape[-1]), _SENTINEL, dtype=t.dtype, device=t.device)
+        return wide[..., ::2].copy_(t)
+    if layout == "offset":
+        flat = torch.full((t.numel() + 1,), _SENTINEL, dtype=t.dtype, device=t.device)
+        return flat[1:].view(t.shape).copy_(t)
+    raise ValueError(f"unknown memory layout {layout!r}; expected one of {MEMORY_LAYOUTS}")
+
+
 def check_against_oracle(x, A, Bm, routing, ids, space, scaling, dtype=None, *, backend, cu=None, weight=None,
-                         bias=None, dropout_p=0.0, generator=None, dropout_mask=None, grad_out=None):
+                         bias=None, dropout_p=0.0, generator=None, dropout_mask=None, grad_out=None,
+                         requires_grad=FACTORS, memory=None):
     """Run ``flix_delta`` (or ``flix_linear`` when ``weight`` is given) with ``backend`` and
-    check the output and every gradient (x, lora_A, lora_B, and weight/bias when they require
-    grad) against the float64 oracle; low precision uses :func:`assert_close_to_oracle`.
-    Returns the output and the gradients."""
+    check the output and every gradient (of the factors named in ``requires_grad``, and of
+    weight/bias when they require grad) against the float64 oracle; low precision uses
+    :func:`assert_close_to_oracle` (against the oracle in x's dtype with the adapters' dtype
+    for the low-rank path). ``memory`` maps "x", "lora_A", "lora_B", "weight" to a layout of
+    :func:`stored_as` for the op's inputs. Returns the output and the gradients."""
     dtype = dtype or x.dtype
-    xs, As, Bs = (t.detach().clone().requires_grad_(True) for t in (x, A, Bm))
+    memory = memory or {}
+    xs, As, Bs = (stored_as(t, memory.get(name)).requires_grad_(name in requires_grad)
+                  for name, t in zip(FACTORS, (x, A, Bm)))
     ws = bs = None
     if weight is not None:
-        ws = weight.detach().clone().requires_grad_(weight.requires_grad)
+        ws = stored_as(weight, memory.get("weight")).requires_grad_(weight.requires_grad)
         bs = None if bias is None else bias.detach().clone().requires_grad_(bias.requires_grad)
     kw = dict(scaling=scaling, backend=backend, dropout_p=dropout_p, generator=generator)
     if weight is None:
         out = fk.flix_delta(xs, As, Bs, routing, **kw)
     else:
         out = fk.flix_linear(xs, ws, bs, As, Bs, routing, **kw)
-    ref, leaves64 = oracle(x, A, Bm, ids, space, scaling, torch.float64, cu, weight, bias, dropout_mask, dropout_p)
+    args = (x, A, Bm, ids, space, scaling)
+    common = dict(cu=cu, weight=weight, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p,
+                  requires_grad=requires_grad)
+    ref, leaves64 = oracle(*args, torch.float64, **common)
     assert out.shape == ref.shape and out.dtype == x.dtype and out.device == x.device
+    assert out.requires_grad == ref.requires_grad, "out: requires_grad differs from the oracle's"
     gout = grad_out if grad_out is not None else torch.randn(ref.shape, dtype=torch.float64)
-    (out * gout.to(out.device, out.dtype)).sum().backward()
-    (ref * gout).sum().backward()
+    if ref.requires_grad:
+        (out * gout.to(out.device, out.dtype)).sum().backward()
+        (ref * gout).sum().backward()
     mine = [xs, As, Bs] + ([ws] + ([bs] if bs is not None else []) if ws is not None else [])
     names = ["out", "dx", "dA", "dB", "dW", "db"]
     got = [out] + [t.grad for t in mine]
@@ -159,8 +312,9 @@ def check_against_oracle(x, A, Bm, routing, ids, space, scaling, dtype=None, *, 
     for name, g, w in zip(names, got, want):
         assert (g is None) == (w is None), f"{name}: gradient presence differs from the oracle"
     if dtype in LOW_PRECISION:
-        low, leaves_low = oracle(x, A, Bm, ids, space, scaling, dtype, cu, weight, bias, dropout_mask, dropout_p)
-        (low * gout.to(dtype)).sum().backward()
+        low, leaves_low = oracle(*args, dtype, lora_dtype=A.dtype, **common)
+        if low.requires_grad:
+            (low * gout.to(dtype)).sum().backward()
         same = [low] + [t.grad for t in leaves_low]
         for name, g, w, s in zip(names, got, want, same):
             if g is not None:

@@ -21,9 +21,10 @@ class Progress:
     """``with Progress(enabled, total, unit="cases") as p: p.say("headline"); p.tick()``.
 
     :meth:`text` is the line shown: ``"3/8 cases, 1 min 05 s elapsed, about 1 min 48 s left:
-    headline"``. The time left is the mean time per unit done so far times the units left, so it
-    appears once one unit is done. Without ``total`` the line counts units. ``clock`` (seconds)
-    is replaceable for tests; ``use_rich=False`` prints plain lines even where rich is installed.
+    headline"``. The time left is the mean time per unit done so far times the units left, less
+    the time since the last unit was done: it appears once one unit is done and counts down.
+    Without ``total`` the line counts units. ``clock`` (seconds) is replaceable for tests;
+    ``use_rich=False`` prints plain lines even where rich is installed.
     """
 
     def __init__(self, enabled: bool, total: int | None = None, *, unit: str = "steps",
@@ -31,19 +32,27 @@ class Progress:
         self.enabled, self.total, self.unit, self.clock = enabled, total, unit, clock
         self.use_rich = use_rich
         self.done, self.what, self.bar = 0, "starting", None
-        self.start = clock()
+        self.start = self.last_tick = clock()
 
     def __enter__(self) -> "Progress":
-        self.start = self.clock()
+        self.start = self.last_tick = self.clock()
         if self.enabled and self.use_rich is not False:
             try:
                 from rich import progress as rp
             except ImportError:
                 return self
-            columns = [rp.SpinnerColumn()] + ([rp.BarColumn()] if self.total else []) + [rp.TextColumn("{task.description}")]
+            from rich.text import Text
+
+            status = self
+
+            class Status(rp.ProgressColumn):  # rendered on every refresh, so the times stay live
+                def render(self, task):
+                    return Text(status.text())
+
+            columns = [rp.SpinnerColumn()] + ([rp.BarColumn()] if self.total else []) + [Status()]
             self.bar = rp.Progress(*columns)
             self.bar.start()
-            self.task = self.bar.add_task(self.text(), total=self.total)
+            self.task = self.bar.add_task("", total=self.total)
         return self
 
     def text(self) -> str:
@@ -52,25 +61,23 @@ class Progress:
         count = f"{self.done}/{self.total}" if self.total else f"{self.done}"
         parts = [f"{count} {self.unit}", f"{duration(elapsed)} elapsed"]
         if self.total and 0 < self.done < self.total:
-            parts.append(f"about {duration(elapsed / self.done * (self.total - self.done))} left")
+            per_unit = (self.last_tick - self.start) / self.done
+            left = per_unit * (self.total - self.done) - (self.clock() - self.last_tick)  # counts down between ticks
+            parts.append(f"about {duration(max(left, 0.0))} left")
         return ", ".join(parts) + f": {self.what}"
-
-    def _show(self) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, description=self.text(), completed=self.done)
 
     def say(self, what: str) -> None:
         """Name the step in progress."""
         self.what = what
-        if self.bar is not None:
-            self._show()
-        elif self.enabled:
+        if self.bar is None and self.enabled:
             print(f"... {self.text()}", flush=True)
 
     def tick(self, n: int = 1) -> None:
         """``n`` units of work done."""
         self.done += n
-        self._show()
+        self.last_tick = self.clock()
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done)
 
     def __exit__(self, *exc) -> bool:
         if self.bar is not None:

@@ -260,8 +260,13 @@ def test_progress_counts_cases_and_shows_time_left_once_one_is_done(capsys):
         clock.now += 25
         p.tick()
         assert p.text() == "1/4 cases, 30 s elapsed, about 1 min 30 s left: headline: base F.linear"
-        clock.now += 90
-        p.tick(3)
+        clock.now += 10
+        assert p.text() == "1/4 cases, 40 s elapsed, about 1 min 20 s left: headline: base F.linear"  # counts down
+        clock.now += 20
+        p.tick()
+        assert p.text() == "2/4 cases, 1 min 00 s elapsed, about 1 min 00 s left: headline: base F.linear"
+        clock.now += 60
+        p.tick(2)
         assert p.text() == "4/4 cases, 2 min 00 s elapsed: headline: base F.linear"
     assert capsys.readouterr().out == "... 0/4 cases, 5 s elapsed: headline: base F.linear\n"
     with Progress(False, total=4, unit="cases", clock=clock, use_rich=False) as p:

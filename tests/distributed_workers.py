@@ -1,14 +1,15 @@
-"""Worker functions of tests/test_distributed.py, run in spawned processes (gloo on CPU).
+"""Worker functions of tests/test_distributed.py, run on each rank by tests/distributed_launch.py
+(which sets up and tears down the gloo process group around them).
 
 Every rank builds the same float64 reference model from the same seed and computes the
 single-process result on the concatenated batch itself, so each rank checks its own
-distributed result against it. Feature ids are random per run (seed from the parent).
+distributed result against it. Feature ids and data come from the test's seed (the parent's
+``seed`` fixture, so ``FLIX_TEST_SEED`` changes them and a failure's report reruns them).
 """
 
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -18,12 +19,6 @@ import flix_kernels as fk
 
 D_IN, D_HID, D_OUT, L = 12, 16, 10, 5
 TOL = dict(rtol=1e-9, atol=1e-10)
-
-
-def init(rank: int, world: int, init_file: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
 
 
 def space() -> fk.FeatureSpace:
@@ -68,12 +63,11 @@ def assert_states_equal(got: dict, want: dict, what: str) -> None:
         torch.testing.assert_close(got[k], want[k], **TOL, msg=lambda m: f"{what} {k}: {m}")
 
 
-def data_parallel(rank: int, world: int, init_file: str, seed: int, out_dir: str) -> None:
+def data_parallel(rank: int, world: int, seed: int, out_dir: str) -> None:
     """DDP and FSDP2 (fully_shard) against single-process training on the concatenated batch:
     gradients of the first step and parameters after three SGD steps, each rank with its own
     routing (the last rank's batch has no feature at all in step 0). Then save_adapters from
     the sharded model (rank 0 writes) and load_adapters before and after sharding."""
-    init(rank, world, init_file)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -158,16 +152,14 @@ def data_parallel(rank: int, world: int, init_file: str, seed: int, out_dir: str
     # the sharded model loaded after sharding still runs forward and backward (a smoke check)
     fk.set_routing(after, fk.Routing(batches[0][0][rank * per_rank:(rank + 1) * per_rank], sp))
     after(batches[0][1][rank * per_rank:(rank + 1) * per_rank]).sum().backward()
-    dist.destroy_process_group()
 
 
-def tensor_parallel(rank: int, world: int, init_file: str, seed: int, out_dir: str) -> None:
+def tensor_parallel(rank: int, world: int, seed: int, out_dir: str) -> None:
     """A FLix MLP (ColwiseFLix up, RowwiseFLix down) against the unsharded model: output, dx and
     every gradient, for a mixed routing (grouped strategy), a uniform one (dense) and one with
     no feature; the all-reduces are exactly the base's own plus one T x R_max tensor per layer.
     Then save/load through the sharded layers, with 4 ranks FSDP2 x TP on a 2-D mesh, and the
     styles' errors."""
-    init(rank, world, init_file)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
 
@@ -321,7 +313,6 @@ def tensor_parallel(rank: int, world: int, init_file: str, seed: int, out_dir: s
         parallelize_module(tp, mesh, {"0": ColwiseFLix()})
     with pytest.raises(RuntimeError, match="tensor-parallel"):
         fk.merge(tp, {"language": "l1"})
-    dist.destroy_process_group()
 
 
 def two_dimensional(rank: int, seed: int, sp: fk.FeatureSpace, out_dir: str) -> None:

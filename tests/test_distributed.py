@@ -1,12 +1,11 @@
 """FLix under torch.distributed on CPU (gloo), 2 and 4 processes: DDP, FSDP2 (fully_shard) and
 tensor parallelism (flix_kernels.distributed) against single-process runs. The checks run in
-the spawned ranks (tests/distributed_workers.py); a failing rank fails the test with its
-traceback."""
+the spawned ranks (tests/distributed_workers.py, launched by tests/distributed_launch.py); a
+failing rank fails the test with its exit code or signal, traceback and output."""
 
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -14,28 +13,22 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+import distributed_launch as launch
 import distributed_workers as workers
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
 
 
-def _spawn(fn, world: int, tmp_path: Path) -> None:
-    seed = random.SystemRandom().randrange(2**31)
-    print(f"seed={seed}")
-    mp.spawn(fn, args=(world, str(tmp_path / "init"), seed, str(tmp_path)), nprocs=world, join=True)
+@pytest.mark.parametrize("world", [2, 4])
+def test_ddp_and_fsdp2_match_single_process(world, tmp_path, seed):
+    launch.run(workers.data_parallel, world, tmp_path, seed, str(tmp_path))
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_ddp_and_fsdp2_match_single_process(world, tmp_path):
-    _spawn(workers.data_parallel, world, tmp_path)
-
-
-@pytest.mark.parametrize("world", [2, 4])
-def test_tensor_parallel_matches_unsharded(world, tmp_path):
-    _spawn(workers.tensor_parallel, world, tmp_path)
+def test_tensor_parallel_matches_unsharded(world, tmp_path, seed):
+    launch.run(workers.tensor_parallel, world, tmp_path, seed, str(tmp_path))
 
 
 def test_torchrun_example(tmp_path):

@@ -151,7 +151,8 @@ def run(cfg: Config, progress=None, checkpoint=None) -> dict:
     record = {**provenance(device), "dtype": str(dtype).replace("torch.", ""), "quick": cfg.quick,
               "backends": backends, "backends_unavailable": not_here,
               "method": (f"{'triton.testing.do_bench (CUDA events, L2 flushed before each call) and CUDA-graph replays' if cuda else 'host clock around each call'}"
-                         f"; median with p20/p80 of a {rep:g} ms run, and the median of a second identical run (spread); "
+                         f"; median with p20/p80 of a {rep:g} ms run, and the median of a second identical run "
+                         "taken after the case's other variants (spread); "
                          "inputs rotated over several random sets; forward under no_grad, backward over a kept graph; "
                          "every variant checked against float64 before it is timed"),
               "peaks": measured_peaks(device, dtype, timer), "cases": [], "rows": [], "skipped": {}, "failures": []}

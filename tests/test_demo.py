@@ -141,7 +141,7 @@ def test_the_quick_run_says_it_is_an_undertrained_smoke_run(tmp_path, capsys):
     seen = rec["summary"]["methods"]["lora"]["seen"]["mean"]
     caveat = rec["caveat"]
     default = DemoConfig.default()
-    assert caveat.startswith("This quick run is a short smoke run of the pipeline (1 seeds, 8 pretraining and 4 adapter "
+    assert caveat.startswith("This quick run is a short smoke run of the pipeline (1 seed, 8 pretraining and 4 adapter "
                              f"steps against {len(default.seeds)} seeds, {default.pretrain_steps} and {default.steps} "
                              "in the default run), undertrained")
     assert f"the shared LoRA fits only {100 * seen:.0f}% of the seen pairs" in caveat

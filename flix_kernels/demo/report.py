@@ -146,11 +146,15 @@ def caveat(record: dict) -> str | None:
     fit = f"; the shared LoRA fits only {100 * seen:.0f}% of the seen pairs" if seen is not None and seen < 0.95 else ""
     what = ("a smoke test of the code path: a tiny model and a few steps, so the numbers mean nothing"
             if preset == "smoke" else
-            f"a short smoke run of the pipeline ({len(cfg['seeds'])} seeds, {cfg['pretrain_steps']} pretraining and "
-            f"{cfg['steps']} adapter steps against {len(default.seeds)} seeds, {default.pretrain_steps} and "
+            f"a short smoke run of the pipeline ({_seeds(len(cfg['seeds']))}, {cfg['pretrain_steps']} pretraining and "
+            f"{cfg['steps']} adapter steps against {_seeds(len(default.seeds))}, {default.pretrain_steps} and "
             f"{default.steps} in the default run), undertrained{fit}, so its accuracies are not the experiment's result")
     return (f"This {preset} run is {what}. The experiment's result is the default run (`flix-kernels demo`), "
             f"recorded in {RECORDED_RESULTS}.")
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed{'s' if n != 1 else ''}"
 
 
 # -- files ------------------------------------------------------------------------------------
@@ -169,10 +173,9 @@ def markdown(record: dict) -> str:
              f"seeds {cfg['seeds']}; total wall time {record['wall_seconds'] / 60:.1f} min.", ""]
     if record.get("caveat"):
         lines += [f"**{record['caveat']}**", ""]
-    lines += [
-             "Exact match (%) of the whole target at the end of training, mean ± std over seeds [min, max]:", "",
-             "| method | seen pairs | held-out pairs (zero-shot) | trainable params | time / seed |",
-             "|---|---|---|---|---|"]
+    lines += ["Exact match (%) of the whole target at the end of training, mean ± std over seeds [min, max]:", "",
+              "| method | seen pairs | held-out pairs (zero-shot) | trainable params | time / seed |",
+              "|---|---|---|---|---|"]
     for m, s in summ["methods"].items():
         lines.append(f"| {s['label']} | {_pct(s['seen'])} | {_pct(s['held_out'])} | {s['trainable_params']:,} | "
                      f"{s['seconds']:.0f} s |")

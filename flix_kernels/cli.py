@@ -77,7 +77,7 @@ BENCH = ("time FLix layers against base F.linear, the per-feature loop, PEFT LoR
          "float64 first; writes results.json, results.md and plots (CPU timings are smoke tests, not results)")
 DEMO = ("zero-shot composition experiment: FLix vs LoRA on held-out (language, task) pairs of a synthetic "
         "benchmark, over seeds; writes results.json, results.md and curves.png")
-BENCH_QUICK = "about 2 min on 2 CPU cores"
+BENCH_QUICK = "1 to 2 min on 2 CPU cores"
 DEMO_QUICK = "about 4.5 min on 2 CPU cores"
 
 

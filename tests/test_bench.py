@@ -126,6 +126,8 @@ def test_ratio_noise_rule():
     assert report.ratio_flag(0.11, 100.0) == report.NOISY  # the 0.11x at a 10,000% spread
     assert report.ratio_flag(float("nan"), 0.0) == report.NOISY and report.ratio_flag(2.0, float("nan")) == report.NOISY
     assert report.ratio_flag(0.26, 0.0, floor=True) == report.BELOW_FLOOR
+    assert report.ratio_flag(0.98, 0.01, floor=True) == report.BELOW_FLOOR  # 2% under the floor, 1% noise
+    assert report.ratio_flag(0.98, 0.17, floor=True) == report.NOISY  # at the floor within its noise
     assert report.ratio_flag(3.0, 0.01, floor=True) is None
 
 

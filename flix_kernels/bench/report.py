@@ -9,7 +9,8 @@ Noise: every timing carries its repeat spread (the relative difference between t
 runs, taken apart in time, see :mod:`.timing`); its noise is the wider of that spread and its
 p20..p80 width over the median. A ratio of two timings is uncertain by their noise combined; a
 ratio whose uncertainty is as large as the difference it claims is flagged "noisy" (marked
-``~``), and a time below its floor (x floor < 1, impossible) is flagged "below floor" (``!``).
+``~``), and a time below its floor (x floor < 1, impossible) is flagged "below floor" (``!``),
+or "noisy" where its noise reaches the floor.
 A target is "met" (or "not met") only when its goal lies outside the ratio's uncertainty;
 otherwise it is "inconclusive (noisy)" (and "inconclusive (below base)" when ours measures
 faster than the base GEMM it contains). On a CPU the timings are smoke tests.
@@ -57,9 +58,10 @@ def effect(ratio: float) -> float:
 
 
 def ratio_flag(ratio: float, uncertainty: float, floor: bool = False) -> str | None:
-    """None for a ratio that is a result; "below floor" for a time under its floor (``floor``:
-    the ratio is time / floor); "noisy" when the uncertainty is as large as the effect."""
-    if floor and ratio < 1.0:
+    """None for a ratio that is a result; "below floor" for a time under its floor by more than
+    the noise (``floor``: the ratio is time / floor); "noisy" when the uncertainty is as large as
+    the effect (so also for a time under its floor within the noise: not a result either way)."""
+    if floor and ratio * (1.0 + uncertainty) < 1.0:
         return BELOW_FLOOR
     if not uncertainty < effect(ratio):  # NaN (an unknown spread) is noisy too
         return NOISY

@@ -189,6 +189,9 @@ def main(argv=None) -> int:
         return args.handler(args)
     except SystemExit as e:  # argparse's errors (2) and --help (0), returned like every other outcome
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    except BrokenPipeError:  # the reader went away (`flix-kernels info | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 1
 
 
 def _bench(args) -> int:

@@ -4,6 +4,8 @@ line; the command line's help and its answers to bad arguments."""
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -384,3 +386,12 @@ def test_bench_refuses_an_output_folder_it_cannot_write_before_running(tmp_path,
     monkeypatch.setattr(cli.tempfile, "mkstemp", read_only)
     assert cli.main(["bench", "--no-progress", "--out", str(tmp_path / "new")]) == 2
     assert "is not writable (Permission denied)" in _error(capsys)
+
+
+def test_a_closed_output_pipe_ends_quietly():
+    # `flix-kernels info | head -1`: the reader is gone before the output is written
+    proc = subprocess.Popen([sys.executable, "-m", "flix_kernels", "info"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 1 and "Traceback" not in err and "BrokenPipeError" not in err

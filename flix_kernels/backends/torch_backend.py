@@ -14,9 +14,9 @@ Two strategies, chosen once per routing and token layout (see :func:`plan`):
   whatever the number of features.
 
 Neither strategy multiplies a token by the slices of a feature its example does not use:
-padding slots are zeroed in the gathered factors and scales (``torch.where``, not a product
-with 0, since ``inf * 0`` is NaN), so a feature whose values diverged never reaches an
-example without it, forward or backward. (A single GEMM over the union of the batch's
+padding slots gather one of the example's own rows and get an exact zero scale (selected with
+``torch.where``, since ``inf * 0`` is NaN), so a feature whose values diverged never reaches
+an example without it, forward or backward. (A single GEMM over the union of the batch's
 features with a per-example 0/1 mask would be cheaper for a few feature sets, and is not
 exact in that sense, so it is not used.)
 
@@ -50,7 +50,7 @@ class Plan:
     rank_index: torch.Tensor | None = None  # (R_active,) rows of lora_A of the shared feature set
     slot_feature: torch.Tensor | None = None  # (R_active,) feature owning each of those rows
     # grouped
-    chunk_slots: tuple | None = None  # (rank_index, feature, valid), each (N, R_max)
+    chunk_slots: tuple | None = None  # (rank_index, feature, valid), each (N, R_max); padding: own first row
     chunk_shape: tuple | None = None  # (N, C)
     dest: torch.Tensor | None = None  # (T_active,) row of each active token in the (N*C) buffer
 
@@ -102,10 +102,13 @@ def _build_plan(routing: Routing, layout: TokenLayout, device: torch.device) -> 
     N = int(n_chunks.sum())
     ex_ids = active_ex.nonzero().flatten()
     chunk_example = torch.repeat_interleave(ex_ids, n_chunks)
-    chunk_slots = tuple(
-        t[chunk_example].to(device)
-        for t in (routing.slot_rank_index, routing.slot_feature, routing.slot_valid)
-    )
+    rank_index, feature, valid = (t[chunk_example] for t in (routing.slot_rank_index, routing.slot_feature,
+                                                             routing.slot_valid))
+    # Padding slots point at the example's own first row (every chunk's example has one) and get
+    # scale 0: their terms are exactly 0 unless that example's own feature is non-finite, so a
+    # diverged feature never reaches an example without it (row 0 could belong to any feature).
+    rank_index = torch.where(valid, rank_index, rank_index[:, :1])
+    chunk_slots = tuple(t.to(device) for t in (rank_index, feature, valid))
     p = Plan("grouped", T, chunk_slots=chunk_slots, chunk_shape=(N, C))
     if copy:
         tok_ex = layout.token_example()
@@ -167,10 +170,8 @@ def delta(x, lora_A, lora_B, routing, scaling, dropout_p, generator, h_hook=None
         N, C = p.chunk_shape
         ridx, feat, valid = p.chunk_slots
         R = ridx.shape[1]
-        # Padding slots read row 0 of the factors; where() makes them exactly zero (a product
-        # with 0 would turn an inf there into NaN for this example).
-        a = torch.where(valid[:, :, None], lora_A.index_select(0, ridx.flatten()).view(N, R, in_f), 0)
-        b = torch.where(valid[:, :, None], lora_B.index_select(1, ridx.flatten()).view(out_f, N, R).permute(1, 2, 0), 0)
+        a = lora_A.index_select(0, ridx.flatten()).view(N, R, in_f)
+        b = lora_B.index_select(1, ridx.flatten()).view(out_f, N, R).permute(1, 2, 0)
         if p.dest is None:
             xc = xl.view(N, C, in_f)
         else:

@@ -23,7 +23,7 @@ from .model import flix_layers, inject, merge, merge_and_unload, set_routing, un
 from .serialization import load_adapters, save_adapters
 from .integrations.peft import export_peft, flix_lora_config, from_peft_adapters, load_flix_peft
 from .integrations.transformers import FeatureCollator, accept_feature_ids, generate
-from .cli import info
+from ._info import info
 from . import ofa
 
 __version__ = "0.1.0"

@@ -1,54 +1,14 @@
-"""The ``flix-kernels`` command (also ``python -m flix_kernels``) and :func:`info`."""
+"""The ``flix-kernels`` command (also ``python -m flix_kernels``)."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
-
-def info() -> dict:
-    """Versions, the device, which backends can run here (and why not), how "auto" chooses, the
-    CUDA extension's build (status, target archs, CUDA runtime, compiler) and the Triton settings."""
-    import torch
-
-    import flix_kernels
-    from flix_kernels import cuda as cuda_bridge
-    from flix_kernels.backends import AUTO_TABLE, BACKENDS, triton_backend, unavailable_reason
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = {
-        "flix_kernels": flix_kernels.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "triton": triton_version,
-        "device": device,
-        "device_name": torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine()),
-        "backends": {b: unavailable_reason(b, device) for b in BACKENDS},
-        "auto": {cls: list(order) for cls, order in AUTO_TABLE.items()},
-        "cuda_extension": {
-            "loaded": cuda_bridge._C is not None,
-            "error": cuda_bridge.extension_error(),
-            "install": cuda_bridge.build_status(),
-            "build": cuda_bridge.build_info(),
-        },
-    }
-    if triton_backend.launch is not None:
-        launch = triton_backend.launch
-        out["triton_settings"] = {"fuse_base (FLIX_FUSE_BASE)": triton_backend.FUSE_BASE,
-                                  "autotune (FLIX_TRITON_AUTOTUNE)": launch.AUTOTUNE,
-                                  "interpreter (TRITON_INTERPRET)": launch.interpreting()}
-    return out
+from ._info import info
 
 
 def _print_info() -> int:

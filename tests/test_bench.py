@@ -395,3 +395,14 @@ def test_a_closed_output_pipe_ends_quietly():
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == 1 and "Traceback" not in err and "BrokenPipeError" not in err
+
+
+def test_importing_the_package_does_not_import_the_cli():
+    """Imports point down: the public API (flix_kernels.info included) never loads the CLI."""
+    import subprocess
+    import sys
+
+    code = ("import sys, flix_kernels as fk; fk.info(); "
+            "bad = sorted(m for m in sys.modules if m.startswith(('flix_kernels.cli', 'flix_kernels.bench', "
+            "'flix_kernels.demo'))); assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -36,7 +36,7 @@ KERNELS = [pytest.param((p.values[0], None), marks=p.marks, id=p.values[0]) for 
 
 
 def _poison(A, Bm, scaling, where, value):
-    lo, hi = SPACE.rank_offsets[POISONED], SPACE.rank_offsets[POISONED + 1]
+    lo = SPACE.rank_offsets[POISONED]
     A, Bm, scaling = A.clone(), Bm.clone(), scaling.clone()
     if where == "lora_A":
         A[lo, 1] = value

@@ -66,7 +66,8 @@ def test_packed_matches_oracle(seed, lengths, leading_one, strategy):
 
 
 class _forced:
-    """Force the torch backend's strategy for one block ("auto": its cost model decides)."""
+    """Force the torch backend's strategy for one block ("auto": the backend decides; "dense" applies
+    only where it is exact, one feature set for the whole batch)."""
 
     def __init__(self, strategy):
         self.strategy = None if strategy == "auto" else strategy
@@ -78,7 +79,7 @@ class _forced:
         torch_backend.FORCE_STRATEGY = None
 
 
-def test_cost_model_picks_dense_for_one_feature_set_and_grouped_for_many():
+def test_dense_for_one_feature_set_and_grouped_for_many():
     space = fk.FeatureSpace({"language": [f"l{i}" for i in range(64)]}, 16)
     same = fk.Routing([[3]] * 8, space)
     many = fk.Routing([[i] for i in range(0, 64, 2)], space)

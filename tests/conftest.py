@@ -109,12 +109,11 @@ def stable_seed(nodeid: str, base: int | None = None) -> int:
 
 # Hypothesis: no example database (a failure replayed from .hypothesis/ would make runs differ),
 # no deadline (shared CPUs), the failing example's reproduce blob printed; the seed comes from
-# the autouse fixture below. Case counts of the property tests (tests/test_properties.py) are
-# chosen with the profile.
+# the autouse fixture below. FLIX_LONG_TESTS picks the profile and the property tests' case counts.
 _HYPOTHESIS = dict(deadline=None, database=None, print_blob=True,
-                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-hypothesis.settings.register_profile("flix-ci", **_HYPOTHESIS)
-hypothesis.settings.register_profile("flix-long", **_HYPOTHESIS)
+                   suppress_health_check=[HealthCheck.too_slow])
+hypothesis.settings.register_profile("flix-ci", max_examples=100, **_HYPOTHESIS)
+hypothesis.settings.register_profile("flix-long", max_examples=1000, **_HYPOTHESIS)  # where a test sets none
 HYPOTHESIS_PROFILE = "flix-long" if LONG_TESTS else "flix-ci"
 hypothesis.settings.load_profile(HYPOTHESIS_PROFILE)
 # Random cases per property test: FLIX_LONG_TESTS=1 runs >= 10,000 on the torch backend and
@@ -165,19 +164,18 @@ def _seed_everything(request) -> int:
         numpy.random.seed(s)
     fn = getattr(request, "function", None)
     if getattr(fn, "is_hypothesis_test", False):
-        hypothesis.seed(s)(fn)  # read when the test runs; overrides the profile's derandomize
+        hypothesis.seed(s)(fn)  # hypothesis reads it when the test runs
     return s
 
 
-@pytest.hookimpl(wrapper=True)
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    report = yield
+    report = (yield).get_result()
     s = item.stash.get(_SEED_KEY, None)
     if report.failed and s is not None:
         report.sections.append(("reproduce", (
             f"seed {s} (base seed {base_seed()} and this test's node id; ${SEED_ENV} changes the base)\n"
             f"rerun with the same draws: {reproduce_command(item.nodeid)}")))
-    return report
 
 
 @pytest.fixture

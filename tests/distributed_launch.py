@@ -9,17 +9,19 @@ rank dies of a signal or has to be stopped). A rank that fails stops the others 
 period, and a rank still running at the deadline is stopped: nothing hangs.
 
 Why each rank ends with ``os._exit`` and not a normal interpreter exit: gloo runs collectives
-on C++ worker threads (``pt_gloo_runloop``) that take the GIL when a collective's completion
-touches Python (a future callback, or the release of a tensor whose Python object outlived
-Python's own reference). If that happens while the rank's interpreter finalizes, CPython <= 3.13
-ends the thread with ``pthread_exit``; its forced unwind through a ``noexcept`` C++ destructor
-calls ``std::terminate`` ("terminate called without an active exception") and the rank dies of
-SIGABRT, although its checks passed (pytorch/pytorch#38228, #190489; cpython gh-87135). The
-process group stays alive until finalization because DTensor and the device mesh keep
-references to it, so ``destroy_process_group`` does not join those threads. Each rank therefore
-waits for every rank to finish all its collectives (a barrier), destroys its process groups,
-flushes its output and leaves with ``os._exit``: the interpreter is never finalized while
-native threads run.
+on C++ worker threads (``pt_gloo_runloop``), which take the GIL after a collective completes:
+to drop its tensors (torch holds a reference to a tensor's Python object while C++ code holds
+the tensor) and to run Python future callbacks. The rank's main thread is already on its way
+as soon as the collective is marked complete; on a busy machine the worker can be descheduled
+until the interpreter finalizes. CPython before 3.14 then ends the thread with
+``pthread_exit``, whose forced unwind through a ``noexcept`` C++ destructor calls
+``std::terminate`` ("terminate called without an active exception"): the rank dies of SIGABRT
+although every check passed (pytorch/pytorch#38228, #190489; python/cpython gh-87135). From
+3.14 the thread blocks forever instead, which hangs the exit if the process group's destructor
+joins it. ``destroy_process_group`` does not join these threads: DTensor and the device mesh
+keep the group alive until finalization. So each rank waits for every rank to finish all its
+collectives (a barrier), destroys its process groups, flushes its output and leaves with
+``os._exit``: its interpreter is never finalized while native threads run.
 """
 
 from __future__ import annotations
@@ -93,11 +95,14 @@ def _tail(path: Path, n: int) -> str:
 
 def run(fn, world: int, tmp_path: Path, *args, timeout: float = RUN_TIMEOUT_S, grace: float = GRACE_S) -> None:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; raise AssertionError unless every
-    rank returned and exited 0. ``fn`` must be importable (module level) for the spawned ranks."""
+    rank returned and exited 0. ``fn`` must be importable (module level) for the spawned ranks,
+    and leaves the default process group to the launcher (it neither creates nor destroys it).
+    The report lists the failed ranks in the order they ended, the first one first."""
     run_dir = Path(tempfile.mkdtemp(prefix="ranks-", dir=tmp_path))  # a fresh rendezvous file per run
     ctx = multiprocessing.get_context("spawn")
     procs, logs, errors = [], [], []
-    stopped: dict[int, str] = {}
+    ended: dict[int, float] = {}  # rank -> when it was seen to end
+    stopped: dict[int, str] = {}  # rank -> why the launcher stopped it
     try:
         for rank in range(world):
             logs.append(run_dir / f"rank{rank}.log")
@@ -107,38 +112,41 @@ def run(fn, world: int, tmp_path: Path, *args, timeout: float = RUN_TIMEOUT_S, g
             p.start()
             procs.append(p)
         deadline = time.monotonic() + timeout
-        failed_at = None
-        while True:
-            alive = [p for p in procs if p.exitcode is None]
-            if not alive:
-                break
-            if failed_at is None and any(p.exitcode for p in procs):
-                failed_at = time.monotonic()
-            end = deadline if failed_at is None else min(deadline, failed_at + grace)
-            left = end - time.monotonic()
-            if left <= 0:
-                why = (f"stopped {grace:.0f} s after another rank failed" if failed_at is not None
+        while len(ended) < world:
+            now = time.monotonic()
+            for r, p in enumerate(procs):
+                if r not in ended and p.exitcode is not None:
+                    ended[r] = now
+            failed = [ended[r] for r in ended if procs[r].exitcode != 0]
+            end = min(deadline, min(failed) + grace) if failed else deadline
+            alive = [r for r in range(world) if r not in ended]
+            if alive and now >= end:
+                why = (f"stopped {grace:.0f} s after another rank failed" if failed
                        else f"stopped at the run's deadline of {timeout:.0f} s")
-                for p in alive:
-                    stopped[procs.index(p)] = why
+                stopped.update({r: why for r in alive})
                 break
-            multiprocessing.connection.wait([p.sentinel for p in alive], timeout=left)
-            for p in alive:
-                p.join(0)
+            if alive:
+                multiprocessing.connection.wait([procs[r].sentinel for r in alive], timeout=end - now)
     finally:
         _stop([p for p in procs if p.exitcode is None])
-    bad = [r for r, p in enumerate(procs) if p.exitcode != 0 or r in stopped]
+    bad = sorted((r for r in range(world) if procs[r].exitcode != 0 or r in stopped),
+                 key=lambda r: (r in stopped, ended.get(r, 0.0), r))
     if not bad:
         return
+
+    def state(r: int) -> str:
+        return stopped[r] if r in stopped else _describe(procs[r].exitcode)
+
     parts = []
     for r in bad:
-        head = f"rank {r}: {stopped[r] + ' (its stacks are in its output)' if r in stopped else _describe(procs[r].exitcode)}"
-        err = _tail(errors[r], OUTPUT_TAIL)
-        out = _tail(logs[r], OUTPUT_TAIL)
-        parts.append(head + (f"\n--- traceback\n{err}" if err and err.strip() not in out else "") + f"\n--- output ({logs[r]})\n"
+        err, out = _tail(errors[r], OUTPUT_TAIL), _tail(logs[r], OUTPUT_TAIL)
+        parts.append(f"rank {r}: {state(r)}" + (" (its stacks are in its output)" if r in stopped else "")
+                     + (f"\n--- traceback\n{err}" if err and err.strip() not in out else "")
+                     + f"\n--- output ({logs[r]})\n"
                      + (out or "(none: the rank ended before its output was redirected; see the test's captured stderr)"))
-    summary = ", ".join(f"rank {r} {stopped.get(r) or _describe(procs[r].exitcode)}" for r in bad)
-    raise AssertionError(f"{len(bad)} of {world} ranks failed ({summary})\n\n" + "\n\n".join(parts))
+    summary = ", ".join(f"rank {r} {state(r)}" for r in bad)
+    order = ", first to last" if len(bad) > 1 else ""
+    raise AssertionError(f"{len(bad)} of {world} ranks failed{order} ({summary})\n\n" + "\n\n".join(parts))
 
 
 def _stop(procs) -> None:

@@ -7,6 +7,7 @@ spawned ranks import this module to find them."""
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 
@@ -69,13 +70,16 @@ def test_failed_aborted_and_hung_ranks_are_each_reported(tmp_path):
     with pytest.raises(AssertionError) as err:
         launch.run(fail_abort_and_hang, 3, tmp_path, grace=3.0)
     msg = str(err.value)
-    assert msg.startswith("3 of 3 ranks failed (rank 0 exit code 1, rank 1 killed by signal SIGABRT, "
-                          "rank 2 stopped 3 s after another rank failed)"), msg
-    rank0, rank1, rank2 = msg.split("\n\nrank ")[1:]
-    assert "AssertionError: rank 0 check failed: 42 != 43" in rank0.split("--- output")[0]  # its traceback
-    assert "rank 1 about to abort" in rank1 and "Fatal Python error: Aborted" in rank1  # output, faulthandler
-    assert "in fail_abort_and_hang" in rank1
-    assert "in _sleep_forever" in rank2  # the stacks it dumped when asked before being stopped
+    head = msg.split("\n", 1)[0]
+    assert head.startswith("3 of 3 ranks failed, first to last (rank "), head
+    assert "rank 0 exit code 1" in head and "rank 1 killed by signal SIGABRT" in head, head
+    assert head.endswith(", rank 2 stopped 3 s after another rank failed)"), head  # the stopped rank last
+    parts = {int(p.split(":", 1)[0].removeprefix("rank ")): p for p in re.split(r"\n\n(?=rank \d: )", msg)[1:]}
+    assert sorted(parts) == [0, 1, 2], msg
+    assert "AssertionError: rank 0 check failed: 42 != 43" in parts[0]  # its traceback
+    assert "rank 1 about to abort" in parts[1] and "Fatal Python error: Aborted" in parts[1]  # its output, faulthandler
+    assert "in fail_abort_and_hang" in parts[1]
+    assert "in _sleep_forever" in parts[2]  # the stacks it dumped when asked, before it was stopped
     assert time.monotonic() - start < launch.RUN_TIMEOUT_S
 
 

@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-compile", dest="compile_torch", action="store_false",
                    help="do not time torch.compile (default on a CPU)")
     b.add_argument("--no-e2e", dest="e2e", action="store_false", help="skip the end-to-end training step")
+    b.add_argument("--overhead", action="store_true",
+                   help="the host-overhead mode alone (host time and launches per layer call at tiny shapes, "
+                        "kernel launches recorded and skipped, and a host-bound training step; part of --quick)")
     b.add_argument("--backends", nargs="+", choices=("torch", "triton", "cuda"), default=None,
                    help="our backends to time (default: every one available on the device)")
     b.add_argument("--rep-ms", type=positive_arg(float), default=None, metavar="MS",
@@ -170,14 +173,16 @@ def _bench(args) -> int:
                               f"available here: {', '.join(available_backends(device))}")
     out = args.out or Path(f"flix-bench-{device.type}")
     check_out_folder(args.parser, out)
-    if device.type == "cpu":
+    only_overhead = args.overhead and not args.quick and args.shapes is None
+    if device.type == "cpu" and not only_overhead:
         why = {b: unavailable_reason(b, "cpu") for b in ("triton", "cuda")}
         print("CPU run: timing the torch backend and the plain-PyTorch/PEFT variants; "
               + "; ".join(f"{b} is not timed ({r})" for b, r in why.items() if r) + ". " + CPU_CAVEAT)
-    shapes = args.shapes or (["headline", "decode"] if args.quick else ["all"])
+    shapes = args.shapes or ([] if only_overhead else ["headline", "decode"] if args.quick else ["all"])
     shapes = SHAPE_SETS if "all" in shapes else tuple(shapes)
-    cfg = Config(device=device, shapes=shapes, quick=args.quick, compile_torch=args.compile_torch, e2e=args.e2e,
-                 backends=backends, rep_ms=args.rep_ms)
+    cfg = Config(device=device, shapes=shapes, quick=args.quick, compile_torch=args.compile_torch,
+                 e2e=args.e2e and not only_overhead, overhead=args.overhead or args.quick, backends=backends,
+                 rep_ms=args.rep_ms)
     record = bench(cfg, out, show_progress=args.progress)
     if record["failures"]:
         print(f"flix-kernels bench: {len(record['failures'])} failure(s), see above", file=sys.stderr)

@@ -2,6 +2,14 @@
 
 Every backend receives validated inputs: the same device everywhere, matching shapes and
 dtypes, a routing that matches the input's token layout. Errors name what is wrong.
+
+Validation and dispatch are decided once per routing and *call signature* (the backend asked
+for, the shapes, dtypes and devices of every tensor, the kind of scaling, the dropout
+probability, the generator's device, autocast): the first call of a signature validates
+everything and asks the backend to ``prepare`` a call (its plan or kernel metadata for that
+token layout), which the routing keeps in ``routing.calls``; later calls with that signature
+only run it. Any input that differs in what validation looks at has another signature, so it
+is validated afresh and its errors are exactly those of a first call.
 """
 
 from __future__ import annotations
@@ -10,7 +18,7 @@ import numbers
 
 import torch
 
-from .backends import get_backend
+from .backends import get_backend, torch_backend
 from .routing import Routing
 
 __all__ = ["flix_linear", "flix_delta"]
@@ -74,6 +82,39 @@ def _validate(x, lora_A, lora_B, routing, scaling, dropout_p, weight=None, bias=
     routing.classify(x.shape[:-1])  # raises if the token dimensions do not match the routing
 
 
+def _tensor_key(t):
+    return None if t is None else (t.shape, t.dtype, t.device)
+
+
+def _signature(backend, x, weight, bias, lora_A, lora_B, scaling, dropout_p, generator):
+    """What validation and dispatch depend on, hashable; AttributeError for inputs that are not
+    even tensors (the caller validates those to say so)."""
+    if torch.is_tensor(scaling):
+        scale = (scaling.shape, scaling.dtype, scaling.device, scaling.requires_grad)
+    else:
+        scale = type(scaling)
+    return (backend, x.shape, x.dtype, x.device, lora_A.shape, lora_A.dtype, lora_A.device, lora_B.shape,
+            lora_B.dtype, lora_B.device, _tensor_key(weight), _tensor_key(bias), scale, dropout_p,
+            None if generator is None else generator.device, torch.is_autocast_enabled(x.device.type),
+            torch_backend.FORCE_STRATEGY)
+
+
+def _dispatch(backend, x, weight, bias, lora_A, lora_B, routing, scaling, dropout_p, generator, with_base):
+    """The prepared call for these inputs: looked up by signature, else validated and prepared."""
+    try:
+        key = _signature(backend, x, weight, bias, lora_A, lora_B, scaling, dropout_p, generator)
+        call = routing.calls.get(key)
+    except (AttributeError, TypeError):  # not tensors, not a Routing, unhashable: validation says what
+        key = call = None
+    if call is None:
+        _validate(x, lora_A, lora_B, routing, scaling, dropout_p, weight, bias, with_base=with_base,
+                  generator=generator)
+        call = get_backend(backend, x.device, x, lora_A).prepare(routing, x, weight, lora_A, scaling)
+        if key is not None:
+            routing.calls[key] = call
+    return call
+
+
 def flix_delta(x, lora_A, lora_B, routing, *, scaling, dropout_p: float = 0.0, backend: str = "auto",
                generator: torch.Generator | None = None) -> torch.Tensor:
     """The low-rank FLix update ``sum_{k in S(x)} s_k B_k A_k drop(x)`` for every token.
@@ -92,9 +133,12 @@ def flix_delta(x, lora_A, lora_B, routing, *, scaling, dropout_p: float = 0.0, b
     Returns ``x.shape[:-1] + (out,)`` in x's dtype, differentiable in x, lora_A, lora_B. The
     low-rank path computes in lora_A's dtype.
     """
-    _validate(x, lora_A, lora_B, routing, scaling, dropout_p, generator=generator)
-    impl = get_backend(backend, x.device, x, lora_A)
-    return impl.delta(x, lora_A, lora_B, routing, scaling, float(dropout_p), generator)
+    if torch.compiler.is_compiling():
+        _validate(x, lora_A, lora_B, routing, scaling, dropout_p, generator=generator)
+        impl = get_backend(backend, x.device, x, lora_A)
+        return impl.delta(x, lora_A, lora_B, routing, scaling, float(dropout_p), generator)
+    call = _dispatch(backend, x, None, None, lora_A, lora_B, routing, scaling, dropout_p, generator, False)
+    return call(x, None, None, lora_A, lora_B, scaling, float(dropout_p), generator)
 
 
 def flix_linear(x, weight, bias, lora_A, lora_B, routing, *, scaling, dropout_p: float = 0.0,
@@ -104,6 +148,9 @@ def flix_linear(x, weight, bias, lora_A, lora_B, routing, *, scaling, dropout_p:
     ``weight`` is ``(out, in)`` in x's dtype, ``bias`` ``(out,)`` or None. Differentiable in
     x, lora_A, lora_B, and in weight/bias when they require grad. See :func:`flix_delta`.
     """
-    _validate(x, lora_A, lora_B, routing, scaling, dropout_p, weight, bias, with_base=True, generator=generator)
-    impl = get_backend(backend, x.device, x, lora_A)
-    return impl.linear(x, weight, bias, lora_A, lora_B, routing, scaling, float(dropout_p), generator)
+    if torch.compiler.is_compiling():
+        _validate(x, lora_A, lora_B, routing, scaling, dropout_p, weight, bias, with_base=True, generator=generator)
+        impl = get_backend(backend, x.device, x, lora_A)
+        return impl.linear(x, weight, bias, lora_A, lora_B, routing, scaling, float(dropout_p), generator)
+    call = _dispatch(backend, x, weight, bias, lora_A, lora_B, routing, scaling, dropout_p, generator, True)
+    return call(x, weight, bias, lora_A, lora_B, scaling, float(dropout_p), generator)

@@ -16,7 +16,7 @@ layer forces a host-device synchronisation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Hashable, Sequence
 
 import torch
@@ -44,6 +44,8 @@ class KernelMetadata:
       packed example (host int); ``max_pair_rank`` the largest rank of a feature in the batch,
       ``max_feature_rank`` of the space; ``present_features`` ``(F_p,)`` the features the batch
       uses (its length matters to the kernels' launch plan).
+    * ``seq_len``: tokens per example of a batched layer input (0 for packed inputs, whose
+      examples ``cu_seqlens`` delimits); see :meth:`for_layout`.
 
     Every batch-dependent size is a tensor dimension marked dynamic for ``torch.compile``, so
     a new batch with other sizes does not recompile a compiled model; ``max_length`` is
@@ -64,6 +66,28 @@ class KernelMetadata:
     max_pair_rank: int
     max_feature_rank: int
     present_features: torch.Tensor
+    seq_len: int = 0
+
+    def for_layout(self, kind: str, seq_len: int) -> "KernelMetadata":
+        """This metadata for a layer input of ``kind`` (:meth:`Routing.classify`): a batched input
+        of a packed routing (decode after a packed prefill) has no ``cu_seqlens``, and its longest
+        example is ``seq_len`` tokens."""
+        if kind == "packed":
+            return self
+        return replace(self, cu_seqlens=None, max_length=seq_len, seq_len=seq_len)
+
+    def meta_args(self) -> tuple[list, list]:
+        """``(tensors, ints)``: the fields as the custom ops take them, in the one order that
+        :data:`META_TENSORS` and :data:`META_INTS` fix (:meth:`from_args` inverts it)."""
+        return [getattr(self, n) for n in META_TENSORS], [getattr(self, n) for n in META_INTS]
+
+    @classmethod
+    def from_args(cls, tensors, ints) -> "KernelMetadata":
+        return cls(device=tensors[0].device, **dict(zip(META_TENSORS, tensors)), **dict(zip(META_INTS, ints)))
+
+
+META_INTS = ("max_length", "max_pair_rank", "max_feature_rank", "seq_len")
+META_TENSORS = tuple(f.name for f in fields(KernelMetadata) if f.name not in META_INTS and f.name != "device")
 
 
 @dataclass(frozen=True)
@@ -153,6 +177,8 @@ class Routing:
         self._layouts: dict[tuple, TokenLayout] = {}
         self._cache: dict[Hashable, object] = {}
         self._kernel_meta: dict[str, KernelMetadata] = {}  # by device string ("cuda:0"), see kernel_metadata
+        # flix_kernels.ops: the validated call of each (layer shapes, dtypes, devices, options) seen
+        self.calls: dict[Hashable, Callable] = {}
 
     # -- validation -------------------------------------------------------------------------
     @staticmethod
@@ -253,6 +279,16 @@ class Routing:
                 "or flix_kernels.set_routing(model, routing) before running the compiled model"
             )
         meta = self._kernel_meta[key] = self._build_kernel_metadata(torch.device(key))
+        return meta
+
+    def layer_metadata(self, device: torch.device, token_shape: Sequence[int]) -> KernelMetadata:
+        """:meth:`kernel_metadata` for a layer input with token dimensions ``token_shape``
+        (:meth:`KernelMetadata.for_layout`; cached)."""
+        kind, _, seq_len = self.classify(token_shape)
+        key = ("kernel_layout", self._device_key(device), kind, seq_len)
+        meta = self._cache.get(key)
+        if meta is None:
+            meta = self._cache[key] = self.kernel_metadata(device).for_layout(kind, seq_len)
         return meta
 
     def _build_kernel_metadata(self, device: torch.device) -> KernelMetadata:

@@ -22,7 +22,7 @@ SMALL_PATHS = {
 # Each weight-gradient path, forced.
 GRAD_PATHS = {
     "triton": {"owner": {"rank_outer": dict(BLOCK_T=16, BLOCK_N=16, target_programs=1)},
-               "split": {"rank_outer": dict(BLOCK_T=16, BLOCK_N=16, target_programs=10**6)}},
+               "split": {"rank_outer": dict(BLOCK_T=16, BLOCK_N=16, target_programs=10**6, force_split=True)}},
     "cuda": {"owner": {"grad_path": "owner"}, "split": {"grad_path": "split", "chunk": 16}},
 }
 

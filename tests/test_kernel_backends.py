@@ -215,11 +215,9 @@ def test_opcheck_custom_ops(seed, backend):
     gen = torch.Generator().manual_seed(seed)
     routing, ids, x, A, Bm = _case(gen, _space(), 2, (2, 3), 8, 6, torch.float32)
     W, b = _base(gen, 8, 6, torch.float32)
-    meta = routing.kernel_metadata(x.device)
-    args = (x.view(6, 8).requires_grad_(), W, b, A.requires_grad_(), Bm.requires_grad_(), meta.slot_rank,
-            meta.slot_feature, meta.cu_seqlens, meta.pair_example, meta.pair_slot, meta.pair_feature,
-            meta.feature_pair_start, meta.feature_rank, meta.rank_offsets, None, 0.5, 3, 3, meta.max_pair_rank,
-            meta.max_feature_rank, meta.present_features, 0.0, None, False)
+    meta_tensors, meta_ints = routing.layer_metadata(x.device, (2, 3)).meta_args()
+    args = (x.view(6, 8).requires_grad_(), W, b, A.requires_grad_(), Bm.requires_grad_(), None, None, meta_tensors,
+            meta_ints, 0.5, 0.0, False)
     torch.library.opcheck(getattr(torch.ops.flix_kernels, f"{backend}_lora_forward").default, args)
 
 

@@ -24,9 +24,11 @@ if bridge._C is not None:
     # launchers' per-call validation on this path.
     ops = KernelOps("cuda", SimpleNamespace(shrink=partial(launch.shrink, check=False),
                                             expand=partial(launch.expand, check=False),
-                                            weight_grad=partial(launch.weight_grad, check=False)), ("cuda",))
+                                            weight_grad=partial(launch.weight_grad, check=False)), ("cuda",),
+                    supports=lambda x, lora_A: supports(x, lora_A), instead="backend='triton' or 'torch'")
+    prepare, delta, linear = ops.prepare, ops.delta, ops.linear
 else:
-    launch = ops = None
+    launch = ops = prepare = delta = linear = None
 
 
 def unavailable_reason(device) -> Optional[str]:
@@ -39,20 +41,3 @@ def supports(x: Tensor, lora_A: Tensor) -> Optional[str]:
         return (f"x dtype {x.dtype} with adapter dtype {lora_A.dtype} is not supported by the CUDA kernels "
                 "(equal float32/float16/bfloat16 dtypes, or float16/bfloat16 x with float32 adapters)")
     return None
-
-
-def _run(x, weight, bias, lora_A, lora_B, routing, scaling, dropout_p, generator):
-    reason = supports(x, lora_A)
-    if reason is not None:
-        raise TypeError(reason + "; use backend='triton' or 'torch'")
-    return ops.run(x, weight, bias, lora_A, lora_B, routing, scaling, dropout_p, generator)
-
-
-def delta(x, lora_A, lora_B, routing, scaling, dropout_p, generator):
-    """Low-rank FLix update, shape ``x.shape[:-1] + (out,)``, dtype of x."""
-    return _run(x, None, None, lora_A, lora_B, routing, scaling, dropout_p, generator)
-
-
-def linear(x, weight, bias, lora_A, lora_B, routing, scaling, dropout_p, generator):
-    """``F.linear(x, weight, bias) + delta(...)`` in one custom op (autocast's dtype if on)."""
-    return _run(x, weight, bias, lora_A, lora_B, routing, scaling, dropout_p, generator)

@@ -20,32 +20,25 @@ Backward (``flix_kernels::<backend>_lora_backward``): ``g = s_S * (dy B_S)``;
 kernels' deterministic segment-owned reductions. Gradients of a trainable W / b are computed
 here with torch. The dropout mask is regenerated from the saved seed.
 
-Both ops take the routing's prebuilt :class:`~flix_kernels.routing.KernelMetadata` tensors and
-have fake implementations, so ``torch.compile(fullgraph=True)`` traces them without graph
-breaks, and nothing inside synchronises with the host (CUDA-graph capturable).
+Both ops take the routing's prebuilt :class:`~flix_kernels.routing.KernelMetadata` as its
+``meta_args()`` (one list of tensors, one of ints, in the order the dataclass fixes) and have
+fake implementations, so ``torch.compile(fullgraph=True)`` traces them without graph breaks,
+and nothing inside synchronises with the host (CUDA-graph capturable). Eager calls skip
+torch.library's dispatch and pass the metadata object itself to one autograd node
+(:class:`_EagerLoRA`) with a dozen arguments.
 """
 
+import functools
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._launch import DECODE_TOKENS, next_pow2
 from ..routing import KernelMetadata, Routing
 
-__all__ = ["DECODE_TOKENS", "KernelOps", "draw_seed", "unfused_base"]
-
-# Token counts up to this are the decode shape class (both kernel backends pick launch plans by it).
-DECODE_TOKENS = 64
-
-# Names of the forward op's arguments, in order (setup_context reads them by name).
-_FWD_ARGS = ("x", "weight", "bias", "lora_A", "lora_B", "slot_rank", "slot_feature", "cu_seqlens",
-             "pair_example", "pair_slot", "pair_feature", "feature_pair_start", "feature_rank", "rank_offsets",
-             "scaling", "scale", "seq_len", "max_len", "max_pair_rank", "max_feature_rank", "present_features",
-             "dropout_p", "seed", "fuse_base")
-_SAVED = ("x", "weight", "lora_A", "lora_B", "slot_rank", "slot_feature", "cu_seqlens", "pair_example", "pair_slot",
-          "pair_feature", "feature_pair_start", "feature_rank", "rank_offsets", "scaling", "seed", "present_features")
-_SCALARS = ("scale", "seq_len", "max_len", "max_pair_rank", "max_feature_rank", "dropout_p")
+__all__ = ["KernelOps", "draw_seed", "unfused_base"]
 
 
 def unfused_base(key, fuse_base, fused, unfused, device):
@@ -66,200 +59,239 @@ class KernelOps:
     ``base_path(key, fuse_base, fused, unfused, device) -> callable`` picks how ``x W^T + b``
     (and ``dy W`` in the input gradient) is combined with the low-rank update: ``unfused`` is
     cuBLAS then an in-place expand; ``fused`` calls ``launch.expand(mode=2)``, which only the
-    Triton launcher has.
+    Triton launcher has; ``fuse_base()`` is the backend's current default for it.
+    ``supports(x, lora_A)`` says why inputs cannot use the kernels (None when they can), and
+    ``instead`` what to use then. The backend module exposes :meth:`prepare`, :meth:`delta` and
+    :meth:`linear` of its instance.
     """
 
-    def __init__(self, name: str, launch, device_types: tuple[str, ...], base_path: Callable = unfused_base):
+    def __init__(self, name: str, launch, device_types: tuple[str, ...], *, supports: Callable, instead: str,
+                 base_path: Callable = unfused_base, fuse_base: Callable[[], bool] = lambda: False):
         self.name = name
         self.launch = launch
         self.base_path = base_path
-        self.forward_body, self.backward_body = self._forward_impl(), self._backward_impl()
+        self.supports, self.instead, self.fuse_base = supports, instead, fuse_base
+
+        def forward_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                       scaling: Optional[Tensor], seed: Optional[Tensor], meta_tensors: list[Optional[Tensor]],
+                       meta_ints: list[int], scale: float, dropout_p: float,
+                       fuse_base: bool) -> tuple[Tensor, Tensor]:
+            meta = KernelMetadata.from_args(meta_tensors, meta_ints)
+            return self.forward(x, weight, bias, lora_A, lora_B, scaling, seed, meta, scale, dropout_p, fuse_base)
+
+        def backward_op(meta_tensors: list[Optional[Tensor]], meta_ints: list[int], dy: Tensor, x: Tensor,
+                        weight: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, h: Tensor, scaling: Optional[Tensor],
+                        seed: Optional[Tensor], scale: float, dropout_p: float, fuse_base: bool, need_dx: bool,
+                        need_dA: bool, need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
+            meta = KernelMetadata.from_args(meta_tensors, meta_ints)
+            return self.backward(meta, dy, x, weight, lora_A, lora_B, h, scaling, seed, scale, dropout_p, fuse_base,
+                                 need_dx, need_dA, need_dB)
+
         self.forward_op = torch.library.custom_op(f"flix_kernels::{name}_lora_forward", mutates_args=(),
-                                                  device_types=device_types)(self.forward_body)
+                                                  device_types=device_types)(forward_op)
         self.backward_op = torch.library.custom_op(f"flix_kernels::{name}_lora_backward", mutates_args=(),
-                                                   device_types=device_types)(self.backward_body)
+                                                   device_types=device_types)(backward_op)
         self.forward_op.register_fake(_forward_fake)
         self.backward_op.register_fake(_backward_fake)
-        self.forward_op.register_autograd(self._backward, setup_context=_setup_context)
+        self.forward_op.register_autograd(self._op_backward, setup_context=_op_setup_context)
 
-    # -- the ops' bodies (closures over the launcher; torch.library infers the schema) ----------
-    def _forward_impl(self):
-        launch, base_path = self.launch, self.base_path
+    # -- the computation (eager: called by _EagerLoRA; compiled: by the custom ops) ----------
+    def forward(self, x, weight, bias, lora_A, lora_B, scaling, seed, meta: KernelMetadata, scale: float,
+                dropout_p: float, fuse_base: bool) -> tuple[Tensor, Tensor]:
+        """``(y, h)``: y ``(T, out)`` = base (if weight) + FLix update; h ``(T, R_max)`` fp32."""
+        launch, cdt = self.launch, lora_A.dtype
+        cu, seq_len = meta.cu_seqlens, meta.seq_len
+        h = launch.shrink(x, lora_A, lora_A.stride(0), lora_A.stride(1), meta.slot_rank, meta.slot_feature, cu,
+                          scaling, scale, seed, dropout_p, seq_len, cdt)
+        T, N = x.shape[0], lora_B.shape[0]
+        common = (h, lora_B, lora_B.stride(1), lora_B.stride(0))
+        kmeta = (meta.slot_rank, meta.slot_feature, cu, seq_len, cdt)
+        if weight is None:
+            y = x.new_empty(T, N)
+            launch.expand(*common, y, *kmeta, mode=0)
+            return y, h
 
-        def lora_forward(
-            x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-            slot_rank: Tensor, slot_feature: Tensor, cu_seqlens: Optional[Tensor],
-            pair_example: Tensor, pair_slot: Tensor, pair_feature: Tensor, feature_pair_start: Tensor,
-            feature_rank: Tensor, rank_offsets: Tensor,
-            scaling: Optional[Tensor], scale: float, seq_len: int, max_len: int, max_pair_rank: int,
-            max_feature_rank: int, present_features: Tensor, dropout_p: float, seed: Optional[Tensor],
-            fuse_base: bool,
-        ) -> tuple[Tensor, Tensor]:
-            """``(y, h)``: y ``(T, out)`` = base (if weight) + FLix update; h ``(T, R_max)`` fp32."""
-            cdt = lora_A.dtype
-            h = launch.shrink(x, lora_A, lora_A.stride(0), lora_A.stride(1), slot_rank, slot_feature, cu_seqlens,
-                              scaling, scale, seed, dropout_p, seq_len, cdt)
-            T, N = x.shape[0], lora_B.shape[0]
-            common = (h, lora_B, lora_B.stride(1), lora_B.stride(0))
-            meta = (slot_rank, slot_feature, cu_seqlens, seq_len, cdt)
+        def fused():
+            y = x.new_empty(T, N)
+            return launch.expand(*common, y, *kmeta, mode=2, X2=x, W2=weight, stride_wn=weight.stride(0),
+                                 stride_wk=weight.stride(1), bias=bias)
+
+        def cublas_then_expand():
+            with torch.autocast(x.device.type, enabled=False):
+                y = F.linear(x, weight, bias)
+            return launch.expand(*common, y, *kmeta, mode=1)
+
+        if not fuse_base and self.base_path is unfused_base:
+            return cublas_then_expand(), h
+        key = ("forward", T <= DECODE_TOKENS, next_pow2(T), N, x.shape[1], x.dtype)
+        return self.base_path(key, fuse_base, fused, cublas_then_expand, x.device)(), h
+
+    def backward(self, meta: KernelMetadata, dy, x, weight, lora_A, lora_B, h, scaling, seed, scale: float,
+                 dropout_p: float, fuse_base: bool, need_dx: bool, need_dA: bool,
+                 need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """``(dx, dA, dB)`` of the FLix update (+ ``dy W`` in dx when weight is given); empty
+        tensors for the gradients not asked for."""
+        launch, cdt = self.launch, lora_A.dtype
+        cu, seq_len = meta.cu_seqlens, meta.seq_len
+        T, K = x.shape
+        g = None
+        if need_dx or need_dA:
+            g = launch.shrink(dy, lora_B, lora_B.stride(1), lora_B.stride(0), meta.slot_rank, meta.slot_feature,
+                              cu, scaling, scale, None, 0.0, seq_len, cdt)
+        dx, dA, dB = x.new_empty(0), x.new_empty(0), x.new_empty(0)  # distinct: op outputs may not alias
+        if need_dx:
+            common = (g, lora_A, lora_A.stride(0), lora_A.stride(1))
+            kmeta = (meta.slot_rank, meta.slot_feature, cu, seq_len, cdt)
             if weight is None:
-                y = x.new_empty(T, N)
-                launch.expand(*common, y, *meta, mode=0)
-                return y, h
-
-            def fused():
-                y = x.new_empty(T, N)
-                return launch.expand(*common, y, *meta, mode=2, X2=x, W2=weight, stride_wn=weight.stride(0),
-                                     stride_wk=weight.stride(1), bias=bias)
-
-            def cublas_then_expand():
-                with torch.autocast(x.device.type, enabled=False):
-                    y = F.linear(x, weight, bias)
-                return launch.expand(*common, y, *meta, mode=1)
-
-            key = ("forward", T <= DECODE_TOKENS, _bucket(T), N, x.shape[1], x.dtype)
-            return base_path(key, fuse_base, fused, cublas_then_expand, x.device)(), h
-
-        return lora_forward
-
-    def _backward_impl(self):
-        launch, base_path = self.launch, self.base_path
-
-        def lora_backward(
-            dy: Tensor, x: Tensor, weight: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, h: Tensor,
-            slot_rank: Tensor, slot_feature: Tensor, cu_seqlens: Optional[Tensor],
-            pair_example: Tensor, pair_slot: Tensor, pair_feature: Tensor, feature_pair_start: Tensor,
-            feature_rank: Tensor, rank_offsets: Tensor,
-            scaling: Optional[Tensor], scale: float, seq_len: int, max_len: int, max_pair_rank: int,
-            max_feature_rank: int, present_features: Tensor, dropout_p: float, seed: Optional[Tensor],
-            fuse_base: bool, need_dx: bool, need_dA: bool, need_dB: bool,
-        ) -> tuple[Tensor, Tensor, Tensor]:
-            """``(dx, dA, dB)`` of the FLix update (+ ``dy W`` in dx when weight is given); empty
-            tensors for the gradients not asked for."""
-            cdt = lora_A.dtype
-            T, K = x.shape
-            meta = KernelMetadata(
-                device=slot_rank.device, slot_rank=slot_rank, slot_feature=slot_feature, pair_example=pair_example,
-                pair_slot=pair_slot, pair_feature=pair_feature, feature_pair_start=feature_pair_start,
-                feature_rank=feature_rank, rank_offsets=rank_offsets, cu_seqlens=cu_seqlens, max_length=max_len,
-                max_pair_rank=max_pair_rank, max_feature_rank=max_feature_rank, present_features=present_features)
-            g = None
-            if need_dx or need_dA:
-                g = launch.shrink(dy, lora_B, lora_B.stride(1), lora_B.stride(0), slot_rank, slot_feature,
-                                  cu_seqlens, scaling, scale, None, 0.0, seq_len, cdt)
-            dx, dA, dB = x.new_empty(0), x.new_empty(0), x.new_empty(0)  # distinct: op outputs may not alias
-            if need_dx:
-                common = (g, lora_A, lora_A.stride(0), lora_A.stride(1))
-                kmeta = (slot_rank, slot_feature, cu_seqlens, seq_len, cdt)
-                if weight is None:
+                dx = x.new_empty(T, K)
+                launch.expand(*common, dx, *kmeta, mode=0, seed=seed, p_drop=dropout_p)
+            else:
+                def fused():
                     dx = x.new_empty(T, K)
-                    launch.expand(*common, dx, *kmeta, mode=0, seed=seed, p_drop=dropout_p)
+                    return launch.expand(*common, dx, *kmeta, mode=2, X2=dy, W2=weight, stride_wn=weight.stride(1),
+                                         stride_wk=weight.stride(0), seed=seed, p_drop=dropout_p)
+
+                def cublas_then_expand():
+                    dx = (dy @ weight).to(x.dtype)
+                    return launch.expand(*common, dx, *kmeta, mode=1, seed=seed, p_drop=dropout_p)
+
+                if not fuse_base and self.base_path is unfused_base:
+                    dx = cublas_then_expand()
                 else:
-                    def fused():
-                        dx = x.new_empty(T, K)
-                        return launch.expand(*common, dx, *kmeta, mode=2, X2=dy, W2=weight,
-                                             stride_wn=weight.stride(1), stride_wk=weight.stride(0), seed=seed,
-                                             p_drop=dropout_p)
+                    key = ("input_grad", T <= DECODE_TOKENS, next_pow2(T), K, dy.shape[1], x.dtype)
+                    dx = self.base_path(key, fuse_base, fused, cublas_then_expand, x.device)()
+        if need_dB:
+            dB = torch.empty_like(lora_B)
+            launch.weight_grad(h, dy, dB, dB.stride(1), dB.stride(0), meta, seq_len, meta.max_length, cdt)
+        if need_dA:
+            dA = torch.empty_like(lora_A)
+            launch.weight_grad(g, x, dA, dA.stride(0), dA.stride(1), meta, seq_len, meta.max_length, cdt,
+                               seed=seed, p_drop=dropout_p)
+        return dx, dA, dB
 
-                    def cublas_then_expand():
-                        dx = (dy @ weight).to(x.dtype)
-                        return launch.expand(*common, dx, *kmeta, mode=1, seed=seed, p_drop=dropout_p)
+    def _op_backward(self, ctx, dy, dh):
+        saved = ctx.saved_tensors
+        backward = functools.partial(self.backward_op, list(saved[7:]), ctx.meta_ints)
+        return _grads(ctx, dy, saved[:7], backward, ctx.needs_input_grad[:5]) + (None,) * 7
 
-                    key = ("input_grad", T <= DECODE_TOKENS, _bucket(T), K, dy.shape[1], x.dtype)
-                    dx = base_path(key, fuse_base, fused, cublas_then_expand, x.device)()
-            if need_dB:
-                dB = torch.empty_like(lora_B)
-                launch.weight_grad(h, dy, dB, dB.stride(1), dB.stride(0), meta, seq_len, max_len, cdt)
-            if need_dA:
-                dA = torch.empty_like(lora_A)
-                launch.weight_grad(g, x, dA, dA.stride(0), dA.stride(1), meta, seq_len, max_len, cdt,
-                                   seed=seed, p_drop=dropout_p)
-            return dx, dA, dB
+    # -- backend entry points (inputs validated by flix_kernels.ops) ---------------------------
+    def _check(self, x, lora_A) -> None:
+        reason = self.supports(x, lora_A)
+        if reason is not None:
+            raise TypeError(f"{reason}; use {self.instead}")
 
-        return lora_backward
+    def prepare(self, routing: Routing, x, weight, lora_A, scaling) -> Callable:
+        """The call for inputs shaped like these under ``routing`` (see :meth:`_prepare`)."""
+        self._check(x, lora_A)
+        return self._prepare(routing, x, scaling)
 
-    def _backward(self, ctx, dy, dh, eager: bool = False):
-        (h, x, weight, lora_A, lora_B, slot_rank, slot_feature, cu, pe, ps, pf, fps, fr, ro, scaling, seed,
-         present) = ctx.saved_tensors
-        scale, seq_len, max_len, max_pair_rank, max_feature_rank, dropout_p = ctx.scalars
-        need_dx, need_dW, need_db, need_dA, need_dB = ctx.needs_input_grad[1:6] if eager else ctx.needs_input_grad[:5]
-        dx, dA, dB = (self.backward_body if eager else self.backward_op)(
-            dy, x, weight, lora_A, lora_B, h, slot_rank, slot_feature, cu, pe, ps, pf, fps, fr, ro, scaling,
-            scale, seq_len, max_len, max_pair_rank, max_feature_rank, present, dropout_p, seed, ctx.fuse_base,
-            need_dx, need_dA, need_dB)
-        dW = (dy.t() @ x).to(weight.dtype) if need_dW else None
-        db = dy.sum(0).to(weight.dtype) if (need_db and ctx.has_bias) else None
-        return (dx if need_dx else None, dW, db, dA if need_dA else None, dB if need_dB else None) + (None,) * 19
+    def delta(self, x, lora_A, lora_B, routing, scaling, dropout_p, generator) -> Tensor:
+        """Low-rank FLix update, shape ``x.shape[:-1] + (out,)``, dtype of x."""
+        self._check(x, lora_A)
+        return self._run(x, None, None, lora_A, lora_B, routing, scaling, dropout_p, generator)
 
-    # -- backend entry point (inputs validated by flix_kernels.ops) ----------------------------
-    def run(self, x, weight, bias, lora_A, lora_B, routing: Routing, scaling, dropout_p, generator,
-            fuse_base: bool = False) -> Tensor:
-        """``flix_linear`` (weight given) or ``flix_delta`` through the ops; output ``x.shape[:-1] + (out,)``."""
+    def linear(self, x, weight, bias, lora_A, lora_B, routing, scaling, dropout_p, generator) -> Tensor:
+        """``F.linear(x, weight, bias) + delta(...)`` in one custom op (autocast's dtype if on)."""
+        self._check(x, lora_A)
+        return self._run(x, weight, bias, lora_A, lora_B, routing, scaling, dropout_p, generator)
+
+    def _prepare(self, routing: Routing, x, scaling) -> Callable:
+        """The call for inputs shaped like ``x`` under ``routing``: ``call(x, weight, bias, lora_A,
+        lora_B, scaling, dropout_p, generator)`` -> ``x.shape[:-1] + (out,)``. Everything that
+        depends only on the routing and the shapes is decided here, once."""
         if torch.is_tensor(scaling) and scaling.requires_grad:
             raise ValueError(f"backend {self.name!r} treats the per-feature scaling as a constant, but the scaling "
                              "tensor requires grad; detach it, or use backend='torch' to learn the scales")
+        token_shape = tuple(x.shape[:-1])
+        meta = routing.layer_metadata(x.device, token_shape)
+        T = routing.classify(token_shape)[1]
+
+        def call(x, weight, bias, lora_A, lora_B, scaling, dropout_p, generator):
+            if weight is not None and torch.is_autocast_enabled(x.device.type):
+                dt = torch.get_autocast_dtype(x.device.type)
+                x, weight = x.to(dt), weight.to(dt)
+                bias = None if bias is None else bias.to(dt)
+            seed = draw_seed(x.device, generator) if dropout_p > 0 else None
+            if torch.is_tensor(scaling):
+                scale_t, scale_f = scaling, 0.0
+            else:
+                scale_t, scale_f = None, float(scaling)
+            fuse = weight is not None and self.fuse_base()
+            y, _ = _EagerLoRA.apply(self, x.reshape(T, x.shape[-1]), weight, bias, lora_A, lora_B, scale_t, seed,
+                                    meta, scale_f, dropout_p, fuse)
+            return y.view(*token_shape, lora_B.shape[0])
+
+        return call
+
+    def _run(self, x, weight, bias, lora_A, lora_B, routing: Routing, scaling, dropout_p, generator) -> Tensor:
+        """``flix_linear`` (weight given) or ``flix_delta`` in one call: eager through
+        :meth:`_prepare`, under torch.compile through the custom op."""
+        if not torch.compiler.is_compiling():
+            return self._prepare(routing, x, scaling)(x, weight, bias, lora_A, lora_B, scaling, dropout_p, generator)
         kind, T, seq_len = routing.classify(x.shape[:-1])
-        meta = routing.kernel_metadata(x.device)
-        # A packed routing may also route a (B, in) input, one token per example (decode).
-        cu = meta.cu_seqlens if kind == "packed" else None
-        max_len = meta.max_length if kind == "packed" else seq_len
+        tensors, ints = routing.kernel_metadata(x.device).for_layout(kind, seq_len).meta_args()
         if weight is not None and torch.is_autocast_enabled(x.device.type):
             dt = torch.get_autocast_dtype(x.device.type)
             x, weight = x.to(dt), weight.to(dt)
             bias = None if bias is None else bias.to(dt)
-        x2d = x.reshape(T, x.shape[-1])
         seed = draw_seed(x.device, generator) if dropout_p > 0 else None
         scale_t = scaling if torch.is_tensor(scaling) else None
         scale_f = 0.0 if torch.is_tensor(scaling) else float(scaling)
-        # Eager calls skip torch.library's dispatch (hundreds of us per forward+backward on the host);
-        # torch.compile traces the custom op, whose fake implementation keeps the graph whole.
-        args = (
-            x2d, weight, bias, lora_A, lora_B, meta.slot_rank, meta.slot_feature, cu,
-            meta.pair_example, meta.pair_slot, meta.pair_feature, meta.feature_pair_start, meta.feature_rank,
-            meta.rank_offsets, scale_t, scale_f, seq_len, max_len, meta.max_pair_rank,
-            meta.max_feature_rank, meta.present_features, float(dropout_p), seed, bool(fuse_base and weight is not None))
-        if torch.compiler.is_compiling():
-            y, _ = self.forward_op(*args)
-        else:
-            y, _ = _EagerLoRA.apply(self, *args)
+        y, _ = self.forward_op(x.reshape(T, x.shape[-1]), weight, bias, lora_A, lora_B, scale_t, seed, tensors, ints,
+                               scale_f, float(dropout_p), bool(weight is not None and self.fuse_base()))
         return y.view(*x.shape[:-1], lora_B.shape[0])
 
 
+def _grads(ctx, dy, saved, backward, needs):
+    """The five gradients ``(dx, dW, db, dA, dB)`` of a forward (eager or custom op);
+    ``backward`` is :meth:`KernelOps.backward` or the backward op, bound to the metadata."""
+    x, weight, lora_A, lora_B, h, scaling, seed = saved
+    need_dx, need_dW, need_db, need_dA, need_dB = needs
+    dx, dA, dB = backward(dy, x, weight, lora_A, lora_B, h, scaling, seed, ctx.scale, ctx.dropout_p,
+                          ctx.fuse_base, need_dx, need_dA, need_dB)
+    dW = (dy.t() @ x).to(weight.dtype) if need_dW else None
+    db = dy.sum(0).to(weight.dtype) if (need_db and ctx.has_bias) else None
+    return dx if need_dx else None, dW, db, dA if need_dA else None, dB if need_dB else None
+
+
 class _EagerLoRA(torch.autograd.Function):
-    """The custom ops' bodies and autograd, called directly: same kernels, same saved tensors."""
+    """The ops' computation and autograd, called directly: same kernels, same saved tensors, the
+    metadata passed as one object (torch.library's dispatch costs hundreds of us per step)."""
 
     @staticmethod
-    def forward(ctx, ops: KernelOps, *args):
-        y, h = ops.forward_body(*args)
-        _setup_context(ctx, args, (y, h))
-        ctx.ops = ops
+    def forward(ctx, ops: KernelOps, x, weight, bias, lora_A, lora_B, scaling, seed, meta, scale, dropout_p, fuse_base):
+        y, h = ops.forward(x, weight, bias, lora_A, lora_B, scaling, seed, meta, scale, dropout_p, fuse_base)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, h, scaling, seed)
+        ctx.ops, ctx.meta = ops, meta
+        _keep_scalars(ctx, scale, dropout_p, fuse_base, bias)
         ctx.mark_non_differentiable(h)
         return y, h
 
     @staticmethod
     def backward(ctx, dy, dh):
-        return (None,) + ctx.ops._backward(ctx, dy, dh, eager=True)
+        backward = functools.partial(ctx.ops.backward, ctx.meta)
+        grads = _grads(ctx, dy, ctx.saved_tensors, backward, ctx.needs_input_grad[1:6])
+        return (None,) + grads + (None,) * 6
 
 
-def _bucket(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
+def _keep_scalars(ctx, scale, dropout_p, fuse_base, bias):
+    ctx.scale, ctx.dropout_p, ctx.fuse_base, ctx.has_bias = scale, dropout_p, fuse_base, bias is not None
 
 
-def _forward_fake(x, weight, bias, lora_A, lora_B, slot_rank, *args):
-    return x.new_empty(x.shape[0], lora_B.shape[0]), x.new_empty(x.shape[0], slot_rank.shape[1], dtype=torch.float32)
+def _op_setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, seed, meta_tensors, meta_ints, scale, dropout_p, fuse_base = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], scaling, seed, *meta_tensors)
+    ctx.meta_ints = meta_ints
+    _keep_scalars(ctx, scale, dropout_p, fuse_base, bias)
 
 
-def _backward_fake(dy, x, weight, lora_A, lora_B, h, *args):
+def _forward_fake(x, weight, bias, lora_A, lora_B, scaling, seed, meta_tensors, *args):
+    slots = meta_tensors[0].shape[1]  # slot_rank (B, R_max)
+    return x.new_empty(x.shape[0], lora_B.shape[0]), x.new_empty(x.shape[0], slots, dtype=torch.float32)
+
+
+def _backward_fake(meta_tensors, meta_ints, dy, x, weight, lora_A, lora_B, h, *args):
     need_dx, need_dA, need_dB = args[-3:]
     return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
             torch.empty_like(lora_A) if need_dA else x.new_empty(0),
             torch.empty_like(lora_B) if need_dB else x.new_empty(0))
-
-
-def _setup_context(ctx, inputs, output):
-    named = dict(zip(_FWD_ARGS, inputs))
-    _, h = output
-    ctx.save_for_backward(h, *(named[n] for n in _SAVED))
-    ctx.scalars = tuple(named[n] for n in _SCALARS)
-    ctx.fuse_base = named["fuse_base"]
-    ctx.has_bias = named["bias"] is not None

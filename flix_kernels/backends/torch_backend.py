@@ -53,6 +53,8 @@ class Plan:
     chunk_slots: tuple | None = None  # (rank_index, feature, valid), each (N, R_max); padding: own first row
     chunk_shape: tuple | None = None  # (N, C)
     dest: torch.Tensor | None = None  # (T_active,) row of each active token in the (N*C) buffer
+    scale: "_SlotScale | None" = None  # the per-slot scales of the strategy's slots
+    chunk_index: torch.Tensor | None = None  # grouped: chunk_slots' rank_index, flattened
 
 
 @torch.compiler.disable
@@ -87,8 +89,10 @@ def _build_plan(routing: Routing, layout: TokenLayout, device: torch.device) -> 
         keep = active_ex[layout.token_example()]
     if bool((used == used[:1]).all()) and FORCE_STRATEGY != "grouped":
         rank_index, slot_feature = routing.space.rank_rows(used[0][used[0] >= 0])
-        return Plan("dense", T, rank_index=rank_index.to(device), slot_feature=slot_feature.to(device),
-                    active_tokens=None if keep is None else keep.nonzero().flatten().to(device))
+        slot_feature = slot_feature.to(device)
+        return Plan("dense", T, rank_index=rank_index.to(device), slot_feature=slot_feature,
+                    active_tokens=None if keep is None else keep.nonzero().flatten().to(device),
+                    scale=_SlotScale(slot_feature, None))
 
     # Batched inputs use one chunk per example (no copy) when every example is active;
     # otherwise active tokens are copied into chunks of the mean active length.
@@ -109,7 +113,8 @@ def _build_plan(routing: Routing, layout: TokenLayout, device: torch.device) -> 
     # diverged feature never reaches an example without it (row 0 could belong to any feature).
     rank_index = torch.where(valid, rank_index, rank_index[:, :1])
     chunk_slots = tuple(t.to(device) for t in (rank_index, feature, valid))
-    p = Plan("grouped", T, chunk_slots=chunk_slots, chunk_shape=(N, C))
+    p = Plan("grouped", T, chunk_slots=chunk_slots, chunk_shape=(N, C), scale=_SlotScale(chunk_slots[1], chunk_slots[2]),
+             chunk_index=chunk_slots[0].flatten())
     if copy:
         tok_ex = layout.token_example()
         pos = torch.arange(T) - layout.offsets[tok_ex]
@@ -130,6 +135,30 @@ def _slot_scale(scaling, feature: torch.Tensor, valid: torch.Tensor | None, dtyp
     return s if valid is None else torch.where(valid, s, 0)
 
 
+class _SlotScale:
+    """The plan's per-slot scales, rebuilt only when the scaling changes: a new tensor, an
+    in-place change (its version counter) or another dtype (or inference mode, whose tensors
+    autograd may not save). Autograd needs the real gather when the scales are learned, so a
+    scaling that requires grad is never cached."""
+
+    def __init__(self, feature: torch.Tensor, valid: torch.Tensor | None):
+        self.feature, self.valid = feature, valid
+        self.key, self.value = None, None
+
+    def __call__(self, scaling, dtype) -> torch.Tensor:
+        if torch.is_tensor(scaling):
+            if scaling.requires_grad or torch.compiler.is_compiling():
+                return _slot_scale(scaling, self.feature, self.valid, dtype)
+            key = (scaling, scaling._version, dtype, torch.is_inference_mode_enabled())
+            hit = self.key is not None and self.key[0] is scaling and self.key[1:] == key[1:]
+        else:
+            key = (float(scaling), dtype, torch.is_inference_mode_enabled())
+            hit = self.key == key
+        if not hit:
+            self.key, self.value = key, _slot_scale(scaling, self.feature, self.valid, dtype)
+        return self.value
+
+
 def dropout_mask(shape, p: float, generator: torch.Generator | None, device) -> torch.Tensor:
     """Bernoulli(1 - p) keep-mask of the low-rank input (bool), drawn from ``generator``."""
     return torch.rand(shape, generator=generator, device=device) >= p
@@ -142,52 +171,87 @@ def _zero_delta(x2d, lora_A, lora_B, out_features, dtype):
     return x2d.new_zeros(x2d.shape[0], out_features, dtype=dtype) + anchor.to(dtype)
 
 
+def _update(p: Plan, x2d, lora_A, lora_B, scaling, dropout_p, generator, h_hook, base=None):
+    """The low-rank update of the flattened input ``(T, out)`` in lora_A's dtype, added to
+    ``base`` (the base layer's output) when given: ``addmm`` folds the sum into the expand."""
+    in_f, out_f = x2d.shape[1], lora_B.shape[0]
+    cdt = lora_A.dtype
+    xl = x2d if x2d.dtype == cdt else x2d.to(cdt)
+    if dropout_p > 0:
+        xl = xl * dropout_mask(xl.shape, dropout_p, generator, x2d.device).to(cdt) * (1.0 / (1.0 - dropout_p))
+    if p.strategy == "dense":
+        a = lora_A.index_select(0, p.rank_index)
+        b = lora_B.index_select(1, p.rank_index)
+        xa = xl if p.active_tokens is None else xl.index_select(0, p.active_tokens)
+        h = torch.mm(xa, a.t()) * p.scale(scaling, cdt)
+        if h_hook is not None:
+            h = h_hook(h)
+        if base is not None and p.active_tokens is None and base.dtype == cdt:
+            return torch.addmm(base, h, b.t())
+        d = torch.mm(h, b.t())
+    else:
+        N, C = p.chunk_shape
+        R = p.chunk_slots[0].shape[1]
+        a = lora_A.index_select(0, p.chunk_index).view(N, R, in_f)
+        b = lora_B.index_select(1, p.chunk_index).view(out_f, N, R).permute(1, 2, 0)
+        if p.dest is None:
+            xc = xl.view(N, C, in_f)
+        else:
+            src = xl if p.active_tokens is None else xl.index_select(0, p.active_tokens)
+            xc = xl.new_zeros(N * C, in_f).index_copy(0, p.dest, src).view(N, C, in_f)
+        h = torch.bmm(xc, a.transpose(1, 2)) * p.scale(scaling, cdt)[:, None, :]
+        if h_hook is not None:
+            h = h_hook(h)
+        if base is not None and p.dest is None and p.active_tokens is None and base.dtype == cdt:
+            return torch.baddbmm(base.view(N, C, out_f), h, b).view(N * C, out_f)
+        d = torch.bmm(h, b).view(N * C, out_f)
+        if p.dest is not None:
+            d = d.index_select(0, p.dest)
+    if p.active_tokens is not None:
+        d = d.new_zeros(x2d.shape[0], out_f).index_copy(0, p.active_tokens, d)
+    return d if base is None else base + d.to(base.dtype)
+
+
+def prepare(routing: Routing, x, weight, lora_A, scaling):
+    """The call for inputs shaped like ``x`` under ``routing`` (the plan looked up once):
+    ``call(x, weight, bias, lora_A, lora_B, scaling, dropout_p, generator)``, the linear layer
+    when ``weight`` is given, else the update alone."""
+    token_shape = tuple(x.shape[:-1])
+    p = plan(routing, routing.layout(token_shape), x.device)
+
+    def call(x, weight, bias, lora_A, lora_B, scaling, dropout_p, generator):
+        return _call(p, x, weight, bias, lora_A, lora_B, scaling, dropout_p, generator)
+
+    return call
+
+
+def _call(p: Plan, x, weight, bias, lora_A, lora_B, scaling, dropout_p, generator, h_hook=None):
+    out_f = lora_B.shape[0]
+    x2d = x.reshape(-1, x.shape[-1])
+    if weight is None:
+        if p.strategy == "empty":  # the same on every rank (one routing, one token layout): no collective
+            return _zero_delta(x2d, lora_A, lora_B, out_f, x.dtype).view(*x.shape[:-1], out_f)
+        d = _update(p, x2d, lora_A, lora_B, scaling, dropout_p, generator, h_hook)
+        return d.to(x.dtype).view(*x.shape[:-1], out_f)
+    y = F.linear(x2d, weight, bias)
+    if p.strategy == "empty":
+        y = y + _zero_delta(x2d, lora_A, lora_B, out_f, y.dtype)
+    else:
+        y = _update(p, x2d, lora_A, lora_B, scaling, dropout_p, generator, h_hook, base=y)
+    return y.view(*x.shape[:-1], out_f)
+
+
 def delta(x, lora_A, lora_B, routing, scaling, dropout_p, generator, h_hook=None):
     """Low-rank FLix update, shape ``x.shape[:-1] + (out,)``, dtype of x.
 
     ``h_hook(h) -> h``, if given, is applied to the scaled low-rank intermediate between the
     shrink and the expand (tensor parallelism: :mod:`flix_kernels.distributed` all-reduces h,
     or its gradient, there)."""
-    in_f, out_f = x.shape[-1], lora_B.shape[0]
-    layout = _layout(routing, x.shape[:-1])
-    x2d = x.reshape(-1, in_f)
-    cdt = lora_A.dtype
-    p = plan(routing, layout, x.device)
-    if p.strategy == "empty":  # the same on every rank (one routing, one token layout): no collective
-        return _zero_delta(x2d, lora_A, lora_B, out_f, x.dtype).view(*x.shape[:-1], out_f)
-    xl = x2d.to(cdt)
-    if dropout_p > 0:
-        xl = xl * dropout_mask(xl.shape, dropout_p, generator, x.device).to(cdt) * (1.0 / (1.0 - dropout_p))
-    if p.strategy == "dense":
-        a = lora_A.index_select(0, p.rank_index)
-        b = lora_B.index_select(1, p.rank_index)
-        xa = xl if p.active_tokens is None else xl.index_select(0, p.active_tokens)
-        h = (xa @ a.t()) * _slot_scale(scaling, p.slot_feature, None, cdt)
-        if h_hook is not None:
-            h = h_hook(h)
-        d = h @ b.t()
-    else:
-        N, C = p.chunk_shape
-        ridx, feat, valid = p.chunk_slots
-        R = ridx.shape[1]
-        a = lora_A.index_select(0, ridx.flatten()).view(N, R, in_f)
-        b = lora_B.index_select(1, ridx.flatten()).view(out_f, N, R).permute(1, 2, 0)
-        if p.dest is None:
-            xc = xl.view(N, C, in_f)
-        else:
-            src = xl if p.active_tokens is None else xl.index_select(0, p.active_tokens)
-            xc = xl.new_zeros(N * C, in_f).index_copy(0, p.dest, src).view(N, C, in_f)
-        h = torch.bmm(xc, a.transpose(1, 2)) * _slot_scale(scaling, feat, valid, cdt)[:, None, :]
-        if h_hook is not None:
-            h = h_hook(h)
-        d = torch.bmm(h, b).view(N * C, out_f)
-        if p.dest is not None:
-            d = d.index_select(0, p.dest)
-    out = d if p.active_tokens is None else d.new_zeros(x2d.shape[0], out_f).index_copy(0, p.active_tokens, d)
-    return out.to(x.dtype).view(*x.shape[:-1], out_f)
+    p = plan(routing, _layout(routing, x.shape[:-1]), x.device)
+    return _call(p, x, None, None, lora_A, lora_B, scaling, dropout_p, generator, h_hook)
 
 
 def linear(x, weight, bias, lora_A, lora_B, routing, scaling, dropout_p, generator):
     """``F.linear(x, weight, bias) + delta(...)``, in the base output's dtype (autocast's if on)."""
-    y = F.linear(x, weight, bias)
-    return y + delta(x, lora_A, lora_B, routing, scaling, dropout_p, generator).to(y.dtype)
+    p = plan(routing, _layout(routing, x.shape[:-1]), x.device)
+    return _call(p, x, weight, bias, lora_A, lora_B, scaling, dropout_p, generator)

@@ -59,21 +59,6 @@ def _base_path(key, fuse_base, fused, unfused, device):
     return fused if fuse_base else unfused
 
 
-ops = KernelOps("triton", launch, ("cuda", "cpu"), _base_path) if launch is not None else None
-
-
-def _run(x, weight, bias, lora_A, lora_B, routing, scaling, dropout_p, generator):
-    reason = supports(x, lora_A)
-    if reason is not None:
-        raise TypeError(reason + "; use backend='torch'")
-    return ops.run(x, weight, bias, lora_A, lora_B, routing, scaling, dropout_p, generator, fuse_base=FUSE_BASE)
-
-
-def delta(x, lora_A, lora_B, routing, scaling, dropout_p, generator):
-    """Low-rank FLix update, shape ``x.shape[:-1] + (out,)``, dtype of x."""
-    return _run(x, None, None, lora_A, lora_B, routing, scaling, dropout_p, generator)
-
-
-def linear(x, weight, bias, lora_A, lora_B, routing, scaling, dropout_p, generator):
-    """``F.linear(x, weight, bias) + delta(...)`` in one custom op (autocast's dtype if on)."""
-    return _run(x, weight, bias, lora_A, lora_B, routing, scaling, dropout_p, generator)
+ops = KernelOps("triton", launch, ("cuda", "cpu"), supports=supports, instead="backend='torch'",
+                base_path=_base_path, fuse_base=lambda: FUSE_BASE) if launch is not None else None
+prepare, delta, linear = (ops.prepare, ops.delta, ops.linear) if ops is not None else (None, None, None)

@@ -147,3 +147,81 @@ def run_e2e(device: torch.device, dtype, backends: list[str], *, quick: bool, ti
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# -- the overhead mode's host-bound step (bench --overhead) ------------------------------------
+HOST_STEP_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=4, vocab_size=256, max_position_embeddings=64)
+# (features per group, rank): a small space, so the step measures the layers' host path rather
+# than an optimizer over many adapters, and the suite's 64-feature space beside it.
+HOST_STEP_SPACES = {"2 groups x 4, rank 8": (4, 8), "2 groups x 32, rank 16": (32, 16)}
+
+
+def run_host_step(device: torch.device, dtype, *, batch: int = 8, seq_len: int = 16, steps: int = 15) -> dict:
+    """A training step (forward, backward, AdamW) of a tiny Llama with FLix on every linear layer
+    (backend "torch") against PEFT LoRA of the same active rank, steps interleaved so both see the
+    same load; the FLix model's first loss is checked against the per-feature loop's."""
+    try:
+        from peft import LoraConfig, get_peft_model
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError as e:
+        return {"skipped": f"needs transformers and peft ({e})"}
+    config = LlamaConfig(**HOST_STEP_MODEL, tie_word_embeddings=True)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, config.vocab_size, (batch, seq_len), generator=gen).to(device)
+    out = {"model": HOST_STEP_MODEL, "batch": batch, "seq_len": seq_len, "dtype": str(dtype).replace("torch.", ""),
+           "steps_timed": steps, "spaces": {}, "failures": []}
+    for label, (per_group, rank) in HOST_STEP_SPACES.items():
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(config).to(device, dtype).requires_grad_(False)
+        space = FeatureSpace({"language": [f"l{i}" for i in range(per_group)],
+                              "task": [f"t{i}" for i in range(per_group)]}, rank)
+        ids = torch.stack([torch.randint(0, per_group, (batch,), generator=gen),
+                           torch.randint(per_group, 2 * per_group, (batch,), generator=gen)], 1)
+        routing = Routing(ids, space).to(device)
+        flix = copy.deepcopy(base)
+        inject(flix, space, target_modules="all-linear", init="gaussian", backend="torch")
+        with torch.no_grad():
+            for _, layer in flix_layers(flix):
+                layer.lora_B.normal_(0.0, 0.02, generator=torch.Generator(device).manual_seed(1))
+        set_routing(flix, routing)
+        loop = copy.deepcopy(flix)
+        for _, layer in flix_layers(loop):
+            layer.forward = types.MethodType(_loop_forward, layer)
+        set_routing(loop, routing)
+        with torch.no_grad():
+            got, want = (m(input_ids=tokens, labels=tokens).loss.item() for m in (flix, loop))
+        if not abs(got - want) <= 1e-4 * abs(want):
+            out["failures"].append(f"host step {label}: first loss {got:.6f} vs the loop's {want:.6f}")
+            continue
+        peft = get_peft_model(base, LoraConfig(r=2 * rank, lora_alpha=16, target_modules="all-linear",
+                                               lora_dropout=0.0), autocast_adapter_dtype=False)
+        models = {"ours: torch": flix, f"PEFT LoRA (r={2 * rank})": peft}
+        step_fns = {name: _train_step(m, tokens) for name, m in models.items()}
+        times = {name: [] for name in models}
+        for i in range(2 + steps):  # two warm-up steps each, then interleaved
+            for name, step in step_fns.items():
+                t0 = time.perf_counter()
+                step()
+                _sync(device)
+                if i >= 2:
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+        rows = {name: {"step_ms": statistics.median(t), "step_ms_p20": statistics.quantiles(t, n=5)[0],
+                       "step_ms_p80": statistics.quantiles(t, n=5)[3],
+                       "trainable_params": sum(p.numel() for p in models[name].parameters() if p.requires_grad)}
+                for name, t in times.items()}
+        ours, theirs = rows["ours: torch"]["step_ms"], rows[f"PEFT LoRA (r={2 * rank})"]["step_ms"]
+        out["spaces"][label] = {"rows": rows, "ratio_vs_peft": ours / theirs}
+    return out
+
+
+def _train_step(model, tokens):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step

@@ -175,9 +175,10 @@ def summarize(record: dict) -> dict:
     slower = [f"{k}: {v:.2f}x" for k, v, flag in peft if v < 1.0 and not flag]
     noisy = [f"{k}: {v:.2f}x {MARKS[flag]}" for k, v, flag in peft if flag]
     verdict = "not met" if slower else INCONCLUSIVE if noisy else "met"
-    targets["never slower than PEFT LoRA"] = {
-        "target": "peft / ours >= 1 everywhere", "met": verdict == "met", "verdict": verdict,
-        "measured": slower or noisy or "met in every measured case", "noisy": noisy}
+    if peft:
+        targets["never slower than PEFT LoRA"] = {
+            "target": "peft / ours >= 1 everywhere", "met": verdict == "met", "verdict": verdict,
+            "measured": slower or noisy or "met in every measured case", "noisy": noisy}
     auto, auto_noisy = {}, {}  # what the measurements say flix_kernels.backends.AUTO_TABLE should try first
     for cls, key in (("decode", decode_key), ("prefill", "headline | forward+backward")):
         case, mode = key.split(" | ")[:2]
@@ -337,8 +338,9 @@ def markdown(record: dict) -> str:
             lines.append(f"| {name} | {t['target']} | {_measured(t)} | {t.get('ours', '')} | "
                          f"{VERDICT_CELL[_verdict(t)]} |")
         lines.append("")
-    lines += ["## All timings", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(record)]
+    if record["rows"]:
+        lines += ["## All timings", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+        lines += ["| " + " | ".join(row) + " |" for row in table_rows(record)]
     if legend_lines:
         lines += [""] + legend_lines
     e2e = record.get("e2e")
@@ -355,6 +357,10 @@ def markdown(record: dict) -> str:
                 mem = "" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
                 lines.append(f"| {name} | {r['step_ms']:.1f} ms | {_e2e_spread(r)} | {r['tokens_per_s']:.0f} | {mem} | "
                              f"{r['trainable_params'] / 1e6:.2f}M |")
+    if record.get("overhead", {}).get("rows"):
+        from .overhead import markdown_lines
+
+        lines += ["", *markdown_lines(record["overhead"])]
     if record.get("skipped"):
         lines += ["", "Not run here: " + "; ".join(f"{k} ({v})" for k, v in record["skipped"].items())]
     if record.get("backends_unavailable"):
@@ -375,6 +381,8 @@ def plots(record: dict, out_dir: Path) -> list[Path]:
     except ImportError:
         return []
     rows = record["rows"]
+    if not _timed(rows):  # an overhead-only run: its numbers are in the tables
+        return []
     tokens = {c["label"]: c["tokens"] for c in record["cases"]}
     token_cases = sorted((c for c in tokens if c.startswith(("decode", "tokens=")) or c == "headline"),
                          key=lambda c: tokens[c])
@@ -442,13 +450,14 @@ def console(record: dict) -> None:
         print(markdown(record))
         return
     con = Console(width=None if Console().is_terminal else 160)
-    t = Table(title=f"flix-kernels bench on {escape(record['device']['name'])} ({record['dtype']}); details in results.md")
-    for h in ("case", "variant", "mode", "median", "noise", "x base", "x floor", "peak MiB"):
+    t = None if not rows else Table(title=f"flix-kernels bench on {escape(record['device']['name'])} ({record['dtype']}); details in results.md")
+    for h in ("case", "variant", "mode", "median", "noise", "x base", "x floor", "peak MiB") if t else ():
         t.add_column(h, justify="left" if h in ("case", "variant", "mode") else "right")
     for row, r in zip(rows, record["rows"]):
         cells = row[:4] + [f"{100 * noise(r):.0f}%" if "median_ms" in r else ""] + row[6:]
         t.add_row(*map(escape, cells), style="bold" if row[1].startswith("ours") else None)
-    con.print(t)
+    if t:
+        con.print(t)
     if s.get("targets"):
         tt = Table(title="targets")
         for h in ("target", "goal", "measured", "ours", "met"):
@@ -471,6 +480,23 @@ def console(record: dict) -> None:
                 et.add_row(escape(name), f"{r['step_ms']:.1f}", _e2e_spread(r), f"{r['tokens_per_s']:.0f}",
                            "" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}")
         con.print(et)
+    ov = record.get("overhead", {})
+    if ov.get("rows"):
+        peft = {(r["tokens"], r["mode"]): r["median_us"] for r in ov["rows"] if r["variant"].startswith("PEFT")}
+        ot = Table(title="host overhead per layer call (launches of the kernel backends recorded and skipped)")
+        for h in ("variant", "T", "mode", "host us", "noise", "x PEFT", "launches"):
+            ot.add_column(h)
+        from .overhead import row_noise
+
+        for r in ov["rows"]:
+            ref = peft.get((r["tokens"], r["mode"]))
+            ot.add_row(escape(r["variant"]), str(r["tokens"]), r["mode"], f"{r['median_us']:.1f}",
+                       f"{100 * row_noise(r):.0f}%", "" if not ref else f"{r['median_us'] / ref:.2f}",
+                       f"{r['launches']['kernels']} + {r['launches']['torch_ops']}",
+                       style="bold" if r["variant"].startswith("ours") else None)
+        con.print(ot)
+        for name, x in ov.get("targets", {}).items():
+            con.print(escape(f"{name}: {x['measured']} (goal {x['goal']}) {x['verdict']}"))
     for line in legend(record) + s.get("notes", []):
         con.print(escape(line))
     if s.get("caveat"):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends.kernel_ops import DECODE_TOKENS
+from .._launch import DECODE_TOKENS, call_extension, num_sms
 from . import _C, unavailable_reason
 
 __all__ = ["OVERRIDES", "SUPPORTED_PAIRS", "expand", "keep_mask", "shrink", "weight_grad"]
@@ -35,7 +35,6 @@ _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # (activation dtype, adapter dtype) pairs the kernels are built for.
 SUPPORTED_PAIRS = {(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
                    (torch.float16, torch.float32), (torch.bfloat16, torch.float32)}
-_SM_COUNT: dict = {}
 _INT32_MAX = 2**31 - 1
 _SMALL, _LARGE = 0, 1
 # Tile sizes of csrc/ (rows, columns, K step) by kernel and tile class, for the launch plans.
@@ -139,13 +138,6 @@ def _launch_context(t):
     return index, torch.cuda.current_stream(index).cuda_stream
 
 
-def num_sms(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
-
-
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -239,12 +231,12 @@ def shrink(X, M, stride_mr, stride_mk, slot_rank, slot_feature, cu, scaling, sca
     ws = torch.empty(splits, T, R, device=X.device, dtype=torch.float32) if splits > 1 else None
     scale_t = None if scaling is None else scaling.to(torch.float32).contiguous()
     device, stream = _launch_context(X)
-    _C.shrink(x=_matrix(X, T, K, X.stride(0), X.stride(1)),
-              factor=_matrix(M, M.numel() // max(K, 1), K, stride_mr, stride_mk), h=H.data_ptr(),
-              workspace=0 if ws is None else ws.data_ptr(), splits=splits,
-              routing=_routing(slot_rank, slot_feature, cu, seq_len),
-              scaling=0 if scale_t is None else scale_t.data_ptr(), scale=float(scale),
-              dropout=_dropout(seed, p_drop), tile=tile, device=device, stream=stream)
+    call_extension(_C.shrink, x=_matrix(X, T, K, X.stride(0), X.stride(1)),
+                   factor=_matrix(M, M.numel() // max(K, 1), K, stride_mr, stride_mk), h=H.data_ptr(),
+                   workspace=0 if ws is None else ws.data_ptr(), splits=splits,
+                   routing=_routing(slot_rank, slot_feature, cu, seq_len),
+                   scaling=0 if scale_t is None else scale_t.data_ptr(), scale=float(scale),
+                   dropout=_dropout(seed, p_drop), tile=tile, device=device, stream=stream)
     return H
 
 
@@ -273,10 +265,11 @@ def expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, 
         return Y
     device, stream = _launch_context(Y)
     tile = OVERRIDES.get("tile", _SMALL if T <= DECODE_TOKENS else _LARGE)
-    _C.expand(h=_matrix(H, T, R, H.stride(0), 1), factor=_matrix(M, M.numel() // N, N, stride_mr, stride_mn),
-              y=_matrix(Y, T, N, Y.stride(0), Y.stride(1)), accumulate=mode == 1,
-              routing=_routing(slot_rank, slot_feature, cu, seq_len), dropout=_dropout(seed, p_drop), tile=tile,
-              device=device, stream=stream)
+    call_extension(_C.expand, h=_matrix(H, T, R, H.stride(0), 1),
+                   factor=_matrix(M, M.numel() // N, N, stride_mr, stride_mn),
+                   y=_matrix(Y, T, N, Y.stride(0), Y.stride(1)), accumulate=mode == 1,
+                   routing=_routing(slot_rank, slot_feature, cu, seq_len), dropout=_dropout(seed, p_drop), tile=tile,
+                   device=device, stream=stream)
     return Y
 
 
@@ -317,7 +310,8 @@ def weight_grad(L, R, G, stride_gr, stride_gn, meta, seq_len, max_len, compute_d
     device, stream = _launch_context(R)
     pairs = (meta.pair_example.data_ptr(), meta.pair_slot.data_ptr(), meta.feature_pair_start.data_ptr(),
              meta.rank_offsets.data_ptr(), F, int(meta.max_feature_rank))
-    _C.weight_grad(l=_matrix(L, T, Rs, L.stride(0) if L.numel() else Rs, 1), r=_matrix(R, T, N, R.stride(0), R.stride(1)),
+    call_extension(_C.weight_grad, l=_matrix(L, T, Rs, L.stride(0) if L.numel() else Rs, 1),
+                   r=_matrix(R, T, N, R.stride(0), R.stride(1)),
                    g=_matrix(G, G.numel() // N, N, stride_gr, stride_gn),
                    routing=_routing(meta.slot_rank, meta.slot_feature, cu, seq_len), pairs=pairs,
                    workspace=0 if ws is None else ws.data_ptr(), chunks=chunks, chunk=chunk,

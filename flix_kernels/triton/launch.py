@@ -15,7 +15,6 @@ skipped during CUDA-graph capture.
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 
@@ -23,9 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import DECODE_TOKENS, launch_triton, next_pow2, num_sms
 from . import kernels
 
-DECODE_TOKENS = 64
 # Test/tuning hook: {"shrink": {...}, "expand": {...}, "rank_outer": {...}} entries override configs().
 OVERRIDES: dict[str, dict] = {}
 AUTOTUNE = os.environ.get("FLIX_TRITON_AUTOTUNE", "0") == "1"
@@ -52,20 +51,8 @@ def precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # interpreter: small grids keep CPU tests fast
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def _pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
-    v = max(lo, triton.next_power_of_2(max(int(n), 1)))
-    return v if hi is None else min(v, hi)
+    return next_pow2(n, lo, hi)
 
 
 def configs(kind: str, T: int, N: int, K: int, R: int, device: torch.device) -> dict:
@@ -193,7 +180,7 @@ def shrink(X, M, stride_mr, stride_mk, slot_rank, slot_feature, cu, scaling, sca
         splits = triton.cdiv(K, k_per_split)
         out = H if splits == 1 else torch.empty(splits, T, R, device=X.device, dtype=torch.float32)
         grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(R, cfg["BLOCK_R"]), splits)
-        kernels.shrink_kernel[grid](
+        launch_triton(kernels.shrink_kernel, grid,
             X, M, out, slot_rank, slot_feature, _or(cu, slot_rank), _or(scaling, H), _or(seed, slot_rank),
             T, K, R, B, seq_len, float(scale), float(p_drop), k_per_split,
             X.stride(0), X.stride(1), stride_mr, stride_mk, T * R, R,
@@ -206,8 +193,9 @@ def shrink(X, M, stride_mr, stride_mk, slot_rank, slot_feature, cu, scaling, sca
             torch.sum(out, dim=0, out=H)  # fixed order: deterministic
 
     cfg = configs("shrink", T, 0, K, R, X.device)
-    key = (T <= DECODE_TOKENS, _bucket(T), _bucket(K), _bucket(R), X.dtype, M.dtype, seed is not None)
-    cfg = tuned("shrink", cfg, key, lambda c: run(c, torch.empty_like(H)), X.device)
+    if AUTOTUNE:
+        key = (T <= DECODE_TOKENS, _bucket(T), _bucket(K), _bucket(R), X.dtype, M.dtype, seed is not None)
+        cfg = tuned("shrink", cfg, key, lambda c: run(c, torch.empty_like(H)), X.device)
     run(cfg)
     return H
 
@@ -225,7 +213,7 @@ def expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, 
 
     def run(cfg, Y=Y):
         grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(N, cfg["BLOCK_N"]))
-        kernels.expand_kernel[grid](
+        launch_triton(kernels.expand_kernel, grid,
             H, M, Y, _or(X2, Y), _or(W2, Y), _or(bias, Y), slot_rank, slot_feature, _or(cu, slot_rank),
             _or(seed, slot_rank),
             T, N, K2, R, B, seq_len, float(p_drop),
@@ -239,9 +227,10 @@ def expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, 
         )
 
     cfg = configs("expand", T, N, K2, R, Y.device)
-    key = (T <= DECODE_TOKENS, _bucket(T), _bucket(N), _bucket(K2), _bucket(R), Y.dtype, M.dtype, mode,
-           seed is not None)
-    cfg = tuned("expand", cfg, key, lambda c: run(c, Y.clone()), Y.device)  # scratch copy: mode 1 accumulates
+    if AUTOTUNE:
+        key = (T <= DECODE_TOKENS, _bucket(T), _bucket(N), _bucket(K2), _bucket(R), Y.dtype, M.dtype, mode,
+               seed is not None)
+        cfg = tuned("expand", cfg, key, lambda c: run(c, Y.clone()), Y.device)  # scratch copy: mode 1 accumulates
     run(cfg)
     return Y
 
@@ -266,17 +255,19 @@ def weight_grad(Lmat, Rmat, G, stride_gr, stride_gn, meta, seq_len, max_len, com
         tiles_n = triton.cdiv(N, BN)
         common = dict(IS_PACKED=cu is not None, HAS_DROPOUT=seed is not None, COMPUTE_DTYPE=tl_dtype(compute_dtype),
                       PRECISION=precision(compute_dtype), BLOCK_T=BT, BLOCK_N=BN, **_launch_opts(cfg))
-        # Owner path when one program per (present feature, n-tile) fills the device (no
-        # workspace); else split: one program per (pair, token chunk, n-tile), at least
-        # BLOCK_T tokens per chunk, within the workspace budget, then a fixed-order reduction.
-        owner = meta.present_features.shape[0] * tiles_n >= cfg["target_programs"]
+        # Owner path when one program per (present feature, n-tile) fills the device, or when
+        # the batch has at most DECODE_TOKENS tokens (each owner walks a few tokens; a second
+        # launch and a workspace would cost more than the parallelism gains); else split: one
+        # program per (pair, token chunk, n-tile), at least BLOCK_T tokens per chunk, within the
+        # workspace budget, then a fixed-order reduction.
+        owner = T <= DECODE_TOKENS or meta.present_features.shape[0] * tiles_n >= cfg["target_programs"]
         chunks = max(1, min(triton.cdiv(cfg["target_programs"], max(P * tiles_n, 1)), triton.cdiv(max_len, BT)))
         chunks = min(chunks, WORKSPACE_BYTES // max(max(P, 1) * BRK * N * 4, 1))
         if cfg.get("force_split"):
             owner = False
         if owner or chunks < 1 or P == 0 or T == 0:
             brk = min(BRK, 64)
-            kernels.rank_grad_kernel[(F, tiles_n, triton.cdiv(meta.max_feature_rank, brk))](
+            launch_triton(kernels.rank_grad_kernel, (F, tiles_n, triton.cdiv(meta.max_feature_rank, brk)),
                 Lmat, Rmat, G, meta.feature_pair_start, meta.pair_example, meta.pair_slot, meta.rank_offsets,
                 _or(cu, meta.pair_example), _or(seed, meta.pair_example),
                 N, seq_len, float(p_drop), Lmat.stride(0), Rmat.stride(0), Rmat.stride(1), stride_gr, stride_gn,
@@ -286,22 +277,23 @@ def weight_grad(Lmat, Rmat, G, stride_gr, stride_gn, meta, seq_len, max_len, com
         chunk = triton.cdiv(triton.cdiv(max_len, chunks), BT) * BT
         chunks = triton.cdiv(max_len, chunk)
         ws = torch.empty(P * chunks * BRK * N, device=Rmat.device, dtype=torch.float32)
-        kernels.rank_outer_kernel[(P, chunks, tiles_n)](
+        launch_triton(kernels.rank_outer_kernel, (P, chunks, tiles_n),
             Lmat, Rmat, ws, meta.pair_example, meta.pair_slot, meta.pair_feature, meta.feature_rank,
             _or(cu, meta.pair_example), _or(seed, meta.pair_example),
             N, seq_len, chunk, chunks, float(p_drop), Lmat.stride(0), Rmat.stride(0), Rmat.stride(1),
             BLOCK_RK=BRK, **common,
         )
         red_rk = min(BRK, 64)
-        kernels.rank_reduce_kernel[(F, tiles_n, triton.cdiv(meta.max_feature_rank, red_rk))](
+        launch_triton(kernels.rank_reduce_kernel, (F, tiles_n, triton.cdiv(meta.max_feature_rank, red_rk)),
             ws, G, meta.feature_pair_start, meta.pair_example, meta.rank_offsets, _or(cu, meta.pair_example),
             N, seq_len, chunk, chunks, BRK, stride_gr, stride_gn,
             IS_PACKED=cu is not None, BLOCK_RK=red_rk, BLOCK_N=BN,
         )
 
     cfg = configs("rank_outer", T, N, 0, rk, Rmat.device)
-    key = (_bucket(T), _bucket(N), _bucket(rk), _bucket(P), Rmat.dtype, Lmat.dtype, seed is not None)
-    cfg = tuned("rank_outer", cfg, key, lambda c: run(c, torch.empty_like(G)), Rmat.device)
+    if AUTOTUNE:
+        key = (_bucket(T), _bucket(N), _bucket(rk), _bucket(P), Rmat.dtype, Lmat.dtype, seed is not None)
+        cfg = tuned("rank_outer", cfg, key, lambda c: run(c, torch.empty_like(G)), Rmat.device)
     run(cfg)
     return G
 
@@ -310,8 +302,8 @@ def keep_mask(seed: torch.Tensor, T: int, K: int, p_drop: float) -> torch.Tensor
     """The (T, K) bool dropout keep-mask the kernels use for ``seed`` (tests, debugging)."""
     out = torch.empty(T, K, device=seed.device, dtype=torch.int8)
     if T and K:
-        kernels.keep_mask_kernel[(triton.cdiv(T, 16), triton.cdiv(K, 64))](out, seed, T, K, float(p_drop),
-                                                                           BLOCK_T=16, BLOCK_K=64)
+        launch_triton(kernels.keep_mask_kernel, (triton.cdiv(T, 16), triton.cdiv(K, 64)), out, seed, T, K,
+                      float(p_drop), BLOCK_T=16, BLOCK_K=64)
     return out.bool()
 
 

@@ -1,0 +1,86 @@
+"""What every kernel launcher shares, at the bottom of the import graph: the decode shape class,
+the device's SM count, power-of-two sizes, and the one door every kernel launch goes through.
+
+The door (:func:`launch_triton`, :func:`call_extension`) lets ``flix-kernels bench --overhead``
+count the launches of a layer and skip them, so that it times exactly the Python path a GPU
+run takes on any machine (see :func:`recording`). Outside a recording it costs one global
+lookup per launch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from typing import Callable, Iterator
+
+import torch
+
+__all__ = ["DECODE_TOKENS", "LaunchRecord", "call_extension", "launch_triton", "next_pow2", "num_sms", "recording"]
+
+# Token counts up to this are the decode shape class (launch plans and "auto" pick by it).
+DECODE_TOKENS = 64
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 elsewhere: the interpreter's small grids)."""
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def next_pow2(n: int, lo: int = 1, hi: int | None = None) -> int:
+    """The smallest power of two >= ``n`` (and >= ``lo``), capped at ``hi``."""
+    v = max(lo, 1 << max(int(n) - 1, 0).bit_length())
+    return v if hi is None else min(v, hi)
+
+
+class LaunchRecord:
+    """Launches seen during a :func:`recording`: ``counts[(backend, kernel)]``; with
+    ``run=False`` none of them ran (their outputs hold whatever the allocator gave)."""
+
+    def __init__(self, run: bool):
+        self.run = run
+        self.counts: Counter = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+_RECORD: LaunchRecord | None = None
+
+
+@contextlib.contextmanager
+def recording(run: bool = False) -> Iterator[LaunchRecord]:
+    """Count every kernel launch of the FLix ops in this block; ``run=False`` skips them."""
+    global _RECORD
+    saved, _RECORD = _RECORD, LaunchRecord(run)
+    try:
+        yield _RECORD
+    finally:
+        _RECORD = saved
+
+
+def launch_triton(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``: every Triton launch of the package goes through here."""
+    rec = _RECORD
+    if rec is not None:
+        rec.counts[("triton", kernel.__name__)] += 1
+        if not rec.run:
+            return
+    kernel[grid](*args, **kwargs)
+
+
+def call_extension(fn: Callable, **kwargs) -> None:
+    """``fn(**kwargs)`` for a launch function of the CUDA extension (same rules as :func:`launch_triton`)."""
+    rec = _RECORD
+    if rec is not None:
+        rec.counts[("cuda", fn.__name__)] += 1
+        if not rec.run:
+            return
+    fn(**kwargs)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a lent GPU machine (see the device tool), one step per call so each fits the tool's
-# 10-minute limit:  bash benchmarks/gpu_run.sh install|test|sanitize|bench|ofa|all
+# 10-minute limit:  bash benchmarks/gpu_run.sh install|test|sanitize|bench|overhead|ofa|all
 # install builds the CUDA extension there (FLIX_CUDA=1: a failed build is an error; FLIX_CUDA=0
 # skips it, e.g. for the ofa step, which does not use it).
 # Full logs go to $OUT (default /tmp/flix_out); copy $OUT/suite/* into
@@ -37,6 +37,12 @@ sanitize() {  # memcheck (both backends) and racecheck (CUDA kernels) on small c
 bench() {  # the flix-kernels bench suite; BENCH_ARGS e.g. "--shapes headline decode --rep-ms 100"
   python -m flix_kernels bench --no-progress ${BENCH_ARGS:-} --out "$OUT/suite" 2>&1 | tee "$OUT/bench.log" | tail -60
 }
+overhead() {  # the host path: bench --overhead, eager decode, then the 110M training step (about 8 minutes)
+  python -m pytest -q -p no:cacheprovider -rs tests/test_overhead.py 2>&1 | tee "$OUT/pytest_overhead.log" | tail -8
+  python -m flix_kernels bench --no-progress --overhead --out "$OUT/overhead" 2>&1 | tee "$OUT/overhead.log" | tail -50
+  python -m flix_kernels bench --no-progress --shapes decode --rep-ms 100 --out "$OUT/decode" 2>&1 \
+    | tee "$OUT/decode.log" | tail -30
+}
 ofa() {  # OFA: its tests on CUDA (bf16, CUDA graphs, torch.compile), then benchmarks/bench_ofa.py
   python -m pytest -q -p no:cacheprovider -rs tests/test_ofa_kernel.py tests/test_ofa.py 2>&1 | tee "$OUT/pytest_ofa.log" | tail -15
   local rc=${PIPESTATUS[0]}
@@ -49,8 +55,9 @@ case "$step" in
   test) install && run_tests || status=1 ;;
   sanitize) install && sanitize || status=1 ;;
   bench) install && bench || status=1 ;;
+  overhead) install && overhead || status=1 ;;
   ofa) install && ofa || status=1 ;;
   all) install && { run_tests || status=1; sanitize || status=1; bench || status=1; } ;;
-  *) echo "usage: $0 install|test|sanitize|bench|all"; exit 2 ;;
+  *) echo "usage: $0 install|test|sanitize|bench|overhead|ofa|all"; exit 2 ;;
 esac
 exit $status

@@ -180,20 +180,22 @@ def _update(p: Plan, x2d, lora_A, lora_B, scaling, dropout_p, generator, h_hook,
     if dropout_p > 0:
         xl = xl * dropout_mask(xl.shape, dropout_p, generator, x2d.device).to(cdt) * (1.0 / (1.0 - dropout_p))
     if p.strategy == "dense":
+        # B's columns are gathered as rows of its transpose: the gradient's index_add then adds
+        # whole rows (a column scatter is several times slower on a CPU).
         a = lora_A.index_select(0, p.rank_index)
-        b = lora_B.index_select(1, p.rank_index)
+        bt = lora_B.t().index_select(0, p.rank_index)
         xa = xl if p.active_tokens is None else xl.index_select(0, p.active_tokens)
         h = torch.mm(xa, a.t()) * p.scale(scaling, cdt)
         if h_hook is not None:
             h = h_hook(h)
         if base is not None and p.active_tokens is None and base.dtype == cdt:
-            return torch.addmm(base, h, b.t())
-        d = torch.mm(h, b.t())
+            return torch.addmm(base, h, bt)
+        d = torch.mm(h, bt)
     else:
         N, C = p.chunk_shape
         R = p.chunk_slots[0].shape[1]
         a = lora_A.index_select(0, p.chunk_index).view(N, R, in_f)
-        b = lora_B.index_select(1, p.chunk_index).view(out_f, N, R).permute(1, 2, 0)
+        b = lora_B.t().index_select(0, p.chunk_index).view(N, R, out_f)
         if p.dest is None:
             xc = xl.view(N, C, in_f)
         else:

@@ -15,7 +15,8 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["DECODE_TOKENS", "LaunchRecord", "call_extension", "launch_triton", "next_pow2", "num_sms", "recording"]
+__all__ = ["DECODE_TOKENS", "LaunchRecord", "call_extension", "cdiv", "launch_triton", "next_pow2", "num_sms",
+           "recording"]
 
 # Token counts up to this are the decode shape class (launch plans and "auto" pick by it).
 DECODE_TOKENS = 64
@@ -31,6 +32,11 @@ def num_sms(device: torch.device) -> int:
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _SM_COUNT[index]
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host ints (``triton.cdiv`` is a constexpr function, several times dearer)."""
+    return -(-a // b)
 
 
 def next_pow2(n: int, lo: int = 1, hi: int | None = None) -> int:

@@ -117,7 +117,10 @@ class KernelOps:
                                  stride_wk=weight.stride(1), bias=bias)
 
         def cublas_then_expand():
-            with torch.autocast(x.device.type, enabled=False):
+            if torch.is_autocast_enabled(x.device.type):  # x and weight are already in its dtype
+                with torch.autocast(x.device.type, enabled=False):
+                    y = F.linear(x, weight, bias)
+            else:
                 y = F.linear(x, weight, bias)
             return launch.expand(*common, y, *kmeta, mode=1)
 

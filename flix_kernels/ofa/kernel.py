@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._launch import cdiv
 from ..backends import BackendUnavailableError, unavailable_reason
 
 try:  # Triton is optional; backend "triton" then reports why it is off (unavailable_reason).
@@ -197,7 +198,7 @@ def _gather_matmul(ids: Optional[Tensor], V: int, A: Tensor, stride_am: int, str
             out.masked_fill_(((ids < 0) | (ids >= V))[:, None], float("nan"))
         return out
     cfg = _blocks("lookup" if ids is not None else "grad_gather", T, K, N, A.device)
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(T, cfg["BLOCK_T"]))
+    grid = (cdiv(N, cfg["BLOCK_N"]), cdiv(T, cfg["BLOCK_T"]))
     gather_matmul_kernel[grid](
         ids if ids is not None else A, A, B, out, T, K, N, V,
         stride_am, stride_ak, stride_bk, stride_bn, out.stride(0), out.stride(1),
@@ -217,10 +218,10 @@ def _token_splits(T: int, tiles: int, block_t: int, device: torch.device) -> int
     """How many token ranges the dQ reduction is cut into: enough programs to fill the GPU
     (a k x D grid alone can be a few dozen tiles), each range at least 4 token tiles long."""
     if device.type != "cuda":
-        return min(2, triton.cdiv(T, block_t))  # the interpreter: still exercise the split path
+        return min(2, cdiv(T, block_t))  # the interpreter: still exercise the split path
     sms = _launch.num_sms(device)
-    want = triton.cdiv(2 * sms, max(tiles, 1))
-    return max(1, min(want, triton.cdiv(T, 4 * block_t)))
+    want = cdiv(2 * sms, max(tiles, 1))
+    return max(1, min(want, cdiv(T, 4 * block_t)))
 
 
 def _grad_primitive(ids: Tensor, P: Tensor, dout: Tensor, dtype: torch.dtype) -> Tensor:
@@ -231,12 +232,12 @@ def _grad_primitive(ids: Tensor, P: Tensor, dout: Tensor, dtype: torch.dtype) ->
     if T == 0 or K == 0 or D == 0:
         return torch.zeros(K, D, device=P.device, dtype=dtype)
     cfg = _blocks("grad_primitive", T, K, D, P.device)
-    tiles = triton.cdiv(K, cfg["BLOCK_K"]) * triton.cdiv(D, cfg["BLOCK_N"])
+    tiles = cdiv(K, cfg["BLOCK_K"]) * cdiv(D, cfg["BLOCK_N"])
     splits = _token_splits(T, tiles, cfg["BLOCK_T"], P.device)
-    per_split = triton.cdiv(triton.cdiv(T, splits), cfg["BLOCK_T"]) * cfg["BLOCK_T"]
-    splits = triton.cdiv(T, per_split)
+    per_split = cdiv(cdiv(T, splits), cfg["BLOCK_T"]) * cfg["BLOCK_T"]
+    splits = cdiv(T, per_split)
     partial = torch.empty(splits, K, D, device=P.device, dtype=torch.float32)
-    grid = (triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(D, cfg["BLOCK_N"]), splits)
+    grid = (cdiv(K, cfg["BLOCK_K"]), cdiv(D, cfg["BLOCK_N"]), splits)
     gathered_outer_kernel[grid](
         ids, P, dout, partial, T, K, D, V, per_split, P.stride(0), P.stride(1), dout.stride(0), dout.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2),
@@ -259,7 +260,7 @@ def _grad_coords(ids: Tensor, Q: Tensor, dout: Tensor, V: int, padding_idx: int,
     sorted_ids, order = torch.sort(ids, stable=True)
     run_end = torch.searchsorted(sorted_ids, sorted_ids, right=True)
     cfg = _blocks("segment", T, K, 0, Q.device)
-    grid = (T, triton.cdiv(K, cfg["BLOCK_K"]))
+    grid = (T, cdiv(K, cfg["BLOCK_K"]))
     segment_sum_kernel[grid](g, order, sorted_ids, run_end, dP, K, V, padding_idx, g.stride(0), dP.stride(0), **cfg)
     return dP
 

@@ -19,10 +19,9 @@ import os
 import time
 
 import torch
-import triton
 import triton.language as tl
 
-from .._launch import DECODE_TOKENS, launch_triton, next_pow2, num_sms
+from .._launch import DECODE_TOKENS, cdiv, launch_triton, next_pow2, num_sms
 from . import kernels
 
 # Test/tuning hook: {"shrink": {...}, "expand": {...}, "rank_outer": {...}} entries override configs().
@@ -62,8 +61,8 @@ def configs(kind: str, T: int, N: int, K: int, R: int, device: torch.device) -> 
         cfg = dict(BLOCK_T=16 if decode else 64, BLOCK_R=_pow2(R, hi=64), BLOCK_K=128 if decode else 64,
                    num_warps=4)
         # Decode reads A_S once per example: split K so every SM streams a part of it.
-        tiles = triton.cdiv(T, cfg["BLOCK_T"]) * triton.cdiv(R, cfg["BLOCK_R"])
-        cfg["splits"] = max(1, min(triton.cdiv(2 * num_sms(device), max(tiles, 1)), triton.cdiv(K, cfg["BLOCK_K"])))
+        tiles = cdiv(T, cfg["BLOCK_T"]) * cdiv(R, cfg["BLOCK_R"])
+        cfg["splits"] = max(1, min(cdiv(2 * num_sms(device), max(tiles, 1)), cdiv(K, cfg["BLOCK_K"])))
     elif kind == "expand":
         # 64 x 64 tiles: a 64 x 128 tile with 8 warps needs ~230 registers/thread on sm_90
         # (one CTA per SM) for what is a memory-bound read-modify-write of y.
@@ -154,7 +153,7 @@ def _search_steps(num_examples: int) -> int:
 
 
 def _bucket(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    return next_pow2(n)
 
 
 def _launch_opts(cfg: dict) -> dict:
@@ -176,10 +175,10 @@ def shrink(X, M, stride_mr, stride_mk, slot_rank, slot_feature, cu, scaling, sca
 
     def run(cfg, H=H):
         splits = cfg["splits"]
-        k_per_split = triton.cdiv(triton.cdiv(K, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-        splits = triton.cdiv(K, k_per_split)
+        k_per_split = cdiv(cdiv(K, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+        splits = cdiv(K, k_per_split)
         out = H if splits == 1 else torch.empty(splits, T, R, device=X.device, dtype=torch.float32)
-        grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(R, cfg["BLOCK_R"]), splits)
+        grid = (cdiv(T, cfg["BLOCK_T"]), cdiv(R, cfg["BLOCK_R"]), splits)
         launch_triton(kernels.shrink_kernel, grid,
             X, M, out, slot_rank, slot_feature, _or(cu, slot_rank), _or(scaling, H), _or(seed, slot_rank),
             T, K, R, B, seq_len, float(scale), float(p_drop), k_per_split,
@@ -212,7 +211,7 @@ def expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, 
     base_dtype = X2.dtype if mode == 2 else compute_dtype
 
     def run(cfg, Y=Y):
-        grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(N, cfg["BLOCK_N"]))
+        grid = (cdiv(T, cfg["BLOCK_T"]), cdiv(N, cfg["BLOCK_N"]))
         launch_triton(kernels.expand_kernel, grid,
             H, M, Y, _or(X2, Y), _or(W2, Y), _or(bias, Y), slot_rank, slot_feature, _or(cu, slot_rank),
             _or(seed, slot_rank),
@@ -252,7 +251,7 @@ def weight_grad(Lmat, Rmat, G, stride_gr, stride_gn, meta, seq_len, max_len, com
 
     def run(cfg, G=G):
         BRK, BN, BT = cfg["BLOCK_RK"], cfg["BLOCK_N"], cfg["BLOCK_T"]
-        tiles_n = triton.cdiv(N, BN)
+        tiles_n = cdiv(N, BN)
         common = dict(IS_PACKED=cu is not None, HAS_DROPOUT=seed is not None, COMPUTE_DTYPE=tl_dtype(compute_dtype),
                       PRECISION=precision(compute_dtype), BLOCK_T=BT, BLOCK_N=BN, **_launch_opts(cfg))
         # Owner path when one program per (present feature, n-tile) fills the device, or when
@@ -261,21 +260,21 @@ def weight_grad(Lmat, Rmat, G, stride_gr, stride_gn, meta, seq_len, max_len, com
         # program per (pair, token chunk, n-tile), at least BLOCK_T tokens per chunk, within the
         # workspace budget, then a fixed-order reduction.
         owner = T <= DECODE_TOKENS or meta.present_features.shape[0] * tiles_n >= cfg["target_programs"]
-        chunks = max(1, min(triton.cdiv(cfg["target_programs"], max(P * tiles_n, 1)), triton.cdiv(max_len, BT)))
+        chunks = max(1, min(cdiv(cfg["target_programs"], max(P * tiles_n, 1)), cdiv(max_len, BT)))
         chunks = min(chunks, WORKSPACE_BYTES // max(max(P, 1) * BRK * N * 4, 1))
         if cfg.get("force_split"):
             owner = False
         if owner or chunks < 1 or P == 0 or T == 0:
             brk = min(BRK, 64)
-            launch_triton(kernels.rank_grad_kernel, (F, tiles_n, triton.cdiv(meta.max_feature_rank, brk)),
+            launch_triton(kernels.rank_grad_kernel, (F, tiles_n, cdiv(meta.max_feature_rank, brk)),
                 Lmat, Rmat, G, meta.feature_pair_start, meta.pair_example, meta.pair_slot, meta.rank_offsets,
                 _or(cu, meta.pair_example), _or(seed, meta.pair_example),
                 N, seq_len, float(p_drop), Lmat.stride(0), Rmat.stride(0), Rmat.stride(1), stride_gr, stride_gn,
                 BLOCK_RK=brk, **common,
             )
             return
-        chunk = triton.cdiv(triton.cdiv(max_len, chunks), BT) * BT
-        chunks = triton.cdiv(max_len, chunk)
+        chunk = cdiv(cdiv(max_len, chunks), BT) * BT
+        chunks = cdiv(max_len, chunk)
         ws = torch.empty(P * chunks * BRK * N, device=Rmat.device, dtype=torch.float32)
         launch_triton(kernels.rank_outer_kernel, (P, chunks, tiles_n),
             Lmat, Rmat, ws, meta.pair_example, meta.pair_slot, meta.pair_feature, meta.feature_rank,
@@ -284,7 +283,7 @@ def weight_grad(Lmat, Rmat, G, stride_gr, stride_gn, meta, seq_len, max_len, com
             BLOCK_RK=BRK, **common,
         )
         red_rk = min(BRK, 64)
-        launch_triton(kernels.rank_reduce_kernel, (F, tiles_n, triton.cdiv(meta.max_feature_rank, red_rk)),
+        launch_triton(kernels.rank_reduce_kernel, (F, tiles_n, cdiv(meta.max_feature_rank, red_rk)),
             ws, G, meta.feature_pair_start, meta.pair_example, meta.rank_offsets, _or(cu, meta.pair_example),
             N, seq_len, chunk, chunks, BRK, stride_gr, stride_gn,
             IS_PACKED=cu is not None, BLOCK_RK=red_rk, BLOCK_N=BN,
@@ -302,7 +301,7 @@ def keep_mask(seed: torch.Tensor, T: int, K: int, p_drop: float) -> torch.Tensor
     """The (T, K) bool dropout keep-mask the kernels use for ``seed`` (tests, debugging)."""
     out = torch.empty(T, K, device=seed.device, dtype=torch.int8)
     if T and K:
-        launch_triton(kernels.keep_mask_kernel, (triton.cdiv(T, 16), triton.cdiv(K, 64)), out, seed, T, K,
+        launch_triton(kernels.keep_mask_kernel, (cdiv(T, 16), cdiv(K, 64)), out, seed, T, K,
                       float(p_drop), BLOCK_T=16, BLOCK_K=64)
     return out.bool()
 

@@ -151,3 +151,13 @@ def test_the_overhead_mode_does_not_time_a_wrong_variant(monkeypatch):
     record = overhead.measure(torch.device("cpu"), rep_ms=1.0, e2e=False)
     assert record["failures"] and all("ours: torch" in f for f in record["failures"])
     assert not [r for r in record["rows"] if r["variant"] == "ours: torch"]
+
+
+def test_layers_sharing_a_routing_keep_their_own_scales(seed):
+    routing, ids, space, x, W, A, B = _layer_problem(seed)
+    scales = [torch.full((space.num_features,), s, device=DEVICE) for s in (0.5, 3.0)]
+    for _ in range(2):  # alternating, as the layers of a model do
+        for s in scales:
+            want = flix_linear_reference(x.double(), W.double(), None, A.double(), B.double(), ids,
+                                         space.rank_offsets, s.cpu().double())
+            assert_close(fk.flix_linear(x, W, None, A, B, routing, scaling=s, backend="torch"), want, torch.float32)

@@ -136,27 +136,30 @@ def _slot_scale(scaling, feature: torch.Tensor, valid: torch.Tensor | None, dtyp
 
 
 class _SlotScale:
-    """The plan's per-slot scales, rebuilt only when the scaling changes: a new tensor, an
-    in-place change (its version counter) or another dtype (or inference mode, whose tensors
-    autograd may not save). Autograd needs the real gather when the scales are learned, so a
-    scaling that requires grad is never cached."""
+    """The plan's per-slot scales, built once per scaling: every layer of a model shares the
+    routing's plan but has its own scaling tensor, so they are kept per tensor and rebuilt only
+    when it changes (in place: its version counter), for another dtype or in inference mode
+    (whose tensors autograd may not save). A scaling that requires grad (learned scales) gets
+    the real gather every call, so its gradient flows."""
 
     def __init__(self, feature: torch.Tensor, valid: torch.Tensor | None):
         self.feature, self.valid = feature, valid
-        self.key, self.value = None, None
+        self.cache: dict = {}
 
     def __call__(self, scaling, dtype) -> torch.Tensor:
         if torch.is_tensor(scaling):
             if scaling.requires_grad or torch.compiler.is_compiling():
                 return _slot_scale(scaling, self.feature, self.valid, dtype)
-            key = (scaling, scaling._version, dtype, torch.is_inference_mode_enabled())
-            hit = self.key is not None and self.key[0] is scaling and self.key[1:] == key[1:]
+            key = (id(scaling), dtype, torch.is_inference_mode_enabled())
+            state = (scaling, scaling._version)  # the tensor itself: an id can be reused after it is freed
         else:
-            key = (float(scaling), dtype, torch.is_inference_mode_enabled())
-            hit = self.key == key
-        if not hit:
-            self.key, self.value = key, _slot_scale(scaling, self.feature, self.valid, dtype)
-        return self.value
+            key, state = (float(scaling), dtype, torch.is_inference_mode_enabled()), None
+        hit = self.cache.get(key)
+        if hit is not None and (state is None or (hit[0][0] is state[0] and hit[0][1] == state[1])):
+            return hit[1]
+        value = _slot_scale(scaling, self.feature, self.valid, dtype)
+        self.cache[key] = (state, value)
+        return value
 
 
 def dropout_mask(shape, p: float, generator: torch.Generator | None, device) -> torch.Tensor:

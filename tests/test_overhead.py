@@ -161,3 +161,13 @@ def test_layers_sharing_a_routing_keep_their_own_scales(seed):
             want = flix_linear_reference(x.double(), W.double(), None, A.double(), B.double(), ids,
                                          space.rank_offsets, s.cpu().double())
             assert_close(fk.flix_linear(x, W, None, A, B, routing, scaling=s, backend="torch"), want, torch.float32)
+
+
+@triton_available
+@pytest.mark.parametrize("tokens", overhead.TOKENS)
+def test_a_triton_layer_launches_at_most_seven_kernels_per_step_at_decode_sizes(tokens):
+    layer = overhead._variants(torch.device(DEVICE), torch.float32, tokens, ["triton"])[0][-1]
+    assert overhead.check(layer) < 1e-4
+    fwd, step = overhead.launches(layer.forward), overhead.launches(layer.forward_backward)
+    assert fwd["total"] == 3, fwd  # shrink, the base GEMM, expand
+    assert step["total"] <= overhead.MAX_LAUNCHES, step

@@ -37,6 +37,7 @@ def test_every_kernel_variant_compiles_for(arch):
 POINTER_DTYPES = {
     "X": "bf16", "M": "bf16", "Y": "bf16", "X2": "bf16", "W2": "bf16", "bias": "bf16", "R": "bf16", "G": "bf16",
     "H": "fp32", "L": "fp32", "WS": "fp32", "scaling": "fp32", "seed_ptr": "i64", "OUT": "i8",
+    "L0": "fp32", "R0": "bf16", "G0": "bf16", "L1": "fp32", "R1": "bf16", "G1": "bf16",
 }
 INDEX_POINTERS = {"slot_rank", "slot_feature", "cu_ptr", "pair_example", "pair_slot", "pair_feature",
                   "feature_rank", "feature_pair_start", "rank_offsets"}
@@ -102,6 +103,8 @@ def compile_weight_gradient_kernels(arch, packed, tl):
                       BLOCK_T=64, BLOCK_N=64)
         _report(f"rank_grad sm_{arch} packed={packed} dropout={dropout}",
                 _compile(_kernels().rank_grad_kernel, dict(common, BLOCK_RK=32), arch))
+        _report(f"rank_grad_pair sm_{arch} packed={packed} dropout={dropout}",
+                _compile(_kernels().rank_grad_pair_kernel, dict(common, BLOCK_RK=32), arch))
         for rk in (16, 128):
             _report(f"rank_outer rk={rk} sm_{arch} packed={packed} dropout={dropout}",
                     _compile(_kernels().rank_outer_kernel, dict(common, BLOCK_RK=rk, BLOCK_N=64 if rk <= 64 else 32), arch))

@@ -163,6 +163,11 @@ class KernelOps:
                 else:
                     key = ("input_grad", T <= DECODE_TOKENS, next_pow2(T), K, dy.shape[1], x.dtype)
                     dx = self.base_path(key, fuse_base, fused, cublas_then_expand, x.device)()
+        if need_dA and need_dB and hasattr(launch, "weight_grad_pair"):  # one launch where the launcher can
+            dB, dA = torch.empty_like(lora_B), torch.empty_like(lora_A)
+            launch.weight_grad_pair(h, dy, dB, dB.stride(1), dB.stride(0), g, x, dA, dA.stride(0), dA.stride(1), meta,
+                                    seq_len, meta.max_length, cdt, seed=seed, p_drop=dropout_p)
+            return dx, dA, dB
         if need_dB:
             dB = torch.empty_like(lora_B)
             launch.weight_grad(h, dy, dB, dB.stride(1), dB.stride(0), meta, seq_len, meta.max_length, cdt)
@@ -268,10 +273,13 @@ class _EagerLoRA(torch.autograd.Function):
         ctx.ops, ctx.meta = ops, meta
         _keep_scalars(ctx, scale, dropout_p, fuse_base, bias)
         ctx.mark_non_differentiable(h)
+        ctx.set_materialize_grads(False)  # h gets no gradient: no zero tensor (a launch) for it
         return y, h
 
     @staticmethod
     def backward(ctx, dy, dh):
+        if dy is None:  # grads are not materialized (see forward)
+            return (None,) * 12
         backward = functools.partial(ctx.ops.backward, ctx.meta)
         grads = _grads(ctx, dy, ctx.saved_tensors, backward, ctx.needs_input_grad[1:6])
         return (None,) + grads + (None,) * 6

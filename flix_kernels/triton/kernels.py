@@ -12,6 +12,8 @@ lora_B^T (shrink of dy), lora_B (expand of h) and lora_A^T (expand of dh) are on
 * :func:`expand_kernel`: ``Y[t, n] (=|+=) [X2 W2^T + bias] + drop(sum_j H[t, j] M[slot[e(t), j], n])``;
   MODE 0 writes the update alone, MODE 1 accumulates into Y in place, MODE 2 computes the base
   GEMM in the same tile (fused forward or fused ``dx = dy W + dh A_S``).
+* :func:`rank_grad_kernel` (and :func:`rank_grad_pair_kernel`, dA and dB in one launch): the
+  weight gradients when one program per (feature, n-tile) owns its tile;
 * :func:`rank_outer_kernel` + :func:`rank_reduce_kernel`: the weight gradients as segment-owned
   reductions. A *pair* is (feature k, example e having k); program (pair, chunk, n-tile) sums
   ``L[t, slot_k + j] * R[t, n]`` over one chunk of e's tokens into its own workspace tile, then
@@ -229,6 +231,32 @@ def _outer_over_tokens(acc, L, R, seed, slot, offs_j, j_in, offs_n, n_in, t_begi
 
 
 @triton.jit
+def _rank_grad_tile(k, pid_n, pid_j, L, R, G, feature_pair_start, pair_example, pair_slot, rank_offsets, cu_ptr,
+                    seed_ptr, N, seq_len, p_drop, stride_lt, stride_rt, stride_rn, stride_gr, stride_gn,
+                    IS_PACKED: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+                    PRECISION: tl.constexpr, BLOCK_RK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One owner tile: G[rank_offsets[k] + j, n] for row block pid_j and n-tile pid_n of feature k."""
+    r0 = tl.load(rank_offsets + k)
+    rank = tl.load(rank_offsets + k + 1) - r0
+    offs_j = pid_j * BLOCK_RK + tl.arange(0, BLOCK_RK)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    j_in = offs_j < rank
+    n_in = offs_n < N
+    acc = tl.zeros((BLOCK_RK, BLOCK_N), dtype=tl.float32)
+    if pid_j * BLOCK_RK < rank:
+        seed = 0
+        if HAS_DROPOUT:
+            seed = tl.load(seed_ptr)
+        for p in range(tl.load(feature_pair_start + k), tl.load(feature_pair_start + k + 1)):
+            start, end = _token_range(tl.load(pair_example + p), cu_ptr, seq_len, IS_PACKED)
+            acc = _outer_over_tokens(acc, L, R, seed, tl.load(pair_slot + p), offs_j, j_in, offs_n, n_in, start,
+                                     end, N, p_drop, stride_lt, stride_rt, stride_rn, HAS_DROPOUT, COMPUTE_DTYPE,
+                                     PRECISION, BLOCK_T)
+    g_ptrs = G + (r0 + offs_j).to(tl.int64)[:, None] * stride_gr + offs_n.to(tl.int64)[None, :] * stride_gn
+    tl.store(g_ptrs, acc.to(G.dtype.element_ty), mask=j_in[:, None] & n_in[None, :])
+
+
+@triton.jit
 def rank_grad_kernel(
     L, R, G, feature_pair_start, pair_example, pair_slot, rank_offsets, cu_ptr, seed_ptr,
     N, seq_len, p_drop, stride_lt, stride_rt, stride_rn, stride_gr, stride_gn,
@@ -240,26 +268,33 @@ def rank_grad_kernel(
     One program per (feature, n-tile, row block) owns its output tile and walks its pairs'
     tokens in order: no workspace, no atomics. Used when no feature needs splitting over
     tokens; absent features get zero rows."""
-    k = tl.program_id(0)
+    _rank_grad_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), L, R, G, feature_pair_start, pair_example,
+                    pair_slot, rank_offsets, cu_ptr, seed_ptr, N, seq_len, p_drop, stride_lt, stride_rt, stride_rn,
+                    stride_gr, stride_gn, IS_PACKED, HAS_DROPOUT, COMPUTE_DTYPE, PRECISION, BLOCK_RK, BLOCK_T, BLOCK_N)
+
+
+@triton.jit
+def rank_grad_pair_kernel(
+    L0, R0, G0, N0, stride_lt0, stride_rt0, stride_rn0, stride_gr0, stride_gn0, tiles_n0,
+    L1, R1, G1, N1, stride_lt1, stride_rt1, stride_rn1, stride_gr1, stride_gn1,
+    feature_pair_start, pair_example, pair_slot, rank_offsets, cu_ptr, seed_ptr, seq_len, p_drop,
+    IS_PACKED: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_RK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Both weight gradients of a layer in one launch, by :func:`rank_grad_kernel`'s owner tiles:
+    n-tiles below ``tiles_n0`` compute problem 0 (dB: L = h, R = dy, no dropout), the others
+    problem 1 (dA: L = g, R = x, with the forward's dropout mask when HAS_DROPOUT)."""
     pid_n = tl.program_id(1)
-    r0 = tl.load(rank_offsets + k)
-    rank = tl.load(rank_offsets + k + 1) - r0
-    offs_j = tl.program_id(2) * BLOCK_RK + tl.arange(0, BLOCK_RK)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    j_in = offs_j < rank
-    n_in = offs_n < N
-    acc = tl.zeros((BLOCK_RK, BLOCK_N), dtype=tl.float32)
-    if tl.program_id(2) * BLOCK_RK < rank:
-        seed = 0
-        if HAS_DROPOUT:
-            seed = tl.load(seed_ptr)
-        for p in range(tl.load(feature_pair_start + k), tl.load(feature_pair_start + k + 1)):
-            start, end = _token_range(tl.load(pair_example + p), cu_ptr, seq_len, IS_PACKED)
-            acc = _outer_over_tokens(acc, L, R, seed, tl.load(pair_slot + p), offs_j, j_in, offs_n, n_in, start,
-                                     end, N, p_drop, stride_lt, stride_rt, stride_rn, HAS_DROPOUT, COMPUTE_DTYPE,
-                                     PRECISION, BLOCK_T)
-    g_ptrs = G + (r0 + offs_j).to(tl.int64)[:, None] * stride_gr + offs_n.to(tl.int64)[None, :] * stride_gn
-    tl.store(g_ptrs, acc.to(G.dtype.element_ty), mask=j_in[:, None] & n_in[None, :])
+    if pid_n < tiles_n0:
+        _rank_grad_tile(tl.program_id(0), pid_n, tl.program_id(2), L0, R0, G0, feature_pair_start, pair_example,
+                        pair_slot, rank_offsets, cu_ptr, seed_ptr, N0, seq_len, p_drop, stride_lt0, stride_rt0,
+                        stride_rn0, stride_gr0, stride_gn0, IS_PACKED, False, COMPUTE_DTYPE, PRECISION, BLOCK_RK,
+                        BLOCK_T, BLOCK_N)
+    else:
+        _rank_grad_tile(tl.program_id(0), pid_n - tiles_n0, tl.program_id(2), L1, R1, G1, feature_pair_start,
+                        pair_example, pair_slot, rank_offsets, cu_ptr, seed_ptr, N1, seq_len, p_drop, stride_lt1,
+                        stride_rt1, stride_rn1, stride_gr1, stride_gn1, IS_PACKED, HAS_DROPOUT, COMPUTE_DTYPE,
+                        PRECISION, BLOCK_RK, BLOCK_T, BLOCK_N)
 
 
 @triton.jit

@@ -297,6 +297,36 @@ def weight_grad(Lmat, Rmat, G, stride_gr, stride_gn, meta, seq_len, max_len, com
     return G
 
 
+def weight_grad_pair(H, dY, dB, stride_br, stride_bn, Gm, X, dA, stride_ar, stride_an, meta, seq_len, max_len,
+                     compute_dtype, *, seed=None, p_drop=0.0) -> None:
+    """Both weight gradients of a layer: ``dB`` from ``(H, dY)`` (as ``weight_grad(H, dY, dB, ...)``)
+    and ``dA`` from ``(Gm, X)`` with the dropout mask (as ``weight_grad(Gm, X, dA, ..., seed=...)``).
+    One launch of the owner tiles at decode sizes (at most DECODE_TOKENS tokens), where each
+    owner walks a few tokens; otherwise, or when tests or autotuning choose the path, the two
+    :func:`weight_grad` calls."""
+    T, N0 = dY.shape
+    N1 = X.shape[1]
+    F = meta.feature_rank.numel()
+    cfg = configs("rank_outer", T, N0, 0, max(meta.max_pair_rank, 1), dY.device)
+    if T > DECODE_TOKENS or T == 0 or F == 0 or AUTOTUNE or cfg.get("force_split") or "rank_outer" in OVERRIDES:
+        weight_grad(H, dY, dB, stride_br, stride_bn, meta, seq_len, max_len, compute_dtype)
+        weight_grad(Gm, X, dA, stride_ar, stride_an, meta, seq_len, max_len, compute_dtype, seed=seed, p_drop=p_drop)
+        return
+    BN, brk = cfg["BLOCK_N"], min(cfg["BLOCK_RK"], 64)
+    tiles0, tiles1 = cdiv(N0, BN), cdiv(N1, BN)
+    if tiles0 + tiles1 == 0:
+        return
+    cu = meta.cu_seqlens
+    launch_triton(kernels.rank_grad_pair_kernel, (F, tiles0 + tiles1, cdiv(meta.max_feature_rank, brk)),
+                  H, dY, dB, N0, H.stride(0), dY.stride(0), dY.stride(1), stride_br, stride_bn, tiles0,
+                  Gm, X, dA, N1, Gm.stride(0), X.stride(0), X.stride(1), stride_ar, stride_an,
+                  meta.feature_pair_start, meta.pair_example, meta.pair_slot, meta.rank_offsets,
+                  _or(cu, meta.pair_example), _or(seed, meta.pair_example), seq_len, float(p_drop),
+                  IS_PACKED=cu is not None, HAS_DROPOUT=seed is not None, COMPUTE_DTYPE=tl_dtype(compute_dtype),
+                  PRECISION=precision(compute_dtype), BLOCK_RK=brk, BLOCK_T=cfg["BLOCK_T"], BLOCK_N=BN,
+                  **_launch_opts(cfg))
+
+
 def keep_mask(seed: torch.Tensor, T: int, K: int, p_drop: float) -> torch.Tensor:
     """The (T, K) bool dropout keep-mask the kernels use for ``seed`` (tests, debugging)."""
     out = torch.empty(T, K, device=seed.device, dtype=torch.int8)

@@ -183,10 +183,8 @@ def _update(p: Plan, x2d, lora_A, lora_B, scaling, dropout_p, generator, h_hook,
     if dropout_p > 0:
         xl = xl * dropout_mask(xl.shape, dropout_p, generator, x2d.device).to(cdt) * (1.0 / (1.0 - dropout_p))
     if p.strategy == "dense":
-        # B's columns are gathered as rows of its transpose: the gradient's index_add then adds
-        # whole rows (a column scatter is several times slower on a CPU).
         a = lora_A.index_select(0, p.rank_index)
-        bt = lora_B.t().index_select(0, p.rank_index)
+        bt = lora_B.index_select(1, p.rank_index).t()
         xa = xl if p.active_tokens is None else xl.index_select(0, p.active_tokens)
         h = torch.mm(xa, a.t()) * p.scale(scaling, cdt)
         if h_hook is not None:
@@ -207,7 +205,7 @@ def _update(p: Plan, x2d, lora_A, lora_B, scaling, dropout_p, generator, h_hook,
                 and base.dtype == cdt and not s.requires_grad and not torch.compiler.is_compiling()):
             return _GroupedUpdate.apply(xc, base.view(N, C, out_f), lora_A, lora_B, p.chunk_index, s).view(N * C, out_f)
         a = lora_A.index_select(0, p.chunk_index).view(N, R, in_f)
-        b = lora_B.t().index_select(0, p.chunk_index).view(N, R, out_f)
+        b = lora_B.index_select(1, p.chunk_index).view(out_f, N, R).permute(1, 2, 0)
         h = torch.bmm(xc, a.transpose(1, 2)) * s[:, None, :]
         if h_hook is not None:
             h = h_hook(h)
@@ -231,7 +229,8 @@ class _GroupedUpdate(torch.autograd.Function):
         N, C, _ = x.shape
         R = scale.shape[1]
         a = lora_A.index_select(0, index).view(N, R, -1)
-        b = lora_B.t().index_select(0, index).view(N, R, -1)
+        b = lora_B.index_select(1, index).view(-1, N, R).permute(1, 2, 0)  # (N, R, out): a column gather is
+        # the fast one on a CPU; the backward adds whole rows of B's transpose, the fast scatter
         h = torch.bmm(x, a.transpose(1, 2)).mul_(scale[:, None, :])
         ctx.save_for_backward(x, a, b, h, index, scale)
         ctx.shapes = (lora_A.shape, lora_B.shape)

@@ -25,7 +25,7 @@ Both ops take the routing's prebuilt :class:`~flix_kernels.routing.KernelMetadat
 fake implementations, so ``torch.compile(fullgraph=True)`` traces them without graph breaks,
 and nothing inside synchronises with the host (CUDA-graph capturable). Eager calls skip
 torch.library's dispatch and pass the metadata object itself to one autograd node
-(:class:`_EagerLoRA`) with a dozen arguments.
+(:class:`_EagerLoRA`) with eight arguments.
 """
 
 import functools
@@ -225,8 +225,15 @@ class KernelOps:
             else:
                 scale_t, scale_f = None, float(scaling)
             fuse = weight is not None and self.fuse_base()
-            y, _ = _EagerLoRA.apply(self, x.reshape(T, x.shape[-1]), weight, bias, lora_A, lora_B, scale_t, seed,
-                                    meta, scale_f, dropout_p, fuse)
+            x2d = x.reshape(T, x.shape[-1])
+            if not (torch.is_grad_enabled() and _any_requires_grad(x, weight, bias, lora_A, lora_B)):
+                # Nothing to differentiate (inference, decode): no autograd node, whose apply alone
+                # costs about as much host time as a launch.
+                y, _ = self.forward(x2d, weight, bias, lora_A, lora_B, scale_t, seed, meta, scale_f, dropout_p, fuse)
+                return y.view(*token_shape, lora_B.shape[0])
+            # The constants travel as one tuple: Function.apply inspects every argument.
+            y, _ = _EagerLoRA.apply((self, meta, scale_f, dropout_p, fuse), x2d, weight, bias, lora_A, lora_B, scale_t,
+                                    seed)
             return y.view(*token_shape, lora_B.shape[0])
 
         return call
@@ -250,6 +257,10 @@ class KernelOps:
         return y.view(*x.shape[:-1], lora_B.shape[0])
 
 
+def _any_requires_grad(*tensors) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
 def _grads(ctx, dy, saved, backward, needs):
     """The five gradients ``(dx, dW, db, dA, dB)`` of a forward (eager or custom op);
     ``backward`` is :meth:`KernelOps.backward` or the backward op, bound to the metadata."""
@@ -267,7 +278,8 @@ class _EagerLoRA(torch.autograd.Function):
     metadata passed as one object (torch.library's dispatch costs hundreds of us per step)."""
 
     @staticmethod
-    def forward(ctx, ops: KernelOps, x, weight, bias, lora_A, lora_B, scaling, seed, meta, scale, dropout_p, fuse_base):
+    def forward(ctx, constants, x, weight, bias, lora_A, lora_B, scaling, seed):
+        ops, meta, scale, dropout_p, fuse_base = constants
         y, h = ops.forward(x, weight, bias, lora_A, lora_B, scaling, seed, meta, scale, dropout_p, fuse_base)
         ctx.save_for_backward(x, weight, lora_A, lora_B, h, scaling, seed)
         ctx.ops, ctx.meta = ops, meta
@@ -279,10 +291,10 @@ class _EagerLoRA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dh):
         if dy is None:  # grads are not materialized (see forward)
-            return (None,) * 12
+            return (None,) * 8
         backward = functools.partial(ctx.ops.backward, ctx.meta)
         grads = _grads(ctx, dy, ctx.saved_tensors, backward, ctx.needs_input_grad[1:6])
-        return (None,) + grads + (None,) * 6
+        return (None,) + grads + (None,) * 2
 
 
 def _keep_scalars(ctx, scale, dropout_p, fuse_base, bias):

@@ -164,6 +164,42 @@ def _blocks(cfg: dict, *names: str) -> dict:
     return {k: cfg[k] for k in names}
 
 
+# Launch plans of shrink/expand by everything they depend on (shapes, flags, dtypes, the
+# precision setting and the tests' OVERRIDES), so a repeated call only assembles its arguments.
+_PLANS: dict[tuple, tuple] = {}
+_MAX_PLANS = 4096  # cleared when full (batch shapes that keep changing)
+
+
+def _remember(key: tuple, plan: tuple) -> tuple:
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+def _overrides_key(kind: str) -> tuple:
+    o = OVERRIDES.get(kind)
+    return tuple(sorted(o.items())) if o else ()
+
+
+def _shrink_plan(T, K, R, B, packed, has_scale, has_seed, compute_dtype, device):
+    key = ("shrink", T, K, R, B, packed, has_scale, has_seed, compute_dtype, device, precision(compute_dtype),
+           _overrides_key("shrink"))
+    plan = _PLANS.get(key)
+    if plan is None:
+        cfg = configs("shrink", T, 0, K, R, device)
+        splits = cfg["splits"]
+        k_per_split = cdiv(cdiv(K, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+        splits = cdiv(K, k_per_split)
+        grid = (cdiv(T, cfg["BLOCK_T"]), cdiv(R, cfg["BLOCK_R"]), splits)
+        constexprs = dict(IS_PACKED=packed, SEARCH_STEPS=_search_steps(B), HAS_SCALE_TENSOR=has_scale,
+                          HAS_DROPOUT=has_seed, COMPUTE_DTYPE=tl_dtype(compute_dtype),
+                          PRECISION=precision(compute_dtype), **_blocks(cfg, "BLOCK_T", "BLOCK_R", "BLOCK_K"),
+                          **_launch_opts(cfg))
+        plan = _remember(key, (cfg, splits, k_per_split, grid, constexprs))
+    return plan
+
+
 def shrink(X, M, stride_mr, stride_mk, slot_rank, slot_feature, cu, scaling, scale, seed, p_drop, seq_len,
            compute_dtype) -> torch.Tensor:
     """``H (T, R_slots)`` fp32 = per-slot scale * drop(X) M_S^T, M_S the example's gathered rows."""
@@ -173,29 +209,32 @@ def shrink(X, M, stride_mr, stride_mk, slot_rank, slot_feature, cu, scaling, sca
     if T == 0 or R == 0:
         return H
 
-    def run(cfg, H=H):
-        splits = cfg["splits"]
-        k_per_split = cdiv(cdiv(K, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-        splits = cdiv(K, k_per_split)
+    def launch(splits, k_per_split, grid, constexprs, H=H):
         out = H if splits == 1 else torch.empty(splits, T, R, device=X.device, dtype=torch.float32)
-        grid = (cdiv(T, cfg["BLOCK_T"]), cdiv(R, cfg["BLOCK_R"]), splits)
         launch_triton(kernels.shrink_kernel, grid,
-            X, M, out, slot_rank, slot_feature, _or(cu, slot_rank), _or(scaling, H), _or(seed, slot_rank),
-            T, K, R, B, seq_len, float(scale), float(p_drop), k_per_split,
-            X.stride(0), X.stride(1), stride_mr, stride_mk, T * R, R,
-            IS_PACKED=cu is not None, SEARCH_STEPS=_search_steps(B), HAS_SCALE_TENSOR=scaling is not None,
-            HAS_DROPOUT=seed is not None,
-            COMPUTE_DTYPE=tl_dtype(compute_dtype), PRECISION=precision(compute_dtype),
-            **_blocks(cfg, "BLOCK_T", "BLOCK_R", "BLOCK_K"), **_launch_opts(cfg),
-        )
+                      X, M, out, slot_rank, slot_feature, _or(cu, slot_rank), _or(scaling, H), _or(seed, slot_rank),
+                      T, K, R, B, seq_len, float(scale), float(p_drop), k_per_split,
+                      X.stride(0), X.stride(1), stride_mr, stride_mk, T * R, R, **constexprs)
         if splits > 1:
             torch.sum(out, dim=0, out=H)  # fixed order: deterministic
 
-    cfg = configs("shrink", T, 0, K, R, X.device)
     if AUTOTUNE:
+        def run(cfg, H=H):
+            k_per = cdiv(cdiv(K, cfg["splits"]), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+            splits = cdiv(K, k_per)
+            constexprs = dict(IS_PACKED=cu is not None, SEARCH_STEPS=_search_steps(B),
+                              HAS_SCALE_TENSOR=scaling is not None, HAS_DROPOUT=seed is not None,
+                              COMPUTE_DTYPE=tl_dtype(compute_dtype), PRECISION=precision(compute_dtype),
+                              **_blocks(cfg, "BLOCK_T", "BLOCK_R", "BLOCK_K"), **_launch_opts(cfg))
+            launch(splits, k_per, (cdiv(T, cfg["BLOCK_T"]), cdiv(R, cfg["BLOCK_R"]), splits), constexprs, H)
+
         key = (T <= DECODE_TOKENS, _bucket(T), _bucket(K), _bucket(R), X.dtype, M.dtype, seed is not None)
-        cfg = tuned("shrink", cfg, key, lambda c: run(c, torch.empty_like(H)), X.device)
-    run(cfg)
+        run(tuned("shrink", configs("shrink", T, 0, K, R, X.device), key, lambda c: run(c, torch.empty_like(H)),
+                  X.device))
+        return H
+    _, splits, k_per_split, grid, constexprs = _shrink_plan(T, K, R, B, cu is not None, scaling is not None,
+                                                             seed is not None, compute_dtype, X.device)
+    launch(splits, k_per_split, grid, constexprs)
     return H
 
 
@@ -210,27 +249,38 @@ def expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, 
     K2 = X2.shape[1] if mode == 2 else 0
     base_dtype = X2.dtype if mode == 2 else compute_dtype
 
-    def run(cfg, Y=Y):
-        grid = (cdiv(T, cfg["BLOCK_T"]), cdiv(N, cfg["BLOCK_N"]))
-        launch_triton(kernels.expand_kernel, grid,
-            H, M, Y, _or(X2, Y), _or(W2, Y), _or(bias, Y), slot_rank, slot_feature, _or(cu, slot_rank),
-            _or(seed, slot_rank),
-            T, N, K2, R, B, seq_len, float(p_drop),
-            H.stride(0), stride_mr, stride_mn, Y.stride(0), Y.stride(1),
-            X2.stride(0) if mode == 2 else 0, X2.stride(1) if mode == 2 else 0, stride_wn, stride_wk,
-            MODE=mode, HAS_BIAS=bias is not None, IS_PACKED=cu is not None, SEARCH_STEPS=_search_steps(B),
-            HAS_DROPOUT=seed is not None,
-            COMPUTE_DTYPE=tl_dtype(compute_dtype), BASE_DTYPE=tl_dtype(base_dtype),
-            PRECISION=precision(compute_dtype), BASE_PRECISION=precision(base_dtype),
-            **_blocks(cfg, "BLOCK_T", "BLOCK_N", "BLOCK_R", "BLOCK_K"), **_launch_opts(cfg),
-        )
+    def constexprs_of(cfg):
+        return dict(MODE=mode, HAS_BIAS=bias is not None, IS_PACKED=cu is not None, SEARCH_STEPS=_search_steps(B),
+                    HAS_DROPOUT=seed is not None, COMPUTE_DTYPE=tl_dtype(compute_dtype),
+                    BASE_DTYPE=tl_dtype(base_dtype), PRECISION=precision(compute_dtype),
+                    BASE_PRECISION=precision(base_dtype), **_blocks(cfg, "BLOCK_T", "BLOCK_N", "BLOCK_R", "BLOCK_K"),
+                    **_launch_opts(cfg))
 
-    cfg = configs("expand", T, N, K2, R, Y.device)
+    def launch(grid, constexprs, Y=Y):
+        launch_triton(kernels.expand_kernel, grid,
+                      H, M, Y, _or(X2, Y), _or(W2, Y), _or(bias, Y), slot_rank, slot_feature, _or(cu, slot_rank),
+                      _or(seed, slot_rank),
+                      T, N, K2, R, B, seq_len, float(p_drop),
+                      H.stride(0), stride_mr, stride_mn, Y.stride(0), Y.stride(1),
+                      X2.stride(0) if mode == 2 else 0, X2.stride(1) if mode == 2 else 0, stride_wn, stride_wk,
+                      **constexprs)
+
     if AUTOTUNE:
+        def run(cfg, Y=Y):
+            launch((cdiv(T, cfg["BLOCK_T"]), cdiv(N, cfg["BLOCK_N"])), constexprs_of(cfg), Y)
+
         key = (T <= DECODE_TOKENS, _bucket(T), _bucket(N), _bucket(K2), _bucket(R), Y.dtype, M.dtype, mode,
                seed is not None)
-        cfg = tuned("expand", cfg, key, lambda c: run(c, Y.clone()), Y.device)  # scratch copy: mode 1 accumulates
-    run(cfg)
+        cfg = tuned("expand", configs("expand", T, N, K2, R, Y.device), key, lambda c: run(c, Y.clone()), Y.device)
+        run(cfg)  # the tuning runs on a scratch copy: mode 1 accumulates
+        return Y
+    key = ("expand", T, N, K2, R, B, mode, bias is not None, cu is not None, seed is not None, compute_dtype,
+           base_dtype, Y.device, precision(compute_dtype), precision(base_dtype), _overrides_key("expand"))
+    plan = _PLANS.get(key)
+    if plan is None:
+        cfg = configs("expand", T, N, K2, R, Y.device)
+        plan = _remember(key, ((cdiv(T, cfg["BLOCK_T"]), cdiv(N, cfg["BLOCK_N"])), constexprs_of(cfg)))
+    launch(*plan)
     return Y
 
 

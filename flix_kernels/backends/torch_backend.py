@@ -113,7 +113,7 @@ def _build_plan(routing: Routing, layout: TokenLayout, device: torch.device) -> 
     # diverged feature never reaches an example without it (row 0 could belong to any feature).
     rank_index = torch.where(valid, rank_index, rank_index[:, :1])
     chunk_slots = tuple(t.to(device) for t in (rank_index, feature, valid))
-    p = Plan("grouped", T, chunk_slots=chunk_slots, chunk_shape=(N, C), scale=_SlotScale(chunk_slots[1], chunk_slots[2]),
+    p = Plan("grouped", T, chunk_slots=chunk_slots, chunk_shape=(N, C), scale=_SlotScale(chunk_slots[1], chunk_slots[2], (N, 1, chunk_slots[1].shape[1])),
              chunk_index=chunk_slots[0].flatten())
     if copy:
         tok_ex = layout.token_example()
@@ -142,14 +142,14 @@ class _SlotScale:
     (whose tensors autograd may not save). A scaling that requires grad (learned scales) gets
     the real gather every call, so its gradient flows."""
 
-    def __init__(self, feature: torch.Tensor, valid: torch.Tensor | None):
-        self.feature, self.valid = feature, valid
+    def __init__(self, feature: torch.Tensor, valid: torch.Tensor | None, shape: tuple | None = None):
+        self.feature, self.valid, self.shape = feature, valid, shape or tuple(feature.shape)
         self.cache: dict = {}
 
     def __call__(self, scaling, dtype) -> torch.Tensor:
         if torch.is_tensor(scaling):
             if scaling.requires_grad or torch.compiler.is_compiling():
-                return _slot_scale(scaling, self.feature, self.valid, dtype)
+                return _slot_scale(scaling, self.feature, self.valid, dtype).view(self.shape)
             key = (id(scaling), dtype, torch.is_inference_mode_enabled())
             state = (scaling, scaling._version)  # the tensor itself: an id can be reused after it is freed
         else:
@@ -157,7 +157,7 @@ class _SlotScale:
         hit = self.cache.get(key)
         if hit is not None and (state is None or (hit[0][0] is state[0] and hit[0][1] == state[1])):
             return hit[1]
-        value = _slot_scale(scaling, self.feature, self.valid, dtype)
+        value = _slot_scale(scaling, self.feature, self.valid, dtype).view(self.shape)
         self.cache[key] = (state, value)
         return value
 
@@ -206,7 +206,7 @@ def _update(p: Plan, x2d, lora_A, lora_B, scaling, dropout_p, generator, h_hook,
             return _GroupedUpdate.apply(xc, base.view(N, C, out_f), lora_A, lora_B, p.chunk_index, s).view(N * C, out_f)
         a = lora_A.index_select(0, p.chunk_index).view(N, R, in_f)
         b = lora_B.index_select(1, p.chunk_index).view(out_f, N, R).permute(1, 2, 0)
-        h = torch.bmm(xc, a.transpose(1, 2)) * s[:, None, :]
+        h = torch.bmm(xc, a.transpose(1, 2)) * s
         if h_hook is not None:
             h = h_hook(h)
         if fold:  # no autograd node to save (inference), or learned scales, or a compiled graph
@@ -224,16 +224,16 @@ class _GroupedUpdate(torch.autograd.Function):
     whole examples, the base output given): the same ops as the autograd graph of
     :func:`_update`, with one node instead of a dozen (gathers, views, bmm, scale, baddbmm),
     which is most of the host time of a small layer. ``index`` is the chunks' rank rows
-    (N * R), ``scale`` the per-slot scales (N, R), a constant."""
+    (N * R), ``scale`` the per-slot scales (N, 1, R), a constant."""
 
     @staticmethod
     def forward(ctx, x, base, lora_A, lora_B, index, scale):
         N, C, _ = x.shape
-        R = scale.shape[1]
+        R = scale.shape[2]
         a = lora_A.index_select(0, index).view(N, R, -1)
         b = lora_B.index_select(1, index).view(-1, N, R).permute(1, 2, 0)  # (N, R, out): a column gather is
         # the fast one on a CPU; the backward adds whole rows of B's transpose, the fast scatter
-        h = torch.bmm(x, a.transpose(1, 2)).mul_(scale[:, None, :])
+        h = torch.bmm(x, a.transpose(1, 2)).mul_(scale)
         ctx.save_for_backward(x, a, b, h, index, scale)
         ctx.shapes = (lora_A.shape, lora_B.shape)
         return torch.baddbmm(base, h, b)
@@ -244,7 +244,7 @@ class _GroupedUpdate(torch.autograd.Function):
         need_x, need_base, need_A, need_B = ctx.needs_input_grad[:4]
         dx = dA = dB = None
         if need_x or need_A:
-            dh = torch.bmm(dy, b.transpose(1, 2)).mul_(scale[:, None, :])
+            dh = torch.bmm(dy, b.transpose(1, 2)).mul_(scale)
             if need_x:
                 dx = torch.bmm(dh, a)
             if need_A:

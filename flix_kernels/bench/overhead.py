@@ -186,30 +186,39 @@ def launches(fn) -> dict:
             "by_kernel": {f"{b}:{k}": n for (b, k), n in sorted(rec.counts.items())}}
 
 
-def host_time(fn, rep_ms: float, device, *, skip_launches: bool = False, batch: int = 10) -> dict:
-    """Median (p20, p80) host time per call of ``fn`` in microseconds, from batches of ``batch``
-    calls between device syncs; ``skip_launches``: the package's kernel launches recorded, not run."""
-    with _launch.recording(run=False) if skip_launches else contextlib.nullcontext():
-        return _host_time(fn, rep_ms, device, batch)
-
-
-def _host_time(fn, rep_ms, device, batch):
+def interleaved_host_times(fns, skip_launches, rep_ms: float, device, batch: int = 10) -> list[dict]:
+    """:func:`host_time` of several callables at once: they take turns, one batch of ``batch``
+    calls each, until each has run about ``rep_ms``, so a burst of load on a shared machine
+    hits them alike and their ratios keep their meaning."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    for _ in range(3):
-        fn()
-    sync()
-    samples, start = [], time.perf_counter()
-    while len(samples) < 5 or ((time.perf_counter() - start) * 1e3 < rep_ms and len(samples) < 2000):
-        t0 = time.perf_counter()
-        for _ in range(batch):
-            fn()
-        sync()
-        samples.append((time.perf_counter() - t0) / batch * 1e6)
-    qs = statistics.quantiles(samples, n=10, method="inclusive")
-    return {"median_us": statistics.median(samples), "p20_us": qs[1], "p80_us": qs[7]}
+    def run(fn, skip):
+        with _launch.recording(run=False) if skip else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            for _ in range(batch):
+                fn()
+            sync()
+            return (time.perf_counter() - t0) / batch * 1e6
+
+    for fn, skip in zip(fns, skip_launches):
+        for _ in range(2):
+            run(fn, skip)
+    samples = [[] for _ in fns]
+    spent = [0.0 for _ in fns]
+    while min(spent) < rep_ms * 1e3 or min(len(s) for s in samples) < 5:
+        if min(len(s) for s in samples) >= 2000:
+            break
+        for i, (fn, skip) in enumerate(zip(fns, skip_launches)):
+            us = run(fn, skip)
+            samples[i].append(us)
+            spent[i] += us * batch
+    out = []
+    for s in samples:
+        qs = statistics.quantiles(s, n=10, method="inclusive")
+        out.append({"median_us": statistics.median(s), "p20_us": qs[1], "p80_us": qs[7], "min_us": min(s)})
+    return out
 
 
 def _kernel_backends_here(device) -> tuple[list[str], dict]:
@@ -277,35 +286,34 @@ def _measure(device, rep_ms, e2e, progress) -> dict:
     kernel_backends, not_timed = _kernel_backends_here(device)
     backends = ["torch", *kernel_backends]
     rows, checks, failures, skipped = [], {}, [], {}
-    timed = []
     for t in TOKENS:
         layers, skip = _variants(device, dtype, t, backends)
         skipped.update(skip)
+        good = []
         for layer in layers:
             try:
                 checks[f"{layer.name} T={t}"] = check(layer)
+                good.append(layer)
             except AssertionError as e:
                 failures.append(str(e))
-                continue
-            skip_launches = layer.name.removeprefix("ours: ") in KERNEL_BACKENDS
-            for mode, fn in (("forward", layer.forward), ("forward+backward", layer.forward_backward)):
-                if progress:
-                    progress.say(f"overhead: {layer.name} T={t} {mode}")
+        for mode in ("forward", "forward+backward"):
+            if progress:
+                progress.say(f"overhead: T={t} {mode}")
+            fns = [layer.forward if mode == "forward" else layer.forward_backward for layer in good]
+            skips = [layer.name.removeprefix("ours: ") in KERNEL_BACKENDS for layer in good]
+            first, again = (interleaved_host_times(fns, skips, rep_ms, device) for _ in range(2))
+            for layer, fn, skip_launches, a, b in zip(good, fns, skips, first, again):
                 row = {"variant": layer.name, "tokens": t, "mode": mode, "launches_skipped": skip_launches,
-                       "launches": launches(fn)}
-                row.update(host_time(fn, rep_ms, device, skip_launches=skip_launches))
+                       "launches": launches(fn), **a, "repeat_median_us": b["median_us"]}
+                row["spread"] = abs(a["median_us"] - b["median_us"]) / max(min(a["median_us"], b["median_us"]), 1e-9)
                 rows.append(row)
-                timed.append((row, fn))
-    for row, fn in timed:  # the repeat, after every other variant
-        again = host_time(fn, rep_ms, device, skip_launches=row["launches_skipped"])["median_us"]
-        row["repeat_median_us"] = again
-        row["spread"] = abs(row["median_us"] - again) / max(min(row["median_us"], again), 1e-9)
     record = {"dtype": str(dtype).replace("torch.", ""), "width": WIDTH,
               "features": f"{GROUPS} groups x {PER_GROUP}, rank {RANK} (active rank {ACTIVE_RANK})",
               "tokens": list(TOKENS), "rows": rows, "checks": checks, "not_timed": not_timed, "skipped": skipped,
               "failures": failures,
-              "method": ("host clock around batches of 10 calls between device syncs; median with p20/p80 of a "
-                         f"{rep_ms:g} ms run and a second run after the other variants (spread); kernel backends "
+              "method": ("host clock around batches of 10 calls between device syncs, the variants of one token "
+                         "count and mode taking turns batch by batch (so they share the machine's load); median "
+                         f"with p20/p80 over a {rep_ms:g} ms run per variant, and a second such run (spread); kernel backends "
                          "with their launches recorded and skipped, so the Python path a GPU run takes is timed; "
                          "launches: the package's kernels plus the torch ops that launch on a GPU (not views or "
                          "allocations)")}

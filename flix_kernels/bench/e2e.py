@@ -191,7 +191,7 @@ def run_host_step(device: torch.device, dtype, *, batch: int = 8, seq_len: int =
         set_routing(loop, routing)
         with torch.no_grad():
             got, want = (m(input_ids=tokens, labels=tokens).loss.item() for m in (flix, loop))
-        if not abs(got - want) <= 1e-4 * abs(want):
+        if not abs(got - want) <= (1e-4 if dtype == torch.float32 else 2e-2) * abs(want):
             out["failures"].append(f"host step {label}: first loss {got:.6f} vs the loop's {want:.6f}")
             continue
         peft = get_peft_model(base, LoraConfig(r=2 * rank, lora_alpha=16, target_modules="all-linear",

@@ -234,7 +234,9 @@ class FLixLinear(nn.Module):
         """
         recompute = _checkpoint.in_backward()
         grad = torch.is_grad_enabled()
-        region = _checkpoint.current_region(scan_stack=recompute or (self.training and not grad))
+        # An eval-mode forward without grad saves nothing, so no region can recompute it.
+        region = (_checkpoint.current_region(scan_stack=recompute or (self.training and not grad))
+                  if recompute or grad or self.training else None)
         if recompute:
             if routing is None:
                 saved = _checkpoint.recall(region, self) if region is not None else None
@@ -243,7 +245,8 @@ class FLixLinear(nn.Module):
         routing = routing if routing is not None else self._routing
         if region is not None:
             _checkpoint.remember(region, self, routing)
-        self._last_routing = routing
+        if self.__dict__.get("_last_routing") is not routing:  # a plain attribute: skip Module.__setattr__
+            self.__dict__["_last_routing"] = routing
         return routing
 
     def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
@@ -258,11 +261,11 @@ class FLixLinear(nn.Module):
         if self._parallel is not None:  # tensor parallel: flix_kernels.distributed
             return self._parallel.forward(self, x, routing)
         p = self.dropout if self.training else 0.0
-        if type(self.base_layer) is nn.Linear:
-            w, b = self.base_layer.weight, self.base_layer.bias
-            return flix_linear(x, w, b, self.lora_A, self.lora_B, routing, scaling=self.scaling, dropout_p=p,
-                               backend=self.backend)
-        return self.base_layer(x) + flix_delta(x, self.lora_A, self.lora_B, routing, scaling=self.scaling,
+        base = self.base_layer
+        if type(base) is nn.Linear:
+            return flix_linear(x, base.weight, base.bias, self.lora_A, self.lora_B, routing, scaling=self.scaling,
+                               dropout_p=p, backend=self.backend)
+        return base(x) + flix_delta(x, self.lora_A, self.lora_B, routing, scaling=self.scaling,
                                                dropout_p=p, backend=self.backend)
 
     # -- merging ------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._autograd import any_requires_grad, apply
 from .._launch import DECODE_TOKENS, next_pow2
 from ..routing import KernelMetadata, Routing
 
@@ -84,8 +85,9 @@ class KernelOps:
                         seed: Optional[Tensor], scale: float, dropout_p: float, fuse_base: bool, need_dx: bool,
                         need_dA: bool, need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
             meta = KernelMetadata.from_args(meta_tensors, meta_ints)
-            return self.backward(meta, dy, x, weight, lora_A, lora_B, h, scaling, seed, scale, dropout_p, fuse_base,
-                                 need_dx, need_dA, need_dB)
+            grads = self.backward(meta, dy, x, weight, lora_A, lora_B, h, scaling, seed, scale, dropout_p, fuse_base,
+                                  need_dx, need_dA, need_dB)
+            return tuple(x.new_empty(0) if g is None else g for g in grads)  # distinct: op outputs may not alias
 
         self.forward_op = torch.library.custom_op(f"flix_kernels::{name}_lora_forward", mutates_args=(),
                                                   device_types=device_types)(forward_op)
@@ -100,21 +102,14 @@ class KernelOps:
                 dropout_p: float, fuse_base: bool) -> tuple[Tensor, Tensor]:
         """``(y, h)``: y ``(T, out)`` = base (if weight) + FLix update; h ``(T, R_max)`` fp32."""
         launch, cdt = self.launch, lora_A.dtype
-        cu, seq_len = meta.cu_seqlens, meta.seq_len
-        h = launch.shrink(x, lora_A, lora_A.stride(0), lora_A.stride(1), meta.slot_rank, meta.slot_feature, cu,
-                          scaling, scale, seed, dropout_p, seq_len, cdt)
-        T, N = x.shape[0], lora_B.shape[0]
-        common = (h, lora_B, lora_B.stride(1), lora_B.stride(0))
-        kmeta = (meta.slot_rank, meta.slot_feature, cu, seq_len, cdt)
+        cu, seq_len, slot_rank, slot_feature = meta.cu_seqlens, meta.seq_len, meta.slot_rank, meta.slot_feature
+        h = launch.shrink(x, lora_A, *lora_A.stride(), slot_rank, slot_feature, cu, scaling, scale, seed, dropout_p,
+                          seq_len, cdt)
+        stride_br, stride_bn = lora_B.stride(1), lora_B.stride(0)
         if weight is None:
-            y = x.new_empty(T, N)
-            launch.expand(*common, y, *kmeta, mode=0)
-            return y, h
-
-        def fused():
-            y = x.new_empty(T, N)
-            return launch.expand(*common, y, *kmeta, mode=2, X2=x, W2=weight, stride_wn=weight.stride(0),
-                                 stride_wk=weight.stride(1), bias=bias)
+            y = x.new_empty((x.shape[0], lora_B.shape[0]))
+            return launch.expand(h, lora_B, stride_br, stride_bn, y, slot_rank, slot_feature, cu, seq_len, cdt,
+                                 mode=0), h
 
         def cublas_then_expand():
             if torch.is_autocast_enabled(x.device.type):  # x and weight are already in its dtype
@@ -122,50 +117,61 @@ class KernelOps:
                     y = F.linear(x, weight, bias)
             else:
                 y = F.linear(x, weight, bias)
-            return launch.expand(*common, y, *kmeta, mode=1)
+            return launch.expand(h, lora_B, stride_br, stride_bn, y, slot_rank, slot_feature, cu, seq_len, cdt,
+                                 mode=1)
 
         if not fuse_base and self.base_path is unfused_base:
             return cublas_then_expand(), h
+
+        def fused():
+            y = x.new_empty((x.shape[0], lora_B.shape[0]))
+            return launch.expand(h, lora_B, stride_br, stride_bn, y, slot_rank, slot_feature, cu, seq_len, cdt,
+                                 mode=2, X2=x, W2=weight, stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+                                 bias=bias)
+
+        T, N = x.shape[0], lora_B.shape[0]
         key = ("forward", T <= DECODE_TOKENS, next_pow2(T), N, x.shape[1], x.dtype)
         return self.base_path(key, fuse_base, fused, cublas_then_expand, x.device)(), h
 
     def backward(self, meta: KernelMetadata, dy, x, weight, lora_A, lora_B, h, scaling, seed, scale: float,
                  dropout_p: float, fuse_base: bool, need_dx: bool, need_dA: bool,
                  need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """``(dx, dA, dB)`` of the FLix update (+ ``dy W`` in dx when weight is given); empty
-        tensors for the gradients not asked for."""
+        """``(dx, dA, dB)`` of the FLix update (+ ``dy W`` in dx when weight is given); None for
+        the gradients not asked for."""
         launch, cdt = self.launch, lora_A.dtype
-        cu, seq_len = meta.cu_seqlens, meta.seq_len
-        T, K = x.shape
+        cu, seq_len, slot_rank, slot_feature = meta.cu_seqlens, meta.seq_len, meta.slot_rank, meta.slot_feature
         g = None
         if need_dx or need_dA:
-            g = launch.shrink(dy, lora_B, lora_B.stride(1), lora_B.stride(0), meta.slot_rank, meta.slot_feature,
-                              cu, scaling, scale, None, 0.0, seq_len, cdt)
-        dx, dA, dB = x.new_empty(0), x.new_empty(0), x.new_empty(0)  # distinct: op outputs may not alias
+            g = launch.shrink(dy, lora_B, lora_B.stride(1), lora_B.stride(0), slot_rank, slot_feature, cu, scaling,
+                              scale, None, 0.0, seq_len, cdt)
+        dx = dA = dB = None
         if need_dx:
-            common = (g, lora_A, lora_A.stride(0), lora_A.stride(1))
-            kmeta = (meta.slot_rank, meta.slot_feature, cu, seq_len, cdt)
+            stride_ar, stride_ak = lora_A.stride()
             if weight is None:
-                dx = x.new_empty(T, K)
-                launch.expand(*common, dx, *kmeta, mode=0, seed=seed, p_drop=dropout_p)
+                dx = launch.expand(g, lora_A, stride_ar, stride_ak, x.new_empty(x.shape), slot_rank, slot_feature, cu,
+                                   seq_len, cdt, mode=0, seed=seed, p_drop=dropout_p)
             else:
-                def fused():
-                    dx = x.new_empty(T, K)
-                    return launch.expand(*common, dx, *kmeta, mode=2, X2=dy, W2=weight, stride_wn=weight.stride(1),
-                                         stride_wk=weight.stride(0), seed=seed, p_drop=dropout_p)
-
                 def cublas_then_expand():
-                    dx = (dy @ weight).to(x.dtype)
-                    return launch.expand(*common, dx, *kmeta, mode=1, seed=seed, p_drop=dropout_p)
+                    base = dy @ weight
+                    return launch.expand(g, lora_A, stride_ar, stride_ak, base if base.dtype == x.dtype else
+                                         base.to(x.dtype), slot_rank, slot_feature, cu, seq_len, cdt, mode=1,
+                                         seed=seed, p_drop=dropout_p)
 
                 if not fuse_base and self.base_path is unfused_base:
                     dx = cublas_then_expand()
                 else:
+                    def fused():
+                        return launch.expand(g, lora_A, stride_ar, stride_ak, x.new_empty(x.shape), slot_rank,
+                                             slot_feature, cu, seq_len, cdt, mode=2, X2=dy, W2=weight,
+                                             stride_wn=weight.stride(1), stride_wk=weight.stride(0), seed=seed,
+                                             p_drop=dropout_p)
+
+                    T, K = x.shape
                     key = ("input_grad", T <= DECODE_TOKENS, next_pow2(T), K, dy.shape[1], x.dtype)
                     dx = self.base_path(key, fuse_base, fused, cublas_then_expand, x.device)()
         if need_dA and need_dB and hasattr(launch, "weight_grad_pair"):  # one launch where the launcher can
             dB, dA = torch.empty_like(lora_B), torch.empty_like(lora_A)
-            launch.weight_grad_pair(h, dy, dB, dB.stride(1), dB.stride(0), g, x, dA, dA.stride(0), dA.stride(1), meta,
+            launch.weight_grad_pair(h, dy, dB, dB.stride(1), dB.stride(0), g, x, dA, *dA.stride(), meta,
                                     seq_len, meta.max_length, cdt, seed=seed, p_drop=dropout_p)
             return dx, dA, dB
         if need_dB:
@@ -173,7 +179,7 @@ class KernelOps:
             launch.weight_grad(h, dy, dB, dB.stride(1), dB.stride(0), meta, seq_len, meta.max_length, cdt)
         if need_dA:
             dA = torch.empty_like(lora_A)
-            launch.weight_grad(g, x, dA, dA.stride(0), dA.stride(1), meta, seq_len, meta.max_length, cdt,
+            launch.weight_grad(g, x, dA, *dA.stride(), meta, seq_len, meta.max_length, cdt,
                                seed=seed, p_drop=dropout_p)
         return dx, dA, dB
 
@@ -213,6 +219,7 @@ class KernelOps:
         token_shape = tuple(x.shape[:-1])
         meta = routing.layer_metadata(x.device, token_shape)
         T = routing.classify(token_shape)[1]
+        flat = len(token_shape) == 1  # x is (T, in) already
 
         def call(x, weight, bias, lora_A, lora_B, scaling, dropout_p, generator):
             if weight is not None and torch.is_autocast_enabled(x.device.type):
@@ -225,16 +232,16 @@ class KernelOps:
             else:
                 scale_t, scale_f = None, float(scaling)
             fuse = weight is not None and self.fuse_base()
-            x2d = x.reshape(T, x.shape[-1])
-            if not (torch.is_grad_enabled() and _any_requires_grad(x, weight, bias, lora_A, lora_B)):
+            x2d = x if flat else x.reshape(T, x.shape[-1])  # a reshape to the same shape is still a graph node
+            if not (torch.is_grad_enabled() and any_requires_grad(x, weight, bias, lora_A, lora_B)):
                 # Nothing to differentiate (inference, decode): no autograd node, whose apply alone
                 # costs about as much host time as a launch.
                 y, _ = self.forward(x2d, weight, bias, lora_A, lora_B, scale_t, seed, meta, scale_f, dropout_p, fuse)
-                return y.view(*token_shape, lora_B.shape[0])
-            # The constants travel as one tuple: Function.apply inspects every argument.
-            y, _ = _EagerLoRA.apply((self, meta, scale_f, dropout_p, fuse), x2d, weight, bias, lora_A, lora_B, scale_t,
-                                    seed)
-            return y.view(*token_shape, lora_B.shape[0])
+            else:
+                # The constants travel as one tuple: Function.apply inspects every argument.
+                y, _ = apply(_EagerLoRA, (self, meta, scale_f, dropout_p, fuse), x2d, weight, bias, lora_A, lora_B,
+                             scale_t, seed)
+            return y if flat else y.view(*token_shape, lora_B.shape[0])
 
         return call
 
@@ -255,10 +262,6 @@ class KernelOps:
         y, _ = self.forward_op(x.reshape(T, x.shape[-1]), weight, bias, lora_A, lora_B, scale_t, seed, tensors, ints,
                                scale_f, float(dropout_p), bool(weight is not None and self.fuse_base()))
         return y.view(*x.shape[:-1], lora_B.shape[0])
-
-
-def _any_requires_grad(*tensors) -> bool:
-    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def _grads(ctx, dy, saved, backward, needs):

@@ -21,7 +21,10 @@ features with a per-example 0/1 mask would be cheaper for a few feature sets, an
 exact in that sense, so it is not used.)
 
 Gradients flow through the gathers and matmuls by autograd (the gathers' backward is an
-index_add into lora_A / lora_B). No Python loop over tokens, examples or features, and no
+index_add into lora_A / lora_B); the grouped strategy's common training call (whole-example
+chunks, no dropout, one dtype) is one autograd node that also owns the base GEMM
+(:class:`_GroupedLinear`), since at small sizes the graph's nodes cost more host time than its
+ops. No Python loop over tokens, examples or features, and no
 host-device synchronisation: all decisions use the routing's host-side metadata.
 """
 
@@ -33,6 +36,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .._autograd import any_requires_grad, apply
 from ..routing import Routing, TokenLayout
 
 # "grouped" to use it where "dense" would be chosen (tests use it to cover both strategies);
@@ -202,14 +206,12 @@ def _update(p: Plan, x2d, lora_A, lora_B, scaling, dropout_p, generator, h_hook,
             xc = xl.new_zeros(N * C, in_f).index_copy(0, p.dest, src).view(N, C, in_f)
         s = p.scale(scaling, cdt)
         fold = h_hook is None and base is not None and p.dest is None and p.active_tokens is None and base.dtype == cdt
-        if fold and torch.is_grad_enabled() and not s.requires_grad and not torch.compiler.is_compiling():
-            return _GroupedUpdate.apply(xc, base.view(N, C, out_f), lora_A, lora_B, p.chunk_index, s).view(N * C, out_f)
         a = lora_A.index_select(0, p.chunk_index).view(N, R, in_f)
         b = lora_B.index_select(1, p.chunk_index).view(out_f, N, R).permute(1, 2, 0)
         h = torch.bmm(xc, a.transpose(1, 2)) * s
         if h_hook is not None:
             h = h_hook(h)
-        if fold:  # no autograd node to save (inference), or learned scales, or a compiled graph
+        if fold:
             return torch.baddbmm(base.view(N, C, out_f), h, b).view(N * C, out_f)
         d = torch.bmm(h, b).view(N * C, out_f)
         if p.dest is not None:
@@ -219,42 +221,66 @@ def _update(p: Plan, x2d, lora_A, lora_B, scaling, dropout_p, generator, h_hook,
     return d if base is None else base + d.to(base.dtype)
 
 
-class _GroupedUpdate(torch.autograd.Function):
-    """``base + (x A_S^T * s) B_S`` per chunk, for the grouped strategy's common case (chunks are
-    whole examples, the base output given): the same ops as the autograd graph of
-    :func:`_update`, with one node instead of a dozen (gathers, views, bmm, scale, baddbmm),
-    which is most of the host time of a small layer. ``index`` is the chunks' rank rows
-    (N * R), ``scale`` the per-slot scales (N, 1, R), a constant."""
+class _GroupedLinear(torch.autograd.Function):
+    """``F.linear(x, weight, bias) + (x A_S^T * s) B_S`` per chunk, for the grouped strategy's
+    common training case (chunks are whole examples, no dropout, one dtype, constant scales):
+    the same ops as the autograd graph of :func:`_call`, with one node instead of a dozen
+    (reshapes, the base GEMM, gathers, bmm, scale, baddbmm) and the base's input gradient
+    folded into the update's (``baddbmm``), which is most of the host time of a small layer.
+    ``index`` is the chunks' rank rows (N * R), ``scale`` the per-slot scales (N, 1, R)."""
 
     @staticmethod
-    def forward(ctx, x, base, lora_A, lora_B, index, scale):
-        N, C, _ = x.shape
-        R = scale.shape[2]
-        a = lora_A.index_select(0, index).view(N, R, -1)
-        b = lora_B.index_select(1, index).view(-1, N, R).permute(1, 2, 0)  # (N, R, out): a column gather is
-        # the fast one on a CPU; the backward adds whole rows of B's transpose, the fast scatter
-        h = torch.bmm(x, a.transpose(1, 2)).mul_(scale)
-        ctx.save_for_backward(x, a, b, h, index, scale)
+    def forward(ctx, x, weight, bias, lora_A, lora_B, index, scale):
+        y, saved = _grouped_linear(x, weight, bias, lora_A, lora_B, index, scale)
+        ctx.save_for_backward(x, weight, *saved, index, scale)
         ctx.shapes = (lora_A.shape, lora_B.shape)
-        return torch.baddbmm(base, h, b)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, a, b, h, index, scale = ctx.saved_tensors
-        need_x, need_base, need_A, need_B = ctx.needs_input_grad[:4]
-        dx = dA = dB = None
+        x, weight, a, b, h, index, scale = ctx.saved_tensors
+        need_x, need_w, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
+        N = scale.shape[0]
+        dy3 = dy.reshape(N, -1, dy.shape[-1])
+        dx = dW = db = dA = dB = None
         if need_x or need_A:
-            dh = torch.bmm(dy, b.transpose(1, 2)).mul_(scale)
+            dh = torch.bmm(dy3, b.transpose(1, 2)).mul_(scale)
             if need_x:
-                dx = torch.bmm(dh, a)
+                dx = torch.baddbmm(torch.matmul(dy3, weight), dh, a).view(x.shape)
             if need_A:
-                da = torch.bmm(dh.transpose(1, 2), x)
+                da = torch.bmm(dh.transpose(1, 2), x.reshape(N, -1, x.shape[-1]))
                 dA = da.new_zeros(ctx.shapes[0]).index_add_(0, index, da.view(-1, da.shape[-1]))
         if need_B:
-            db = torch.bmm(h.transpose(1, 2), dy)  # (N, R, out)
+            db_ = torch.bmm(h.transpose(1, 2), dy3)  # (N, R, out)
             out_f, total = ctx.shapes[1]
-            dB = db.new_zeros(total, out_f).index_add_(0, index, db.view(-1, out_f)).t()
-        return dx, dy if need_base else None, dA, dB, None, None
+            dB = db_.new_zeros(total, out_f).index_add_(0, index, db_.view(-1, out_f)).t()
+        if need_w:
+            dW = dy3.reshape(-1, dy3.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        if need_bias:
+            db = dy3.sum((0, 1))
+        return dx, dW, db, dA, dB, None, None
+
+
+def _grouped_linear(x, weight, bias, lora_A, lora_B, index, scale):
+    """``(y, (a, b, h))``: the layer's output in x's token shape, and the gathered slots of A
+    and B and the scaled intermediate h that the backward needs."""
+    N, _, R = scale.shape
+    out_f = weight.shape[0]
+    x3 = x.reshape(N, -1, x.shape[-1])
+    a = lora_A.index_select(0, index).view(N, R, -1)
+    b = lora_B.index_select(1, index).view(out_f, N, R).permute(1, 2, 0)  # (N, R, out): a column gather is
+    # the fast one on a CPU; the backward adds whole rows of B's transpose, the fast scatter
+    h = torch.bmm(x3, a.transpose(1, 2)).mul_(scale)
+    y = torch.baddbmm(F.linear(x3, weight, bias), h, b)
+    return y.view(*x.shape[:-1], out_f), (a, b, h)
+
+
+def _grouped_linear_applies(p: Plan, x, weight, bias, lora_A, dropout_p, h_hook) -> bool:
+    """Whether :class:`_GroupedLinear` computes this call exactly as :func:`_call` would."""
+    return (p.strategy == "grouped" and p.dest is None and p.active_tokens is None and h_hook is None
+            and dropout_p == 0 and x.dtype == weight.dtype == lora_A.dtype
+            and (bias is None or bias.dtype == x.dtype) and not torch.is_autocast_enabled(x.device.type)
+            and not torch.compiler.is_compiling())
 
 
 def prepare(routing: Routing, x, weight, lora_A, scaling):
@@ -278,6 +304,12 @@ def _call(p: Plan, x, weight, bias, lora_A, lora_B, scaling, dropout_p, generato
             return _zero_delta(x2d, lora_A, lora_B, out_f, x.dtype).view(*x.shape[:-1], out_f)
         d = _update(p, x2d, lora_A, lora_B, scaling, dropout_p, generator, h_hook)
         return d.to(x.dtype).view(*x.shape[:-1], out_f)
+    if _grouped_linear_applies(p, x, weight, bias, lora_A, dropout_p, h_hook):
+        s = p.scale(scaling, lora_A.dtype)
+        if not torch.is_grad_enabled() or not any_requires_grad(x, weight, bias, lora_A, lora_B, s):
+            return _grouped_linear(x, weight, bias, lora_A, lora_B, p.chunk_index, s)[0]
+        if not s.requires_grad:
+            return apply(_GroupedLinear, x, weight, bias, lora_A, lora_B, p.chunk_index, s)
     y = F.linear(x2d, weight, bias)
     if p.strategy == "empty":
         y = y + _zero_delta(x2d, lora_A, lora_B, out_f, y.dtype)

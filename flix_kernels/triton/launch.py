@@ -45,7 +45,8 @@ def tl_dtype(dtype: torch.dtype):
 
 def precision(dtype: torch.dtype) -> str:
     """fp32 dots follow torch's matmul setting (tf32 only when torch allows it)."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    # The getter behind torch.backends.cuda.matmul.allow_tf32, without its Python __getattr__.
+    if dtype is torch.float32 and torch._C._get_cublas_allow_tf32():
         return "tf32"
     return "ieee"
 
@@ -205,19 +206,9 @@ def shrink(X, M, stride_mr, stride_mk, slot_rank, slot_feature, cu, scaling, sca
     """``H (T, R_slots)`` fp32 = per-slot scale * drop(X) M_S^T, M_S the example's gathered rows."""
     T, K = X.shape
     B, R = slot_rank.shape
-    H = torch.empty(T, R, device=X.device, dtype=torch.float32)
+    H = torch.empty((T, R), device=X.device, dtype=torch.float32)
     if T == 0 or R == 0:
         return H
-
-    def launch(splits, k_per_split, grid, constexprs, H=H):
-        out = H if splits == 1 else torch.empty(splits, T, R, device=X.device, dtype=torch.float32)
-        launch_triton(kernels.shrink_kernel, grid,
-                      X, M, out, slot_rank, slot_feature, _or(cu, slot_rank), _or(scaling, H), _or(seed, slot_rank),
-                      T, K, R, B, seq_len, float(scale), float(p_drop), k_per_split,
-                      X.stride(0), X.stride(1), stride_mr, stride_mk, T * R, R, **constexprs)
-        if splits > 1:
-            torch.sum(out, dim=0, out=H)  # fixed order: deterministic
-
     if AUTOTUNE:
         def run(cfg, H=H):
             k_per = cdiv(cdiv(K, cfg["splits"]), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
@@ -226,7 +217,9 @@ def shrink(X, M, stride_mr, stride_mk, slot_rank, slot_feature, cu, scaling, sca
                               HAS_SCALE_TENSOR=scaling is not None, HAS_DROPOUT=seed is not None,
                               COMPUTE_DTYPE=tl_dtype(compute_dtype), PRECISION=precision(compute_dtype),
                               **_blocks(cfg, "BLOCK_T", "BLOCK_R", "BLOCK_K"), **_launch_opts(cfg))
-            launch(splits, k_per, (cdiv(T, cfg["BLOCK_T"]), cdiv(R, cfg["BLOCK_R"]), splits), constexprs, H)
+            _launch_shrink(X, M, H, stride_mr, stride_mk, slot_rank, slot_feature, cu, scaling, scale, seed, p_drop,
+                           seq_len, splits, k_per, (cdiv(T, cfg["BLOCK_T"]), cdiv(R, cfg["BLOCK_R"]), splits),
+                           constexprs)
 
         key = (T <= DECODE_TOKENS, _bucket(T), _bucket(K), _bucket(R), X.dtype, M.dtype, seed is not None)
         run(tuned("shrink", configs("shrink", T, 0, K, R, X.device), key, lambda c: run(c, torch.empty_like(H)),
@@ -234,8 +227,22 @@ def shrink(X, M, stride_mr, stride_mk, slot_rank, slot_feature, cu, scaling, sca
         return H
     _, splits, k_per_split, grid, constexprs = _shrink_plan(T, K, R, B, cu is not None, scaling is not None,
                                                              seed is not None, compute_dtype, X.device)
-    launch(splits, k_per_split, grid, constexprs)
+    _launch_shrink(X, M, H, stride_mr, stride_mk, slot_rank, slot_feature, cu, scaling, scale, seed, p_drop, seq_len,
+                   splits, k_per_split, grid, constexprs)
     return H
+
+
+def _launch_shrink(X, M, H, stride_mr, stride_mk, slot_rank, slot_feature, cu, scaling, scale, seed, p_drop, seq_len,
+                   splits, k_per_split, grid, constexprs):
+    T, K = X.shape
+    B, R = slot_rank.shape
+    out = H if splits == 1 else torch.empty((splits, T, R), device=X.device, dtype=torch.float32)
+    launch_triton(kernels.shrink_kernel, grid,
+                  X, M, out, slot_rank, slot_feature, _or(cu, slot_rank), _or(scaling, H), _or(seed, slot_rank),
+                  T, K, R, B, seq_len, float(scale), float(p_drop), k_per_split,
+                  *X.stride(), stride_mr, stride_mk, T * R, R, **constexprs)
+    if splits > 1:
+        torch.sum(out, dim=0, out=H)  # fixed order: deterministic
 
 
 def expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, compute_dtype, *, mode: int,
@@ -248,40 +255,54 @@ def expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, 
         return Y
     K2 = X2.shape[1] if mode == 2 else 0
     base_dtype = X2.dtype if mode == 2 else compute_dtype
-
-    def constexprs_of(cfg):
-        return dict(MODE=mode, HAS_BIAS=bias is not None, IS_PACKED=cu is not None, SEARCH_STEPS=_search_steps(B),
-                    HAS_DROPOUT=seed is not None, COMPUTE_DTYPE=tl_dtype(compute_dtype),
-                    BASE_DTYPE=tl_dtype(base_dtype), PRECISION=precision(compute_dtype),
-                    BASE_PRECISION=precision(base_dtype), **_blocks(cfg, "BLOCK_T", "BLOCK_N", "BLOCK_R", "BLOCK_K"),
-                    **_launch_opts(cfg))
-
-    def launch(grid, constexprs, Y=Y):
-        launch_triton(kernels.expand_kernel, grid,
-                      H, M, Y, _or(X2, Y), _or(W2, Y), _or(bias, Y), slot_rank, slot_feature, _or(cu, slot_rank),
-                      _or(seed, slot_rank),
-                      T, N, K2, R, B, seq_len, float(p_drop),
-                      H.stride(0), stride_mr, stride_mn, Y.stride(0), Y.stride(1),
-                      X2.stride(0) if mode == 2 else 0, X2.stride(1) if mode == 2 else 0, stride_wn, stride_wk,
-                      **constexprs)
-
+    flags = (mode, bias is not None, cu is not None, seed is not None)
     if AUTOTUNE:
         def run(cfg, Y=Y):
-            launch((cdiv(T, cfg["BLOCK_T"]), cdiv(N, cfg["BLOCK_N"])), constexprs_of(cfg), Y)
+            _launch_expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, mode, X2, W2,
+                           stride_wn, stride_wk, bias, seed, p_drop,
+                           (cdiv(T, cfg["BLOCK_T"]), cdiv(N, cfg["BLOCK_N"])),
+                           _expand_constexprs(cfg, B, flags, compute_dtype, base_dtype))
 
         key = (T <= DECODE_TOKENS, _bucket(T), _bucket(N), _bucket(K2), _bucket(R), Y.dtype, M.dtype, mode,
                seed is not None)
         cfg = tuned("expand", configs("expand", T, N, K2, R, Y.device), key, lambda c: run(c, Y.clone()), Y.device)
         run(cfg)  # the tuning runs on a scratch copy: mode 1 accumulates
         return Y
-    key = ("expand", T, N, K2, R, B, mode, bias is not None, cu is not None, seed is not None, compute_dtype,
-           base_dtype, Y.device, precision(compute_dtype), precision(base_dtype), _overrides_key("expand"))
+    key = ("expand", T, N, K2, R, B, flags, compute_dtype, base_dtype, Y.device, precision(compute_dtype),
+           precision(base_dtype), _overrides_key("expand"))
     plan = _PLANS.get(key)
     if plan is None:
         cfg = configs("expand", T, N, K2, R, Y.device)
-        plan = _remember(key, ((cdiv(T, cfg["BLOCK_T"]), cdiv(N, cfg["BLOCK_N"])), constexprs_of(cfg)))
-    launch(*plan)
+        plan = _remember(key, ((cdiv(T, cfg["BLOCK_T"]), cdiv(N, cfg["BLOCK_N"])),
+                               _expand_constexprs(cfg, B, flags, compute_dtype, base_dtype)))
+    _launch_expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, mode, X2, W2, stride_wn,
+                   stride_wk, bias, seed, p_drop, *plan)
     return Y
+
+
+def _expand_constexprs(cfg, B, flags, compute_dtype, base_dtype) -> dict:
+    mode, has_bias, packed, has_seed = flags
+    return dict(MODE=mode, HAS_BIAS=has_bias, IS_PACKED=packed, SEARCH_STEPS=_search_steps(B), HAS_DROPOUT=has_seed,
+                COMPUTE_DTYPE=tl_dtype(compute_dtype), BASE_DTYPE=tl_dtype(base_dtype),
+                PRECISION=precision(compute_dtype), BASE_PRECISION=precision(base_dtype),
+                **_blocks(cfg, "BLOCK_T", "BLOCK_N", "BLOCK_R", "BLOCK_K"), **_launch_opts(cfg))
+
+
+def _launch_expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, mode, X2, W2, stride_wn,
+                   stride_wk, bias, seed, p_drop, grid, constexprs):
+    T, N = Y.shape
+    B, R = slot_rank.shape
+    if mode == 2:
+        K2 = X2.shape[1]
+        stride_xm, stride_xk = X2.stride()
+    else:
+        K2 = stride_xm = stride_xk = 0
+    launch_triton(kernels.expand_kernel, grid,
+                  H, M, Y, _or(X2, Y), _or(W2, Y), _or(bias, Y), slot_rank, slot_feature, _or(cu, slot_rank),
+                  _or(seed, slot_rank),
+                  T, N, K2, R, B, seq_len, float(p_drop),
+                  H.stride(0), stride_mr, stride_mn, *Y.stride(), stride_xm, stride_xk, stride_wn, stride_wk,
+                  **constexprs)
 
 
 def weight_grad(Lmat, Rmat, G, stride_gr, stride_gn, meta, seq_len, max_len, compute_dtype, *, seed=None,
@@ -357,24 +378,30 @@ def weight_grad_pair(H, dY, dB, stride_br, stride_bn, Gm, X, dA, stride_ar, stri
     T, N0 = dY.shape
     N1 = X.shape[1]
     F = meta.feature_rank.numel()
-    cfg = configs("rank_outer", T, N0, 0, max(meta.max_pair_rank, 1), dY.device)
-    if T > DECODE_TOKENS or T == 0 or F == 0 or AUTOTUNE or cfg.get("force_split") or "rank_outer" in OVERRIDES:
+    if T > DECODE_TOKENS or T == 0 or F == 0 or AUTOTUNE or "rank_outer" in OVERRIDES:
         weight_grad(H, dY, dB, stride_br, stride_bn, meta, seq_len, max_len, compute_dtype)
         weight_grad(Gm, X, dA, stride_ar, stride_an, meta, seq_len, max_len, compute_dtype, seed=seed, p_drop=p_drop)
         return
-    BN, brk = cfg["BLOCK_N"], min(cfg["BLOCK_RK"], 64)
-    tiles0, tiles1 = cdiv(N0, BN), cdiv(N1, BN)
-    if tiles0 + tiles1 == 0:
-        return
     cu = meta.cu_seqlens
-    launch_triton(kernels.rank_grad_pair_kernel, (F, tiles0 + tiles1, cdiv(meta.max_feature_rank, brk)),
-                  H, dY, dB, N0, H.stride(0), dY.stride(0), dY.stride(1), stride_br, stride_bn, tiles0,
-                  Gm, X, dA, N1, Gm.stride(0), X.stride(0), X.stride(1), stride_ar, stride_an,
+    key = ("pair", T, N0, N1, F, meta.max_pair_rank, meta.max_feature_rank, cu is not None, seed is not None,
+           compute_dtype, dY.device, precision(compute_dtype))
+    plan = _PLANS.get(key)
+    if plan is None:
+        cfg = configs("rank_outer", T, N0, 0, max(meta.max_pair_rank, 1), dY.device)
+        BN, brk = cfg["BLOCK_N"], min(cfg["BLOCK_RK"], 64)
+        tiles0, tiles1 = cdiv(N0, BN), cdiv(N1, BN)
+        plan = _remember(key, (tiles0, (F, tiles0 + tiles1, cdiv(meta.max_feature_rank, brk)),
+                               dict(IS_PACKED=cu is not None, HAS_DROPOUT=seed is not None,
+                                    COMPUTE_DTYPE=tl_dtype(compute_dtype), PRECISION=precision(compute_dtype),
+                                    BLOCK_RK=brk, BLOCK_T=cfg["BLOCK_T"], BLOCK_N=BN, **_launch_opts(cfg))))
+    tiles0, grid, constexprs = plan
+    if grid[1] == 0:
+        return
+    launch_triton(kernels.rank_grad_pair_kernel, grid,
+                  H, dY, dB, N0, H.stride(0), *dY.stride(), stride_br, stride_bn, tiles0,
+                  Gm, X, dA, N1, Gm.stride(0), *X.stride(), stride_ar, stride_an,
                   meta.feature_pair_start, meta.pair_example, meta.pair_slot, meta.rank_offsets,
-                  _or(cu, meta.pair_example), _or(seed, meta.pair_example), seq_len, float(p_drop),
-                  IS_PACKED=cu is not None, HAS_DROPOUT=seed is not None, COMPUTE_DTYPE=tl_dtype(compute_dtype),
-                  PRECISION=precision(compute_dtype), BLOCK_RK=brk, BLOCK_T=cfg["BLOCK_T"], BLOCK_N=BN,
-                  **_launch_opts(cfg))
+                  _or(cu, meta.pair_example), _or(seed, meta.pair_example), seq_len, float(p_drop), **constexprs)
 
 
 def keep_mask(seed: torch.Tensor, T: int, K: int, p_drop: float) -> torch.Tensor:

@@ -21,8 +21,8 @@ features with a per-example 0/1 mask would be cheaper for a few feature sets, an
 exact in that sense, so it is not used.)
 
 Gradients flow through the gathers and matmuls by autograd (the gathers' backward is an
-index_add into lora_A / lora_B); the grouped strategy's common training call (whole-example
-chunks, no dropout, one dtype) is one autograd node that also owns the base GEMM
+index_add into lora_A / lora_B); the common training call (grouped with whole-example chunks,
+or dense over every token; no dropout, one dtype) is one autograd node that also owns the base GEMM
 (:class:`_GroupedLinear`), since at small sizes the graph's nodes cost more host time than its
 ops. No Python loop over tokens, examples or features, and no
 host-device synchronisation: all decisions use the routing's host-side metadata.
@@ -58,7 +58,9 @@ class Plan:
     chunk_shape: tuple | None = None  # (N, C)
     dest: torch.Tensor | None = None  # (T_active,) row of each active token in the (N*C) buffer
     scale: "_SlotScale | None" = None  # the per-slot scales of the strategy's slots
-    chunk_index: torch.Tensor | None = None  # grouped: chunk_slots' rank_index, flattened
+    chunk_index: torch.Tensor | None = None  # grouped: chunk_slots' rank_index, flattened; dense: rank_index
+    # The one-node path's scales, (N, 1, R): the grouped ones, or dense's as a single chunk.
+    node_scale: "_SlotScale | None" = None
 
 
 @torch.compiler.disable
@@ -93,10 +95,11 @@ def _build_plan(routing: Routing, layout: TokenLayout, device: torch.device) -> 
         keep = active_ex[layout.token_example()]
     if bool((used == used[:1]).all()) and FORCE_STRATEGY != "grouped":
         rank_index, slot_feature = routing.space.rank_rows(used[0][used[0] >= 0])
-        slot_feature = slot_feature.to(device)
-        return Plan("dense", T, rank_index=rank_index.to(device), slot_feature=slot_feature,
+        slot_feature, rank_index = slot_feature.to(device), rank_index.to(device)
+        return Plan("dense", T, rank_index=rank_index, slot_feature=slot_feature,
                     active_tokens=None if keep is None else keep.nonzero().flatten().to(device),
-                    scale=_SlotScale(slot_feature, None))
+                    scale=_SlotScale(slot_feature, None), chunk_index=rank_index,
+                    node_scale=_SlotScale(slot_feature, None, (1, 1, slot_feature.numel())))
 
     # Batched inputs use one chunk per example (no copy) when every example is active;
     # otherwise active tokens are copied into chunks of the mean active length.
@@ -117,8 +120,9 @@ def _build_plan(routing: Routing, layout: TokenLayout, device: torch.device) -> 
     # diverged feature never reaches an example without it (row 0 could belong to any feature).
     rank_index = torch.where(valid, rank_index, rank_index[:, :1])
     chunk_slots = tuple(t.to(device) for t in (rank_index, feature, valid))
-    p = Plan("grouped", T, chunk_slots=chunk_slots, chunk_shape=(N, C), scale=_SlotScale(chunk_slots[1], chunk_slots[2], (N, 1, chunk_slots[1].shape[1])),
-             chunk_index=chunk_slots[0].flatten())
+    scale = _SlotScale(chunk_slots[1], chunk_slots[2], (N, 1, chunk_slots[1].shape[1]))
+    p = Plan("grouped", T, chunk_slots=chunk_slots, chunk_shape=(N, C), scale=scale, chunk_index=chunk_slots[0].flatten(),
+             node_scale=scale)
     if copy:
         tok_ex = layout.token_example()
         pos = torch.arange(T) - layout.offsets[tok_ex]
@@ -222,8 +226,9 @@ def _update(p: Plan, x2d, lora_A, lora_B, scaling, dropout_p, generator, h_hook,
 
 
 class _GroupedLinear(torch.autograd.Function):
-    """``F.linear(x, weight, bias) + (x A_S^T * s) B_S`` per chunk, for the grouped strategy's
-    common training case (chunks are whole examples, no dropout, one dtype, constant scales):
+    """``F.linear(x, weight, bias) + (x A_S^T * s) B_S`` per chunk, for the common training call
+    (grouped with whole-example chunks, or dense over every token as one chunk; no dropout, one
+    dtype, constant scales):
     the same ops as the autograd graph of :func:`_call`, with one node instead of a dozen
     (reshapes, the base GEMM, gathers, bmm, scale, baddbmm) and the base's input gradient
     folded into the update's (``baddbmm``), which is most of the host time of a small layer.
@@ -277,7 +282,7 @@ def _grouped_linear(x, weight, bias, lora_A, lora_B, index, scale):
 
 def _grouped_linear_applies(p: Plan, x, weight, bias, lora_A, dropout_p, h_hook) -> bool:
     """Whether :class:`_GroupedLinear` computes this call exactly as :func:`_call` would."""
-    return (p.strategy == "grouped" and p.dest is None and p.active_tokens is None and h_hook is None
+    return (p.node_scale is not None and p.dest is None and p.active_tokens is None and h_hook is None
             and dropout_p == 0 and x.dtype == weight.dtype == lora_A.dtype
             and (bias is None or bias.dtype == x.dtype) and not torch.is_autocast_enabled(x.device.type)
             and not torch.compiler.is_compiling())
@@ -305,7 +310,7 @@ def _call(p: Plan, x, weight, bias, lora_A, lora_B, scaling, dropout_p, generato
         d = _update(p, x2d, lora_A, lora_B, scaling, dropout_p, generator, h_hook)
         return d.to(x.dtype).view(*x.shape[:-1], out_f)
     if _grouped_linear_applies(p, x, weight, bias, lora_A, dropout_p, h_hook):
-        s = p.scale(scaling, lora_A.dtype)
+        s = p.node_scale(scaling, lora_A.dtype)
         if not torch.is_grad_enabled() or not any_requires_grad(x, weight, bias, lora_A, lora_B, s):
             return _grouped_linear(x, weight, bias, lora_A, lora_B, p.chunk_index, s)[0]
         if not s.requires_grad:

@@ -41,6 +41,6 @@ def info() -> dict:
     if triton_backend.launch is not None:
         launch = triton_backend.launch
         out["triton_settings"] = {"fuse_base (FLIX_FUSE_BASE)": triton_backend.FUSE_BASE,
-                                  "autotune (FLIX_TRITON_AUTOTUNE)": launch.AUTOTUNE,
+                                  "autotune (FLIX_TRITON_AUTOTUNE)": launch.autotuning(),
                                   "interpreter (TRITON_INTERPRET)": launch.interpreting()}
     return out

@@ -43,16 +43,18 @@ def test_errors(monkeypatch):
 
 
 def test_autotune_picks_a_config_per_shape_class_and_stays_exact(seed, monkeypatch):
-    monkeypatch.setattr(launch, "AUTOTUNE", True)
-    monkeypatch.setattr(launch, "_TUNED", {})
+    from flix_kernels.triton import tuning
+
+    monkeypatch.setattr(tuning, "AUTOTUNE", True)
+    monkeypatch.setattr(tuning, "_TUNED", {})
     gen = torch.Generator().manual_seed(seed)
     routing, ids, x, A, Bm = _case(gen, _space(), 2, (2, 9), 20, 18, torch.float32)
     W, b = _base(gen, 20, 18, torch.float32)
     with forced_paths("triton", {}):
         check_against_oracle(x, A, Bm, routing, ids, routing.space, 0.5, backend="triton", weight=W, bias=b)
-    kinds = {key[0] for key in launch._TUNED}
+    kinds = {key[0] for key in tuning._TUNED}
     assert kinds == {"shrink", "expand", "rank_outer", "choice"}  # choice: fused base GEMM or cuBLAS + expand
-    tuned_once = dict(launch._TUNED)
+    tuned_once = dict(tuning._TUNED)
     with forced_paths("triton", {}):  # same shape class: no new tuning
         fk.flix_linear(x, W, b, A, Bm, routing, scaling=0.5, backend="triton")
-    assert launch._TUNED == tuned_once
+    assert tuning._TUNED == tuned_once

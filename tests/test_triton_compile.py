@@ -113,9 +113,13 @@ def compile_weight_gradient_kernels(arch, packed, tl):
 
 
 def _kernels():
-    from flix_kernels.triton import kernels
+    """The kernels of every family, by name."""
+    import types
 
-    return kernels
+    from flix_kernels.triton import common, expand, shrink, weight_grad
+
+    return types.SimpleNamespace(**{n: getattr(m, n) for m in (common, expand, shrink, weight_grad)
+                                    for n in dir(m) if n.endswith("_kernel")})
 
 
 def main(arch: int) -> int:

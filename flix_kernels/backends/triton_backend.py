@@ -54,7 +54,7 @@ def supports(x: Tensor, lora_A: Tensor) -> Optional[str]:
 def _base_path(key, fuse_base, fused, unfused, device):
     """The fused or the cuBLAS + expand path: ``fuse_base`` decides, unless autotuning is on,
     in which case the faster of the two for this shape class is timed once and kept."""
-    if launch.AUTOTUNE:
+    if launch.autotuning():
         fuse_base = launch.choose(key, {"cublas": unfused, "fused": fused}, device) == "fused"
     return fused if fuse_base else unfused
 

@@ -32,16 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._launch import cdiv
+from .._launch import cdiv, num_sms
 from ..backends import BackendUnavailableError, unavailable_reason
 
 try:  # Triton is optional; backend "triton" then reports why it is off (unavailable_reason).
     import triton
     import triton.language as tl
 
-    from ..triton import launch as _launch
+    from ..triton import tuning as _tuning
 except Exception:  # pragma: no cover - depends on the install
-    triton = tl = _launch = None
+    triton = tl = _tuning = None
 
 __all__ = ["factorized_embedding", "tied_logits", "BACKENDS"]
 
@@ -173,7 +173,7 @@ def _blocks(role: str, T: int, K: int, N: int, device: torch.device) -> dict:
     if role in _CONFIG_OVERRIDE:
         return dict(_CONFIG_OVERRIDE[role])
     small = device.type != "cuda"
-    pow2 = lambda n, hi: _launch._pow2(n, hi=hi)  # noqa: E731
+    pow2 = lambda n, hi: _tuning.pow2(n, hi=hi)  # noqa: E731
     if small:
         cfg = dict(BLOCK_T=pow2(T, 16), BLOCK_K=pow2(K, 32), BLOCK_N=pow2(N, 32))
     elif role in ("lookup", "grad_gather"):
@@ -202,8 +202,8 @@ def _gather_matmul(ids: Optional[Tensor], V: int, A: Tensor, stride_am: int, str
     gather_matmul_kernel[grid](
         ids if ids is not None else A, A, B, out, T, K, N, V,
         stride_am, stride_ak, stride_bk, stride_bn, out.stride(0), out.stride(1),
-        HAS_IDS=ids is not None, COMPUTE_DTYPE=_launch.tl_dtype(compute_dtype),
-        PRECISION=_launch.precision(compute_dtype), **cfg,
+        HAS_IDS=ids is not None, COMPUTE_DTYPE=_tuning.tl_dtype(compute_dtype),
+        PRECISION=_tuning.precision(compute_dtype), **cfg,
     )
     return out
 
@@ -219,7 +219,7 @@ def _token_splits(T: int, tiles: int, block_t: int, device: torch.device) -> int
     (a k x D grid alone can be a few dozen tiles), each range at least 4 token tiles long."""
     if device.type != "cuda":
         return min(2, cdiv(T, block_t))  # the interpreter: still exercise the split path
-    sms = _launch.num_sms(device)
+    sms = num_sms(device)
     want = cdiv(2 * sms, max(tiles, 1))
     return max(1, min(want, cdiv(T, 4 * block_t)))
 
@@ -241,7 +241,7 @@ def _grad_primitive(ids: Tensor, P: Tensor, dout: Tensor, dtype: torch.dtype) ->
     gathered_outer_kernel[grid](
         ids, P, dout, partial, T, K, D, V, per_split, P.stride(0), P.stride(1), dout.stride(0), dout.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2),
-        COMPUTE_DTYPE=_launch.tl_dtype(P.dtype), PRECISION=_launch.precision(P.dtype), **cfg,
+        COMPUTE_DTYPE=_tuning.tl_dtype(P.dtype), PRECISION=_tuning.precision(P.dtype), **cfg,
     )
     return (partial[0] if splits == 1 else partial.sum(0)).to(dtype)
 

@@ -1,0 +1,160 @@
+"""The expand kernel family: ``Y (=|+=) [X2 W2^T + bias] + drop(H M_S)``, each token against its
+example's gathered rank slots (``csrc/expand.cu`` is the CUDA counterpart).
+
+MODE 0 writes the update alone, MODE 1 accumulates into Y in place (after cuBLAS computed the
+base), MODE 2 computes the base GEMM in the same tile (fused forward, or fused
+``dx = dy W + drop'(g A_S)``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._launch import DECODE_TOKENS, cdiv, launch_triton
+from .common import _keep, _token_range, _token_tile
+from .tuning import (PLANS, autotuning, blocks, bucket, finish, launch_opts, or_, overrides_key, pow2,
+                     precision, remember, search_steps, tl_dtype, tuned)
+
+
+@triton.jit
+def expand_kernel(
+    H, M, Y, X2, W2, bias, slot_rank, slot_feature, cu_ptr, seed_ptr,
+    T, N, K2, R_slots, B, seq_len, p_drop,
+    stride_ht, stride_mr, stride_mn, stride_yt, stride_yn, stride_xt, stride_xk, stride_wn, stride_wk,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, IS_PACKED: tl.constexpr, SEARCH_STEPS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, BASE_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BASE_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(1)
+    offs_t, e_first, e_last = _token_tile(tl.program_id(0), T, cu_ptr, B, seq_len, IS_PACKED, SEARCH_STEPS, BLOCK_T)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    t_in = offs_t < T
+    n_in = offs_n < N
+    offs_t64 = offs_t.to(tl.int64)
+
+    lora = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    active = 0
+    for e in range(e_first, e_last + 1):
+        start, end = _token_range(e, cu_ptr, seq_len, IS_PACKED)
+        rows = (offs_t >= start) & (offs_t < end) & t_in
+        if end > start:
+            for r0 in range(0, R_slots, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                r_in = offs_r < R_slots
+                feat = tl.load(slot_feature + e * R_slots + offs_r, mask=r_in, other=-1)
+                valid = feat >= 0
+                if tl.max(valid.to(tl.int32), axis=0) > 0:
+                    active = 1
+                    ridx = tl.load(slot_rank + e * R_slots + offs_r, mask=valid, other=0).to(tl.int64)
+                    h = tl.load(H + offs_t64[:, None] * stride_ht + offs_r[None, :],
+                                mask=rows[:, None] & valid[None, :], other=0.0)
+                    m = tl.load(M + ridx[:, None] * stride_mr + offs_n.to(tl.int64)[None, :] * stride_mn,
+                                mask=valid[:, None] & n_in[None, :], other=0.0)
+                    if e_first == e_last:
+                        lora = tl.dot(h.to(COMPUTE_DTYPE), m.to(COMPUTE_DTYPE), lora, input_precision=PRECISION)
+                    else:
+                        # The other examples' rows of h read as 0, but 0 * inf is NaN: keep only e's rows.
+                        part = tl.dot(h.to(COMPUTE_DTYPE), m.to(COMPUTE_DTYPE), input_precision=PRECISION)
+                        lora += tl.where(rows[:, None], part, 0.0)
+    if HAS_DROPOUT:
+        keep = _keep(tl.load(seed_ptr), offs_t, offs_n, N, p_drop)
+        lora = tl.where(keep, lora * (1.0 / (1.0 - p_drop)), 0.0)
+
+    y_ptrs = Y + offs_t64[:, None] * stride_yt + offs_n.to(tl.int64)[None, :] * stride_yn
+    y_mask = t_in[:, None] & n_in[None, :]
+    if MODE == 2:
+        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K2, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_in = offs_k < K2
+            a = tl.load(X2 + offs_t64[:, None] * stride_xt + offs_k.to(tl.int64)[None, :] * stride_xk,
+                        mask=t_in[:, None] & k_in[None, :], other=0.0)
+            w = tl.load(W2 + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k.to(tl.int64)[:, None] * stride_wk,
+                        mask=n_in[None, :] & k_in[:, None], other=0.0)
+            acc += tl.dot(a.to(BASE_DTYPE), w.to(BASE_DTYPE), input_precision=BASE_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptrs, (acc + lora).to(Y.dtype.element_ty), mask=y_mask)
+    elif MODE == 1:
+        # Tiles whose tokens use no feature leave Y untouched: no read, no write.
+        if active > 0:
+            y = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+            tl.store(y_ptrs, (y + lora).to(Y.dtype.element_ty), mask=y_mask)
+    else:
+        tl.store(y_ptrs, lora.to(Y.dtype.element_ty), mask=y_mask)
+
+
+def config(T: int, N: int, K2: int, R: int, device: torch.device) -> dict:
+    """Untuned launch configuration for one shape (see :mod:`.tuning`)."""
+    # 64 x 64 tiles: a 64 x 128 tile with 8 warps needs ~230 registers/thread on sm_90
+    # (one CTA per SM) for what is a memory-bound read-modify-write of y.
+    cfg = dict(BLOCK_T=16 if T <= DECODE_TOKENS else 64, BLOCK_N=64, BLOCK_R=pow2(R, hi=64), BLOCK_K=64, num_warps=4)
+    return finish("expand", cfg, device)
+
+
+def candidates(cfg: dict) -> list[dict]:
+    """Configurations autotuning tries around the default ``cfg`` (the default first)."""
+    return [cfg] + [{**cfg, "BLOCK_T": bt, "BLOCK_N": bn, "num_warps": w}
+                    for bt in (16, 32, 64, 128) for bn in (32, 64, 128, 256) for w in (4, 8)]
+
+
+def expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, compute_dtype, *, mode: int,
+           X2=None, W2=None, stride_wn=0, stride_wk=0, bias=None, seed=None, p_drop=0.0) -> torch.Tensor:
+    """``Y (T, N)``: mode 0 ``= U``, mode 1 ``+= U``, mode 2 ``= X2 W2^T + bias + U`` where
+    ``U = drop(H M_S)`` (dropout only with a seed: the input-gradient path)."""
+    T, N = Y.shape
+    B, R = slot_rank.shape
+    if T == 0 or N == 0 or (mode == 1 and R == 0):
+        return Y
+    K2 = X2.shape[1] if mode == 2 else 0
+    base_dtype = X2.dtype if mode == 2 else compute_dtype
+    flags = (mode, bias is not None, cu is not None, seed is not None)
+    if autotuning():
+        def run(cfg, Y=Y):
+            _launch_expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, mode, X2, W2,
+                           stride_wn, stride_wk, bias, seed, p_drop,
+                           (cdiv(T, cfg["BLOCK_T"]), cdiv(N, cfg["BLOCK_N"])),
+                           _expand_constexprs(cfg, B, flags, compute_dtype, base_dtype))
+
+        key = (T <= DECODE_TOKENS, bucket(T), bucket(N), bucket(K2), bucket(R), Y.dtype, M.dtype, mode,
+               seed is not None)
+        cfg = tuned("expand", config(T, N, K2, R, Y.device), candidates, key, lambda c: run(c, Y.clone()), Y.device)
+        run(cfg)  # the tuning runs on a scratch copy: mode 1 accumulates
+        return Y
+    key = ("expand", T, N, K2, R, B, flags, compute_dtype, base_dtype, Y.device, precision(compute_dtype),
+           precision(base_dtype), overrides_key("expand"))
+    plan = PLANS.get(key)
+    if plan is None:
+        cfg = config(T, N, K2, R, Y.device)
+        plan = remember(key, ((cdiv(T, cfg["BLOCK_T"]), cdiv(N, cfg["BLOCK_N"])),
+                               _expand_constexprs(cfg, B, flags, compute_dtype, base_dtype)))
+    _launch_expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, mode, X2, W2, stride_wn,
+                   stride_wk, bias, seed, p_drop, *plan)
+    return Y
+
+
+def _expand_constexprs(cfg, B, flags, compute_dtype, base_dtype) -> dict:
+    mode, has_bias, packed, has_seed = flags
+    return dict(MODE=mode, HAS_BIAS=has_bias, IS_PACKED=packed, SEARCH_STEPS=search_steps(B), HAS_DROPOUT=has_seed,
+                COMPUTE_DTYPE=tl_dtype(compute_dtype), BASE_DTYPE=tl_dtype(base_dtype),
+                PRECISION=precision(compute_dtype), BASE_PRECISION=precision(base_dtype),
+                **blocks(cfg, "BLOCK_T", "BLOCK_N", "BLOCK_R", "BLOCK_K"), **launch_opts(cfg))
+
+
+def _launch_expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, mode, X2, W2, stride_wn,
+                   stride_wk, bias, seed, p_drop, grid, constexprs):
+    T, N = Y.shape
+    B, R = slot_rank.shape
+    if mode == 2:
+        K2 = X2.shape[1]
+        stride_xm, stride_xk = X2.stride()
+    else:
+        K2 = stride_xm = stride_xk = 0
+    launch_triton(expand_kernel, grid,
+                  H, M, Y, or_(X2, Y), or_(W2, Y), or_(bias, Y), slot_rank, slot_feature, or_(cu, slot_rank),
+                  or_(seed, slot_rank),
+                  T, N, K2, R, B, seq_len, float(p_drop),
+                  H.stride(0), stride_mr, stride_mn, *Y.stride(), stride_xm, stride_xk, stride_wn, stride_wk,
+                  **constexprs)

@@ -1,0 +1,162 @@
+"""What the Triton launchers share on the host: dtypes and precision, the overrides and
+autotuning of launch configurations, and the memo of launch plans.
+
+Every grid is computed from tensor shapes and host ints that the routing fixed when it was
+built, never from device values, so a launch needs no host-device synchronisation and can be
+captured in a CUDA graph. Each kernel family (:mod:`.shrink`, :mod:`.expand`,
+:mod:`.weight_grad`) chooses its block sizes per shape class (decode: at most 64 tokens;
+prefill/training otherwise) in its own ``config``; ``OVERRIDES[kind]`` replaces any of them
+(tests use it to force K splits, token chunks and small tiles).
+
+Autotuning (``FLIX_TRITON_AUTOTUNE=1``): the first launch of each kernel for a *shape class*
+(decode or not, and the power-of-two buckets of tokens, N, K and R, the dtype and the mode)
+times the family's candidate configurations around the default on scratch outputs and keeps
+the fastest for the process. Off by default so that a first call never waits on tuning; it is
+skipped during CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import triton.language as tl
+
+from .._launch import next_pow2
+
+# Test/tuning hook: {"shrink": {...}, "expand": {...}, "rank_outer": {...}} entries override the configs.
+OVERRIDES: dict[str, dict] = {}
+AUTOTUNE = os.environ.get("FLIX_TRITON_AUTOTUNE", "0") == "1"
+_TUNED: dict[tuple, dict] = {}
+
+
+def autotuning() -> bool:
+    """Whether autotuning is on (read at every launch: tests switch it)."""
+    return AUTOTUNE
+
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+SUPPORTED_DTYPES = tuple(_TL_DTYPES)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def tl_dtype(dtype: torch.dtype):
+    return _TL_DTYPES[dtype]
+
+
+def precision(dtype: torch.dtype) -> str:
+    """fp32 dots follow torch's matmul setting (tf32 only when torch allows it)."""
+    # The getter behind torch.backends.cuda.matmul.allow_tf32, without its Python __getattr__.
+    if dtype is torch.float32 and torch._C._get_cublas_allow_tf32():
+        return "tf32"
+    return "ieee"
+
+
+def pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
+    return next_pow2(n, lo, hi)
+
+
+def finish(kind: str, cfg: dict, device: torch.device) -> dict:
+    """``cfg`` with the tests' ``OVERRIDES[kind]`` applied (and no warps off a GPU)."""
+    cfg.update(OVERRIDES.get(kind, {}))
+    if device.type != "cuda":
+        cfg.pop("num_warps", None)
+    return cfg
+
+
+def unique(configs: list[dict]) -> list[dict]:
+    """Candidate configurations without repeats (and without warps in the interpreter)."""
+    if "num_warps" not in configs[0]:
+        configs = [{k: v for k, v in c.items() if k != "num_warps"} for c in configs]
+    seen, out = set(), []
+    for c in configs:
+        key = tuple(sorted(c.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+def _time_ms(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=5, rep=25)
+    start = time.perf_counter()  # interpreter: only the tuning logic is exercised
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def tuned(kind: str, cfg: dict, candidates, key: tuple, run, device: torch.device) -> dict:
+    """``cfg``, or with autotuning on, the fastest of ``candidates(cfg)`` for this shape class.
+
+    ``run(cfg)`` launches the kernel on scratch outputs (it must not change real results)."""
+    if not AUTOTUNE or OVERRIDES.get(kind) or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return cfg
+    key = (kind, device.type) + key
+    if key not in _TUNED:
+        best, best_ms = cfg, float("inf")
+        for cand in unique(candidates(cfg)):
+            try:
+                ms = _time_ms(lambda: run(cand), device)
+            except Exception:  # e.g. a tile that needs more shared memory than the device has
+                continue
+            if ms < best_ms:
+                best, best_ms = cand, ms
+        _TUNED[key] = best
+    return _TUNED[key]
+
+
+def choose(key: tuple, options: dict, device: torch.device) -> str:
+    """With autotuning on, the fastest of ``options`` (name -> side-effect-free callable) for
+    this shape class, timed once per process; else the first option."""
+    if not AUTOTUNE or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return next(iter(options))
+    key = ("choice", device.type) + key
+    if key not in _TUNED:
+        _TUNED[key] = min(options, key=lambda name: _time_ms(options[name], device))
+    return _TUNED[key]
+
+
+def search_steps(num_examples: int) -> int:
+    """Binary-lifting steps to find a token's example among ``num_examples`` (constexpr)."""
+    return max(1, (max(num_examples, 1) - 1).bit_length())
+
+
+def bucket(n: int) -> int:
+    return next_pow2(n)
+
+
+def launch_opts(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k in ("num_warps", "num_stages")}
+
+
+def blocks(cfg: dict, *names: str) -> dict:
+    return {k: cfg[k] for k in names}
+
+
+# Launch plans of every family by everything they depend on (shapes, flags, dtypes, the
+# precision setting and the tests' OVERRIDES), so a repeated call only assembles its arguments.
+PLANS: dict[tuple, tuple] = {}
+MAX_PLANS = 4096  # cleared when full (batch shapes that keep changing)
+
+
+def remember(key: tuple, plan: tuple) -> tuple:
+    if len(PLANS) >= MAX_PLANS:
+        PLANS.clear()
+    PLANS[key] = plan
+    return plan
+
+
+def overrides_key(kind: str) -> tuple:
+    o = OVERRIDES.get(kind)
+    return tuple(sorted(o.items())) if o else ()
+
+
+def or_(t, fallback):
+    """A dummy pointer for an absent optional tensor (the kernel never reads it)."""
+    return fallback if t is None else t

@@ -1,0 +1,290 @@
+"""The weight-gradient kernel family: per feature k, ``G[k's rows] = sum over k's tokens of
+L[t, slots of k]^T drop(R)[t]`` (dB from (h, dy), dA from (g, x)), deterministic and without
+atomics (``csrc/weight_grad.cu`` is the CUDA counterpart).
+
+* :func:`rank_grad_kernel` (and :func:`rank_grad_pair_kernel`, dA and dB in one launch): one
+  program per (feature, n-tile) owns its tile and walks the feature's tokens;
+* :func:`rank_outer_kernel` + :func:`rank_reduce_kernel`: segment-owned reductions. A *pair* is
+  (feature k, example e having k); program (pair, chunk, n-tile) sums ``L[t, slot_k + j] * R[t, n]``
+  over one chunk of e's tokens into its own workspace tile, then program (feature, n-tile) adds
+  its pairs' tiles in a fixed order and writes the gradient rows of k (zeros for features not in
+  the batch). Results are bit-identical run to run.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._launch import DECODE_TOKENS, cdiv, launch_triton, num_sms
+from .common import _keep, _token_range
+from .tuning import (OVERRIDES, PLANS, autotuning, bucket, finish, launch_opts, or_, pow2,
+                     precision, remember, tl_dtype, tuned)
+
+# Workspace budget for the split weight-gradient reduction (bytes of fp32 partial tiles).
+WORKSPACE_BYTES = 256 << 20
+
+
+@triton.jit
+def _outer_over_tokens(acc, L, R, seed, slot, offs_j, j_in, offs_n, n_in, t_begin, t_end, N, p_drop,
+                       stride_lt, stride_rt, stride_rn, HAS_DROPOUT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+                       PRECISION: tl.constexpr, BLOCK_T: tl.constexpr):
+    """acc[j, n] += sum over tokens t in [t_begin, t_end) of L[t, slot + j] * drop(R)[t, n]."""
+    for t0 in range(t_begin, t_end, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        t_in = offs_t < t_end
+        offs_t64 = offs_t.to(tl.int64)
+        lt = tl.load(L + offs_t64[None, :] * stride_lt + (slot + offs_j)[:, None],
+                     mask=j_in[:, None] & t_in[None, :], other=0.0)
+        r = tl.load(R + offs_t64[:, None] * stride_rt + offs_n.to(tl.int64)[None, :] * stride_rn,
+                    mask=t_in[:, None] & n_in[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = _keep(seed, offs_t, offs_n, N, p_drop)
+            r = tl.where(keep, r.to(tl.float32) * (1.0 / (1.0 - p_drop)), 0.0)
+        acc += tl.dot(lt.to(COMPUTE_DTYPE), r.to(COMPUTE_DTYPE), input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _rank_grad_tile(k, pid_n, pid_j, L, R, G, feature_pair_start, pair_example, pair_slot, rank_offsets, cu_ptr,
+                    seed_ptr, N, seq_len, p_drop, stride_lt, stride_rt, stride_rn, stride_gr, stride_gn,
+                    IS_PACKED: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+                    PRECISION: tl.constexpr, BLOCK_RK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One owner tile: G[rank_offsets[k] + j, n] for row block pid_j and n-tile pid_n of feature k."""
+    r0 = tl.load(rank_offsets + k)
+    rank = tl.load(rank_offsets + k + 1) - r0
+    offs_j = pid_j * BLOCK_RK + tl.arange(0, BLOCK_RK)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    j_in = offs_j < rank
+    n_in = offs_n < N
+    acc = tl.zeros((BLOCK_RK, BLOCK_N), dtype=tl.float32)
+    if pid_j * BLOCK_RK < rank:
+        seed = 0
+        if HAS_DROPOUT:
+            seed = tl.load(seed_ptr)
+        for p in range(tl.load(feature_pair_start + k), tl.load(feature_pair_start + k + 1)):
+            start, end = _token_range(tl.load(pair_example + p), cu_ptr, seq_len, IS_PACKED)
+            acc = _outer_over_tokens(acc, L, R, seed, tl.load(pair_slot + p), offs_j, j_in, offs_n, n_in, start,
+                                     end, N, p_drop, stride_lt, stride_rt, stride_rn, HAS_DROPOUT, COMPUTE_DTYPE,
+                                     PRECISION, BLOCK_T)
+    g_ptrs = G + (r0 + offs_j).to(tl.int64)[:, None] * stride_gr + offs_n.to(tl.int64)[None, :] * stride_gn
+    tl.store(g_ptrs, acc.to(G.dtype.element_ty), mask=j_in[:, None] & n_in[None, :])
+
+
+@triton.jit
+def rank_grad_kernel(
+    L, R, G, feature_pair_start, pair_example, pair_slot, rank_offsets, cu_ptr, seed_ptr,
+    N, seq_len, p_drop, stride_lt, stride_rt, stride_rn, stride_gr, stride_gn,
+    IS_PACKED: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_RK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """G[rank_offsets[k] + j, n] = sum over feature k's tokens t of L[t, slot + j] * drop(R)[t, n].
+
+    One program per (feature, n-tile, row block) owns its output tile and walks its pairs'
+    tokens in order: no workspace, no atomics. Used when no feature needs splitting over
+    tokens; absent features get zero rows."""
+    _rank_grad_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), L, R, G, feature_pair_start, pair_example,
+                    pair_slot, rank_offsets, cu_ptr, seed_ptr, N, seq_len, p_drop, stride_lt, stride_rt, stride_rn,
+                    stride_gr, stride_gn, IS_PACKED, HAS_DROPOUT, COMPUTE_DTYPE, PRECISION, BLOCK_RK, BLOCK_T, BLOCK_N)
+
+
+@triton.jit
+def rank_grad_pair_kernel(
+    L0, R0, G0, N0, stride_lt0, stride_rt0, stride_rn0, stride_gr0, stride_gn0, tiles_n0,
+    L1, R1, G1, N1, stride_lt1, stride_rt1, stride_rn1, stride_gr1, stride_gn1,
+    feature_pair_start, pair_example, pair_slot, rank_offsets, cu_ptr, seed_ptr, seq_len, p_drop,
+    IS_PACKED: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_RK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Both weight gradients of a layer in one launch, by :func:`rank_grad_kernel`'s owner tiles:
+    n-tiles below ``tiles_n0`` compute problem 0 (dB: L = h, R = dy, no dropout), the others
+    problem 1 (dA: L = g, R = x, with the forward's dropout mask when HAS_DROPOUT)."""
+    pid_n = tl.program_id(1)
+    if pid_n < tiles_n0:
+        _rank_grad_tile(tl.program_id(0), pid_n, tl.program_id(2), L0, R0, G0, feature_pair_start, pair_example,
+                        pair_slot, rank_offsets, cu_ptr, seed_ptr, N0, seq_len, p_drop, stride_lt0, stride_rt0,
+                        stride_rn0, stride_gr0, stride_gn0, IS_PACKED, False, COMPUTE_DTYPE, PRECISION, BLOCK_RK,
+                        BLOCK_T, BLOCK_N)
+    else:
+        _rank_grad_tile(tl.program_id(0), pid_n - tiles_n0, tl.program_id(2), L1, R1, G1, feature_pair_start,
+                        pair_example, pair_slot, rank_offsets, cu_ptr, seed_ptr, N1, seq_len, p_drop, stride_lt1,
+                        stride_rt1, stride_rn1, stride_gr1, stride_gn1, IS_PACKED, HAS_DROPOUT, COMPUTE_DTYPE,
+                        PRECISION, BLOCK_RK, BLOCK_T, BLOCK_N)
+
+
+@triton.jit
+def rank_outer_kernel(
+    L, R, WS, pair_example, pair_slot, pair_feature, feature_rank, cu_ptr, seed_ptr,
+    N, seq_len, chunk, num_chunks, p_drop,
+    stride_lt, stride_rt, stride_rn,
+    IS_PACKED: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_RK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Split version, first pass: WS[p, c, j, n] = the sum over chunk c of pair p's tokens.
+
+    BLOCK_RK covers the largest rank of the batch's features (the workspace row count)."""
+    p = tl.program_id(0)
+    c = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    rank = tl.load(feature_rank + tl.load(pair_feature + p))
+    start, end = _token_range(tl.load(pair_example + p), cu_ptr, seq_len, IS_PACKED)
+    t_begin = start + c * chunk
+    t_end = tl.minimum(t_begin + chunk, end)
+    offs_j = tl.arange(0, BLOCK_RK)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    j_in = offs_j < rank
+    n_in = offs_n < N
+    if t_begin < t_end:
+        seed = 0
+        if HAS_DROPOUT:
+            seed = tl.load(seed_ptr)
+        acc = tl.zeros((BLOCK_RK, BLOCK_N), dtype=tl.float32)
+        acc = _outer_over_tokens(acc, L, R, seed, tl.load(pair_slot + p), offs_j, j_in, offs_n, n_in, t_begin,
+                                 t_end, N, p_drop, stride_lt, stride_rt, stride_rn, HAS_DROPOUT, COMPUTE_DTYPE,
+                                 PRECISION, BLOCK_T)
+        tile = ((p.to(tl.int64) * num_chunks + c) * BLOCK_RK + offs_j[:, None]) * N + offs_n[None, :]
+        tl.store(WS + tile, acc, mask=j_in[:, None] & n_in[None, :])
+
+
+@triton.jit
+def rank_reduce_kernel(
+    WS, G, feature_pair_start, pair_example, rank_offsets, cu_ptr,
+    N, seq_len, chunk, num_chunks, ws_rows, stride_gr, stride_gn,
+    IS_PACKED: tl.constexpr, BLOCK_RK: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Split version, second pass: G[rank_offsets[k] + j, n] = the sum of feature k's workspace
+    tiles, pairs then chunks, in a fixed order."""
+    k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    r0 = tl.load(rank_offsets + k)
+    rank = tl.load(rank_offsets + k + 1) - r0
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_in = offs_n < N
+    p_begin = tl.load(feature_pair_start + k)
+    p_end = tl.load(feature_pair_start + k + 1)
+    # Features of rank > BLOCK_RK are covered by several row blocks (grid axis 2).
+    offs_j = tl.program_id(2) * BLOCK_RK + tl.arange(0, BLOCK_RK)
+    j_in = offs_j < rank
+    acc = tl.zeros((BLOCK_RK, BLOCK_N), dtype=tl.float32)
+    for p in range(p_begin, p_end):
+        e = tl.load(pair_example + p)
+        start, end = _token_range(e, cu_ptr, seq_len, IS_PACKED)
+        n_c = (end - start + chunk - 1) // chunk
+        for c in range(0, n_c):
+            tile = ((tl.cast(p, tl.int64) * num_chunks + c) * ws_rows + offs_j[:, None]) * N
+            acc += tl.load(WS + tile + offs_n[None, :], mask=j_in[:, None] & n_in[None, :], other=0.0)
+    g_ptrs = G + (r0 + offs_j).to(tl.int64)[:, None] * stride_gr + offs_n.to(tl.int64)[None, :] * stride_gn
+    tl.store(g_ptrs, acc.to(G.dtype.element_ty), mask=j_in[:, None] & n_in[None, :])
+
+
+def config(R: int, device: torch.device) -> dict:
+    """Untuned launch configuration for a pair rank ``R`` (see :mod:`.tuning`)."""
+    rk = pow2(R)
+    cfg = dict(BLOCK_RK=rk, BLOCK_T=64, BLOCK_N=64 if rk <= 64 else 32, num_warps=4,
+               target_programs=4 * num_sms(device))
+    return finish("rank_outer", cfg, device)
+
+
+def candidates(cfg: dict) -> list[dict]:
+    """Configurations autotuning tries around the default ``cfg`` (the default first)."""
+    return [cfg] + [{**cfg, "BLOCK_T": bt, "BLOCK_N": bn} for bt in (32, 64, 128) for bn in (32, 64, 128)]
+
+
+def weight_grad(Lmat, Rmat, G, stride_gr, stride_gn, meta, seq_len, max_len, compute_dtype, *, seed=None,
+                p_drop=0.0) -> torch.Tensor:
+    """Rows of ``G`` per feature k: ``G[k's rows, n] = sum over k's tokens t of L[t, slot] drop(R)[t, n]``.
+
+    Segment-owned and deterministic (no atomics). When the (feature, n-tile) programs fill the
+    device, each owns its tile and walks the feature's tokens; otherwise common features are
+    split: one program per (pair, token chunk, n-tile) writes its own fp32 tile, then one per
+    (feature, n-tile) adds them in a fixed order. Features absent from the batch get zero rows."""
+    T, N = Rmat.shape
+    P = meta.pair_example.numel()
+    F = meta.feature_rank.numel()
+    rk = max(meta.max_pair_rank, 1)
+    cu = meta.cu_seqlens
+    max_len = max(int(max_len), 1)
+
+    def run(cfg, G=G):
+        BRK, BN, BT = cfg["BLOCK_RK"], cfg["BLOCK_N"], cfg["BLOCK_T"]
+        tiles_n = cdiv(N, BN)
+        common = dict(IS_PACKED=cu is not None, HAS_DROPOUT=seed is not None, COMPUTE_DTYPE=tl_dtype(compute_dtype),
+                      PRECISION=precision(compute_dtype), BLOCK_T=BT, BLOCK_N=BN, **launch_opts(cfg))
+        # Owner path when one program per (present feature, n-tile) fills the device, or when
+        # the batch has at most DECODE_TOKENS tokens (each owner walks a few tokens; a second
+        # launch and a workspace would cost more than the parallelism gains); else split: one
+        # program per (pair, token chunk, n-tile), at least BLOCK_T tokens per chunk, within the
+        # workspace budget, then a fixed-order reduction.
+        owner = T <= DECODE_TOKENS or meta.present_features.shape[0] * tiles_n >= cfg["target_programs"]
+        chunks = max(1, min(cdiv(cfg["target_programs"], max(P * tiles_n, 1)), cdiv(max_len, BT)))
+        chunks = min(chunks, WORKSPACE_BYTES // max(max(P, 1) * BRK * N * 4, 1))
+        if cfg.get("force_split"):
+            owner = False
+        if owner or chunks < 1 or P == 0 or T == 0:
+            brk = min(BRK, 64)
+            launch_triton(rank_grad_kernel, (F, tiles_n, cdiv(meta.max_feature_rank, brk)),
+                Lmat, Rmat, G, meta.feature_pair_start, meta.pair_example, meta.pair_slot, meta.rank_offsets,
+                or_(cu, meta.pair_example), or_(seed, meta.pair_example),
+                N, seq_len, float(p_drop), Lmat.stride(0), Rmat.stride(0), Rmat.stride(1), stride_gr, stride_gn,
+                BLOCK_RK=brk, **common,
+            )
+            return
+        chunk = cdiv(cdiv(max_len, chunks), BT) * BT
+        chunks = cdiv(max_len, chunk)
+        ws = torch.empty(P * chunks * BRK * N, device=Rmat.device, dtype=torch.float32)
+        launch_triton(rank_outer_kernel, (P, chunks, tiles_n),
+            Lmat, Rmat, ws, meta.pair_example, meta.pair_slot, meta.pair_feature, meta.feature_rank,
+            or_(cu, meta.pair_example), or_(seed, meta.pair_example),
+            N, seq_len, chunk, chunks, float(p_drop), Lmat.stride(0), Rmat.stride(0), Rmat.stride(1),
+            BLOCK_RK=BRK, **common,
+        )
+        red_rk = min(BRK, 64)
+        launch_triton(rank_reduce_kernel, (F, tiles_n, cdiv(meta.max_feature_rank, red_rk)),
+            ws, G, meta.feature_pair_start, meta.pair_example, meta.rank_offsets, or_(cu, meta.pair_example),
+            N, seq_len, chunk, chunks, BRK, stride_gr, stride_gn,
+            IS_PACKED=cu is not None, BLOCK_RK=red_rk, BLOCK_N=BN,
+        )
+
+    cfg = config(rk, Rmat.device)
+    if autotuning():
+        key = (bucket(T), bucket(N), bucket(rk), bucket(P), Rmat.dtype, Lmat.dtype, seed is not None)
+        cfg = tuned("rank_outer", cfg, candidates, key, lambda c: run(c, torch.empty_like(G)), Rmat.device)
+    run(cfg)
+    return G
+
+
+def weight_grad_pair(H, dY, dB, stride_br, stride_bn, Gm, X, dA, stride_ar, stride_an, meta, seq_len, max_len,
+                     compute_dtype, *, seed=None, p_drop=0.0) -> None:
+    """Both weight gradients of a layer: ``dB`` from ``(H, dY)`` (as ``weight_grad(H, dY, dB, ...)``)
+    and ``dA`` from ``(Gm, X)`` with the dropout mask (as ``weight_grad(Gm, X, dA, ..., seed=...)``).
+    One launch of the owner tiles at decode sizes (at most DECODE_TOKENS tokens), where each
+    owner walks a few tokens; otherwise, or when tests or autotuning choose the path, the two
+    :func:`weight_grad` calls."""
+    T, N0 = dY.shape
+    N1 = X.shape[1]
+    F = meta.feature_rank.numel()
+    if T > DECODE_TOKENS or T == 0 or F == 0 or autotuning() or "rank_outer" in OVERRIDES:
+        weight_grad(H, dY, dB, stride_br, stride_bn, meta, seq_len, max_len, compute_dtype)
+        weight_grad(Gm, X, dA, stride_ar, stride_an, meta, seq_len, max_len, compute_dtype, seed=seed, p_drop=p_drop)
+        return
+    cu = meta.cu_seqlens
+    key = ("pair", T, N0, N1, F, meta.max_pair_rank, meta.max_feature_rank, cu is not None, seed is not None,
+           compute_dtype, dY.device, precision(compute_dtype))
+    plan = PLANS.get(key)
+    if plan is None:
+        cfg = config(max(meta.max_pair_rank, 1), dY.device)
+        BN, brk = cfg["BLOCK_N"], min(cfg["BLOCK_RK"], 64)
+        tiles0, tiles1 = cdiv(N0, BN), cdiv(N1, BN)
+        plan = remember(key, (tiles0, (F, tiles0 + tiles1, cdiv(meta.max_feature_rank, brk)),
+                               dict(IS_PACKED=cu is not None, HAS_DROPOUT=seed is not None,
+                                    COMPUTE_DTYPE=tl_dtype(compute_dtype), PRECISION=precision(compute_dtype),
+                                    BLOCK_RK=brk, BLOCK_T=cfg["BLOCK_T"], BLOCK_N=BN, **launch_opts(cfg))))
+    tiles0, grid, constexprs = plan
+    if grid[1] == 0:
+        return
+    launch_triton(rank_grad_pair_kernel, grid,
+                  H, dY, dB, N0, H.stride(0), *dY.stride(), stride_br, stride_bn, tiles0,
+                  Gm, X, dA, N1, Gm.stride(0), *X.stride(), stride_ar, stride_an,
+                  meta.feature_pair_start, meta.pair_example, meta.pair_slot, meta.rank_offsets,
+                  or_(cu, meta.pair_example), or_(seed, meta.pair_example), seq_len, float(p_drop), **constexprs)

@@ -31,6 +31,27 @@ def test_every_kernel_variant_compiles_for(arch):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+def test_gemm_kernels_use_hopper_mma_and_do_not_spill():
+    """Each GEMM-class kernel, as launched for prefill on sm_90, uses warpgroup MMA (HGMMA) and
+    stores nothing to local memory (no register spills), except the listed known failures."""
+    pytest.importorskip("triton")
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, __file__, "sass"], env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode == 77:
+        pytest.skip(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line[5:]) for line in proc.stdout.splitlines() if line.startswith("SASS ")]
+    assert len(rows) == 6 * len(SASS_SLOTS) + 1, proc.stdout[-3000:]
+    for r in rows:
+        print(r)
+    failing = {r["name"] for r in rows if r["hgmma"] == 0 or r["spill_stores"] > 0}
+    assert failing - set(SASS_KNOWN_FAILURES) == set(), f"new failures: {sorted(failing - set(SASS_KNOWN_FAILURES))}"
+    assert set(SASS_KNOWN_FAILURES) - failing == set(), \
+        f"now passing, remove from SASS_KNOWN_FAILURES: {sorted(set(SASS_KNOWN_FAILURES) - failing)}"
+
+
 # ---- the subprocess ----------------------------------------------------------------------
 
 
@@ -107,7 +128,7 @@ def compile_weight_gradient_kernels(arch, packed, tl):
                 _compile(_kernels().rank_grad_pair_kernel, dict(common, BLOCK_RK=32), arch))
         for rk in (16, 128):
             _report(f"rank_outer rk={rk} sm_{arch} packed={packed} dropout={dropout}",
-                    _compile(_kernels().rank_outer_kernel, dict(common, BLOCK_RK=rk, BLOCK_N=64 if rk <= 64 else 32), arch))
+                    _compile(_kernels().rank_outer_kernel, dict(common, BLOCK_RK=rk), arch))
     _report(f"rank_reduce sm_{arch} packed={packed}",
             _compile(_kernels().rank_reduce_kernel, dict(IS_PACKED=packed, BLOCK_RK=32, BLOCK_N=64), arch))
 
@@ -120,6 +141,83 @@ def _kernels():
 
     return types.SimpleNamespace(**{n: getattr(m, n) for m in (common, expand, shrink, weight_grad)
                                     for n in dir(m) if n.endswith("_kernel")})
+
+
+# ---- Hopper instruction and spill check (sm_90 SASS, read with the cuobjdump Triton carries) ----
+# Every GEMM-class kernel at the configuration its launcher picks for prefill/training shapes
+# (8192 tokens, in = out = 4096), for the rank slots of 1, 2 and 4 active features of rank 16.
+SASS_SLOTS = (16, 32, 64)
+# Variants that fail the check today, each with what it shows; the test also fails when one of
+# them starts passing, so the list stays true.
+SASS_KNOWN_FAILURES: dict[str, str] = {}
+
+
+def sass_variants(tl):
+    """``(name, kernel, constexprs, num_warps)`` of the GEMM-class kernels as launched for prefill."""
+    import torch
+
+    from flix_kernels.triton import expand, shrink, weight_grad
+
+    # The configurations as on an H100/H200 (132 SMs), without asking a GPU for its SM count.
+    gpu, T, K, N = torch.device("cuda"), 8192, 4096, 4096
+    shrink.num_sms = weight_grad.num_sms = lambda device: 132
+    out = []
+    for R in SASS_SLOTS:
+        for cdt, torch_dt, name in ((tl.bfloat16, torch.bfloat16, "bf16"), (tl.float32, torch.float32, "fp32")):
+            cfg = shrink.config(T, K, R, gpu, torch_dt)
+            out.append((f"shrink R={R} {name}", shrink.shrink_kernel, dict(
+                IS_PACKED=False, SEARCH_STEPS=4, HAS_SCALE_TENSOR=True, HAS_DROPOUT=True, COMPUTE_DTYPE=cdt,
+                PRECISION="ieee" if name == "bf16" else "tf32", BLOCK_T=cfg["BLOCK_T"], BLOCK_R=cfg["BLOCK_R"],
+                BLOCK_K=cfg["BLOCK_K"]), cfg["num_warps"]))
+        cfg = expand.config(T, N, K, R, gpu)
+        for mode in (1, 2):
+            out.append((f"expand mode={mode} R={R}", expand.expand_kernel, dict(
+                MODE=mode, HAS_BIAS=mode == 2, IS_PACKED=False, SEARCH_STEPS=4, HAS_DROPOUT=True,
+                COMPUTE_DTYPE=tl.bfloat16, BASE_DTYPE=tl.bfloat16, PRECISION="ieee", BASE_PRECISION="ieee",
+                **{k: cfg[k] for k in ("BLOCK_T", "BLOCK_N", "BLOCK_R", "BLOCK_K")}), cfg["num_warps"]))
+    for R in SASS_SLOTS + (128,):  # the split weight gradient's tile covers the largest pair rank
+        cfg = weight_grad.config(R, gpu)
+        common = dict(IS_PACKED=False, HAS_DROPOUT=True, COMPUTE_DTYPE=tl.bfloat16, PRECISION="ieee",
+                      BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"])
+        if R <= 64:  # the owner tiles cap their rows at 64
+            out.append((f"rank_grad_pair R={R}", weight_grad.rank_grad_pair_kernel,
+                        dict(common, BLOCK_RK=min(cfg["BLOCK_RK"], 64)), cfg["num_warps"]))
+        out.append((f"rank_outer R={R}", weight_grad.rank_outer_kernel, dict(common, BLOCK_RK=cfg["BLOCK_RK"]),
+                    cfg["num_warps"]))
+    return out
+
+
+def sass_facts(cubin: bytes) -> dict:
+    """``{"hgmma": n, "spill_stores": n, "registers": n}`` from a cubin's SASS and resource usage."""
+    import re
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        print(f"no cuobjdump in this Triton ({tool})")
+        sys.exit(77)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    regs = re.search(r"REG:(\d+)", usage)
+    return {"hgmma": len(re.findall(r"\bHGMMA\b", sass)), "spill_stores": len(re.findall(r"\bSTL\b", sass)),
+            "registers": int(regs.group(1)) if regs else -1}
+
+
+def sass_main() -> int:
+    import json
+
+    import triton.language as tl
+
+    for name, kernel, constexprs, warps in sass_variants(tl):
+        facts = sass_facts(_compile(kernel, constexprs, 90, warps).asm["cubin"])
+        print("SASS " + json.dumps({"name": name, **facts}))
+    return 0
 
 
 def main(arch: int) -> int:
@@ -143,4 +241,4 @@ def main(arch: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(int(sys.argv[1])))
+    sys.exit(sass_main() if sys.argv[1] == "sass" else main(int(sys.argv[1])))

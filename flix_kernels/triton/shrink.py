@@ -63,10 +63,13 @@ def shrink_kernel(
         tl.store(h_ptrs, acc, mask=rows[:, None] & r_in[None, :])
 
 
-def config(T: int, K: int, R: int, device: torch.device) -> dict:
+def config(T: int, K: int, R: int, device: torch.device, compute_dtype: torch.dtype = torch.bfloat16) -> dict:
     """Untuned launch configuration for one shape (see :mod:`.tuning`)."""
     decode = T <= DECODE_TOKENS
-    cfg = dict(BLOCK_T=16 if decode else 64, BLOCK_R=pow2(R, hi=64), BLOCK_K=128 if decode else 64, num_warps=4)
+    # Prefill tiles: 8 warps and 128-byte K steps keep every variant (dropout, up to 64 rank
+    # slots, fp32) free of register spills on sm_90 (tests/test_triton_compile.py reads the SASS).
+    block_k = 128 if decode else 128 // max(compute_dtype.itemsize, 2)
+    cfg = dict(BLOCK_T=16 if decode else 64, BLOCK_R=pow2(R, hi=64), BLOCK_K=block_k, num_warps=4 if decode else 8)
     # Decode reads A_S once per example: split K so every SM streams a part of it.
     tiles = cdiv(T, cfg["BLOCK_T"]) * cdiv(R, cfg["BLOCK_R"])
     cfg["splits"] = max(1, min(cdiv(2 * num_sms(device), max(tiles, 1)), cdiv(K, cfg["BLOCK_K"])))
@@ -83,7 +86,7 @@ def _shrink_plan(T, K, R, B, packed, has_scale, has_seed, compute_dtype, device)
            overrides_key("shrink"))
     plan = PLANS.get(key)
     if plan is None:
-        cfg = config(T, K, R, device)
+        cfg = config(T, K, R, device, compute_dtype)
         splits = cfg["splits"]
         k_per_split = cdiv(cdiv(K, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
         splits = cdiv(K, k_per_split)
@@ -117,7 +120,7 @@ def shrink(X, M, stride_mr, stride_mk, slot_rank, slot_feature, cu, scaling, sca
                            constexprs)
 
         key = (T <= DECODE_TOKENS, bucket(T), bucket(K), bucket(R), X.dtype, M.dtype, seed is not None)
-        run(tuned("shrink", config(T, K, R, X.device), candidates, key, lambda c: run(c, torch.empty_like(H)),
+        run(tuned("shrink", config(T, K, R, X.device, compute_dtype), candidates, key, lambda c: run(c, torch.empty_like(H)),
                   X.device))
         return H
     _, splits, k_per_split, grid, constexprs = _shrink_plan(T, K, R, B, cu is not None, scaling is not None,

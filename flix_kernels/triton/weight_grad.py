@@ -30,19 +30,23 @@ WORKSPACE_BYTES = 256 << 20
 def _outer_over_tokens(acc, L, R, seed, slot, offs_j, j_in, offs_n, n_in, t_begin, t_end, N, p_drop,
                        stride_lt, stride_rt, stride_rn, HAS_DROPOUT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
                        PRECISION: tl.constexpr, BLOCK_T: tl.constexpr):
-    """acc[j, n] += sum over tokens t in [t_begin, t_end) of L[t, slot + j] * drop(R)[t, n]."""
+    """acc[n, j] += sum over tokens t in [t_begin, t_end) of drop(R)[t, n] * L[t, slot + j].
+
+    The tile is accumulated transposed, (n, j): its rows are the BLOCK_N >= 64 columns of the
+    gradient, so the dot has the M >= 64 that Hopper's warpgroup MMA (HGMMA) needs; with the
+    rank (16 to 64) as M it falls back to mma.sync."""
     for t0 in range(t_begin, t_end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_in = offs_t < t_end
         offs_t64 = offs_t.to(tl.int64)
-        lt = tl.load(L + offs_t64[None, :] * stride_lt + (slot + offs_j)[:, None],
-                     mask=j_in[:, None] & t_in[None, :], other=0.0)
+        lt = tl.load(L + offs_t64[:, None] * stride_lt + (slot + offs_j)[None, :],
+                     mask=t_in[:, None] & j_in[None, :], other=0.0)
         r = tl.load(R + offs_t64[:, None] * stride_rt + offs_n.to(tl.int64)[None, :] * stride_rn,
                     mask=t_in[:, None] & n_in[None, :], other=0.0)
         if HAS_DROPOUT:
             keep = _keep(seed, offs_t, offs_n, N, p_drop)
             r = tl.where(keep, r.to(tl.float32) * (1.0 / (1.0 - p_drop)), 0.0)
-        acc += tl.dot(lt.to(COMPUTE_DTYPE), r.to(COMPUTE_DTYPE), input_precision=PRECISION)
+        acc += tl.dot(tl.trans(r.to(COMPUTE_DTYPE)), lt.to(COMPUTE_DTYPE), input_precision=PRECISION)
     return acc
 
 
@@ -58,7 +62,7 @@ def _rank_grad_tile(k, pid_n, pid_j, L, R, G, feature_pair_start, pair_example, 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     j_in = offs_j < rank
     n_in = offs_n < N
-    acc = tl.zeros((BLOCK_RK, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_RK), dtype=tl.float32)  # transposed: see _outer_over_tokens
     if pid_j * BLOCK_RK < rank:
         seed = 0
         if HAS_DROPOUT:
@@ -68,8 +72,8 @@ def _rank_grad_tile(k, pid_n, pid_j, L, R, G, feature_pair_start, pair_example, 
             acc = _outer_over_tokens(acc, L, R, seed, tl.load(pair_slot + p), offs_j, j_in, offs_n, n_in, start,
                                      end, N, p_drop, stride_lt, stride_rt, stride_rn, HAS_DROPOUT, COMPUTE_DTYPE,
                                      PRECISION, BLOCK_T)
-    g_ptrs = G + (r0 + offs_j).to(tl.int64)[:, None] * stride_gr + offs_n.to(tl.int64)[None, :] * stride_gn
-    tl.store(g_ptrs, acc.to(G.dtype.element_ty), mask=j_in[:, None] & n_in[None, :])
+    g_ptrs = G + (r0 + offs_j).to(tl.int64)[None, :] * stride_gr + offs_n.to(tl.int64)[:, None] * stride_gn
+    tl.store(g_ptrs, acc.to(G.dtype.element_ty), mask=n_in[:, None] & j_in[None, :])
 
 
 @triton.jit
@@ -139,12 +143,12 @@ def rank_outer_kernel(
         seed = 0
         if HAS_DROPOUT:
             seed = tl.load(seed_ptr)
-        acc = tl.zeros((BLOCK_RK, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_RK), dtype=tl.float32)  # transposed: see _outer_over_tokens
         acc = _outer_over_tokens(acc, L, R, seed, tl.load(pair_slot + p), offs_j, j_in, offs_n, n_in, t_begin,
                                  t_end, N, p_drop, stride_lt, stride_rt, stride_rn, HAS_DROPOUT, COMPUTE_DTYPE,
                                  PRECISION, BLOCK_T)
-        tile = ((p.to(tl.int64) * num_chunks + c) * BLOCK_RK + offs_j[:, None]) * N + offs_n[None, :]
-        tl.store(WS + tile, acc, mask=j_in[:, None] & n_in[None, :])
+        tile = ((p.to(tl.int64) * num_chunks + c) * BLOCK_RK + offs_j[None, :]) * N + offs_n[:, None]
+        tl.store(WS + tile, acc, mask=n_in[:, None] & j_in[None, :])
 
 
 @triton.jit
@@ -181,8 +185,9 @@ def rank_reduce_kernel(
 def config(R: int, device: torch.device) -> dict:
     """Untuned launch configuration for a pair rank ``R`` (see :mod:`.tuning`)."""
     rk = pow2(R)
-    cfg = dict(BLOCK_RK=rk, BLOCK_T=64, BLOCK_N=64 if rk <= 64 else 32, num_warps=4,
-               target_programs=4 * num_sms(device))
+    # The tile is (n, rank) (see _outer_over_tokens): BLOCK_N = 64 rows for warpgroup MMA; 8 warps
+    # keep the dropout variants at 64 rank rows free of register spills on sm_90.
+    cfg = dict(BLOCK_RK=rk, BLOCK_T=64, BLOCK_N=64, num_warps=8, target_programs=4 * num_sms(device))
     return finish("rank_outer", cfg, device)
 
 

@@ -160,11 +160,10 @@ def sass_variants(tl):
 
     # The configurations as on an H100/H200 (132 SMs), without asking a GPU for its SM count.
     gpu, T, K, N = torch.device("cuda"), 8192, 4096, 4096
-    shrink.num_sms = weight_grad.num_sms = lambda device: 132
     out = []
     for R in SASS_SLOTS:
         for cdt, torch_dt, name in ((tl.bfloat16, torch.bfloat16, "bf16"), (tl.float32, torch.float32, "fp32")):
-            cfg = shrink.config(T, K, R, gpu, torch_dt)
+            cfg = shrink.config(T, K, R, gpu, torch_dt, sms=132)
             out.append((f"shrink R={R} {name}", shrink.shrink_kernel, dict(
                 IS_PACKED=False, SEARCH_STEPS=4, HAS_SCALE_TENSOR=True, HAS_DROPOUT=True, COMPUTE_DTYPE=cdt,
                 PRECISION="ieee" if name == "bf16" else "tf32", BLOCK_T=cfg["BLOCK_T"], BLOCK_R=cfg["BLOCK_R"],
@@ -176,7 +175,7 @@ def sass_variants(tl):
                 COMPUTE_DTYPE=tl.bfloat16, BASE_DTYPE=tl.bfloat16, PRECISION="ieee", BASE_PRECISION="ieee",
                 **{k: cfg[k] for k in ("BLOCK_T", "BLOCK_N", "BLOCK_R", "BLOCK_K")}), cfg["num_warps"]))
     for R in SASS_SLOTS + (128,):  # the split weight gradient's tile covers the largest pair rank
-        cfg = weight_grad.config(R, gpu)
+        cfg = weight_grad.config(R, gpu, sms=132)
         common = dict(IS_PACKED=False, HAS_DROPOUT=True, COMPUTE_DTYPE=tl.bfloat16, PRECISION="ieee",
                       BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"])
         if R <= 64:  # the owner tiles cap their rows at 64

@@ -63,8 +63,10 @@ def shrink_kernel(
         tl.store(h_ptrs, acc, mask=rows[:, None] & r_in[None, :])
 
 
-def config(T: int, K: int, R: int, device: torch.device, compute_dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Untuned launch configuration for one shape (see :mod:`.tuning`)."""
+def config(T: int, K: int, R: int, device: torch.device, compute_dtype: torch.dtype = torch.bfloat16, *,
+           sms: int | None = None) -> dict:
+    """Untuned launch configuration for one shape (see :mod:`.tuning`); ``sms``: the device's SM
+    count when known without asking it (the traffic model, ahead-of-time checks)."""
     decode = T <= DECODE_TOKENS
     # Prefill tiles: 8 warps and 128-byte K steps keep every variant (dropout, up to 64 rank
     # slots, fp32) free of register spills on sm_90 (tests/test_triton_compile.py reads the SASS).
@@ -72,7 +74,8 @@ def config(T: int, K: int, R: int, device: torch.device, compute_dtype: torch.dt
     cfg = dict(BLOCK_T=16 if decode else 64, BLOCK_R=pow2(R, hi=64), BLOCK_K=block_k, num_warps=4 if decode else 8)
     # Decode reads A_S once per example: split K so every SM streams a part of it.
     tiles = cdiv(T, cfg["BLOCK_T"]) * cdiv(R, cfg["BLOCK_R"])
-    cfg["splits"] = max(1, min(cdiv(2 * num_sms(device), max(tiles, 1)), cdiv(K, cfg["BLOCK_K"])))
+    sms = num_sms(device) if sms is None else sms
+    cfg["splits"] = max(1, min(cdiv(2 * sms, max(tiles, 1)), cdiv(K, cfg["BLOCK_K"])))
     return finish("shrink", cfg, device)
 
 

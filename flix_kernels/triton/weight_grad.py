@@ -182,12 +182,19 @@ def rank_reduce_kernel(
     tl.store(g_ptrs, acc.to(G.dtype.element_ty), mask=j_in[:, None] & n_in[None, :])
 
 
-def config(R: int, device: torch.device) -> dict:
-    """Untuned launch configuration for a pair rank ``R`` (see :mod:`.tuning`)."""
+def owner_path(T: int, present_features: int, tiles_n: int, cfg: dict) -> bool:
+    """Whether :func:`weight_grad` takes the owner path (one program per present feature and
+    n-tile fills the device, or a decode-sized batch) rather than the split reduction."""
+    return T <= DECODE_TOKENS or present_features * tiles_n >= cfg["target_programs"]
+
+
+def config(R: int, device: torch.device, *, sms: int | None = None) -> dict:
+    """Untuned launch configuration for a pair rank ``R`` (see :mod:`.tuning`); ``sms`` as in
+    :func:`.shrink.config`."""
     rk = pow2(R)
     # The tile is (n, rank) (see _outer_over_tokens): BLOCK_N = 64 rows for warpgroup MMA; 8 warps
     # keep the dropout variants at 64 rank rows free of register spills on sm_90.
-    cfg = dict(BLOCK_RK=rk, BLOCK_T=64, BLOCK_N=64, num_warps=8, target_programs=4 * num_sms(device))
+    cfg = dict(BLOCK_RK=rk, BLOCK_T=64, BLOCK_N=64, num_warps=8, target_programs=4 * (num_sms(device) if sms is None else sms))
     return finish("rank_outer", cfg, device)
 
 
@@ -221,7 +228,7 @@ def weight_grad(Lmat, Rmat, G, stride_gr, stride_gn, meta, seq_len, max_len, com
         # launch and a workspace would cost more than the parallelism gains); else split: one
         # program per (pair, token chunk, n-tile), at least BLOCK_T tokens per chunk, within the
         # workspace budget, then a fixed-order reduction.
-        owner = T <= DECODE_TOKENS or meta.present_features.shape[0] * tiles_n >= cfg["target_programs"]
+        owner = owner_path(T, meta.present_features.shape[0], tiles_n, cfg)
         chunks = max(1, min(cdiv(cfg["target_programs"], max(P * tiles_n, 1)), cdiv(max_len, BT)))
         chunks = min(chunks, WORKSPACE_BYTES // max(max(P, 1) * BRK * N * 4, 1))
         if cfg.get("force_split"):

@@ -1,0 +1,115 @@
+"""The memory traffic of a FLix layer's Triton launches, on paper: for each launch of a forward
+and a backward, its FLOPs, its *floor* (every byte it must touch, once) and its *tile traffic*
+(the bytes its grid of programs loads and stores, with no reuse between programs: what DRAM
+would serve without an L2 hit). Their ratio shows a design that re-reads an operand (x or dy
+once per feature, H once per n-tile) before any GPU time is spent.
+
+The model follows the launchers: the same ``config`` of each family, the same grids and the same
+choice of weight-gradient path. It covers the batched layout (B examples of L tokens, L a
+multiple of the token tile, every example using ``active`` features of rank ``rank``) with the
+cuBLAS base GEMM, the unfused path the backend takes by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .._launch import cdiv
+from . import expand, shrink, weight_grad
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batched layer call: ``examples`` x ``seq_len`` tokens, ``in_features`` -> ``out_features``,
+    each example with ``active`` features of ``rank``; ``present`` distinct features in the batch
+    out of ``num_features``; activations in ``dtype``, adapters in ``adapter_dtype``."""
+
+    examples: int
+    seq_len: int
+    in_features: int
+    out_features: int
+    active: int
+    rank: int
+    present: int
+    num_features: int
+    dtype: torch.dtype = torch.bfloat16
+    adapter_dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def tokens(self) -> int:
+        return self.examples * self.seq_len
+
+    @property
+    def slots(self) -> int:
+        return self.active * self.rank
+
+
+@dataclass(frozen=True)
+class Launch:
+    name: str
+    flops: float
+    floor_bytes: float
+    tile_bytes: float
+
+    @property
+    def excess(self) -> float:
+        """Tile traffic over the floor (1.0: every byte moved once)."""
+        return self.tile_bytes / self.floor_bytes
+
+
+def _shrink(name, b: Batch, rows: int, cols: int, sms: int) -> list[Launch]:
+    """``H (T, R) = X (T, cols) M_S^T``, M with ``rows`` used rows (x: cols = in; dy: cols = out)."""
+    T, R, ex, ea = b.tokens, b.slots, b.dtype.itemsize, b.adapter_dtype.itemsize
+    cfg = shrink.config(T, cols, R, torch.device("cuda"), b.adapter_dtype, sms=sms)
+    tiles_t, tiles_r = cdiv(T, cfg["BLOCK_T"]), cdiv(R, cfg["BLOCK_R"])
+    splits = cfg["splits"]
+    out = [Launch(f"{name} (shrink)", 2.0 * T * cols * R,
+                  T * cols * ex + rows * cols * ea + splits * T * R * 4,
+                  T * cols * ex * tiles_r + tiles_t * R * cols * ea + splits * T * R * 4)]
+    if splits > 1:  # the fixed-order sum of the K-split partials (one torch op)
+        out.append(Launch(f"{name} (split sum)", splits * T * R, (splits + 1) * T * R * 4, (splits + 1) * T * R * 4))
+    return out
+
+
+def _expand(name, b: Batch, rows: int, cols: int) -> Launch:
+    """``Y (T, cols) += H M_S`` in place (mode 1), M with ``rows`` used rows."""
+    T, R, ey, ea = b.tokens, b.slots, b.dtype.itemsize, b.adapter_dtype.itemsize
+    cfg = expand.config(T, cols, 0, R, torch.device("cuda"))
+    tiles_t, tiles_n = cdiv(T, cfg["BLOCK_T"]), cdiv(cols, cfg["BLOCK_N"])
+    return Launch(f"{name} (expand)", 2.0 * T * cols * R,
+                  T * R * 4 + rows * cols * ea + 2 * T * cols * ey,
+                  T * R * 4 * tiles_n + tiles_t * R * cols * ea + 2 * T * cols * ey)
+
+
+def _weight_grad(name, b: Batch, cols: int, sms: int) -> list[Launch]:
+    """``G (total_rank, cols)``: per feature, its tokens' ``L^T R`` (L the fp32 (T, R) h or g,
+    R the (T, cols) dy or x); absent features get zero rows."""
+    T, R, er, ea = b.tokens, b.slots, b.dtype.itemsize, b.adapter_dtype.itemsize
+    cfg = weight_grad.config(b.rank, torch.device("cuda"), sms=sms)
+    tiles_n = cdiv(cols, cfg["BLOCK_N"])
+    floor = T * R * 4 + T * cols * er + b.num_features * b.rank * cols * ea
+    flops = 2.0 * T * R * cols
+    # Every present feature walks the tokens of the examples that use it: each token row of R is
+    # read once per active feature of its example, and each L column block once per n-tile.
+    reads = T * b.active * cols * er + T * R * 4 * tiles_n
+    if weight_grad.owner_path(T, b.present, tiles_n, cfg):
+        return [Launch(f"{name} (owner)", flops, floor, reads + b.num_features * b.rank * cols * ea)]
+    pairs = b.examples * b.active
+    chunks = max(1, min(cdiv(cfg["target_programs"], pairs * tiles_n), cdiv(b.seq_len, cfg["BLOCK_T"])))
+    chunks = min(chunks, weight_grad.WORKSPACE_BYTES // (pairs * cfg["BLOCK_RK"] * cols * 4))
+    ws = pairs * chunks * b.rank * cols * 4
+    return [Launch(f"{name} (split partials)", flops, floor - b.num_features * b.rank * cols * ea + ws, reads + ws),
+            Launch(f"{name} (split reduce)", pairs * chunks * b.rank * cols, ws + b.num_features * b.rank * cols * ea,
+                   ws + b.num_features * b.rank * cols * ea)]
+
+
+def layer(b: Batch, sms: int = 132) -> dict[str, list[Launch]]:
+    """The FLix launches of one layer's forward and backward (the base GEMMs, cuBLAS, excluded)."""
+    used = min(b.present * b.rank, b.num_features * b.rank)  # rows of A / columns of B the batch reads
+    K, N = b.in_features, b.out_features
+    forward = _shrink("h = x A_S^T", b, used, K, sms) + [_expand("y += h B_S^T", b, used, N)]
+    backward = (_shrink("g = dy B_S", b, used, N, sms) + [_expand("dx += g A_S", b, used, K)]
+                + _weight_grad("dB", b, N, sms) + _weight_grad("dA", b, K, sms))
+    return {"forward": forward, "backward": backward}

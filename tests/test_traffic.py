@@ -1,0 +1,97 @@
+"""The paper traffic model of the Triton launches (flix_kernels/triton/traffic.py): it follows
+the launchers (same launches, same weight-gradient path), its floors are the bytes each launch
+must touch, and each launch's re-reads stay where the design puts them today, so a change that
+re-reads x or dy more fails here, on a CPU, before any GPU time is spent."""
+
+import pytest
+import torch
+
+import flix_kernels as fk
+from conftest import DEVICE
+from flix_kernels import _launch
+from flix_kernels.backends import triton_backend
+
+pytestmark = pytest.mark.skipif(triton_backend.launch is None, reason="triton is not importable")
+
+MiB = 2**20
+# The suite's headline layer: 8 x 1024 tokens, 4096 -> 4096, bf16, two features of rank 16 per
+# example out of 64, 16 of them in the batch.
+HEADLINE = dict(examples=8, seq_len=1024, in_features=4096, out_features=4096, active=2, rank=16, present=16,
+                num_features=64)
+# Tile traffic over the floor of each launch at the headline shape, as designed today (a
+# change that re-reads more fails; one that reads less should lower its entry):
+EXCESS = {
+    "h = x A_S^T (shrink)": 1.44,  # A_S re-read per 64-token tile (L2 serves it on a GPU)
+    "y += h B_S^T (expand)": 1.72,  # h re-read per 64-column tile, B_S per token tile
+    "g = dy B_S (shrink)": 1.44,
+    "dx += g A_S (expand)": 1.72,
+    "dB (owner)": 2.75,  # dy read once per active feature, h once per column tile
+    "dA (owner)": 2.75,  # x read once per active feature
+}
+
+
+def _traffic():
+    from flix_kernels.triton import traffic
+
+    return traffic
+
+
+def test_floors_are_the_bytes_each_launch_must_touch():
+    tr = _traffic()
+    b = tr.Batch(**HEADLINE)
+    T, K, N, R, rows = 8192, 4096, 4096, 32, 16 * 16
+    launches = {launch.name: launch for phase in tr.layer(b).values() for launch in phase}
+    shrink = launches["h = x A_S^T (shrink)"]
+    splits = (shrink.floor_bytes - T * K * 2 - rows * K * 2) / (T * R * 4)
+    assert splits == int(splits) >= 1  # x once, the used rows of A once, the fp32 partials
+    assert launches["y += h B_S^T (expand)"].floor_bytes == T * R * 4 + rows * N * 2 + 2 * T * N * 2
+    assert launches["dB (owner)"].floor_bytes == T * R * 4 + T * N * 2 + 64 * 16 * N * 2  # every row of dB written
+    assert launches["dA (owner)"].flops == 2.0 * T * R * K
+    backward = sum(launch.floor_bytes for launch in tr.layer(b)["backward"])
+    assert 250 * MiB < backward < 400 * MiB  # dy twice, dx read and written, x once, adapters: ~80 us at 4.2 TB/s
+
+
+def test_no_launch_reads_more_than_designed():
+    tr = _traffic()
+    excess = {launch.name: launch.excess for phase in tr.layer(tr.Batch(**HEADLINE)).values() for launch in phase}
+    for name, bound in EXCESS.items():
+        assert excess[name] <= bound, f"{name}: tile traffic {excess[name]:.2f}x its floor (designed: {bound}x)"
+        assert excess[name] > bound - 0.05, f"{name}: {excess[name]:.2f}x, below {bound}x: lower its EXCESS entry"
+    assert all(v >= 1.0 for v in excess.values())
+
+
+def test_re_reads_scale_as_the_design_says():
+    tr = _traffic()
+    one, four = (tr.layer(tr.Batch(**{**HEADLINE, "active": a})) for a in (1, 4))
+    dB1, dB4 = (next(launch for launch in p["backward"] if launch.name.startswith("dB")) for p in (one, four))
+    dy = 8192 * 4096 * 2
+    assert dB4.tile_bytes - dB1.tile_bytes >= 3 * dy  # dy read once per active feature of its example
+
+
+@pytest.mark.parametrize("seq_len,present", [(64, 4), (512, 8)])
+def test_the_model_follows_the_launchers(seq_len, present):
+    """Same launches, kernel by kernel, as the Triton backend's forward+backward of that batch
+    on this device (launches recorded and skipped, so the shapes can be real)."""
+    tr = _traffic()
+    B, rank, K, N = 4, 16, 256, 192
+    space = fk.FeatureSpace({"lang": [f"l{i}" for i in range(present // 2)],
+                             "task": [f"t{i}" for i in range(present - present // 2)]}, rank)
+    ids = torch.tensor([[i % (present // 2), present // 2 + i % (present - present // 2)] for i in range(B)])
+    routing = fk.Routing(ids, space).to(DEVICE)
+    x = torch.randn(B, seq_len, K, device=DEVICE, requires_grad=True)
+    W = torch.randn(N, K, device=DEVICE)
+    A = torch.randn(space.total_rank, K, device=DEVICE, requires_grad=True)
+    Bm = torch.randn(N, space.total_rank, device=DEVICE, requires_grad=True)
+    with _launch.recording(run=False) as rec:
+        y = fk.flix_linear(x, W, None, A, Bm, routing, scaling=0.5, backend="triton")
+        torch.autograd.grad(y, [x, A, Bm], torch.ones_like(y))
+    got = {k: n for (_, k), n in rec.counts.items()}
+    batch = tr.Batch(B, seq_len, K, N, active=2, rank=rank, present=len(set(ids.flatten().tolist())),
+                     num_features=space.num_features, dtype=torch.float32, adapter_dtype=torch.float32)
+    model = [launch.name for phase in tr.layer(batch, sms=_launch.num_sms(torch.device(DEVICE))).values()
+             for launch in phase]
+    want = {"shrink_kernel": sum("(shrink)" in n for n in model), "expand_kernel": sum("(expand)" in n for n in model),
+            "rank_grad_kernel": sum("(owner)" in n for n in model),
+            "rank_outer_kernel": sum("(split partials)" in n for n in model),
+            "rank_reduce_kernel": sum("(split reduce)" in n for n in model)}
+    assert got == {k: v for k, v in want.items() if v}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a lent GPU machine (see the device tool), one step per call so each fits the tool's
-# 10-minute limit:  bash benchmarks/gpu_run.sh install|test|sanitize|bench|overhead|ofa|all
+# 10-minute limit:  bash benchmarks/gpu_run.sh install|test|sanitize|bench|overhead|kernels|ofa|all
 # install builds the CUDA extension there (FLIX_CUDA=1: a failed build is an error; FLIX_CUDA=0
 # skips it, e.g. for the ofa step, which does not use it).
 # Full logs go to $OUT (default /tmp/flix_out); copy $OUT/suite/* into
@@ -43,6 +43,15 @@ overhead() {  # the host path: bench --overhead, eager decode, then the 110M tra
   python -m flix_kernels bench --no-progress --shapes decode --rep-ms 100 --out "$OUT/decode" 2>&1 \
     | tee "$OUT/decode.log" | tail -30
 }
+kernels() {  # the Triton kernels (issue 18): their tests on CUDA (bf16 included), then headline + sweep timings
+  python -m pytest -q -p no:cacheprovider -rs tests/test_kernel_backends.py tests/test_triton_backend.py \
+    tests/test_traffic.py tests/test_triton_compile.py tests/test_isolation.py 2>&1 \
+    | tee "$OUT/pytest_kernels.log" | tail -15
+  local rc=${PIPESTATUS[0]}
+  python -m flix_kernels bench --no-progress --shapes headline sweep --backends triton torch --rep-ms 100 \
+    --out "$OUT/kernels" 2>&1 | tee "$OUT/bench_kernels.log" | tail -40
+  return $(( rc || PIPESTATUS[0] ))
+}
 ofa() {  # OFA: its tests on CUDA (bf16, CUDA graphs, torch.compile), then benchmarks/bench_ofa.py
   python -m pytest -q -p no:cacheprovider -rs tests/test_ofa_kernel.py tests/test_ofa.py 2>&1 | tee "$OUT/pytest_ofa.log" | tail -15
   local rc=${PIPESTATUS[0]}
@@ -56,6 +65,7 @@ case "$step" in
   sanitize) install && sanitize || status=1 ;;
   bench) install && bench || status=1 ;;
   overhead) install && overhead || status=1 ;;
+  kernels) FLIX_CUDA=${FLIX_CUDA:-0} install && kernels || status=1 ;;
   ofa) install && ofa || status=1 ;;
   all) install && { run_tests || status=1; sanitize || status=1; bench || status=1; } ;;
   *) echo "usage: $0 install|test|sanitize|bench|overhead|ofa|all"; exit 2 ;;

@@ -15,14 +15,15 @@ SMALL_PATHS = {
     "triton": {
         "shrink": dict(BLOCK_T=16, BLOCK_R=16, BLOCK_K=16, splits=3),
         "expand": dict(BLOCK_T=16, BLOCK_N=16, BLOCK_R=16, BLOCK_K=16),
-        "rank_outer": dict(BLOCK_T=16, BLOCK_N=16, target_programs=10**6, force_split=True),
+        "rank_outer": dict(BLOCK_T=16, BLOCK_N=16, BLOCK_S_MAX=16, target_programs=10**6, force_split=True),
     },
     "cuda": {"tile": 0, "splits": 3, "grad_path": "split", "chunk": 16},
 }
 # Each weight-gradient path, forced.
 GRAD_PATHS = {
-    "triton": {"owner": {"rank_outer": dict(BLOCK_T=16, BLOCK_N=16, target_programs=1)},
-               "split": {"rank_outer": dict(BLOCK_T=16, BLOCK_N=16, target_programs=10**6, force_split=True)}},
+    "triton": {"owner": {"rank_outer": dict(BLOCK_T=16, BLOCK_N=16, force_owner=True)},
+               "split": {"rank_outer": dict(BLOCK_T=16, BLOCK_N=16, BLOCK_S_MAX=16, target_programs=10**6,
+                                            force_split=True)}},
     "cuda": {"owner": {"grad_path": "owner"}, "split": {"grad_path": "split", "chunk": 16}},
 }
 

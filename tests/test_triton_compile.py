@@ -126,9 +126,9 @@ def compile_weight_gradient_kernels(arch, packed, tl):
                 _compile(_kernels().rank_grad_kernel, dict(common, BLOCK_RK=32), arch))
         _report(f"rank_grad_pair sm_{arch} packed={packed} dropout={dropout}",
                 _compile(_kernels().rank_grad_pair_kernel, dict(common, BLOCK_RK=32), arch))
-        for rk in (16, 128):
-            _report(f"rank_outer rk={rk} sm_{arch} packed={packed} dropout={dropout}",
-                    _compile(_kernels().rank_outer_kernel, dict(common, BLOCK_RK=rk), arch))
+        for slots in (16, 128):
+            _report(f"example_outer slots={slots} sm_{arch} packed={packed} dropout={dropout}",
+                    _compile(_kernels().example_outer_kernel, dict(common, BLOCK_S=slots), arch))
     _report(f"rank_reduce sm_{arch} packed={packed}",
             _compile(_kernels().rank_reduce_kernel, dict(IS_PACKED=packed, BLOCK_RK=32, BLOCK_N=64), arch))
 
@@ -174,14 +174,14 @@ def sass_variants(tl):
                 MODE=mode, HAS_BIAS=mode == 2, IS_PACKED=False, SEARCH_STEPS=4, HAS_DROPOUT=True,
                 COMPUTE_DTYPE=tl.bfloat16, BASE_DTYPE=tl.bfloat16, PRECISION="ieee", BASE_PRECISION="ieee",
                 **{k: cfg[k] for k in ("BLOCK_T", "BLOCK_N", "BLOCK_R", "BLOCK_K")}), cfg["num_warps"]))
-    for R in SASS_SLOTS + (128,):  # the split weight gradient's tile covers the largest pair rank
+    for R in SASS_SLOTS + (128,):  # the split weight gradient's tile covers an example's slots
         cfg = weight_grad.config(R, gpu, sms=132)
         common = dict(IS_PACKED=False, HAS_DROPOUT=True, COMPUTE_DTYPE=tl.bfloat16, PRECISION="ieee",
                       BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"])
         if R <= 64:  # the owner tiles cap their rows at 64
             out.append((f"rank_grad_pair R={R}", weight_grad.rank_grad_pair_kernel,
                         dict(common, BLOCK_RK=min(cfg["BLOCK_RK"], 64)), cfg["num_warps"]))
-        out.append((f"rank_outer R={R}", weight_grad.rank_outer_kernel, dict(common, BLOCK_RK=cfg["BLOCK_RK"]),
+        out.append((f"example_outer R={R}", weight_grad.example_outer_kernel, dict(common, BLOCK_S=min(cfg["BLOCK_RK"], cfg["BLOCK_S_MAX"])),
                     cfg["num_warps"]))
     return out
 

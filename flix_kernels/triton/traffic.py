@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._launch import cdiv
+from .._launch import cdiv, next_pow2
 from . import expand, shrink, weight_grad
 
 
@@ -48,10 +48,15 @@ class Batch:
 
 @dataclass(frozen=True)
 class Launch:
+    """One launch: ``name`` (what it computes, and the kernel path in parentheses), its FLOPs, its
+    floor and tile traffic in bytes, and of the latter, ``streamed_reads``: the bytes of the
+    (T, in|out) activation it streams (x, dy; or y, dx), the operand a re-read costs most."""
+
     name: str
     flops: float
     floor_bytes: float
     tile_bytes: float
+    streamed_reads: float = 0.0
 
     @property
     def excess(self) -> float:
@@ -67,7 +72,7 @@ def _shrink(name, b: Batch, rows: int, cols: int, sms: int) -> list[Launch]:
     splits = cfg["splits"]
     out = [Launch(f"{name} (shrink)", 2.0 * T * cols * R,
                   T * cols * ex + rows * cols * ea + splits * T * R * 4,
-                  T * cols * ex * tiles_r + tiles_t * R * cols * ea + splits * T * R * 4)]
+                  T * cols * ex * tiles_r + tiles_t * R * cols * ea + splits * T * R * 4, T * cols * ex * tiles_r)]
     if splits > 1:  # the fixed-order sum of the K-split partials (one torch op)
         out.append(Launch(f"{name} (split sum)", splits * T * R, (splits + 1) * T * R * 4, (splits + 1) * T * R * 4))
     return out
@@ -80,29 +85,38 @@ def _expand(name, b: Batch, rows: int, cols: int) -> Launch:
     tiles_t, tiles_n = cdiv(T, cfg["BLOCK_T"]), cdiv(cols, cfg["BLOCK_N"])
     return Launch(f"{name} (expand)", 2.0 * T * cols * R,
                   T * R * 4 + rows * cols * ea + 2 * T * cols * ey,
-                  T * R * 4 * tiles_n + tiles_t * R * cols * ea + 2 * T * cols * ey)
+                  T * R * 4 * tiles_n + tiles_t * R * cols * ea + 2 * T * cols * ey, T * cols * ey)
 
 
 def _weight_grad(name, b: Batch, cols: int, sms: int) -> list[Launch]:
     """``G (total_rank, cols)``: per feature, its tokens' ``L^T R`` (L the fp32 (T, R) h or g,
     R the (T, cols) dy or x); absent features get zero rows."""
     T, R, er, ea = b.tokens, b.slots, b.dtype.itemsize, b.adapter_dtype.itemsize
-    cfg = weight_grad.config(b.rank, torch.device("cuda"), sms=sms)
+    cfg = weight_grad.config(R, torch.device("cuda"), sms=sms)
     tiles_n = cdiv(cols, cfg["BLOCK_N"])
-    floor = T * R * 4 + T * cols * er + b.num_features * b.rank * cols * ea
+    grad = b.num_features * b.rank * cols * ea  # every row written, zeros for absent features
+    floor = T * R * 4 + T * cols * er + grad
     flops = 2.0 * T * R * cols
-    # Every present feature walks the tokens of the examples that use it: each token row of R is
-    # read once per active feature of its example, and each L column block once per n-tile.
-    reads = T * b.active * cols * er + T * R * 4 * tiles_n
-    if weight_grad.owner_path(T, b.present, tiles_n, cfg):
-        return [Launch(f"{name} (owner)", flops, floor, reads + b.num_features * b.rank * cols * ea)]
     pairs = b.examples * b.active
-    chunks = max(1, min(cdiv(cfg["target_programs"], pairs * tiles_n), cdiv(b.seq_len, cfg["BLOCK_T"])))
-    chunks = min(chunks, weight_grad.WORKSPACE_BYTES // (pairs * cfg["BLOCK_RK"] * cols * 4))
-    ws = pairs * chunks * b.rank * cols * 4
-    return [Launch(f"{name} (split partials)", flops, floor - b.num_features * b.rank * cols * ea + ws, reads + ws),
-            Launch(f"{name} (split reduce)", pairs * chunks * b.rank * cols, ws + b.num_features * b.rank * cols * ea,
-                   ws + b.num_features * b.rank * cols * ea)]
+    block_s = min(pow2(R), cfg["BLOCK_S_MAX"])
+    slot_blocks = cdiv(R, block_s)
+    chunks = weight_grad.split_chunks(b.examples, tiles_n, b.seq_len, slot_blocks * block_s, cols, cfg)
+    if weight_grad.owner_path(T, b.examples, pairs, b.present, tiles_n, cfg) or chunks < 1:
+        # Every present feature walks the tokens of the examples that use it: each row of R is
+        # read once per active feature of its example, each L column block once per n-tile.
+        streamed = T * b.active * cols * er
+        return [Launch(f"{name} (owner)", flops, floor, streamed + T * R * 4 * tiles_n + grad, streamed)]
+    chunk = cdiv(cdiv(b.seq_len, chunks), cfg["BLOCK_T"]) * cfg["BLOCK_T"]
+    chunks = cdiv(b.seq_len, chunk)
+    ws = b.examples * chunks * R * cols * 4  # the stored rows (an example's slots) of every chunk
+    streamed = T * cols * er * slot_blocks  # once per block of up to BLOCK_S_MAX slots
+    return [Launch(f"{name} (split partials)", flops, T * R * 4 + T * cols * er + ws,
+                   streamed + T * R * 4 * tiles_n + ws, streamed),
+            Launch(f"{name} (split reduce)", pairs * chunks * b.rank * cols, ws + grad, ws + grad)]
+
+
+def pow2(n: int) -> int:
+    return next_pow2(n, 16)
 
 
 def layer(b: Batch, sms: int = 132) -> dict[str, list[Launch]]:

@@ -4,11 +4,12 @@ atomics (``csrc/weight_grad.cu`` is the CUDA counterpart).
 
 * :func:`rank_grad_kernel` (and :func:`rank_grad_pair_kernel`, dA and dB in one launch): one
   program per (feature, n-tile) owns its tile and walks the feature's tokens;
-* :func:`rank_outer_kernel` + :func:`rank_reduce_kernel`: segment-owned reductions. A *pair* is
-  (feature k, example e having k); program (pair, chunk, n-tile) sums ``L[t, slot_k + j] * R[t, n]``
-  over one chunk of e's tokens into its own workspace tile, then program (feature, n-tile) adds
-  its pairs' tiles in a fixed order and writes the gradient rows of k (zeros for features not in
-  the batch). Results are bit-identical run to run.
+* :func:`example_outer_kernel` + :func:`rank_reduce_kernel`: segment-owned reductions. Program
+  (example e, chunk, n-tile) sums ``L[t, j] * R[t, n]`` over one chunk of e's tokens for every
+  slot j of e into its own workspace tile (one read of e's rows of R, however many features e
+  uses); then program (feature k, n-tile) adds, in a fixed order, the rows of k's *pairs*
+  (k, an example e having k) at k's slots in e, and writes the gradient rows of k (zeros for
+  features not in the batch). Results are bit-identical run to run.
 """
 
 from __future__ import annotations
@@ -118,47 +119,49 @@ def rank_grad_pair_kernel(
 
 
 @triton.jit
-def rank_outer_kernel(
-    L, R, WS, pair_example, pair_slot, pair_feature, feature_rank, cu_ptr, seed_ptr,
-    N, seq_len, chunk, num_chunks, p_drop,
+def example_outer_kernel(
+    L, R, WS, cu_ptr, seed_ptr,
+    N, seq_len, chunk, num_chunks, R_slots, ws_rows, tiles_n, p_drop,
     stride_lt, stride_rt, stride_rn,
     IS_PACKED: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_RK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Split version, first pass: WS[p, c, j, n] = the sum over chunk c of pair p's tokens.
-
-    BLOCK_RK covers the largest rank of the batch's features (the workspace row count)."""
-    p = tl.program_id(0)
+    """Split path, first pass: ``WS[e, c, j, n]`` = the sum over chunk c of example e's tokens of
+    ``L[t, j] * drop(R)[t, n]``, for all of e's rank slots j at once, so each row of R (dy or x)
+    is read once per block of BLOCK_S slots (one block up to 128 slots), whatever the number of
+    features its example uses. Grid axis 2 is (slot block, n-tile); ``ws_rows`` >= R_slots is the
+    workspace row count per (example, chunk)."""
+    e = tl.program_id(0)
     c = tl.program_id(1)
-    pid_n = tl.program_id(2)
-    rank = tl.load(feature_rank + tl.load(pair_feature + p))
-    start, end = _token_range(tl.load(pair_example + p), cu_ptr, seq_len, IS_PACKED)
+    pid_s = tl.program_id(2) // tiles_n
+    pid_n = tl.program_id(2) % tiles_n
+    start, end = _token_range(e, cu_ptr, seq_len, IS_PACKED)
     t_begin = start + c * chunk
     t_end = tl.minimum(t_begin + chunk, end)
-    offs_j = tl.arange(0, BLOCK_RK)
+    offs_j = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    j_in = offs_j < rank
+    j_in = offs_j < R_slots
     n_in = offs_n < N
     if t_begin < t_end:
         seed = 0
         if HAS_DROPOUT:
             seed = tl.load(seed_ptr)
-        acc = tl.zeros((BLOCK_N, BLOCK_RK), dtype=tl.float32)  # transposed: see _outer_over_tokens
-        acc = _outer_over_tokens(acc, L, R, seed, tl.load(pair_slot + p), offs_j, j_in, offs_n, n_in, t_begin,
-                                 t_end, N, p_drop, stride_lt, stride_rt, stride_rn, HAS_DROPOUT, COMPUTE_DTYPE,
-                                 PRECISION, BLOCK_T)
-        tile = ((p.to(tl.int64) * num_chunks + c) * BLOCK_RK + offs_j[None, :]) * N + offs_n[:, None]
+        acc = tl.zeros((BLOCK_N, BLOCK_S), dtype=tl.float32)  # transposed: see _outer_over_tokens
+        acc = _outer_over_tokens(acc, L, R, seed, 0, offs_j, j_in, offs_n, n_in, t_begin, t_end, N, p_drop,
+                                 stride_lt, stride_rt, stride_rn, HAS_DROPOUT, COMPUTE_DTYPE, PRECISION, BLOCK_T)
+        tile = ((e.to(tl.int64) * num_chunks + c) * ws_rows + offs_j[None, :]) * N + offs_n[:, None]
         tl.store(WS + tile, acc, mask=n_in[:, None] & j_in[None, :])
 
 
 @triton.jit
 def rank_reduce_kernel(
-    WS, G, feature_pair_start, pair_example, rank_offsets, cu_ptr,
+    WS, G, feature_pair_start, pair_example, pair_slot, rank_offsets, cu_ptr,
     N, seq_len, chunk, num_chunks, ws_rows, stride_gr, stride_gn,
     IS_PACKED: tl.constexpr, BLOCK_RK: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Split version, second pass: G[rank_offsets[k] + j, n] = the sum of feature k's workspace
-    tiles, pairs then chunks, in a fixed order."""
+    """Split path, second pass: G[rank_offsets[k] + j, n] = the sum of feature k's workspace
+    rows (each pair's example, at the feature's slots there), pairs then chunks, in a fixed
+    order; features absent from the batch get zero rows."""
     k = tl.program_id(0)
     pid_n = tl.program_id(1)
     r0 = tl.load(rank_offsets + k)
@@ -173,28 +176,45 @@ def rank_reduce_kernel(
     acc = tl.zeros((BLOCK_RK, BLOCK_N), dtype=tl.float32)
     for p in range(p_begin, p_end):
         e = tl.load(pair_example + p)
+        slot = tl.load(pair_slot + p)
         start, end = _token_range(e, cu_ptr, seq_len, IS_PACKED)
         n_c = (end - start + chunk - 1) // chunk
         for c in range(0, n_c):
-            tile = ((tl.cast(p, tl.int64) * num_chunks + c) * ws_rows + offs_j[:, None]) * N
+            tile = ((tl.cast(e, tl.int64) * num_chunks + c) * ws_rows + slot + offs_j[:, None]) * N
             acc += tl.load(WS + tile + offs_n[None, :], mask=j_in[:, None] & n_in[None, :], other=0.0)
     g_ptrs = G + (r0 + offs_j).to(tl.int64)[:, None] * stride_gr + offs_n.to(tl.int64)[None, :] * stride_gn
     tl.store(g_ptrs, acc.to(G.dtype.element_ty), mask=j_in[:, None] & n_in[None, :])
 
 
-def owner_path(T: int, present_features: int, tiles_n: int, cfg: dict) -> bool:
-    """Whether :func:`weight_grad` takes the owner path (one program per present feature and
-    n-tile fills the device, or a decode-sized batch) rather than the split reduction."""
-    return T <= DECODE_TOKENS or present_features * tiles_n >= cfg["target_programs"]
+def owner_path(T: int, examples: int, pairs: int, present_features: int, tiles_n: int, cfg: dict) -> bool:
+    """Whether :func:`weight_grad` takes the owner path rather than the split one: at decode
+    sizes (each owner walks a few tokens; a second launch and a workspace would cost more), or
+    when no example uses more than one feature (the owners then read each row of R once too)
+    and one program per present feature and n-tile fills the device. ``OVERRIDES["rank_outer"]``
+    may force either path (``force_owner`` / ``force_split``)."""
+    if cfg.get("force_split"):
+        return False
+    if cfg.get("force_owner") or T <= DECODE_TOKENS:
+        return True
+    return pairs <= examples and present_features * tiles_n >= cfg["target_programs"]
+
+
+def split_chunks(examples: int, tiles_n: int, max_len: int, ws_rows: int, N: int, cfg: dict) -> int:
+    """Token chunks per example of the split path: enough (example, chunk, n-tile) programs for
+    the device, at least BLOCK_T tokens per chunk, within the workspace budget (0: over budget)."""
+    chunks = max(1, min(cdiv(cfg["target_programs"], max(examples * tiles_n, 1)), cdiv(max_len, cfg["BLOCK_T"])))
+    return min(chunks, WORKSPACE_BYTES // max(examples * ws_rows * N * 4, 1))
 
 
 def config(R: int, device: torch.device, *, sms: int | None = None) -> dict:
-    """Untuned launch configuration for a pair rank ``R`` (see :mod:`.tuning`); ``sms`` as in
-    :func:`.shrink.config`."""
+    """Untuned launch configuration for ``R`` rank slots per example (see :mod:`.tuning`);
+    ``sms`` as in :func:`.shrink.config`."""
     rk = pow2(R)
     # The tile is (n, rank) (see _outer_over_tokens): BLOCK_N = 64 rows for warpgroup MMA; 8 warps
     # keep the dropout variants at 64 rank rows free of register spills on sm_90.
-    cfg = dict(BLOCK_RK=rk, BLOCK_T=64, BLOCK_N=64, num_warps=8, target_programs=4 * (num_sms(device) if sms is None else sms))
+    sms = num_sms(device) if sms is None else sms
+    # BLOCK_S_MAX: the split path's slot block (an example's slots beyond it take more blocks).
+    cfg = dict(BLOCK_RK=rk, BLOCK_S_MAX=128, BLOCK_T=64, BLOCK_N=64, num_warps=8, target_programs=4 * sms)
     return finish("rank_outer", cfg, device)
 
 
@@ -207,11 +227,13 @@ def weight_grad(Lmat, Rmat, G, stride_gr, stride_gn, meta, seq_len, max_len, com
                 p_drop=0.0) -> torch.Tensor:
     """Rows of ``G`` per feature k: ``G[k's rows, n] = sum over k's tokens t of L[t, slot] drop(R)[t, n]``.
 
-    Segment-owned and deterministic (no atomics). When the (feature, n-tile) programs fill the
-    device, each owns its tile and walks the feature's tokens; otherwise common features are
-    split: one program per (pair, token chunk, n-tile) writes its own fp32 tile, then one per
-    (feature, n-tile) adds them in a fixed order. Features absent from the batch get zero rows."""
+    Segment-owned and deterministic (no atomics). Owner path (see :func:`owner_path`): one
+    program per (feature, n-tile) owns its tile and walks the feature's tokens. Split path: one
+    program per (example, token chunk, n-tile) computes every slot of its example from one read
+    of its rows of R into its own fp32 tile, then one per (feature, n-tile) adds its pairs'
+    rows in a fixed order. Features absent from the batch get zero rows."""
     T, N = Rmat.shape
+    B, S = meta.slot_rank.shape
     P = meta.pair_example.numel()
     F = meta.feature_rank.numel()
     rk = max(meta.max_pair_rank, 1)
@@ -219,22 +241,15 @@ def weight_grad(Lmat, Rmat, G, stride_gr, stride_gn, meta, seq_len, max_len, com
     max_len = max(int(max_len), 1)
 
     def run(cfg, G=G):
-        BRK, BN, BT = cfg["BLOCK_RK"], cfg["BLOCK_N"], cfg["BLOCK_T"]
+        BN, BT = cfg["BLOCK_N"], cfg["BLOCK_T"]
+        BS = min(pow2(S), cfg["BLOCK_S_MAX"])
+        ws_rows = cdiv(S, BS) * BS
         tiles_n = cdiv(N, BN)
         common = dict(IS_PACKED=cu is not None, HAS_DROPOUT=seed is not None, COMPUTE_DTYPE=tl_dtype(compute_dtype),
                       PRECISION=precision(compute_dtype), BLOCK_T=BT, BLOCK_N=BN, **launch_opts(cfg))
-        # Owner path when one program per (present feature, n-tile) fills the device, or when
-        # the batch has at most DECODE_TOKENS tokens (each owner walks a few tokens; a second
-        # launch and a workspace would cost more than the parallelism gains); else split: one
-        # program per (pair, token chunk, n-tile), at least BLOCK_T tokens per chunk, within the
-        # workspace budget, then a fixed-order reduction.
-        owner = owner_path(T, meta.present_features.shape[0], tiles_n, cfg)
-        chunks = max(1, min(cdiv(cfg["target_programs"], max(P * tiles_n, 1)), cdiv(max_len, BT)))
-        chunks = min(chunks, WORKSPACE_BYTES // max(max(P, 1) * BRK * N * 4, 1))
-        if cfg.get("force_split"):
-            owner = False
-        if owner or chunks < 1 or P == 0 or T == 0:
-            brk = min(BRK, 64)
+        chunks = split_chunks(B, tiles_n, max_len, ws_rows, N, cfg)
+        if owner_path(T, B, P, meta.present_features.shape[0], tiles_n, cfg) or chunks < 1 or P == 0 or T == 0:
+            brk = min(pow2(rk), 64)
             launch_triton(rank_grad_kernel, (F, tiles_n, cdiv(meta.max_feature_rank, brk)),
                 Lmat, Rmat, G, meta.feature_pair_start, meta.pair_example, meta.pair_slot, meta.rank_offsets,
                 or_(cu, meta.pair_example), or_(seed, meta.pair_example),
@@ -244,23 +259,23 @@ def weight_grad(Lmat, Rmat, G, stride_gr, stride_gn, meta, seq_len, max_len, com
             return
         chunk = cdiv(cdiv(max_len, chunks), BT) * BT
         chunks = cdiv(max_len, chunk)
-        ws = torch.empty(P * chunks * BRK * N, device=Rmat.device, dtype=torch.float32)
-        launch_triton(rank_outer_kernel, (P, chunks, tiles_n),
-            Lmat, Rmat, ws, meta.pair_example, meta.pair_slot, meta.pair_feature, meta.feature_rank,
-            or_(cu, meta.pair_example), or_(seed, meta.pair_example),
-            N, seq_len, chunk, chunks, float(p_drop), Lmat.stride(0), Rmat.stride(0), Rmat.stride(1),
-            BLOCK_RK=BRK, **common,
+        ws = torch.empty(B * chunks * ws_rows * N, device=Rmat.device, dtype=torch.float32)
+        launch_triton(example_outer_kernel, (B, chunks, cdiv(S, BS) * tiles_n),
+            Lmat, Rmat, ws, or_(cu, meta.pair_example), or_(seed, meta.pair_example),
+            N, seq_len, chunk, chunks, S, ws_rows, tiles_n, float(p_drop), Lmat.stride(0), Rmat.stride(0),
+            Rmat.stride(1),
+            BLOCK_S=BS, **common,
         )
-        red_rk = min(BRK, 64)
+        red_rk = min(pow2(rk), 64)
         launch_triton(rank_reduce_kernel, (F, tiles_n, cdiv(meta.max_feature_rank, red_rk)),
-            ws, G, meta.feature_pair_start, meta.pair_example, meta.rank_offsets, or_(cu, meta.pair_example),
-            N, seq_len, chunk, chunks, BRK, stride_gr, stride_gn,
+            ws, G, meta.feature_pair_start, meta.pair_example, meta.pair_slot, meta.rank_offsets,
+            or_(cu, meta.pair_example), N, seq_len, chunk, chunks, ws_rows, stride_gr, stride_gn,
             IS_PACKED=cu is not None, BLOCK_RK=red_rk, BLOCK_N=BN,
         )
 
-    cfg = config(rk, Rmat.device)
+    cfg = config(S, Rmat.device)
     if autotuning():
-        key = (bucket(T), bucket(N), bucket(rk), bucket(P), Rmat.dtype, Lmat.dtype, seed is not None)
+        key = (bucket(T), bucket(N), bucket(S), bucket(P), Rmat.dtype, Lmat.dtype, seed is not None)
         cfg = tuned("rank_outer", cfg, candidates, key, lambda c: run(c, torch.empty_like(G)), Rmat.device)
     run(cfg)
     return G

@@ -47,11 +47,15 @@ def next_pow2(n: int, lo: int = 1, hi: int | None = None) -> int:
 
 class LaunchRecord:
     """Launches seen during a :func:`recording`: ``counts[(backend, kernel)]``; with
-    ``run=False`` none of them ran (their outputs hold whatever the allocator gave)."""
+    ``run=False`` none of them ran (their outputs hold whatever the allocator gave). With
+    ``keep=True`` also ``launches``: ``(backend, kernel, replay)`` in launch order, where
+    ``replay()`` launches that kernel again on the same arguments (the bench times each launch
+    on its own this way)."""
 
-    def __init__(self, run: bool):
-        self.run = run
+    def __init__(self, run: bool, keep: bool = False):
+        self.run, self.keep = run, keep
         self.counts: Counter = Counter()
+        self.launches: list[tuple[str, str, Callable[[], None]]] = []
 
     @property
     def total(self) -> int:
@@ -62,10 +66,11 @@ _RECORD: LaunchRecord | None = None
 
 
 @contextlib.contextmanager
-def recording(run: bool = False) -> Iterator[LaunchRecord]:
-    """Count every kernel launch of the FLix ops in this block; ``run=False`` skips them."""
+def recording(run: bool = False, keep: bool = False) -> Iterator[LaunchRecord]:
+    """Count every kernel launch of the FLix ops in this block; ``run=False`` skips them;
+    ``keep=True`` keeps a replay of each (see :class:`LaunchRecord`)."""
     global _RECORD
-    saved, _RECORD = _RECORD, LaunchRecord(run)
+    saved, _RECORD = _RECORD, LaunchRecord(run, keep)
     try:
         yield _RECORD
     finally:
@@ -77,6 +82,8 @@ def launch_triton(kernel, grid, *args, **kwargs) -> None:
     rec = _RECORD
     if rec is not None:
         rec.counts[("triton", kernel.__name__)] += 1
+        if rec.keep:
+            rec.launches.append(("triton", kernel.__name__, lambda: kernel[grid](*args, **kwargs)))
         if not rec.run:
             return
     kernel[grid](*args, **kwargs)
@@ -87,6 +94,8 @@ def call_extension(fn: Callable, **kwargs) -> None:
     rec = _RECORD
     if rec is not None:
         rec.counts[("cuda", fn.__name__)] += 1
+        if rec.keep:
+            rec.launches.append(("cuda", fn.__name__, lambda: fn(**kwargs)))
         if not rec.run:
             return
     fn(**kwargs)

@@ -103,3 +103,27 @@ def test_the_model_follows_the_launchers(seq_len, present):
             "example_outer_kernel": sum("(split partials)" in n for n in model),
             "rank_reduce_kernel": sum("(split reduce)" in n for n in model)}
     assert got == {k: v for k, v in want.items() if v}
+
+
+def test_the_per_launch_breakdown_checks_then_times_every_launch():
+    """bench's per-launch breakdown on a small batched case: the backend's own launches,
+    replayed and timed one by one, matched to the model; a wrong result raises first."""
+    from flix_kernels.bench import kernels, suite
+    from flix_kernels.bench.cases import Case, make_inputs, make_routing
+    from flix_kernels.bench.timing import Timer
+    from flix_kernels.bench.variants import Context
+
+    device = torch.device(DEVICE)
+    case = Case("headline", 256, 64, 96, 80, rank=8, features=8, active=2)
+    space = case.space()
+    routing = make_routing(case, space, torch.Generator().manual_seed(0), device)
+    s = make_inputs(case, space, torch.float32, device, torch.Generator(device).manual_seed(1), 1)[0]
+    want = suite.oracle("flix", Context(case, routing, device, {}), s)
+    peaks = {"matmul_tflops": 1.0, "copy_GBps": 10.0}
+    rows = kernels.rows(case, routing, s, want, 1e-4, torch.float32, device, peaks, Timer(device, 1.0))
+    assert [r["pass"] for r in rows].count("forward") == 2 and len(rows) >= 5
+    assert all(r["time_ms"] > 0 and r["floor_ms"] > 0 and r["x_floor"] > 0 for r in rows)
+    assert "| backward |" in "\n".join(kernels.markdown_lines({"backend": "triton", "case": case.label, "rows": rows}))
+    wrong = [want[0] * 1.01, *want[1:]]
+    with pytest.raises(AssertionError, match="relative error"):
+        kernels.rows(case, routing, s, wrong, 1e-4, torch.float32, device, peaks)

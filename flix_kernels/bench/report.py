@@ -357,6 +357,10 @@ def markdown(record: dict) -> str:
                 mem = "" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
                 lines.append(f"| {name} | {r['step_ms']:.1f} ms | {_e2e_spread(r)} | {r['tokens_per_s']:.0f} | {mem} | "
                              f"{r['trainable_params'] / 1e6:.2f}M |")
+    if record.get("kernels", {}).get("rows"):
+        from .kernels import markdown_lines as kernel_lines
+
+        lines += ["", *kernel_lines(record["kernels"])]
     if record.get("overhead", {}).get("rows"):
         from .overhead import markdown_lines
 

@@ -180,6 +180,8 @@ def run(cfg: Config, progress=None, checkpoint=None) -> dict:
             progress.say(f"{case.label}: repeating every timing")
         for v, prepared, row in timed:
             _repeat(v, ctx, prepared, inputs, row, timer, record)
+        if case.label == "headline" and cuda and "triton" in backends:
+            _breakdown(case, ctx, inputs[0], dtype, device, timer, record)
         del inputs, ctx, timed
         if cuda:
             torch.cuda.empty_cache()
@@ -208,6 +210,19 @@ def run(cfg: Config, progress=None, checkpoint=None) -> dict:
             progress.tick()
     record["host_load"]["end"] = load_average()
     return record
+
+
+def _breakdown(case: Case, ctx: Context, s: Inputs, dtype, device, timer: Timer, record: dict) -> None:
+    """``record["kernels"]``: the Triton backend's launches at this case, each timed alone."""
+    from .kernels import rows
+
+    try:
+        out = rows(case, ctx.routing, s, oracle("flix", ctx, s), TOLERANCE[dtype], dtype, device, record["peaks"],
+                   timer)
+    except Exception as e:  # a wrong result or a model that no longer matches the launches
+        record["failures"].append(f"per-launch breakdown: {type(e).__name__}: {e}")
+        return
+    record["kernels"] = {"backend": "triton", "case": case.label, "rows": out}
 
 
 def _unavailable(device) -> dict:

@@ -139,6 +139,18 @@ def _target(name, entry, ratio_key, invert=False) -> dict:
     return out
 
 
+def _auto_target(cls: str, measured: list[str], noisy: bool) -> dict:
+    """Whether :data:`flix_kernels.backends.AUTO_TABLE` tries this run's fastest backend first
+    among those measured (the table is what "auto" uses; the bench checks it against its own run)."""
+    from ..backends import AUTO_TABLE
+
+    table = [b for b in AUTO_TABLE[cls] if b in measured]
+    met = bool(table) and table[0] == measured[0]
+    verdict = "met" if met else INCONCLUSIVE if noisy else "not met"
+    return {"target": f"AUTO_TABLE[{cls!r}] first = the fastest measured", "met": verdict == "met", "verdict": verdict,
+            "measured": f"measured order {measured}, AUTO_TABLE order {table}"}
+
+
 def summarize(record: dict) -> dict:
     """Ratios per case (with their uncertainty and flags) and the targets: the measured figure,
     its verdict ("met", "not met", "inconclusive (noisy)") and ``met`` (true only when met)."""
@@ -188,6 +200,8 @@ def summarize(record: dict) -> dict:
             auto[cls] = [r["variant"].removeprefix("ours: ") for r in cands]
             auto_noisy[cls] = any(ratio_flag(b["median_ms"] / a["median_ms"], combined_spread(noise(a), noise(b)))
                                   for a, b in zip(cands, cands[1:]))
+            if cuda:  # "auto" is "torch" off a GPU by design
+                targets[f'"auto" picks the measured fastest ({cls})'] = _auto_target(cls, auto[cls], auto_noisy[cls])
     flagged = {NOISY: 0, BELOW_FLOOR: 0, "ratios": 0}
     for r in _timed(rows):
         for kind in ("x base", "x floor"):

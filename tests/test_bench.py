@@ -60,11 +60,21 @@ def test_a_wrong_variant_is_reported_and_not_timed(monkeypatch):
 
 
 @pytest.mark.skipif(pytest.importorskip("transformers") is None, reason="needs transformers")
-def test_e2e_step_runs_on_cpu():
+@pytest.mark.parametrize("size", ["110M", "slice"])
+def test_e2e_step_runs_on_cpu(size):
     from flix_kernels.bench.e2e import run_e2e
 
-    out = run_e2e(torch.device("cpu"), torch.float32, ["torch"], quick=True)
-    assert out["failures"] == [] and out["rows"]["ours: torch"]["tokens_per_s"] > 0
+    out = run_e2e(torch.device("cpu"), torch.float32, ["torch"], quick=True, size=size)
+    assert out["failures"] == [] and out["rows"]["ours: torch"]["tokens_per_s"] > 0 and out["size"] == size
+    assert "PEFT LoRA (r=active rank)" in out["rows"] and "torch loop" in out["rows"]
+
+
+def test_an_e2e_failure_is_a_failure_of_the_run(monkeypatch):
+    from flix_kernels.bench import e2e
+
+    monkeypatch.setattr(e2e, "run_e2e", lambda *a, **k: {"rows": {}, "failures": ["e2e ours: torch: wrong loss"]})
+    record = bench_suite.run(Config(device=torch.device("cpu"), cases=TINY[1:], rep_ms=1, backends=["torch"]))
+    assert "e2e ours: torch: wrong loss" in record["failures"]
 
 
 def test_every_timing_is_repeated_after_the_other_variants_of_its_case(monkeypatch):

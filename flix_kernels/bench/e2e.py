@@ -25,7 +25,15 @@ from .variants import loop_linear
 RANK, PER_GROUP = 16, 32
 
 
-def _configs(cuda: bool, quick: bool) -> dict:
+def _configs(cuda: bool, quick: bool, size: str = "110M") -> dict:
+    if size == "slice":  # GPU-bound: real Llama widths, few layers (on a CPU, a small stand-in)
+        if cuda:
+            model = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=1024)
+            return {"model": model, "batch": 8, "seq_len": 1024, "warmup": 2, "steps": 3 if quick else 6}
+        model = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=1, num_attention_heads=4,
+                     num_key_value_heads=4, vocab_size=512, max_position_embeddings=128)
+        return {"model": model, "batch": 2, "seq_len": 64, "warmup": 1, "steps": 2}
     if cuda:
         model = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                      num_key_value_heads=12, vocab_size=32000, max_position_embeddings=1024)
@@ -42,13 +50,16 @@ def _loop_forward(self, x, routing=None):
                        self.scaling)
 
 
-def run_e2e(device: torch.device, dtype, backends: list[str], *, quick: bool, timer=None) -> dict:
+def run_e2e(device: torch.device, dtype, backends: list[str], *, quick: bool, timer=None, size: str = "110M") -> dict:
+    """The training step of the ``size`` model ("110M": host-bound on a GPU; "slice": two
+    Llama-7B-wide layers, 8 x 1024 tokens, GPU-bound) per backend, against PEFT LoRA of the same
+    active rank and the per-feature loop, whose first loss every FLix variant must match."""
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError:
         return {"skipped": "transformers is not installed (pip install transformers)"}
     cuda = device.type == "cuda"
-    cfg = _configs(cuda, quick)
+    cfg = _configs(cuda, quick, size)
     torch.manual_seed(0)
     config = LlamaConfig(**cfg["model"], tie_word_embeddings=True)
     base = LlamaForCausalLM(config).to(device, dtype)
@@ -140,6 +151,7 @@ def run_e2e(device: torch.device, dtype, backends: list[str], *, quick: bool, ti
         if cuda:
             torch.cuda.empty_cache()
     return {"model": {**cfg["model"], "parameters": params, "tied_embeddings": True}, "batch": B, "seq_len": L,
+            "size": size,
             "dtype": str(dtype).replace("torch.", ""), "features": f"2 groups x {PER_GROUP}, rank {RANK}",
             "steps_timed": cfg["steps"], "rows": rows, "skipped": skipped, "failures": failures}
 

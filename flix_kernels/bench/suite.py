@@ -206,6 +206,11 @@ def run(cfg: Config, progress=None, checkpoint=None) -> dict:
         if progress:
             progress.say("end-to-end training step")
         record["e2e"] = run_e2e(device, dtype, backends, quick=cfg.quick, timer=timer)
+        if cuda and not cfg.quick:  # the GPU-bound step beside the host-bound one
+            if progress:
+                progress.say("end-to-end training step, GPU-bound (two Llama-7B-wide layers)")
+            record["e2e_gpu_bound"] = run_e2e(device, dtype, backends, quick=cfg.quick, timer=timer, size="slice")
+        record["failures"] += [f for k in ("e2e", "e2e_gpu_bound") for f in record.get(k, {}).get("failures", [])]
         if progress:
             progress.tick()
     record["host_load"]["end"] = load_average()

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["DECODE_TOKENS", "LaunchRecord", "call_extension", "cdiv", "launch_triton", "next_pow2", "num_sms",
+__all__ = ["DECODE_TOKENS", "Launch", "LaunchRecord", "call_extension", "cdiv", "launch_triton", "next_pow2", "num_sms",
            "recording"]
 
 # Token counts up to this are the decode shape class (launch plans and "auto" pick by it).
@@ -45,17 +46,38 @@ def next_pow2(n: int, lo: int = 1, hi: int | None = None) -> int:
     return v if hi is None else min(v, hi)
 
 
+@dataclass
+class Launch:
+    """One recorded launch: ``fn`` (the Triton kernel or the extension function), its grid
+    (Triton) and arguments; :meth:`replay` launches it again on the same arguments."""
+
+    backend: str
+    fn: object
+    grid: tuple | None
+    args: tuple
+    kwargs: dict
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+    def replay(self) -> None:
+        if self.grid is None:
+            self.fn(*self.args, **self.kwargs)
+        else:
+            self.fn[self.grid](*self.args, **self.kwargs)
+
+
 class LaunchRecord:
     """Launches seen during a :func:`recording`: ``counts[(backend, kernel)]``; with
     ``run=False`` none of them ran (their outputs hold whatever the allocator gave). With
-    ``keep=True`` also ``launches``: ``(backend, kernel, replay)`` in launch order, where
-    ``replay()`` launches that kernel again on the same arguments (the bench times each launch
-    on its own this way)."""
+    ``keep=True`` also ``launches``, every :class:`Launch` in order (the bench replays and times
+    each on its own; the ahead-of-time checks compile each launched specialization)."""
 
     def __init__(self, run: bool, keep: bool = False):
         self.run, self.keep = run, keep
         self.counts: Counter = Counter()
-        self.launches: list[tuple[str, str, Callable[[], None]]] = []
+        self.launches: list[Launch] = []
 
     @property
     def total(self) -> int:
@@ -83,7 +105,7 @@ def launch_triton(kernel, grid, *args, **kwargs) -> None:
     if rec is not None:
         rec.counts[("triton", kernel.__name__)] += 1
         if rec.keep:
-            rec.launches.append(("triton", kernel.__name__, lambda: kernel[grid](*args, **kwargs)))
+            rec.launches.append(Launch("triton", kernel, tuple(grid), args, kwargs))
         if not rec.run:
             return
     kernel[grid](*args, **kwargs)
@@ -95,7 +117,7 @@ def call_extension(fn: Callable, **kwargs) -> None:
     if rec is not None:
         rec.counts[("cuda", fn.__name__)] += 1
         if rec.keep:
-            rec.launches.append(("cuda", fn.__name__, lambda: fn(**kwargs)))
+            rec.launches.append(Launch("cuda", fn, None, (), kwargs))
         if not rec.run:
             return
     fn(**kwargs)

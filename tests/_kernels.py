@@ -14,7 +14,7 @@ from flix_kernels.backends import cuda_backend, kernel_ops, torch_backend, trito
 SMALL_PATHS = {
     "triton": {
         "shrink": dict(BLOCK_T=16, BLOCK_R=16, BLOCK_K=16, splits=3),
-        "expand": dict(BLOCK_T=16, BLOCK_N=16, BLOCK_R=16, BLOCK_K=16),
+        "expand": dict(BLOCK_T=16, BLOCK_N=16, BLOCK_R=16, BLOCK_K=16, GROUP_T=3),  # partial tile groups
         "rank_outer": dict(BLOCK_T=16, BLOCK_N=16, BLOCK_S_MAX=16, target_programs=10**6, force_split=True),
     },
     "cuda": {"tile": 0, "splits": 3, "grad_path": "split", "chunk": 16},

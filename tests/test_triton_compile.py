@@ -32,8 +32,8 @@ def test_every_kernel_variant_compiles_for(arch):
 
 
 def test_gemm_kernels_use_hopper_mma_and_do_not_spill():
-    """Each GEMM-class kernel, as launched for prefill on sm_90, uses warpgroup MMA (HGMMA) and
-    stores nothing to local memory (no register spills), except the listed known failures."""
+    """Each GEMM-class kernel, as launched at the headline shape on sm_90, uses warpgroup MMA
+    (HGMMA) and stores nothing to local memory (no register spills), except the known failures."""
     pytest.importorskip("triton")
     import json
 
@@ -43,7 +43,8 @@ def test_gemm_kernels_use_hopper_mma_and_do_not_spill():
         pytest.skip(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line[5:]) for line in proc.stdout.splitlines() if line.startswith("SASS ")]
-    assert len(rows) == 6 * len(SASS_SLOTS) + 1, proc.stdout[-3000:]
+    kernels = {r["name"].split()[0] for r in rows}
+    assert kernels == GEMM_KERNELS, proc.stdout[-3000:]
     for r in rows:
         print(r)
     failing = {r["name"] for r in rows if r["hgmma"] == 0 or r["spill_stores"] > 0}
@@ -114,7 +115,7 @@ def compile_expand(arch, mode, packed, tl):
         ck = _compile(_kernels().expand_kernel, dict(
             MODE=mode, HAS_BIAS=mode == 2, IS_PACKED=packed, SEARCH_STEPS=4, HAS_DROPOUT=dropout,
             COMPUTE_DTYPE=tl.bfloat16, BASE_DTYPE=tl.bfloat16, PRECISION="ieee", BASE_PRECISION="ieee",
-            BLOCK_T=64, BLOCK_N=64, BLOCK_R=32, BLOCK_K=64), arch)
+            BLOCK_T=64, BLOCK_N=64, BLOCK_R=32, BLOCK_K=64, GROUP_T=8), arch)
         _report(f"expand sm_{arch} mode={mode} packed={packed} dropout={dropout}", ck)
 
 
@@ -144,46 +145,78 @@ def _kernels():
 
 
 # ---- Hopper instruction and spill check (sm_90 SASS, read with the cuobjdump Triton carries) ----
-# Every GEMM-class kernel at the configuration its launcher picks for prefill/training shapes
-# (8192 tokens, in = out = 4096), for the rank slots of 1, 2 and 4 active features of rank 16.
-SASS_SLOTS = (16, 32, 64)
+# Every launch of a headline layer's forward and backward (B = 8 x 1024 tokens, 4096 -> 4096,
+# bf16, rank 16, 2 or 4 active features, dropout, cuBLAS and fused base), as the Triton backend
+# launches it on an H100/H200 (132 SMs): recorded through the launch door with the launches
+# skipped, then compiled for exactly the specialization a launch would get (16-byte aligned
+# pointers, integers divisible by 16, integers equal to 1 as constants).
+GEMM_KERNELS = {"shrink_kernel", "expand_kernel", "rank_grad_kernel", "rank_grad_pair_kernel", "example_outer_kernel"}
 # Variants that fail the check today, each with what it shows; the test also fails when one of
 # them starts passing, so the list stays true.
 SASS_KNOWN_FAILURES: dict[str, str] = {}
+_TYPES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32", "torch.int32": "i32",
+          "torch.int64": "i64", "torch.int8": "i8"}
 
 
-def sass_variants(tl):
-    """``(name, kernel, constexprs, num_warps)`` of the GEMM-class kernels as launched for prefill."""
+def headline_launches(active: int, examples: int = 8, seq_len: int = 1024):
+    """The :class:`flix_kernels._launch.Launch` list of a headline-width forward+backward (and of
+    a backward that needs dA alone)."""
     import torch
 
-    from flix_kernels.triton import expand, shrink, weight_grad
+    import flix_kernels as fk
+    from flix_kernels import _launch
+    from flix_kernels.backends import triton_backend
+    from flix_kernels.triton import shrink, weight_grad
 
-    # The configurations as on an H100/H200 (132 SMs), without asking a GPU for its SM count.
-    gpu, T, K, N = torch.device("cuda"), 8192, 4096, 4096
-    out = []
-    for R in SASS_SLOTS:
-        for cdt, torch_dt, name in ((tl.bfloat16, torch.bfloat16, "bf16"), (tl.float32, torch.float32, "fp32")):
-            cfg = shrink.config(T, K, R, gpu, torch_dt, sms=132)
-            out.append((f"shrink R={R} {name}", shrink.shrink_kernel, dict(
-                IS_PACKED=False, SEARCH_STEPS=4, HAS_SCALE_TENSOR=True, HAS_DROPOUT=True, COMPUTE_DTYPE=cdt,
-                PRECISION="ieee" if name == "bf16" else "tf32", BLOCK_T=cfg["BLOCK_T"], BLOCK_R=cfg["BLOCK_R"],
-                BLOCK_K=cfg["BLOCK_K"]), cfg["num_warps"]))
-        cfg = expand.config(T, N, K, R, gpu)
-        for mode in (1, 2):
-            out.append((f"expand mode={mode} R={R}", expand.expand_kernel, dict(
-                MODE=mode, HAS_BIAS=mode == 2, IS_PACKED=False, SEARCH_STEPS=4, HAS_DROPOUT=True,
-                COMPUTE_DTYPE=tl.bfloat16, BASE_DTYPE=tl.bfloat16, PRECISION="ieee", BASE_PRECISION="ieee",
-                **{k: cfg[k] for k in ("BLOCK_T", "BLOCK_N", "BLOCK_R", "BLOCK_K")}), cfg["num_warps"]))
-    for R in SASS_SLOTS + (128,):  # the split weight gradient's tile covers an example's slots
-        cfg = weight_grad.config(R, gpu, sms=132)
-        common = dict(IS_PACKED=False, HAS_DROPOUT=True, COMPUTE_DTYPE=tl.bfloat16, PRECISION="ieee",
-                      BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"])
-        if R <= 64:  # the owner tiles cap their rows at 64
-            out.append((f"rank_grad_pair R={R}", weight_grad.rank_grad_pair_kernel,
-                        dict(common, BLOCK_RK=min(cfg["BLOCK_RK"], 64)), cfg["num_warps"]))
-        out.append((f"example_outer R={R}", weight_grad.example_outer_kernel, dict(common, BLOCK_S=min(cfg["BLOCK_RK"], cfg["BLOCK_S_MAX"])),
-                    cfg["num_warps"]))
-    return out
+    shrink.num_sms = weight_grad.num_sms = lambda device: 132  # an H100/H200, without asking a GPU
+    gen = torch.Generator().manual_seed(0)
+    per = 64 // active
+    space = fk.FeatureSpace({f"g{g}": [f"f{g * per + i}" for i in range(per)] for g in range(active)}, 16)
+    ids = torch.stack([torch.randint(g * per, (g + 1) * per, (examples,), generator=gen) for g in range(active)], 1)
+    routing = fk.Routing(ids, space)
+    meta = routing.layer_metadata(torch.device("cpu"), (examples, seq_len))
+    bf, T = torch.bfloat16, examples * seq_len
+    x, dy = torch.empty(T, 4096, dtype=bf), torch.empty(T, 4096, dtype=bf)
+    W = torch.empty(4096, 4096, dtype=bf)
+    A, B = torch.empty(space.total_rank, 4096, dtype=bf), torch.empty(4096, space.total_rank, dtype=bf)
+    seed = torch.zeros(1, dtype=torch.int64)
+    ops = triton_backend.ops
+    with _launch.recording(run=False, keep=True) as rec:
+        for fuse in (False, True):
+            y, h = ops.forward(x, W, None, A, B, None, seed, meta, 0.5, 0.1, fuse)
+            ops.backward(meta, dy, x, W, A, B, h, None, seed, 0.5, 0.1, fuse, True, True, True)
+        ops.backward(meta, dy, x, W, A, B, h, None, seed, 0.5, 0.1, False, True, True, False)
+    return rec.launches
+
+
+def specialization(launch) -> tuple[dict, dict, dict, dict]:
+    """``(signature, constexprs, attrs, options)`` of ``launch`` for ``ASTSource`` / ``compile``."""
+    import torch
+
+    fn = launch.fn
+    names = fn.arg_names
+    consts = {p.name for p in fn.params if p.is_constexpr}
+    bound = dict(zip(names, launch.args))
+    options = {k: launch.kwargs[k] for k in ("num_warps", "num_stages") if k in launch.kwargs}
+    bound.update({k: v for k, v in launch.kwargs.items() if k not in options})
+    sig, constexprs, attrs = {}, {}, {}
+    for i, n in enumerate(names):
+        v = bound[n]
+        if n in consts:
+            sig[n], constexprs[(i,)] = "constexpr", v
+        elif torch.is_tensor(v):
+            sig[n] = "*" + _TYPES[str(v.dtype)]
+            if v.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[n] = "fp32"
+        elif v == 1:
+            sig[n], constexprs[(i,)] = "constexpr", 1
+        else:
+            sig[n] = "i32" if -2**31 <= v < 2**31 else "i64"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, constexprs, attrs, options
 
 
 def sass_facts(cubin: bytes) -> dict:
@@ -211,11 +244,31 @@ def sass_facts(cubin: bytes) -> dict:
 def sass_main() -> int:
     import json
 
-    import triton.language as tl
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
 
-    for name, kernel, constexprs, warps in sass_variants(tl):
-        facts = sass_facts(_compile(kernel, constexprs, 90, warps).asm["cubin"])
-        print("SASS " + json.dumps({"name": name, **facts}))
+    seen = set()
+    # The headline, and decode (8 examples x 8 tokens), where only the weight gradients have
+    # 64-row tiles (the shrink and expand take 16-token tiles: memory-bound, no warpgroup MMA).
+    for active, examples, seq_len, kernels in ((2, 8, 1024, GEMM_KERNELS), (4, 8, 1024, GEMM_KERNELS),
+                                               (2, 8, 8, {"rank_grad_kernel", "rank_grad_pair_kernel"})):
+        for launch in headline_launches(active, examples, seq_len):
+            if launch.name not in kernels:
+                continue
+            sig, constexprs, attrs, options = specialization(launch)
+            key = (launch.name, tuple(sorted(sig.items())), tuple(sorted((k, str(v)) for k, v in constexprs.items())),
+                   tuple(sorted(attrs)), tuple(sorted(options.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            ck = triton.compile(ASTSource(launch.fn, sig, constexprs=constexprs, attrs=attrs),
+                                target=GPUTarget("cuda", 90, 32), options=options)
+            tags = {k: launch.kwargs[k] for k in ("MODE", "HAS_DROPOUT", "BLOCK_R", "BLOCK_S", "BLOCK_RK")
+                    if k in launch.kwargs}
+            name = f"{launch.name} T={examples * seq_len} slots={16 * active} " + " ".join(
+                f"{k}={v}" for k, v in tags.items())
+            print("SASS " + json.dumps({"name": name, "shared": ck.metadata.shared, **sass_facts(ck.asm["cubin"])}))
     return 0
 
 

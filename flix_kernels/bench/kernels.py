@@ -32,7 +32,8 @@ def _record(x, weight, A, B, routing, grad_out) -> tuple[dict[str, list], list]:
         y = flix_linear(leaves[0], weight, None, leaves[1], leaves[2], routing, scaling=SCALING, backend="triton")
     with _launch.recording(run=True, keep=True) as bwd:
         grads = torch.autograd.grad(y, leaves, grad_out)
-    launches = {"forward": [(k, r) for _, k, r in fwd.launches], "backward": [(k, r) for _, k, r in bwd.launches]}
+    launches = {"forward": [(launch.name, launch.replay) for launch in fwd.launches],
+                "backward": [(launch.name, launch.replay) for launch in bwd.launches]}
     return launches, [y.detach(), *grads]
 
 

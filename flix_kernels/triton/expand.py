@@ -26,9 +26,18 @@ def expand_kernel(
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, IS_PACKED: tl.constexpr, SEARCH_STEPS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, BASE_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BASE_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_T: tl.constexpr,
 ):
-    pid_n = tl.program_id(1)
-    offs_t, e_first, e_last = _token_tile(tl.program_id(0), T, cu_ptr, B, seq_len, IS_PACKED, SEARCH_STEPS, BLOCK_T)
+    # One program per (token tile, column tile) on a 1-D grid, in groups of GROUP_T token tiles
+    # that walk the column tiles together, so a fused base GEMM reuses W's tiles from L2.
+    pid = tl.program_id(0)
+    tiles_t = tl.cdiv(T, BLOCK_T)
+    per_group = GROUP_T * tl.cdiv(N, BLOCK_N)
+    first_t = (pid // per_group) * GROUP_T
+    group_size = tl.minimum(tiles_t - first_t, GROUP_T)
+    pid_t = first_t + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+    offs_t, e_first, e_last = _token_tile(pid_t, T, cu_ptr, B, seq_len, IS_PACKED, SEARCH_STEPS, BLOCK_T)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     t_in = offs_t < T
     n_in = offs_n < N
@@ -65,7 +74,8 @@ def expand_kernel(
     y_ptrs = Y + offs_t64[:, None] * stride_yt + offs_n.to(tl.int64)[None, :] * stride_yn
     y_mask = t_in[:, None] & n_in[None, :]
     if MODE == 2:
-        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        # The low-rank term seeds the base GEMM's accumulator: one (BLOCK_T, BLOCK_N) fp32 tile.
+        acc = lora
         for k0 in range(0, K2, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_in = offs_k < K2
@@ -73,10 +83,10 @@ def expand_kernel(
                         mask=t_in[:, None] & k_in[None, :], other=0.0)
             w = tl.load(W2 + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k.to(tl.int64)[:, None] * stride_wk,
                         mask=n_in[None, :] & k_in[:, None], other=0.0)
-            acc += tl.dot(a.to(BASE_DTYPE), w.to(BASE_DTYPE), input_precision=BASE_PRECISION)
+            acc = tl.dot(a.to(BASE_DTYPE), w.to(BASE_DTYPE), acc, input_precision=BASE_PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptrs, (acc + lora).to(Y.dtype.element_ty), mask=y_mask)
+        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_mask)
     elif MODE == 1:
         # Tiles whose tokens use no feature leave Y untouched: no read, no write.
         if active > 0:
@@ -87,11 +97,19 @@ def expand_kernel(
 
 
 def config(T: int, N: int, K2: int, R: int, device: torch.device) -> dict:
-    """Untuned launch configuration for one shape (see :mod:`.tuning`)."""
-    # 64 x 64 tiles with 8 warps for prefill: with 4 warps, up to 64 rank slots and dropout
-    # reach 255 registers per thread and spill on sm_90 (tests/test_triton_compile.py reads the SASS).
+    """Untuned launch configuration for one shape (see :mod:`.tuning`); ``K2 > 0``: the fused
+    base GEMM (mode 2)."""
     decode = T <= DECODE_TOKENS
-    cfg = dict(BLOCK_T=16 if decode else 64, BLOCK_N=64, BLOCK_R=pow2(R, hi=64), BLOCK_K=64, num_warps=4 if decode else 8)
+    if decode:
+        cfg = dict(BLOCK_T=16, BLOCK_N=64, BLOCK_R=pow2(R, hi=64), BLOCK_K=64, GROUP_T=1, num_warps=4)
+    elif K2 > 0:
+        # A GEMM tile (the update seeds its accumulator), grouped for L2 reuse of W; slot blocks of
+        # at most 32 keep the dropout variant free of spills at 64 slots on sm_90.
+        cfg = dict(BLOCK_T=128, BLOCK_N=128, BLOCK_R=pow2(R, hi=32), BLOCK_K=64, GROUP_T=8, num_warps=8)
+    else:
+        # 64 x 64 tiles with 8 warps for the in-place update: with 4 warps, up to 64 rank slots
+        # and dropout reach 255 registers per thread and spill on sm_90 (test_triton_compile.py).
+        cfg = dict(BLOCK_T=64, BLOCK_N=64, BLOCK_R=pow2(R, hi=64), BLOCK_K=64, GROUP_T=1, num_warps=8)
     return finish("expand", cfg, device)
 
 
@@ -116,7 +134,7 @@ def expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, 
         def run(cfg, Y=Y):
             _launch_expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, mode, X2, W2,
                            stride_wn, stride_wk, bias, seed, p_drop,
-                           (cdiv(T, cfg["BLOCK_T"]), cdiv(N, cfg["BLOCK_N"])),
+                           (cdiv(T, cfg["BLOCK_T"]) * cdiv(N, cfg["BLOCK_N"]),),
                            _expand_constexprs(cfg, B, flags, compute_dtype, base_dtype))
 
         key = (T <= DECODE_TOKENS, bucket(T), bucket(N), bucket(K2), bucket(R), Y.dtype, M.dtype, mode,
@@ -129,7 +147,7 @@ def expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, 
     plan = PLANS.get(key)
     if plan is None:
         cfg = config(T, N, K2, R, Y.device)
-        plan = remember(key, ((cdiv(T, cfg["BLOCK_T"]), cdiv(N, cfg["BLOCK_N"])),
+        plan = remember(key, ((cdiv(T, cfg["BLOCK_T"]) * cdiv(N, cfg["BLOCK_N"]),),
                                _expand_constexprs(cfg, B, flags, compute_dtype, base_dtype)))
     _launch_expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, mode, X2, W2, stride_wn,
                    stride_wk, bias, seed, p_drop, *plan)
@@ -141,7 +159,7 @@ def _expand_constexprs(cfg, B, flags, compute_dtype, base_dtype) -> dict:
     return dict(MODE=mode, HAS_BIAS=has_bias, IS_PACKED=packed, SEARCH_STEPS=search_steps(B), HAS_DROPOUT=has_seed,
                 COMPUTE_DTYPE=tl_dtype(compute_dtype), BASE_DTYPE=tl_dtype(base_dtype),
                 PRECISION=precision(compute_dtype), BASE_PRECISION=precision(base_dtype),
-                **blocks(cfg, "BLOCK_T", "BLOCK_N", "BLOCK_R", "BLOCK_K"), **launch_opts(cfg))
+                **blocks(cfg, "BLOCK_T", "BLOCK_N", "BLOCK_R", "BLOCK_K", "GROUP_T"), **launch_opts(cfg))
 
 
 def _launch_expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, mode, X2, W2, stride_wn,

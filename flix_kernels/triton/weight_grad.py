@@ -87,8 +87,8 @@ def rank_grad_kernel(
     """G[rank_offsets[k] + j, n] = sum over feature k's tokens t of L[t, slot + j] * drop(R)[t, n].
 
     One program per (feature, n-tile, row block) owns its output tile and walks its pairs'
-    tokens in order: no workspace, no atomics. Used when no feature needs splitting over
-    tokens; absent features get zero rows."""
+    tokens in order: no workspace, no atomics. Used where :func:`owner_path` says (decode
+    sizes, or one feature per example); absent features get zero rows."""
     _rank_grad_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), L, R, G, feature_pair_start, pair_example,
                     pair_slot, rank_offsets, cu_ptr, seed_ptr, N, seq_len, p_drop, stride_lt, stride_rt, stride_rn,
                     stride_gr, stride_gn, IS_PACKED, HAS_DROPOUT, COMPUTE_DTYPE, PRECISION, BLOCK_RK, BLOCK_T, BLOCK_N)

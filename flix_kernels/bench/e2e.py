@@ -25,22 +25,22 @@ from .variants import loop_linear
 RANK, PER_GROUP = 16, 32
 
 
+# (size, on a GPU) -> (hidden, intermediate, layers, heads, vocab, batch, seq_len, warm-up, steps, quick steps).
+# "110M": host-bound on a GPU; "slice": two Llama-7B-wide layers, GPU-bound. On a CPU, small stand-ins.
+_SIZES = {
+    ("110M", True): (768, 2048, 12, 12, 32000, 8, 512, 2, 10, 4),
+    ("110M", False): (128, 256, 2, 4, 512, 4, 64, 1, 8, 3),
+    ("slice", True): (4096, 11008, 2, 32, 32000, 8, 1024, 2, 6, 3),
+    ("slice", False): (256, 688, 1, 4, 512, 2, 64, 1, 2, 2),
+}
+
+
 def _configs(cuda: bool, quick: bool, size: str = "110M") -> dict:
-    if size == "slice":  # GPU-bound: real Llama widths, few layers (on a CPU, a small stand-in)
-        if cuda:
-            model = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=1024)
-            return {"model": model, "batch": 8, "seq_len": 1024, "warmup": 2, "steps": 3 if quick else 6}
-        model = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=1, num_attention_heads=4,
-                     num_key_value_heads=4, vocab_size=512, max_position_embeddings=128)
-        return {"model": model, "batch": 2, "seq_len": 64, "warmup": 1, "steps": 2}
-    if cuda:
-        model = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                     num_key_value_heads=12, vocab_size=32000, max_position_embeddings=1024)
-        return {"model": model, "batch": 8, "seq_len": 512, "warmup": 2, "steps": 4 if quick else 10}
-    model = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, vocab_size=512, max_position_embeddings=128)
-    return {"model": model, "batch": 4, "seq_len": 64, "warmup": 1, "steps": 3 if quick else 8}
+    hidden, inter, layers, heads, vocab, batch, seq_len, warmup, steps, quick_steps = _SIZES[(size, cuda)]
+    model = dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                 num_key_value_heads=heads, vocab_size=vocab, max_position_embeddings=1024 if cuda else 128)
+    return {"model": model, "batch": batch, "seq_len": seq_len, "warmup": warmup,
+            "steps": quick_steps if quick else steps}
 
 
 def _loop_forward(self, x, routing=None):

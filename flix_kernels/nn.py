@@ -265,8 +265,8 @@ class FLixLinear(nn.Module):
         if type(base) is nn.Linear:
             return flix_linear(x, base.weight, base.bias, self.lora_A, self.lora_B, routing, scaling=self.scaling,
                                dropout_p=p, backend=self.backend)
-        return base(x) + flix_delta(x, self.lora_A, self.lora_B, routing, scaling=self.scaling,
-                                               dropout_p=p, backend=self.backend)
+        return base(x) + flix_delta(x, self.lora_A, self.lora_B, routing, scaling=self.scaling, dropout_p=p,
+                                    backend=self.backend)
 
     # -- merging ------------------------------------------------------------------------------
     def _describe(self, feature_ids: Sequence[int]) -> str:

@@ -172,3 +172,30 @@ def test_a_triton_layer_launches_at_most_seven_kernels_per_step_at_decode_sizes(
     fwd, step = overhead.launches(layer.forward), overhead.launches(layer.forward_backward)
     assert fwd["total"] == 3, fwd  # shrink, the base GEMM, expand
     assert step["total"] <= overhead.MAX_LAUNCHES, step
+
+
+def test_the_direct_function_apply_matches_function_apply_and_defers_under_transforms(seed, monkeypatch):
+    """flix_kernels._autograd.apply: the same output and gradients as Function.apply, and the
+    full Function.apply whenever functorch transforms are active."""
+    from flix_kernels import _autograd
+
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, s):
+            ctx.s = s
+            return x * s
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * ctx.s, None
+
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+    y = _autograd.apply(Scale, x, 3.0)
+    want = Scale.apply(x, 3.0)
+    assert torch.equal(y, want) and y.grad_fn is not None
+    assert torch.equal(torch.autograd.grad(y.sum(), x)[0], torch.full_like(x, 3.0))
+    calls = []
+    original = Scale.apply.__func__
+    monkeypatch.setattr(Scale, "apply", classmethod(lambda cls, *a: calls.append(a) or original(cls, *a)))
+    monkeypatch.setattr(_autograd, "_transforms_active", lambda: True)
+    assert torch.equal(_autograd.apply(Scale, x, 2.0), x * 2.0) and len(calls) == 1

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ..backends import available_backends
 from ..reference import flix_linear_reference
 from .cases import SCALING, SHAPE_SETS, Case, Inputs, make_inputs, make_routing, shape_sets
+from .report import E2E_KEYS
 from .timing import (Timer, floor_bound, floor_ms, load_average, measured_peaks, peak_memory_mib, provenance,
                      resolve_device)
 from .variants import Context, Variant, variants
@@ -210,7 +211,7 @@ def run(cfg: Config, progress=None, checkpoint=None) -> dict:
             if progress:
                 progress.say("end-to-end training step, GPU-bound (two Llama-7B-wide layers)")
             record["e2e_gpu_bound"] = run_e2e(device, dtype, backends, quick=cfg.quick, timer=timer, size="slice")
-        record["failures"] += [f for k in ("e2e", "e2e_gpu_bound") for f in record.get(k, {}).get("failures", [])]
+        record["failures"] += [f for k in E2E_KEYS for f in record.get(k, {}).get("failures", [])]
         if progress:
             progress.tick()
     record["host_load"]["end"] = load_average()

@@ -51,9 +51,13 @@ kernels() {  # the Triton kernels (issue 18): their tests on CUDA (bf16 included
   python -m flix_kernels bench --no-progress --shapes headline sweep --backends triton torch --rep-ms 100 \
     --out "$OUT/kernels" 2>&1 | tee "$OUT/bench_kernels.log" | tail -40
   rc=$(( rc || PIPESTATUS[0] ))
-  # the fused base GEMM (128 x 128 grouped tiles) against cuBLAS + in-place expand, at the headline
+  # the fused base GEMM (128 x 128 grouped tiles) against cuBLAS + in-place expand, at the headline:
+  # through TMA on a persistent grid (Hopper's default), then by pointers (FLIX_TRITON_TMA=0)
   FLIX_FUSE_BASE=1 python -m flix_kernels bench --no-progress --shapes headline --backends triton --no-e2e \
     --rep-ms 100 --out "$OUT/kernels_fused" 2>&1 | tee "$OUT/bench_kernels_fused.log" | tail -20
+  rc=$(( rc || PIPESTATUS[0] ))
+  FLIX_FUSE_BASE=1 FLIX_TRITON_TMA=0 python -m flix_kernels bench --no-progress --shapes headline --backends triton \
+    --no-e2e --rep-ms 100 --out "$OUT/kernels_fused_pointers" 2>&1 | tee "$OUT/bench_kernels_fused_pointers.log" | tail -20
   return $(( rc || PIPESTATUS[0] ))
 }
 ofa() {  # OFA: its tests on CUDA (bf16, CUDA graphs, torch.compile), then benchmarks/bench_ofa.py

@@ -19,6 +19,9 @@ SMALL_PATHS = {
     },
     "cuda": {"tile": 0, "splits": 3, "grad_path": "split", "chunk": 16},
 }
+# The fused base GEMM through TMA descriptors on a persistent grid of 5 programs (fewer than
+# the tiles, so each walks several), with SMALL_PATHS' other plans.
+FUSED_TMA_PATHS = {**SMALL_PATHS["triton"], "expand": dict(SMALL_PATHS["triton"]["expand"], TMA=True, PROGRAMS=5)}
 # Each weight-gradient path, forced.
 GRAD_PATHS = {
     "triton": {"owner": {"rank_outer": dict(BLOCK_T=16, BLOCK_N=16, force_owner=True)},

@@ -7,11 +7,15 @@ which is NaN for an inf), in every backend and layout, in the output and in ever
 Each case is compared with the float64 per-feature oracle, which is exact in that sense.
 """
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 
 import flix_kernels as fk
+from _kernels import FUSED_TMA_PATHS, forced_paths
 from conftest import BACKENDS, DEVICE, KERNEL_DTYPES
+from flix_kernels import _launch
 from flix_kernels.backends import torch_backend
 from flix_kernels.reference import flix_delta_reference, flix_linear_reference
 
@@ -33,6 +37,9 @@ LENGTHS = {"batched": None, "single": None, "packed": [3, 0, 2, 5, 1, 4, 2]}
 
 TORCH_STRATEGIES = [pytest.param(("torch", None), id="torch-auto"), pytest.param(("torch", "grouped"), id="torch-grouped")]
 KERNELS = [pytest.param((p.values[0], None), marks=p.marks, id=p.values[0]) for p in BACKENDS]
+# The Triton backend's fused base GEMM through TMA descriptors (flix_linear only).
+FUSED_TMA = [pytest.param(("triton", "fused_tma"), marks=p.marks, id="triton-fused-tma") for p in BACKENDS
+             if p.values[0] == "triton"]
 
 
 def _poison(A, Bm, scaling, where, value):
@@ -49,7 +56,7 @@ def _poison(A, Bm, scaling, where, value):
 
 def _inputs(layout, use, dtype, gen):
     ids = SPACE.encode(EXAMPLES[use])
-    B, in_f, out_f = ids.shape[0], 24, 20
+    B, in_f, out_f = ids.shape[0], 24, 40  # rows of 16-byte multiples in fp16 too: TMA boxes
     cu = None
     if layout == "batched":
         x = torch.randn(B, 5, in_f, generator=gen)
@@ -74,17 +81,22 @@ def _check(backend, strategy, layout, use, where, value, dtype, linear):
     bias = torch.randn(Bm.shape[0], generator=gen).to(dtype) if linear else None
     leaves = [t.detach().clone().to(DEVICE).requires_grad_(True) for t in (x, A, Bm)]
     s = scaling.to(DEVICE)
-    torch_backend.FORCE_STRATEGY = strategy
+    torch_backend.FORCE_STRATEGY = strategy if backend == "torch" else None
+    fused_tma = forced_paths("triton", FUSED_TMA_PATHS, fuse_base=True) if strategy == "fused_tma" else nullcontext()
     try:
-        if linear:
-            out = fk.flix_linear(leaves[0], W.to(DEVICE), bias.to(DEVICE), *leaves[1:], routing, scaling=s,
-                                 backend=backend)
-        else:
-            out = fk.flix_delta(*leaves, routing, scaling=s, backend=backend)
+        with fused_tma:
+            if linear:
+                out = fk.flix_linear(leaves[0], W.to(DEVICE), bias.to(DEVICE), *leaves[1:], routing, scaling=s,
+                                     backend=backend)
+            else:
+                out = fk.flix_delta(*leaves, routing, scaling=s, backend=backend)
+            with _launch.recording(run=True) as rec:
+                gout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+                (out * gout.to(DEVICE, out.dtype)).sum().backward()
     finally:
         torch_backend.FORCE_STRATEGY = None
-    gout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
-    (out * gout.to(DEVICE, out.dtype)).sum().backward()
+    if strategy == "fused_tma":  # dx = dy W + drop'(g A_S) went through the TMA kernel
+        assert rec.counts[("triton", "fused_linear_tma_kernel")] == 1, dict(rec.counts)
     ref_leaves = [t.detach().double().requires_grad_(True) for t in (x, A, Bm)]
     if linear:
         ref = flix_linear_reference(ref_leaves[0], W.double(), bias.double(), *ref_leaves[1:], ids,
@@ -128,7 +140,7 @@ def test_a_diverged_feature_reaches_no_other_example(impl, layout, use, where, v
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@pytest.mark.parametrize("impl", TORCH_STRATEGIES + KERNELS)
+@pytest.mark.parametrize("impl", TORCH_STRATEGIES + KERNELS + FUSED_TMA)
 def test_a_diverged_feature_reaches_no_other_example_through_flix_linear(impl, dtype):
     backend, strategy = impl
     _check(backend, strategy, "packed", "used", "lora_B", float("inf"), dtype, linear=True)

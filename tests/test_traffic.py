@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import flix_kernels as fk
+from _kernels import forced_paths
 from conftest import DEVICE
 from flix_kernels import _launch
 from flix_kernels.backends import triton_backend
@@ -76,10 +77,12 @@ def test_the_weight_gradients_stream_dy_and_x_once(active):
             assert launch.streamed_reads == b.tokens * 4096 * 2, launch
 
 
+@pytest.mark.parametrize("fused", [None, "pointers", "tma"], ids=["cublas+expand", "fused", "fused_tma"])
 @pytest.mark.parametrize("seq_len,present", [(64, 4), (512, 8)])
-def test_the_model_follows_the_launchers(seq_len, present):
+def test_the_model_follows_the_launchers(seq_len, present, fused):
     """Same launches, kernel by kernel, as the Triton backend's forward+backward of that batch
-    on this device (launches recorded and skipped, so the shapes can be real)."""
+    on this device (launches recorded and skipped, so the shapes can be real), with cuBLAS base
+    GEMMs or fused ones (by pointers or through TMA)."""
     tr = _traffic()
     B, rank, K, N = 4, 16, 256, 192
     space = fk.FeatureSpace({"lang": [f"l{i}" for i in range(present // 2)],
@@ -90,22 +93,45 @@ def test_the_model_follows_the_launchers(seq_len, present):
     W = torch.randn(N, K, device=DEVICE)
     A = torch.randn(space.total_rank, K, device=DEVICE, requires_grad=True)
     Bm = torch.randn(N, space.total_rank, device=DEVICE, requires_grad=True)
-    with _launch.recording(run=False) as rec:
+    overrides = {"expand": dict(TMA=fused == "tma")} if fused else {}
+    with forced_paths("triton", overrides, fuse_base=bool(fused)), _launch.recording(run=False) as rec:
         y = fk.flix_linear(x, W, None, A, Bm, routing, scaling=0.5, backend="triton")
         torch.autograd.grad(y, [x, A, Bm], torch.ones_like(y))
     got = {k: n for (_, k), n in rec.counts.items()}
     batch = tr.Batch(B, seq_len, K, N, active=2, rank=rank, present=len(set(ids.flatten().tolist())),
                      num_features=space.num_features, dtype=torch.float32, adapter_dtype=torch.float32)
-    model = [launch.name for phase in tr.layer(batch, sms=_launch.num_sms(torch.device(DEVICE))).values()
-             for launch in phase]
-    want = {"shrink_kernel": sum("(shrink)" in n for n in model), "expand_kernel": sum("(expand)" in n for n in model),
+    model = [launch.name for phase in tr.layer(batch, sms=_launch.num_sms(torch.device(DEVICE)),
+                                               fused=bool(fused)).values() for launch in phase]
+    fused_gemms = sum("(fused GEMM)" in n for n in model)
+    assert fused_gemms == (2 if fused else 0)
+    want = {"shrink_kernel": sum("(shrink)" in n for n in model),
+            "expand_kernel": sum("(expand)" in n for n in model) + (fused_gemms if fused == "pointers" else 0),
+            "fused_linear_tma_kernel": fused_gemms if fused == "tma" else 0,
             "rank_grad_kernel": sum("(owner)" in n for n in model),
             "example_outer_kernel": sum("(split partials)" in n for n in model),
             "rank_reduce_kernel": sum("(split reduce)" in n for n in model)}
     assert got == {k: v for k, v in want.items() if v}
 
 
-def test_the_per_launch_breakdown_checks_then_times_every_launch():
+def test_the_fused_base_gemm_removes_the_read_modify_write_of_y_and_dx():
+    """On paper, the fused path moves the base GEMM's bytes plus the update's, less the
+    read-modify-write of y (forward) and dx (backward) that an in-place expand costs."""
+    tr = _traffic()
+    b = tr.Batch(**HEADLINE)
+    T, K, N, ex = b.tokens, b.in_features, b.out_features, 2
+    unfused, fused = tr.layer(b), tr.layer(b, fused=True)
+    for phase, (name, k_in, cols) in {"forward": ("y = x W^T + h B_S^T (fused GEMM)", K, N),
+                                      "backward": ("dx = dy W + g A_S (fused GEMM)", N, K)}.items():
+        gemm = next(launch for launch in fused[phase] if launch.name == name)
+        base = T * k_in * ex + cols * k_in * ex + T * cols * ex  # cuBLAS: both operands once, the output once
+        saved = sum(launch.floor_bytes for launch in unfused[phase]) + base \
+            - sum(launch.floor_bytes for launch in fused[phase])
+        assert saved == 2 * T * cols * ex, phase
+        assert gemm.flops == 2.0 * T * k_in * cols + 2.0 * T * cols * b.slots
+
+
+@pytest.mark.parametrize("fused", [None, "tma"], ids=["cublas+expand", "fused_tma"])
+def test_the_per_launch_breakdown_checks_then_times_every_launch(fused):
     """bench's per-launch breakdown on a small batched case: the backend's own launches,
     replayed and timed one by one, matched to the model; a wrong result raises first."""
     from flix_kernels.bench import kernels, suite
@@ -120,8 +146,11 @@ def test_the_per_launch_breakdown_checks_then_times_every_launch():
     s = make_inputs(case, space, torch.float32, device, torch.Generator(device).manual_seed(1), 1)[0]
     want = suite.oracle("flix", Context(case, routing, device, {}), s)
     peaks = {"matmul_tflops": 1.0, "copy_GBps": 10.0}
-    rows = kernels.rows(case, routing, s, want, 1e-4, torch.float32, device, peaks, Timer(device, 1.0))
+    with forced_paths("triton", {"expand": dict(TMA=True)} if fused else {}, fuse_base=bool(fused)):
+        rows = kernels.rows(case, routing, s, want, 1e-4, torch.float32, device, peaks, Timer(device, 1.0))
     assert [r["pass"] for r in rows].count("forward") == 2 and len(rows) >= 5
+    gemms = [r["kernel"] for r in rows if "(fused GEMM)" in r["launch"]]
+    assert gemms == (["fused_linear_tma_kernel"] * 2 if fused else [])
     assert all(r["time_ms"] > 0 and r["floor_ms"] > 0 and r["x_floor"] > 0 for r in rows)
     assert "| backward |" in "\n".join(kernels.markdown_lines({"backend": "triton", "case": case.label, "rows": rows}))
     wrong = [want[0] * 1.01, *want[1:]]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import flix_kernels as fk
-from _kernels import _base, _case, _space, forced_paths
-from conftest import DEVICE, check_against_oracle
+from _kernels import FUSED_TMA_PATHS, _base, _case, _space, forced_paths, keep_mask
+from conftest import DEVICE, KERNEL_DTYPES, check_against_oracle
 from flix_kernels.backends import BackendUnavailableError, kernel_ops, triton_backend
 
 pytestmark = pytest.mark.skipif(triton_backend.unavailable_reason(DEVICE) is not None,
@@ -58,3 +58,48 @@ def test_autotune_picks_a_config_per_shape_class_and_stays_exact(seed, monkeypat
     with forced_paths("triton", {}):  # same shape class: no new tuning
         fk.flix_linear(x, W, b, A, Bm, routing, scaling=0.5, backend="triton")
     assert tuning._TUNED == tuned_once
+
+
+TMA_LAYOUTS = {"batched": dict(B=3, shape=(3, 7)), "single_token": dict(B=5, shape=(5,)),
+               "packed": dict(B=4, shape=(13,), cu=[0, 4, 4, 11, 13])}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["", "dropout"])
+@pytest.mark.parametrize("layout", list(TMA_LAYOUTS))
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_fused_base_gemm_through_tma_matches_oracle(seed, dtype, layout, dropout):
+    """The forward ``x W^T + b + update`` and ``dx = dy W + drop'(g A_S)`` by the persistent TMA
+    kernel: partial tiles on every edge (40 -> 56 with 16-wide tiles), token tiles straddling
+    examples, more tiles than programs; both launches must take the TMA kernel."""
+    from flix_kernels import _launch
+
+    gen = torch.Generator().manual_seed(seed)
+    spec = TMA_LAYOUTS[layout]
+    cu = None if "cu" not in spec else torch.tensor(spec["cu"])
+    routing, ids, x, A, Bm = _case(gen, _space(), spec["B"], spec["shape"], 40, 56, dtype, cu=cu)
+    W, b = _base(gen, 40, 56, dtype, trainable=layout == "packed")
+    T = x.numel() // 40
+    kw = {}
+    if dropout:
+        mask = keep_mask("triton", seed, T, 40, dropout).view(x.shape)
+        kw = dict(dropout_p=dropout, generator=torch.Generator(DEVICE).manual_seed(seed), dropout_mask=mask)
+    with forced_paths("triton", FUSED_TMA_PATHS, fuse_base=True), _launch.recording(run=True) as rec:
+        check_against_oracle(x, A, Bm, routing, ids, routing.space, 0.75, backend="triton", cu=cu, weight=W, bias=b,
+                             **kw)
+    assert rec.counts[("triton", "fused_linear_tma_kernel")] == 2, dict(rec.counts)
+    assert rec.counts[("triton", "expand_kernel")] == 0, dict(rec.counts)
+
+
+@pytest.mark.parametrize("in_f,out_f", [(37, 56), (40, 29)], ids=["x_rows", "y_rows"])
+def test_fused_base_gemm_falls_back_to_pointers_where_tma_cannot_address(seed, in_f, out_f):
+    """Rows whose pitch is not a multiple of 16 bytes cannot be TMA boxes: the pointer kernel
+    runs instead, with the same result."""
+    from flix_kernels import _launch
+
+    gen = torch.Generator().manual_seed(seed)
+    routing, ids, x, A, Bm = _case(gen, _space(), 3, (3, 5), in_f, out_f, torch.float32)
+    W, b = _base(gen, in_f, out_f, torch.float32)
+    with forced_paths("triton", FUSED_TMA_PATHS, fuse_base=True), _launch.recording(run=True) as rec:
+        check_against_oracle(x, A, Bm, routing, ids, routing.space, 0.75, backend="triton", weight=W, bias=b)
+    assert rec.counts[("triton", "fused_linear_tma_kernel")] == 0, dict(rec.counts)
+    assert rec.counts[("triton", "expand_kernel")] == 2, dict(rec.counts)

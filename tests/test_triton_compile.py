@@ -33,7 +33,8 @@ def test_every_kernel_variant_compiles_for(arch):
 
 def test_gemm_kernels_use_hopper_mma_and_do_not_spill():
     """Each GEMM-class kernel, as launched at the headline shape on sm_90, uses warpgroup MMA
-    (HGMMA) and stores nothing to local memory (no register spills), except the known failures."""
+    (HGMMA) and stores nothing to local memory (no register spills), and the TMA kernels load
+    through the Tensor Memory Accelerator (UTMALDG), except the known failures."""
     pytest.importorskip("triton")
     import json
 
@@ -47,7 +48,8 @@ def test_gemm_kernels_use_hopper_mma_and_do_not_spill():
     assert kernels == GEMM_KERNELS, proc.stdout[-3000:]
     for r in rows:
         print(r)
-    failing = {r["name"] for r in rows if r["hgmma"] == 0 or r["spill_stores"] > 0}
+    failing = {r["name"] for r in rows if r["hgmma"] == 0 or r["spill_stores"] > 0
+               or (r["name"].split()[0] in TMA_KERNELS and r["tma_loads"] == 0)}
     assert failing - set(SASS_KNOWN_FAILURES) == set(), f"new failures: {sorted(failing - set(SASS_KNOWN_FAILURES))}"
     assert set(SASS_KNOWN_FAILURES) - failing == set(), \
         f"now passing, remove from SASS_KNOWN_FAILURES: {sorted(set(SASS_KNOWN_FAILURES) - failing)}"
@@ -64,6 +66,9 @@ POINTER_DTYPES = {
 INDEX_POINTERS = {"slot_rank", "slot_feature", "cu_ptr", "pair_example", "pair_slot", "pair_feature",
                   "feature_rank", "feature_pair_start", "rank_offsets"}
 FLOAT_SCALARS = {"scale_const", "p_drop"}
+# TMA descriptor arguments (block shapes of a 128 x 128 x 64 tile, W stored (N, K)).
+DESCRIPTORS = {"X2_desc": "tensordesc<bf16[128, 64]>", "W2_desc": "tensordesc<bf16[128, 64]>",
+               "Y_desc": "tensordesc<bf16[128, 128]>"}
 
 
 def _compile(fn, constexprs: dict, arch: int, num_warps: int = 4):
@@ -76,6 +81,8 @@ def _compile(fn, constexprs: dict, arch: int, num_warps: int = 4):
     for n in names:
         if n in constexprs:
             sig[n] = "constexpr"
+        elif n in DESCRIPTORS:
+            sig[n] = DESCRIPTORS[n]
         elif n in POINTER_DTYPES:
             sig[n] = "*" + POINTER_DTYPES[n]
         elif n in INDEX_POINTERS:
@@ -119,6 +126,16 @@ def compile_expand(arch, mode, packed, tl):
         _report(f"expand sm_{arch} mode={mode} packed={packed} dropout={dropout}", ck)
 
 
+def compile_fused_tma(arch, packed, tl):
+    """The persistent TMA fused base GEMM (Hopper and later only)."""
+    for dropout in (False, True):
+        ck = _compile(_kernels().fused_linear_tma_kernel, dict(
+            W_ROWS_ARE_N=True, HAS_BIAS=True, IS_PACKED=packed, SEARCH_STEPS=4, HAS_DROPOUT=dropout,
+            COMPUTE_DTYPE=tl.bfloat16, PRECISION="ieee", BASE_PRECISION="ieee", BLOCK_T=128, BLOCK_N=128,
+            BLOCK_R=32, BLOCK_K=64, GROUP_T=8, NUM_PROGRAMS=132), arch, num_warps=8)
+        _report(f"fused_linear_tma sm_{arch} packed={packed} dropout={dropout}", ck)
+
+
 def compile_weight_gradient_kernels(arch, packed, tl):
     for dropout in (False, True):
         common = dict(IS_PACKED=packed, HAS_DROPOUT=dropout, COMPUTE_DTYPE=tl.bfloat16, PRECISION="ieee",
@@ -150,7 +167,10 @@ def _kernels():
 # launches it on an H100/H200 (132 SMs): recorded through the launch door with the launches
 # skipped, then compiled for exactly the specialization a launch would get (16-byte aligned
 # pointers, integers divisible by 16, integers equal to 1 as constants).
-GEMM_KERNELS = {"shrink_kernel", "expand_kernel", "rank_grad_kernel", "rank_grad_pair_kernel", "example_outer_kernel"}
+GEMM_KERNELS = {"shrink_kernel", "expand_kernel", "rank_grad_kernel", "rank_grad_pair_kernel", "example_outer_kernel",
+                "fused_linear_tma_kernel"}
+# Kernels that must move their operands with the Tensor Memory Accelerator (UTMALDG loads).
+TMA_KERNELS = {"fused_linear_tma_kernel"}
 # Variants that fail the check today, each with what it shows; the test also fails when one of
 # them starts passing, so the list stays true.
 SASS_KNOWN_FAILURES: dict[str, str] = {}
@@ -181,10 +201,16 @@ def headline_launches(active: int, examples: int = 8, seq_len: int = 1024):
     A, B = torch.empty(space.total_rank, 4096, dtype=bf), torch.empty(4096, space.total_rank, dtype=bf)
     seed = torch.zeros(1, dtype=torch.int64)
     ops = triton_backend.ops
+    overrides = triton_backend.launch.OVERRIDES
     with _launch.recording(run=False, keep=True) as rec:
-        for fuse in (False, True):
-            y, h = ops.forward(x, W, None, A, B, None, seed, meta, 0.5, 0.1, fuse)
-            ops.backward(meta, dy, x, W, A, B, h, None, seed, 0.5, 0.1, fuse, True, True, True)
+        for fuse, tma in ((False, False), (True, False), (True, True)):
+            if tma:  # the fused base GEMM as on Hopper: TMA descriptors, one program per SM
+                overrides["expand"] = dict(TMA=True, PROGRAMS=132)
+            try:
+                y, h = ops.forward(x, W, None, A, B, None, seed, meta, 0.5, 0.1, fuse)
+                ops.backward(meta, dy, x, W, A, B, h, None, seed, 0.5, 0.1, fuse, True, True, True)
+            finally:
+                overrides.pop("expand", None)
         ops.backward(meta, dy, x, W, A, B, h, None, seed, 0.5, 0.1, False, True, True, False)
     return rec.launches
 
@@ -192,6 +218,9 @@ def headline_launches(active: int, examples: int = 8, seq_len: int = 1024):
 def specialization(launch) -> tuple[dict, dict, dict, dict]:
     """``(signature, constexprs, attrs, options)`` of ``launch`` for ``ASTSource`` / ``compile``."""
     import torch
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     fn = launch.fn
     names = fn.arg_names
@@ -204,6 +233,8 @@ def specialization(launch) -> tuple[dict, dict, dict, dict]:
         v = bound[n]
         if n in consts:
             sig[n], constexprs[(i,)] = "constexpr", v
+        elif isinstance(v, TensorDescriptor):  # "tensordesc<dtype[block]>", as the JIT names it
+            sig[n] = native_specialize_impl(BaseBackend, v, False, True, True)[0]
         elif torch.is_tensor(v):
             sig[n] = "*" + _TYPES[str(v.dtype)]
             if v.data_ptr() % 16 == 0:
@@ -238,6 +269,7 @@ def sass_facts(cubin: bytes) -> dict:
         usage = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
     regs = re.search(r"REG:(\d+)", usage)
     return {"hgmma": len(re.findall(r"\bHGMMA\b", sass)), "spill_stores": len(re.findall(r"\bSTL\b", sass)),
+            "tma_loads": len(re.findall(r"\bUTMALDG\b", sass)),
             "registers": int(regs.group(1)) if regs else -1}
 
 
@@ -264,7 +296,7 @@ def sass_main() -> int:
             seen.add(key)
             ck = triton.compile(ASTSource(launch.fn, sig, constexprs=constexprs, attrs=attrs),
                                 target=GPUTarget("cuda", 90, 32), options=options)
-            tags = {k: launch.kwargs[k] for k in ("MODE", "HAS_DROPOUT", "BLOCK_R", "BLOCK_S", "BLOCK_RK")
+            tags = {k: launch.kwargs[k] for k in ("MODE", "W_ROWS_ARE_N", "HAS_DROPOUT", "BLOCK_R", "BLOCK_S", "BLOCK_RK")
                     if k in launch.kwargs}
             name = f"{launch.name} T={examples * seq_len} slots={16 * active} " + " ".join(
                 f"{k}={v}" for k, v in tags.items())
@@ -288,6 +320,8 @@ def main(arch: int) -> int:
             compile_shrink(arch, packed, dropout, tl)
         for mode in (0, 1, 2):
             compile_expand(arch, mode, packed, tl)
+        if arch >= 90:
+            compile_fused_tma(arch, packed, tl)
         compile_weight_gradient_kernels(arch, packed, tl)
     return 0
 

@@ -7,7 +7,8 @@ the float64 oracle), then each replay is timed alone as the suite times a varian
 from :mod:`flix_kernels.triton.traffic`, which models the same launches on paper: a launch's
 floor is ``max(FLOPs / measured matmul rate, floor bytes / measured copy bandwidth)``, and its
 tile traffic (the bytes its programs move without cache reuse) is shown beside it. The cuBLAS
-GEMMs of the base layer and the torch op that sums split partials are not ours and are left out.
+GEMMs of the base layer (unless the fused base GEMM computes them) and the torch op that sums
+split partials are not ours and are left out.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from ..ops import flix_linear
 from .cases import SCALING, Case
 from .timing import floor_ms
 
-# The model's name of each launch, by the kernel that performs it.
-_KIND = {"shrink_kernel": "(shrink)", "expand_kernel": "(expand)", "rank_grad_kernel": "(owner)",
-         "example_outer_kernel": "(split partials)", "rank_reduce_kernel": "(split reduce)"}
+# The model's names of each launch, by the kernel that performs it.
+_KIND = {"shrink_kernel": ("(shrink)",), "expand_kernel": ("(expand)", "(fused GEMM)"),
+         "fused_linear_tma_kernel": ("(fused GEMM)",), "rank_grad_kernel": ("(owner)",),
+         "example_outer_kernel": ("(split partials)",), "rank_reduce_kernel": ("(split reduce)",)}
 
 
-def _record(x, weight, A, B, routing, grad_out) -> tuple[dict[str, list], list]:
-    """``({"forward": [(kernel, replay)], "backward": [...]}, [y, dx, dA, dB])`` of one Triton
-    forward+backward."""
+def _record(x, weight, A, B, routing, grad_out) -> tuple[dict[str, list], list, bool]:
+    """``({"forward": [(kernel, replay)], "backward": [...]}, [y, dx, dA, dB], fused)`` of one
+    Triton forward+backward; ``fused``: its base GEMMs ran in our kernel."""
     leaves = [t.detach().requires_grad_(True) for t in (x, A, B)]
     with _launch.recording(run=True, keep=True) as fwd:
         y = flix_linear(leaves[0], weight, None, leaves[1], leaves[2], routing, scaling=SCALING, backend="triton")
@@ -34,7 +36,9 @@ def _record(x, weight, A, B, routing, grad_out) -> tuple[dict[str, list], list]:
         grads = torch.autograd.grad(y, leaves, grad_out)
     launches = {"forward": [(launch.name, launch.replay) for launch in fwd.launches],
                 "backward": [(launch.name, launch.replay) for launch in bwd.launches]}
-    return launches, [y.detach(), *grads]
+    fused = any(launch.name == "fused_linear_tma_kernel" or launch.kwargs.get("MODE") == 2
+                for launch in fwd.launches)
+    return launches, [y.detach(), *grads], fused
 
 
 def model_batch(case: Case, routing, dtype):
@@ -54,19 +58,20 @@ def rows(case: Case, routing, inputs, want: list, tolerance: float, dtype, devic
     ``tolerance`` (relative, in norm) raises before anything is timed."""
     from ..triton import traffic
 
-    recorded, got = _record(inputs.x, inputs.weight, inputs.lora_A, inputs.lora_B, routing, inputs.grad_out)
+    recorded, got, fused = _record(inputs.x, inputs.weight, inputs.lora_A, inputs.lora_B, routing, inputs.grad_out)
     for name, g, w in zip(("y", "dx", "dA", "dB"), got, want):
         err = ((g.double() - w).norm() / w.norm().clamp_min(1e-30)).item()
         if not err <= tolerance:
             raise AssertionError(f"per-launch breakdown at {case.label}: {name} relative error {err:.3g} "
                                  f"(tolerance {tolerance:g})")
     sms = _launch.num_sms(device)
-    model = traffic.layer(model_batch(case, routing, dtype), sms=sms)
+    model = traffic.layer(model_batch(case, routing, dtype), sms=sms, fused=fused)
     out = []
     for phase, launches in recorded.items():
         ours = [m for m in model[phase] if "(split sum)" not in m.name]
         names = [k for k, _ in launches]
-        if len(ours) != len(launches) or any(_KIND.get(k, "?") not in m.name for k, m in zip(names, ours)):
+        if len(ours) != len(launches) or any(not any(kind in m.name for kind in _KIND.get(k, ()))
+                                             for k, m in zip(names, ours)):
             raise AssertionError(f"{case.label} {phase}: the backend launched {names}, the traffic model has "
                                  f"{[m.name for m in ours]}")
         for (kernel, replay), m in zip(launches, ours):

@@ -3,46 +3,51 @@ example's gathered rank slots (``csrc/expand.cu`` is the CUDA counterpart).
 
 MODE 0 writes the update alone, MODE 1 accumulates into Y in place (after cuBLAS computed the
 base), MODE 2 computes the base GEMM in the same tile (fused forward, or fused
-``dx = dy W + drop'(g A_S)``).
+``dx = dy W + drop'(g A_S)``): :func:`expand_kernel` by pointers on any GPU, or on Hopper
+:func:`fused_linear_tma_kernel`, the same tile with its GEMM operands moved by TMA on a
+persistent grid.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .._launch import DECODE_TOKENS, cdiv, launch_triton
+from .._launch import DECODE_TOKENS, cdiv, launch_triton, num_sms
 from .common import _keep, _token_range, _token_tile
 from .tuning import (PLANS, autotuning, blocks, bucket, finish, launch_opts, or_, overrides_key, pow2,
                      precision, remember, search_steps, tl_dtype, tuned)
 
+USE_TMA = os.environ.get("FLIX_TRITON_TMA", "1") != "0"
+try:  # host-side TMA descriptors (Triton 3.4 and later)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the Triton version
+    TensorDescriptor = None
+
 
 @triton.jit
-def expand_kernel(
-    H, M, Y, X2, W2, bias, slot_rank, slot_feature, cu_ptr, seed_ptr,
-    T, N, K2, R_slots, B, seq_len, p_drop,
-    stride_ht, stride_mr, stride_mn, stride_yt, stride_yn, stride_xt, stride_xk, stride_wn, stride_wk,
-    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, IS_PACKED: tl.constexpr, SEARCH_STEPS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr, BASE_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BASE_PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_T: tl.constexpr,
-):
-    # One program per (token tile, column tile) on a 1-D grid, in groups of GROUP_T token tiles
-    # that walk the column tiles together, so a fused base GEMM reuses W's tiles from L2.
-    pid = tl.program_id(0)
-    tiles_t = tl.cdiv(T, BLOCK_T)
-    per_group = GROUP_T * tl.cdiv(N, BLOCK_N)
-    first_t = (pid // per_group) * GROUP_T
+def _grouped_tile(tile, tiles_t, tiles_n, GROUP_T: tl.constexpr):
+    """``(pid_t, pid_n)`` of linear tile index ``tile``: groups of GROUP_T token tiles walk the
+    column tiles together, so consecutive tiles share W's column tiles in L2."""
+    per_group = GROUP_T * tiles_n
+    first_t = (tile // per_group) * GROUP_T
     group_size = tl.minimum(tiles_t - first_t, GROUP_T)
-    pid_t = first_t + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
-    offs_t, e_first, e_last = _token_tile(pid_t, T, cu_ptr, B, seq_len, IS_PACKED, SEARCH_STEPS, BLOCK_T)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return first_t + (tile % per_group) % group_size, (tile % per_group) // group_size
+
+
+@triton.jit
+def _update_tile(H, M, slot_rank, slot_feature, cu_ptr, offs_t, e_first, e_last, offs_n, T, N, R_slots, seq_len,
+                 stride_ht, stride_mr, stride_mn, IS_PACKED: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``(lora, active)``: the fp32 (BLOCK_T, BLOCK_N) tile of ``H M_S`` for tokens ``offs_t``
+    (of examples e_first..e_last) and columns ``offs_n``; ``active`` is 1 when some token of the
+    tile uses a feature."""
     t_in = offs_t < T
     n_in = offs_n < N
     offs_t64 = offs_t.to(tl.int64)
-
     lora = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     active = 0
     for e in range(e_first, e_last + 1):
@@ -67,6 +72,31 @@ def expand_kernel(
                         # The other examples' rows of h read as 0, but 0 * inf is NaN: keep only e's rows.
                         part = tl.dot(h.to(COMPUTE_DTYPE), m.to(COMPUTE_DTYPE), input_precision=PRECISION)
                         lora += tl.where(rows[:, None], part, 0.0)
+    return lora, active
+
+
+@triton.jit
+def expand_kernel(
+    H, M, Y, X2, W2, bias, slot_rank, slot_feature, cu_ptr, seed_ptr,
+    T, N, K2, R_slots, B, seq_len, p_drop,
+    stride_ht, stride_mr, stride_mn, stride_yt, stride_yn, stride_xt, stride_xk, stride_wn, stride_wk,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, IS_PACKED: tl.constexpr, SEARCH_STEPS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, BASE_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BASE_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_T: tl.constexpr,
+):
+    # One program per (token tile, column tile) on a 1-D grid, in groups of GROUP_T token tiles
+    # that walk the column tiles together, so a fused base GEMM reuses W's tiles from L2.
+    pid_t, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(T, BLOCK_T), tl.cdiv(N, BLOCK_N), GROUP_T)
+    offs_t, e_first, e_last = _token_tile(pid_t, T, cu_ptr, B, seq_len, IS_PACKED, SEARCH_STEPS, BLOCK_T)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    t_in = offs_t < T
+    n_in = offs_n < N
+    offs_t64 = offs_t.to(tl.int64)
+
+    lora, active = _update_tile(H, M, slot_rank, slot_feature, cu_ptr, offs_t, e_first, e_last, offs_n, T, N,
+                                R_slots, seq_len, stride_ht, stride_mr, stride_mn, IS_PACKED, COMPUTE_DTYPE, PRECISION,
+                                BLOCK_T, BLOCK_N, BLOCK_R)
     if HAS_DROPOUT:
         keep = _keep(tl.load(seed_ptr), offs_t, offs_n, N, p_drop)
         lora = tl.where(keep, lora * (1.0 / (1.0 - p_drop)), 0.0)
@@ -96,21 +126,72 @@ def expand_kernel(
         tl.store(y_ptrs, lora.to(Y.dtype.element_ty), mask=y_mask)
 
 
-def config(T: int, N: int, K2: int, R: int, device: torch.device) -> dict:
+@triton.jit
+def fused_linear_tma_kernel(
+    X2_desc, W2_desc, Y_desc, H, M, bias, slot_rank, slot_feature, cu_ptr, seed_ptr,
+    T, N, K2, R_slots, B, seq_len, p_drop, stride_ht, stride_mr, stride_mn,
+    W_ROWS_ARE_N: tl.constexpr, HAS_BIAS: tl.constexpr, IS_PACKED: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BASE_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_T: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+):
+    """Mode 2 of :func:`expand_kernel` for Hopper: ``Y = X2 W2^T + bias + drop(H M_S)`` with X2,
+    W2 and Y through TMA tensor descriptors (a box past the edge reads zeros and is not
+    written back, so no masks), on a persistent grid of NUM_PROGRAMS programs that walk the
+    grouped tile order. W2 is stored (N, K2) (``W_ROWS_ARE_N``: the forward's weight) or (K2, N)
+    (the weight itself in ``dx = dy W``); either way its rows are contiguous."""
+    tiles_t = tl.cdiv(T, BLOCK_T)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    for tile in range(tl.program_id(0), tiles_t * tiles_n, NUM_PROGRAMS):
+        pid_t, pid_n = _grouped_tile(tile, tiles_t, tiles_n, GROUP_T)
+        offs_t, e_first, e_last = _token_tile(pid_t, T, cu_ptr, B, seq_len, IS_PACKED, SEARCH_STEPS, BLOCK_T)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc, active = _update_tile(H, M, slot_rank, slot_feature, cu_ptr, offs_t, e_first, e_last, offs_n, T, N,
+                                   R_slots, seq_len, stride_ht, stride_mr, stride_mn, IS_PACKED, COMPUTE_DTYPE,
+                                   PRECISION, BLOCK_T, BLOCK_N, BLOCK_R)
+        if HAS_DROPOUT:
+            keep = _keep(tl.load(seed_ptr), offs_t, offs_n, N, p_drop)
+            acc = tl.where(keep, acc * (1.0 / (1.0 - p_drop)), 0.0)
+        t0 = pid_t * BLOCK_T
+        n0 = pid_n * BLOCK_N
+        for k0 in range(0, K2, BLOCK_K):
+            a = X2_desc.load([t0, k0])
+            if W_ROWS_ARE_N:
+                w = W2_desc.load([n0, k0]).T
+            else:
+                w = W2_desc.load([k0, n0])
+            acc = tl.dot(a, w, acc, input_precision=BASE_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        Y_desc.store([t0, n0], acc.to(Y_desc.dtype))
+
+
+def config(T: int, N: int, K2: int, R: int, device: torch.device, *, sms: int | None = None) -> dict:
     """Untuned launch configuration for one shape (see :mod:`.tuning`); ``K2 > 0``: the fused
-    base GEMM (mode 2)."""
+    base GEMM (mode 2), through TMA on a persistent grid where the device has TMA (``TMA``);
+    ``sms`` as in :func:`.shrink.config`."""
     decode = T <= DECODE_TOKENS
     if decode:
         cfg = dict(BLOCK_T=16, BLOCK_N=64, BLOCK_R=pow2(R, hi=64), BLOCK_K=64, GROUP_T=1, num_warps=4)
     elif K2 > 0:
         # A GEMM tile (the update seeds its accumulator), grouped for L2 reuse of W; slot blocks of
-        # at most 32 keep the dropout variant free of spills at 64 slots on sm_90.
-        cfg = dict(BLOCK_T=128, BLOCK_N=128, BLOCK_R=pow2(R, hi=32), BLOCK_K=64, GROUP_T=8, num_warps=8)
+        # at most 32 keep the dropout variant free of spills at 64 slots on sm_90. With TMA: one
+        # program per SM, 4 stages of (x, W) boxes in shared memory.
+        cfg = dict(BLOCK_T=128, BLOCK_N=128, BLOCK_R=pow2(R, hi=32), BLOCK_K=64, GROUP_T=8, num_warps=8,
+                   TMA=has_tma(device), PROGRAMS=num_sms(device) if sms is None else sms, TMA_STAGES=4)
     else:
         # 64 x 64 tiles with 8 warps for the in-place update: with 4 warps, up to 64 rank slots
         # and dropout reach 255 registers per thread and spill on sm_90 (test_triton_compile.py).
         cfg = dict(BLOCK_T=64, BLOCK_N=64, BLOCK_R=pow2(R, hi=64), BLOCK_K=64, GROUP_T=1, num_warps=8)
     return finish("expand", cfg, device)
+
+
+def has_tma(device: torch.device) -> bool:
+    """Whether fused base GEMMs on ``device`` go through TMA descriptors: on Hopper and later,
+    with a Triton that has host-side descriptors, unless ``FLIX_TRITON_TMA=0`` (to compare the
+    pointer kernel); elsewhere only when ``OVERRIDES["expand"]["TMA"]``."""
+    return (TensorDescriptor is not None and USE_TMA and device.type == "cuda" and torch.cuda.is_available()
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def candidates(cfg: dict) -> list[dict]:
@@ -134,8 +215,7 @@ def expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, 
         def run(cfg, Y=Y):
             _launch_expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, mode, X2, W2,
                            stride_wn, stride_wk, bias, seed, p_drop,
-                           (cdiv(T, cfg["BLOCK_T"]) * cdiv(N, cfg["BLOCK_N"]),),
-                           _expand_constexprs(cfg, B, flags, compute_dtype, base_dtype))
+                           _plan(cfg, T, N, B, flags, compute_dtype, base_dtype))
 
         key = (T <= DECODE_TOKENS, bucket(T), bucket(N), bucket(K2), bucket(R), Y.dtype, M.dtype, mode,
                seed is not None)
@@ -146,26 +226,68 @@ def expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, 
            precision(base_dtype), overrides_key("expand"))
     plan = PLANS.get(key)
     if plan is None:
-        cfg = config(T, N, K2, R, Y.device)
-        plan = remember(key, ((cdiv(T, cfg["BLOCK_T"]) * cdiv(N, cfg["BLOCK_N"]),),
-                               _expand_constexprs(cfg, B, flags, compute_dtype, base_dtype)))
+        plan = remember(key, _plan(config(T, N, K2, R, Y.device), T, N, B, flags, compute_dtype, base_dtype))
     _launch_expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, mode, X2, W2, stride_wn,
-                   stride_wk, bias, seed, p_drop, *plan)
+                   stride_wk, bias, seed, p_drop, plan)
     return Y
 
 
-def _expand_constexprs(cfg, B, flags, compute_dtype, base_dtype) -> dict:
+def _plan(cfg, T, N, B, flags, compute_dtype, base_dtype) -> tuple:
+    """``(grid, constexprs, tma)``: the launch of :func:`expand_kernel`, and for a fused base GEMM
+    where ``cfg["TMA"]``, ``tma = (grid, constexprs)`` of :func:`fused_linear_tma_kernel` (taken
+    when the operands' layout allows descriptors, see :func:`_descriptors`)."""
     mode, has_bias, packed, has_seed = flags
-    return dict(MODE=mode, HAS_BIAS=has_bias, IS_PACKED=packed, SEARCH_STEPS=search_steps(B), HAS_DROPOUT=has_seed,
-                COMPUTE_DTYPE=tl_dtype(compute_dtype), BASE_DTYPE=tl_dtype(base_dtype),
-                PRECISION=precision(compute_dtype), BASE_PRECISION=precision(base_dtype),
-                **blocks(cfg, "BLOCK_T", "BLOCK_N", "BLOCK_R", "BLOCK_K", "GROUP_T"), **launch_opts(cfg))
+    common = dict(HAS_BIAS=has_bias, IS_PACKED=packed, SEARCH_STEPS=search_steps(B), HAS_DROPOUT=has_seed,
+                  COMPUTE_DTYPE=tl_dtype(compute_dtype), PRECISION=precision(compute_dtype),
+                  BASE_PRECISION=precision(base_dtype), **blocks(cfg, "BLOCK_T", "BLOCK_N", "BLOCK_R", "BLOCK_K",
+                                                                   "GROUP_T"))
+    tiles = cdiv(T, cfg["BLOCK_T"]) * cdiv(N, cfg["BLOCK_N"])
+    tma = None
+    if mode == 2 and cfg.get("TMA"):
+        programs = min(tiles, cfg["PROGRAMS"])
+        opts = {k: v for k, v in launch_opts(cfg).items() if k != "num_stages"}
+        if "num_warps" in cfg:  # compiled (not the interpreter): the pipeline depth of the K loop
+            opts["num_stages"] = cfg.get("TMA_STAGES", 3)
+        tma = ((programs,), dict(common, NUM_PROGRAMS=programs, **opts))
+    return (tiles,), dict(common, MODE=mode, BASE_DTYPE=tl_dtype(base_dtype), **launch_opts(cfg)), tma
+
+
+def _descriptors(X2, W2, stride_wn, stride_wk, Y, constexprs):
+    """``(X2, W2, Y)`` TMA descriptors and whether W2's rows are its N axis, or None where TMA
+    cannot address them (mixed dtypes, a non-unit inner stride, row pitches or base addresses
+    not 16-byte aligned): the pointer kernel then runs."""
+    if not X2.dtype == W2.dtype == Y.dtype:
+        return None
+    (T, K2), N, elt = X2.shape, Y.shape[1], X2.element_size()
+    if stride_wk == 1:
+        w_rows_are_n, w_shape, w_pitch = True, [N, K2], stride_wn
+    elif stride_wn == 1:
+        w_rows_are_n, w_shape, w_pitch = False, [K2, N], stride_wk
+    else:
+        return None
+    for t, inner, pitch in ((X2, X2.stride(1), X2.stride(0)), (W2, 1, w_pitch), (Y, Y.stride(1), Y.stride(0))):
+        if inner != 1 or (pitch * elt) % 16 or t.data_ptr() % 16:
+            return None
+    bt, bn, bk = constexprs["BLOCK_T"], constexprs["BLOCK_N"], constexprs["BLOCK_K"]
+    return (TensorDescriptor(X2, [T, K2], [X2.stride(0), 1], [bt, bk]),
+            TensorDescriptor(W2, w_shape, [w_pitch, 1], [bn, bk] if w_rows_are_n else [bk, bn]),
+            TensorDescriptor(Y, [T, N], [Y.stride(0), 1], [bt, bn]), w_rows_are_n)
 
 
 def _launch_expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, mode, X2, W2, stride_wn,
-                   stride_wk, bias, seed, p_drop, grid, constexprs):
+                   stride_wk, bias, seed, p_drop, plan):
     T, N = Y.shape
     B, R = slot_rank.shape
+    grid, constexprs, tma = plan
+    if tma is not None:
+        descriptors = _descriptors(X2, W2, stride_wn, stride_wk, Y, tma[1])
+        if descriptors is not None:
+            x_desc, w_desc, y_desc, w_rows_are_n = descriptors
+            launch_triton(fused_linear_tma_kernel, tma[0],
+                          x_desc, w_desc, y_desc, H, M, or_(bias, Y), slot_rank, slot_feature, or_(cu, slot_rank),
+                          or_(seed, slot_rank), T, N, X2.shape[1], R, B, seq_len, float(p_drop), H.stride(0),
+                          stride_mr, stride_mn, W_ROWS_ARE_N=w_rows_are_n, **tma[1])
+            return
     if mode == 2:
         K2 = X2.shape[1]
         stride_xm, stride_xk = X2.stride()

@@ -6,8 +6,8 @@ once per feature, H once per n-tile) before any GPU time is spent.
 
 The model follows the launchers: the same ``config`` of each family, the same grids and the same
 choice of weight-gradient path. It covers the batched layout (B examples of L tokens, L a
-multiple of the token tile, every example using ``active`` features of rank ``rank``) with the
-cuBLAS base GEMM, the unfused path the backend takes by default.
+multiple of the token tile, every example using ``active`` features of rank ``rank``), with the
+cuBLAS base GEMM and an in-place expand (the backend's default) or with the fused base GEMM.
 """
 
 from __future__ import annotations
@@ -88,6 +88,19 @@ def _expand(name, b: Batch, rows: int, cols: int) -> Launch:
                   T * R * 4 * tiles_n + tiles_t * R * cols * ea + 2 * T * cols * ey, T * cols * ey)
 
 
+def _fused(name, b: Batch, rows: int, k_in: int, cols: int, sms: int) -> Launch:
+    """``Y (T, cols) = X2 (T, k_in) W^T + H M_S`` in one GEMM tile (the fused base GEMM, mode 2
+    or its TMA kernel), M with ``rows`` used rows; the base weight in the activations' dtype."""
+    T, R, ex, ea = b.tokens, b.slots, b.dtype.itemsize, b.adapter_dtype.itemsize
+    cfg = expand.config(T, cols, k_in, R, torch.device("cuda"), sms=sms)
+    tiles_t, tiles_n = cdiv(T, cfg["BLOCK_T"]), cdiv(cols, cfg["BLOCK_N"])
+    streamed = T * k_in * ex * tiles_n  # X2 once per column tile (L2 serves most of it)
+    return Launch(f"{name} (fused GEMM)", 2.0 * T * k_in * cols + 2.0 * T * cols * R,
+                  T * k_in * ex + cols * k_in * ex + T * cols * ex + T * R * 4 + rows * cols * ea,
+                  streamed + tiles_t * cols * k_in * ex + T * cols * ex + T * R * 4 * tiles_n + tiles_t * R * cols * ea,
+                  streamed)
+
+
 def _weight_grad(name, b: Batch, cols: int, sms: int) -> list[Launch]:
     """``G (total_rank, cols)``: per feature, its tokens' ``L^T R`` (L the fp32 (T, R) h or g,
     R the (T, cols) dy or x); absent features get zero rows."""
@@ -119,11 +132,17 @@ def pow2(n: int) -> int:
     return next_pow2(n, 16)
 
 
-def layer(b: Batch, sms: int = 132) -> dict[str, list[Launch]]:
-    """The FLix launches of one layer's forward and backward (the base GEMMs, cuBLAS, excluded)."""
+def layer(b: Batch, sms: int = 132, fused: bool = False) -> dict[str, list[Launch]]:
+    """The FLix launches of one layer's forward and backward: with cuBLAS base GEMMs (excluded
+    here) and in-place expands, or with ``fused`` base GEMMs (``x W^T`` and ``dy W`` in the
+    expand tile, included)."""
     used = min(b.present * b.rank, b.num_features * b.rank)  # rows of A / columns of B the batch reads
     K, N = b.in_features, b.out_features
-    forward = _shrink("h = x A_S^T", b, used, K, sms) + [_expand("y += h B_S^T", b, used, N)]
-    backward = (_shrink("g = dy B_S", b, used, N, sms) + [_expand("dx += g A_S", b, used, K)]
+    if fused:
+        y, dx = _fused("y = x W^T + h B_S^T", b, used, K, N, sms), _fused("dx = dy W + g A_S", b, used, N, K, sms)
+    else:
+        y, dx = _expand("y += h B_S^T", b, used, N), _expand("dx += g A_S", b, used, K)
+    forward = _shrink("h = x A_S^T", b, used, K, sms) + [y]
+    backward = (_shrink("g = dy B_S", b, used, N, sms) + [dx]
                 + _weight_grad("dB", b, N, sms) + _weight_grad("dA", b, K, sms))
     return {"forward": forward, "backward": backward}

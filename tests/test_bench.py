@@ -57,6 +57,26 @@ def test_a_wrong_variant_is_reported_and_not_timed(monkeypatch):
     assert not [r for r in rec["rows"] if r["variant"] == "wrong" and "median_ms" in r]
 
 
+def test_a_triton_run_records_which_paths_it_measured(monkeypatch):
+    """A record with backend "triton" says whether the fused base GEMM was on, by TMA or by
+    pointers, and what autotuning chose; the markdown says it in one line."""
+    from flix_kernels.backends import triton_backend
+    from flix_kernels.triton import tuning
+
+    if triton_backend.unavailable_reason("cpu") is not None:
+        pytest.skip(triton_backend.unavailable_reason("cpu"))
+    monkeypatch.setattr(triton_backend, "FUSE_BASE", True)
+    monkeypatch.setattr(tuning, "AUTOTUNE", True)
+    monkeypatch.setattr(tuning, "_TUNED", {})
+    rec = bench_suite.run(Config(device=torch.device("cpu"), cases=TINY[1:], rep_ms=1, e2e=False, backends=["triton"]))
+    assert rec["failures"] == []
+    t = rec["triton"]
+    assert t["fuse_base"] is True and t["tma"] is False and t["autotune"] is True
+    assert {c["kind"] for c in t["tuned"]} >= {"shrink", "expand"} and json.dumps(t)
+    assert "Triton paths: fused base GEMM on by default, by pointers where fused; autotuning on (" in \
+        report.markdown({**rec, "summary": {}})
+
+
 
 
 @pytest.mark.skipif(pytest.importorskip("transformers") is None, reason="needs transformers")

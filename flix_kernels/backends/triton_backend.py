@@ -51,6 +51,14 @@ def supports(x: Tensor, lora_A: Tensor) -> Optional[str]:
     return None
 
 
+def settings(device) -> dict:
+    """The paths this process's Triton launches take (what a benchmark measured): the fused base
+    GEMM's default, whether it goes through TMA on ``device``, autotuning and what it chose."""
+    dev = torch.device(device)
+    return {"fuse_base": FUSE_BASE, "tma": launch.has_tma(dev), "autotune": launch.autotuning(),
+            "tuned": launch.tuned_configs()}
+
+
 def _base_path(key, fuse_base, fused, unfused, device):
     """The fused or the cuBLAS + expand path: ``fuse_base`` decides, unless autotuning is on,
     in which case the faster of the two for this shape class is timed once and kept."""

@@ -347,6 +347,12 @@ def markdown(record: dict) -> str:
     lines += [f"Measured peaks: {p['matmul_dtype']} matmul {p['matmul_tflops']:.1f} TFLOP/s, copy {p['copy_GBps']:.0f} GB/s. "
               f"Method: {record['method']}. {NOISE_RULE}", ""]
     lines += [*s.get("notes", []), ""] if s.get("notes") else []
+    if record.get("triton"):
+        t = record["triton"]
+        lines += [f"Triton paths: fused base GEMM {'on' if t['fuse_base'] else 'off'} by default, "
+                  f"{'through TMA' if t['tma'] else 'by pointers'} where fused; autotuning "
+                  f"{'on (' + str(len(t['tuned'])) + ' shape classes tuned, in results.json)' if t['autotune'] else 'off'}.",
+                  ""]
     legend_lines = [f"- {x}" for x in legend(record)]
     if s.get("targets"):
         lines += ["## Targets", "", "| target | goal | measured | ours | met |", "|---|---|---|---|---|"]

@@ -214,6 +214,10 @@ def run(cfg: Config, progress=None, checkpoint=None) -> dict:
         record["failures"] += [f for k in E2E_KEYS for f in record.get(k, {}).get("failures", [])]
         if progress:
             progress.tick()
+    if "triton" in backends:  # which Triton paths these numbers are of
+        from ..backends import triton_backend
+
+        record["triton"] = triton_backend.settings(device)
     record["host_load"]["end"] = load_average()
     return record
 

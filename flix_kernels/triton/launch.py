@@ -9,10 +9,10 @@ launchers, with the same arguments and semantics, as :mod:`flix_kernels.cuda.lau
 from __future__ import annotations
 
 from .common import keep_mask
-from .expand import expand
+from .expand import expand, has_tma
 from .shrink import shrink
-from .tuning import OVERRIDES, SUPPORTED_DTYPES, autotuning, choose, interpreting, precision, tl_dtype
+from .tuning import OVERRIDES, SUPPORTED_DTYPES, autotuning, choose, interpreting, precision, tl_dtype, tuned_configs
 from .weight_grad import WORKSPACE_BYTES, weight_grad, weight_grad_pair
 
-__all__ = ["OVERRIDES", "SUPPORTED_DTYPES", "WORKSPACE_BYTES", "autotuning", "choose", "expand", "interpreting", "keep_mask",
-           "precision", "shrink", "tl_dtype", "weight_grad", "weight_grad_pair"]
+__all__ = ["OVERRIDES", "SUPPORTED_DTYPES", "WORKSPACE_BYTES", "autotuning", "choose", "expand", "has_tma", "interpreting",
+           "keep_mask", "precision", "shrink", "tl_dtype", "tuned_configs", "weight_grad", "weight_grad_pair"]

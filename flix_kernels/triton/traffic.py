@@ -146,3 +146,27 @@ def layer(b: Batch, sms: int = 132, fused: bool = False) -> dict[str, list[Launc
     backward = (_shrink("g = dy B_S", b, used, N, sms) + [dx]
                 + _weight_grad("dB", b, N, sms) + _weight_grad("dA", b, K, sms))
     return {"forward": forward, "backward": backward}
+
+
+def one_pass_g_and_dB(b: Batch, sms: int = 132) -> dict:
+    """A design not built, on paper: ``g = s dy B_S`` and dB from one read of dy. g sums over
+    dy's columns and dB over its tokens, so without atomics one of the two needs fp32 partials
+    whatever the tiling: programs own (a token tile, a split of the columns), write g's partial
+    per column split and dB's per token tile, and two fixed-order sums finish them. Returns the
+    floor bytes of that design at its best tiling with at least one program per SM, of today's
+    two passes (g's shrink and its split sum, dB's split path), and the tiling."""
+    T, N, R, ex, ea = b.tokens, b.out_features, b.slots, b.dtype.itemsize, b.adapter_dtype.itemsize
+    used = min(b.present * b.rank, b.num_features * b.rank)
+    grad = b.num_features * b.rank * N * ea
+    fixed = T * N * ex + T * R * 4 + used * N * ea + T * R * 4 + grad  # dy, h, B_S once; g and dB written
+    best = None
+    for token_tile in (64, 128, 256, 512):
+        for splits in (1, 2, 4, 8, 16, 32, 64):
+            if cdiv(T, token_tile) * splits < sms or N < 64 * splits:
+                continue
+            partials = (2 * splits * T * R * 4 if splits > 1 else 0) + 2 * cdiv(T, token_tile) * N * R * 4
+            if best is None or fixed + partials < best[0]:
+                best = (fixed + partials, (token_tile, splits))
+    launches = layer(b, sms)["backward"]
+    today = sum(launch.floor_bytes for launch in launches if launch.name.startswith(("g = dy", "dB")))
+    return {"one_pass": best[0] if best else None, "today": today, "tiling": best[1] if best else None}

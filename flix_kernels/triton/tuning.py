@@ -112,6 +112,13 @@ def tuned(kind: str, cfg: dict, candidates, key: tuple, run, device: torch.devic
     return _TUNED[key]
 
 
+def tuned_configs() -> list[dict]:
+    """What autotuning chose in this process, JSON-ready: ``{"kind", "shape_class", "config"}``
+    per shape class (kind "choice": the fused base GEMM or cuBLAS + expand)."""
+    return [{"kind": key[0], "shape_class": [str(k) for k in key[1:]], "config": cfg}
+            for key, cfg in _TUNED.items()]
+
+
 def choose(key: tuple, options: dict, device: torch.device) -> str:
     """With autotuning on, the fastest of ``options`` (name -> side-effect-free callable) for
     this shape class, timed once per process; else the first option."""

@@ -131,8 +131,8 @@ def compile_fused_tma(arch, packed, tl):
     for dropout in (False, True):
         ck = _compile(_kernels().fused_linear_tma_kernel, dict(
             W_ROWS_ARE_N=True, HAS_BIAS=True, IS_PACKED=packed, SEARCH_STEPS=4, HAS_DROPOUT=dropout,
-            COMPUTE_DTYPE=tl.bfloat16, PRECISION="ieee", BASE_PRECISION="ieee", BLOCK_T=128, BLOCK_N=128,
-            BLOCK_R=32, BLOCK_K=64, GROUP_T=8, NUM_PROGRAMS=132), arch, num_warps=8)
+            COMPUTE_DTYPE=tl.bfloat16, PRECISION="ieee", BASE_PRECISION="ieee", OUT_DTYPE=tl.bfloat16, BLOCK_T=128,
+            BLOCK_N=128, BLOCK_R=32, BLOCK_K=64, GROUP_T=8, NUM_PROGRAMS=132), arch, num_warps=8)
         _report(f"fused_linear_tma sm_{arch} packed={packed} dropout={dropout}", ck)
 
 

@@ -132,8 +132,8 @@ def fused_linear_tma_kernel(
     T, N, K2, R_slots, B, seq_len, p_drop, stride_ht, stride_mr, stride_mn,
     W_ROWS_ARE_N: tl.constexpr, HAS_BIAS: tl.constexpr, IS_PACKED: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BASE_PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_T: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    OUT_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
 ):
     """Mode 2 of :func:`expand_kernel` for Hopper: ``Y = X2 W2^T + bias + drop(H M_S)`` with X2,
     W2 and Y through TMA tensor descriptors (a box past the edge reads zeros and is not
@@ -163,7 +163,7 @@ def fused_linear_tma_kernel(
             acc = tl.dot(a, w, acc, input_precision=BASE_PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        Y_desc.store([t0, n0], acc.to(Y_desc.dtype))
+        Y_desc.store([t0, n0], acc.to(OUT_DTYPE))
 
 
 def config(T: int, N: int, K2: int, R: int, device: torch.device, *, sms: int | None = None) -> dict:
@@ -176,7 +176,9 @@ def config(T: int, N: int, K2: int, R: int, device: torch.device, *, sms: int | 
     elif K2 > 0:
         # A GEMM tile (the update seeds its accumulator), grouped for L2 reuse of W; slot blocks of
         # at most 32 keep the dropout variant free of spills at 64 slots on sm_90. With TMA: one
-        # program per SM, 4 stages of (x, W) boxes in shared memory.
+        # program per SM, 4 stages of (x, W) boxes in shared memory. 128 x 256 tiles spill on
+        # sm_90 (a tile straddling examples needs a second accumulator) and 4 stages of them
+        # exceed shared memory.
         cfg = dict(BLOCK_T=128, BLOCK_N=128, BLOCK_R=pow2(R, hi=32), BLOCK_K=64, GROUP_T=8, num_warps=8,
                    TMA=has_tma(device), PROGRAMS=num_sms(device) if sms is None else sms, TMA_STAGES=4)
     else:
@@ -248,7 +250,8 @@ def _plan(cfg, T, N, B, flags, compute_dtype, base_dtype) -> tuple:
         opts = {k: v for k, v in launch_opts(cfg).items() if k != "num_stages"}
         if "num_warps" in cfg:  # compiled (not the interpreter): the pipeline depth of the K loop
             opts["num_stages"] = cfg.get("TMA_STAGES", 3)
-        tma = ((programs,), dict(common, NUM_PROGRAMS=programs, **opts))
+        # Descriptors need one dtype for X2, W2 and Y (see _descriptors): the output's is X2's.
+        tma = ((programs,), dict(common, OUT_DTYPE=tl_dtype(base_dtype), NUM_PROGRAMS=programs, **opts))
     return (tiles,), dict(common, MODE=mode, BASE_DTYPE=tl_dtype(base_dtype), **launch_opts(cfg)), tma
 
 

@@ -257,11 +257,11 @@ def _plan(cfg, T, N, B, flags, compute_dtype, base_dtype) -> tuple:
 
 def _descriptors(X2, W2, stride_wn, stride_wk, Y, constexprs):
     """``(X2, W2, Y)`` TMA descriptors and whether W2's rows are its N axis, or None where TMA
-    cannot address them (mixed dtypes, a non-unit inner stride, row pitches or base addresses
-    not 16-byte aligned): the pointer kernel then runs."""
-    if not X2.dtype == W2.dtype == Y.dtype:
-        return None
+    cannot address them (mixed dtypes, no columns, a non-unit inner stride, row pitches or base
+    addresses not 16-byte aligned): the pointer kernel then runs."""
     (T, K2), N, elt = X2.shape, Y.shape[1], X2.element_size()
+    if not X2.dtype == W2.dtype == Y.dtype or K2 == 0:
+        return None
     if stride_wk == 1:
         w_rows_are_n, w_shape, w_pitch = True, [N, K2], stride_wn
     elif stride_wn == 1:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import flix_kernels as fk
-from _kernels import FUSED_TMA_PATHS, forced_paths
+from _kernels import FUSED_TMA_PATHS, GRAD_PATHS, forced_paths
 from conftest import BACKENDS, DEVICE, KERNEL_DTYPES
 from flix_kernels import _launch
 from flix_kernels.backends import torch_backend
@@ -37,9 +37,13 @@ LENGTHS = {"batched": None, "single": None, "packed": [3, 0, 2, 5, 1, 4, 2]}
 
 TORCH_STRATEGIES = [pytest.param(("torch", None), id="torch-auto"), pytest.param(("torch", "grouped"), id="torch-grouped")]
 KERNELS = [pytest.param((p.values[0], None), marks=p.marks, id=p.values[0]) for p in BACKENDS]
-# The Triton backend's fused base GEMM through TMA descriptors (flix_linear only).
+# The Triton backend's fused base GEMM through TMA descriptors (flix_linear only), and its
+# one-pass g and dB (column splits, at these small token counts too).
 FUSED_TMA = [pytest.param(("triton", "fused_tma"), marks=p.marks, id="triton-fused-tma") for p in BACKENDS
              if p.values[0] == "triton"]
+DY_PASS = [pytest.param(("triton", "dy_pass"), marks=p.marks, id="triton-dy-pass") for p in BACKENDS
+           if p.values[0] == "triton"]
+TRITON_PATHS = {"fused_tma": (FUSED_TMA_PATHS, True), "dy_pass": (GRAD_PATHS["triton"]["dy_pass_splits"], None)}
 
 
 def _poison(A, Bm, scaling, where, value):
@@ -82,9 +86,9 @@ def _check(backend, strategy, layout, use, where, value, dtype, linear):
     leaves = [t.detach().clone().to(DEVICE).requires_grad_(True) for t in (x, A, Bm)]
     s = scaling.to(DEVICE)
     torch_backend.FORCE_STRATEGY = strategy if backend == "torch" else None
-    fused_tma = forced_paths("triton", FUSED_TMA_PATHS, fuse_base=True) if strategy == "fused_tma" else nullcontext()
+    paths = forced_paths("triton", *TRITON_PATHS[strategy]) if strategy in TRITON_PATHS else nullcontext()
     try:
-        with fused_tma:
+        with paths:
             if linear:
                 out = fk.flix_linear(leaves[0], W.to(DEVICE), bias.to(DEVICE), *leaves[1:], routing, scaling=s,
                                      backend=backend)
@@ -97,6 +101,8 @@ def _check(backend, strategy, layout, use, where, value, dtype, linear):
         torch_backend.FORCE_STRATEGY = None
     if strategy == "fused_tma":  # dx = dy W + drop'(g A_S) went through the TMA kernel
         assert rec.counts[("triton", "fused_linear_tma_kernel")] == 1, dict(rec.counts)
+    if strategy == "dy_pass":
+        assert rec.counts[("triton", "dy_pass_kernel")] == 1, dict(rec.counts)
     ref_leaves = [t.detach().double().requires_grad_(True) for t in (x, A, Bm)]
     if linear:
         ref = flix_linear_reference(ref_leaves[0], W.double(), bias.double(), *ref_leaves[1:], ids,
@@ -131,7 +137,7 @@ POISONS = [("lora_A", float("inf")), ("lora_A", float("nan")), ("lora_B", float(
 @pytest.mark.parametrize("where,value", POISONS, ids=[f"{w}={v}" for w, v in POISONS])
 @pytest.mark.parametrize("use", ["used", "unused"])
 @pytest.mark.parametrize("layout", list(LENGTHS))
-@pytest.mark.parametrize("impl", TORCH_STRATEGIES + KERNELS)
+@pytest.mark.parametrize("impl", TORCH_STRATEGIES + KERNELS + DY_PASS)
 def test_a_diverged_feature_reaches_no_other_example(impl, layout, use, where, value):
     backend, strategy = impl
     if backend != "torch" and where == "scaling" and use == "unused":
@@ -140,7 +146,7 @@ def test_a_diverged_feature_reaches_no_other_example(impl, layout, use, where, v
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@pytest.mark.parametrize("impl", TORCH_STRATEGIES + KERNELS + FUSED_TMA)
+@pytest.mark.parametrize("impl", TORCH_STRATEGIES + KERNELS + FUSED_TMA + DY_PASS)
 def test_a_diverged_feature_reaches_no_other_example_through_flix_linear(impl, dtype):
     backend, strategy = impl
     _check(backend, strategy, "packed", "used", "lora_B", float("inf"), dtype, linear=True)

@@ -54,7 +54,7 @@ DTYPES = {
     + ([("bfloat16", "bfloat16"), ("bfloat16", "float32")] if torch.cuda.is_available() else []),
 }
 LARGE_ODDS = {"torch": 4, "kernel": 4 if torch.cuda.is_available() else 20}
-PATHS = {"torch": ("auto", "dense", "grouped"), "triton": ("small", "default", "owner", "split"),
+PATHS = {"torch": ("auto", "dense", "grouped"), "triton": ("small", "default", "owner", "split", "dy_pass"),
          "cuda": ("small", "default", "owner", "split")}
 
 

@@ -61,7 +61,7 @@ def test_gemm_kernels_use_hopper_mma_and_do_not_spill():
 POINTER_DTYPES = {
     "X": "bf16", "M": "bf16", "Y": "bf16", "X2": "bf16", "W2": "bf16", "bias": "bf16", "R": "bf16", "G": "bf16",
     "H": "fp32", "L": "fp32", "WS": "fp32", "scaling": "fp32", "seed_ptr": "i64", "OUT": "i8",
-    "L0": "fp32", "R0": "bf16", "G0": "bf16", "L1": "fp32", "R1": "bf16", "G1": "bf16",
+    "L0": "fp32", "R0": "bf16", "G0": "bf16", "L1": "fp32", "R1": "bf16", "G1": "bf16", "DY": "bf16", "Mb": "bf16",
 }
 INDEX_POINTERS = {"slot_rank", "slot_feature", "cu_ptr", "pair_example", "pair_slot", "pair_feature",
                   "feature_rank", "feature_pair_start", "rank_offsets"}
@@ -147,6 +147,10 @@ def compile_weight_gradient_kernels(arch, packed, tl):
         for slots in (16, 128):
             _report(f"example_outer slots={slots} sm_{arch} packed={packed} dropout={dropout}",
                     _compile(_kernels().example_outer_kernel, dict(common, BLOCK_S=slots), arch))
+    for slots, tokens in ((32, 256), (64, 128), (128, 64)):
+        _report(f"dy_pass slots={slots} sm_{arch} packed={packed}", _compile(_kernels().dy_pass_kernel, dict(
+            IS_PACKED=packed, HAS_SCALE_TENSOR=True, COMPUTE_DTYPE=tl.bfloat16, PRECISION="ieee", BLOCK_T=tokens,
+            BLOCK_S=slots, BLOCK_N=64), arch, num_warps=8))
     _report(f"rank_reduce sm_{arch} packed={packed}",
             _compile(_kernels().rank_reduce_kernel, dict(IS_PACKED=packed, BLOCK_RK=32, BLOCK_N=64), arch))
 
@@ -168,7 +172,7 @@ def _kernels():
 # skipped, then compiled for exactly the specialization a launch would get (16-byte aligned
 # pointers, integers divisible by 16, integers equal to 1 as constants).
 GEMM_KERNELS = {"shrink_kernel", "expand_kernel", "rank_grad_kernel", "rank_grad_pair_kernel", "example_outer_kernel",
-                "fused_linear_tma_kernel"}
+                "fused_linear_tma_kernel", "dy_pass_kernel"}
 # Kernels that must move their operands with the Tensor Memory Accelerator (UTMALDG loads).
 TMA_KERNELS = {"fused_linear_tma_kernel"}
 # Variants that fail the check today, each with what it shows; the test also fails when one of
@@ -296,7 +300,8 @@ def sass_main() -> int:
             seen.add(key)
             ck = triton.compile(ASTSource(launch.fn, sig, constexprs=constexprs, attrs=attrs),
                                 target=GPUTarget("cuda", 90, 32), options=options)
-            tags = {k: launch.kwargs[k] for k in ("MODE", "W_ROWS_ARE_N", "HAS_DROPOUT", "BLOCK_R", "BLOCK_S", "BLOCK_RK")
+            tags = {k: launch.kwargs[k] for k in ("MODE", "W_ROWS_ARE_N", "HAS_DROPOUT", "BLOCK_R", "BLOCK_S", "BLOCK_RK",
+                                                  "BLOCK_T")
                     if k in launch.kwargs}
             name = f"{launch.name} T={examples * seq_len} slots={16 * active} " + " ".join(
                 f"{k}={v}" for k, v in tags.items())

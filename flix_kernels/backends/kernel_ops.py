@@ -140,11 +140,17 @@ class KernelOps:
         the gradients not asked for."""
         launch, cdt = self.launch, lora_A.dtype
         cu, seq_len, slot_rank, slot_feature = meta.cu_seqlens, meta.seq_len, meta.slot_rank, meta.slot_feature
-        g = None
-        if need_dx or need_dA:
+        g = dB = None
+        if need_dB and (need_dx or need_dA) and hasattr(launch, "dy_pass"):  # g and dB from one read of dy
+            dB = torch.empty_like(lora_B)
+            g = launch.dy_pass(dy, lora_B, lora_B.stride(1), lora_B.stride(0), h, dB, dB.stride(1), dB.stride(0), meta,
+                               seq_len, meta.max_length, scaling, scale, cdt)
+            if g is None:  # not at these sizes: the two passes below
+                dB = None
+        if g is None and (need_dx or need_dA):
             g = launch.shrink(dy, lora_B, lora_B.stride(1), lora_B.stride(0), slot_rank, slot_feature, cu, scaling,
                               scale, None, 0.0, seq_len, cdt)
-        dx = dA = dB = None
+        dx = dA = None
         if need_dx:
             stride_ar, stride_ak = lora_A.stride()
             if weight is None:
@@ -169,12 +175,12 @@ class KernelOps:
                     T, K = x.shape
                     key = ("input_grad", T <= DECODE_TOKENS, next_pow2(T), K, dy.shape[1], x.dtype)
                     dx = self.base_path(key, fuse_base, fused, cublas_then_expand, x.device)()
-        if need_dA and need_dB and hasattr(launch, "weight_grad_pair"):  # one launch where the launcher can
+        if need_dA and need_dB and dB is None and hasattr(launch, "weight_grad_pair"):  # one launch where it can
             dB, dA = torch.empty_like(lora_B), torch.empty_like(lora_A)
             launch.weight_grad_pair(h, dy, dB, dB.stride(1), dB.stride(0), g, x, dA, *dA.stride(), meta,
                                     seq_len, meta.max_length, cdt, seed=seed, p_drop=dropout_p)
             return dx, dA, dB
-        if need_dB:
+        if need_dB and dB is None:
             dB = torch.empty_like(lora_B)
             launch.weight_grad(h, dy, dB, dB.stride(1), dB.stride(0), meta, seq_len, meta.max_length, cdt)
         if need_dA:

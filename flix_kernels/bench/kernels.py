@@ -23,7 +23,8 @@ from .timing import floor_ms
 # The model's names of each launch, by the kernel that performs it.
 _KIND = {"shrink_kernel": ("(shrink)",), "expand_kernel": ("(expand)", "(fused GEMM)"),
          "fused_linear_tma_kernel": ("(fused GEMM)",), "rank_grad_kernel": ("(owner)",),
-         "example_outer_kernel": ("(split partials)",), "rank_reduce_kernel": ("(split reduce)",)}
+         "example_outer_kernel": ("(split partials)",), "rank_reduce_kernel": ("(split reduce)",),
+         "dy_pass_kernel": ("(one pass over dy)",)}
 
 
 def _record(x, weight, A, B, routing, grad_out) -> tuple[dict[str, list], list, bool]:

@@ -7,7 +7,8 @@ once per feature, H once per n-tile) before any GPU time is spent.
 The model follows the launchers: the same ``config`` of each family, the same grids and the same
 choice of weight-gradient path. It covers the batched layout (B examples of L tokens, L a
 multiple of the token tile, every example using ``active`` features of rank ``rank``), with the
-cuBLAS base GEMM and an in-place expand (the backend's default) or with the fused base GEMM.
+cuBLAS base GEMM and an in-place expand (the backend's default) or with the fused base GEMM,
+and g and dB from one pass over dy or from two, as the launcher decides (``OVERRIDES`` apply).
 """
 
 from __future__ import annotations
@@ -128,6 +129,30 @@ def _weight_grad(name, b: Batch, cols: int, sms: int) -> list[Launch]:
             Launch(f"{name} (split reduce)", pairs * chunks * b.rank * cols, ws + grad, ws + grad)]
 
 
+def _dy_pass(b: Batch, used: int, sms: int) -> tuple[list[Launch], Launch] | None:
+    """``(g and dB's partials from one read of dy [+ g's split sum], dB's reduce)``, or None
+    where the launcher takes the two passes (see :func:`.weight_grad.dy_pass_plan`)."""
+    T, N, R, ex, ea = b.tokens, b.out_features, b.slots, b.dtype.itemsize, b.adapter_dtype.itemsize
+    cfg = weight_grad.dy_pass_config(R, torch.device("cuda"), sms=sms)
+    plan = weight_grad.dy_pass_plan(T, N, R, b.examples, b.seq_len, cfg)
+    if plan is None:
+        return None
+    tiles, splits = plan
+    tiles_n = cdiv(N, cfg["BLOCK_N"])
+    splits = cdiv(tiles_n, cdiv(tiles_n, splits))
+    ws = b.examples * tiles * R * N * 4  # each (example, token tile)'s slot rows, written once, read once
+    g_out = splits * T * R * 4  # g, or its per-split partials
+    streamed = T * N * ex
+    one = Launch("g and dB partials (one pass over dy)", 4.0 * T * N * R,
+                 streamed + T * R * 4 + used * N * ea + ws + g_out,
+                 streamed + splits * T * R * 4 + b.examples * tiles * R * N * ea + ws + g_out, streamed)
+    out = [one]
+    if splits > 1:  # the fixed-order sum of g's split partials (one torch op)
+        out.append(Launch("g (split sum)", splits * T * R, (splits + 1) * T * R * 4, (splits + 1) * T * R * 4))
+    grad = b.num_features * b.rank * N * ea
+    return out, Launch("dB (split reduce)", b.examples * b.active * tiles * b.rank * N, ws + grad, ws + grad)
+
+
 def pow2(n: int) -> int:
     return next_pow2(n, 16)
 
@@ -143,30 +168,11 @@ def layer(b: Batch, sms: int = 132, fused: bool = False) -> dict[str, list[Launc
     else:
         y, dx = _expand("y += h B_S^T", b, used, N), _expand("dx += g A_S", b, used, K)
     forward = _shrink("h = x A_S^T", b, used, K, sms) + [y]
-    backward = (_shrink("g = dy B_S", b, used, N, sms) + [dx]
-                + _weight_grad("dB", b, N, sms) + _weight_grad("dA", b, K, sms))
+    one_pass = _dy_pass(b, used, sms)
+    if one_pass is not None:  # in launch order: g and dB first, then dx, then dA
+        backward = one_pass[0] + [one_pass[1], dx] + _weight_grad("dA", b, K, sms)
+    else:
+        backward = (_shrink("g = dy B_S", b, used, N, sms) + [dx]
+                    + _weight_grad("dB", b, N, sms) + _weight_grad("dA", b, K, sms))
     return {"forward": forward, "backward": backward}
 
-
-def one_pass_g_and_dB(b: Batch, sms: int = 132) -> dict:
-    """A design not built, on paper: ``g = s dy B_S`` and dB from one read of dy. g sums over
-    dy's columns and dB over its tokens, so without atomics one of the two needs fp32 partials
-    whatever the tiling: programs own (a token tile, a split of the columns), write g's partial
-    per column split and dB's per token tile, and two fixed-order sums finish them. Returns the
-    floor bytes of that design at its best tiling with at least one program per SM, of today's
-    two passes (g's shrink and its split sum, dB's split path), and the tiling."""
-    T, N, R, ex, ea = b.tokens, b.out_features, b.slots, b.dtype.itemsize, b.adapter_dtype.itemsize
-    used = min(b.present * b.rank, b.num_features * b.rank)
-    grad = b.num_features * b.rank * N * ea
-    fixed = T * N * ex + T * R * 4 + used * N * ea + T * R * 4 + grad  # dy, h, B_S once; g and dB written
-    best = None
-    for token_tile in (64, 128, 256, 512):
-        for splits in (1, 2, 4, 8, 16, 32, 64):
-            if cdiv(T, token_tile) * splits < sms or N < 64 * splits:
-                continue
-            partials = (2 * splits * T * R * 4 if splits > 1 else 0) + 2 * cdiv(T, token_tile) * N * R * 4
-            if best is None or fixed + partials < best[0]:
-                best = (fixed + partials, (token_tile, splits))
-    launches = layer(b, sms)["backward"]
-    today = sum(launch.floor_bytes for launch in launches if launch.name.startswith(("g = dy", "dB")))
-    return {"one_pass": best[0] if best else None, "today": today, "tiling": best[1] if best else None}

@@ -186,6 +186,59 @@ def rank_reduce_kernel(
     tl.store(g_ptrs, acc.to(G.dtype.element_ty), mask=j_in[:, None] & n_in[None, :])
 
 
+@triton.jit
+def dy_pass_kernel(
+    DY, H, Mb, G, WS, slot_rank, slot_feature, cu_ptr, scaling,
+    N, seq_len, R_slots, num_tiles, ws_rows, tiles_per_split, scale_const,
+    stride_dt, stride_dn, stride_mr, stride_mn, stride_gs,
+    IS_PACKED: tl.constexpr, HAS_SCALE_TENSOR: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One read of dy for both ``g = s * dy B_S`` and dB's split partials. Program (example e,
+    token tile c of e, column split p) owns BLOCK_T tokens of e (all of its BLOCK_S >= R_slots
+    slots) and the column tiles of split p; for each it reads the dy tile once and adds
+    ``dy B_S`` to its g tile and stores ``dy^T h`` as the workspace tile of (e, c) that
+    :func:`rank_reduce_kernel` sums. g's partial over the split's columns goes to
+    ``G[p]`` (the launcher sums the splits in a fixed order); tokens whose example has no
+    feature get zero rows and read nothing."""
+    e = tl.program_id(0)
+    c = tl.program_id(1)
+    split = tl.program_id(2)
+    start, end = _token_range(e, cu_ptr, seq_len, IS_PACKED)
+    t_begin = start + c * BLOCK_T
+    if t_begin < end:
+        offs_t = t_begin + tl.arange(0, BLOCK_T)
+        rows = offs_t < end
+        offs_t64 = offs_t.to(tl.int64)
+        offs_j = tl.arange(0, BLOCK_S)
+        j_in = offs_j < R_slots
+        feat = tl.load(slot_feature + e * R_slots + offs_j, mask=j_in, other=-1)
+        valid = feat >= 0
+        g = tl.zeros((BLOCK_T, BLOCK_S), dtype=tl.float32)
+        if tl.max(valid.to(tl.int32), axis=0) > 0:
+            ridx = tl.load(slot_rank + e * R_slots + offs_j, mask=valid, other=0).to(tl.int64)
+            h = tl.load(H + offs_t64[:, None] * R_slots + offs_j[None, :], mask=rows[:, None] & j_in[None, :],
+                        other=0.0).to(COMPUTE_DTYPE)
+            tile0 = ((e.to(tl.int64) * num_tiles + c) * ws_rows + offs_j[None, :]) * N
+            for nt in range(split * tiles_per_split, tl.minimum((split + 1) * tiles_per_split, tl.cdiv(N, BLOCK_N))):
+                offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+                n_in = offs_n < N
+                dy = tl.load(DY + offs_t64[:, None] * stride_dt + offs_n.to(tl.int64)[None, :] * stride_dn,
+                             mask=rows[:, None] & n_in[None, :], other=0.0).to(COMPUTE_DTYPE)
+                mb = tl.load(Mb + ridx[None, :] * stride_mr + offs_n.to(tl.int64)[:, None] * stride_mn,
+                             mask=valid[None, :] & n_in[:, None], other=0.0).to(COMPUTE_DTYPE)
+                g = tl.dot(dy, mb, g, input_precision=PRECISION)
+                part = tl.dot(tl.trans(dy), h, input_precision=PRECISION)  # (n, j): see _outer_over_tokens
+                tl.store(WS + tile0 + offs_n[:, None], part, mask=n_in[:, None] & j_in[None, :])
+            if HAS_SCALE_TENSOR:
+                s = tl.load(scaling + feat, mask=valid, other=0.0).to(tl.float32)
+            else:
+                s = tl.where(valid, scale_const, 0.0)
+            g = g * s[None, :]
+        tl.store(G + split.to(tl.int64) * stride_gs + offs_t64[:, None] * R_slots + offs_j[None, :], g,
+                 mask=rows[:, None] & j_in[None, :])
+
+
 def owner_path(T: int, examples: int, pairs: int, present_features: int, tiles_n: int, cfg: dict) -> bool:
     """Whether :func:`weight_grad` takes the owner path rather than the split one: at decode
     sizes (each owner walks a few tokens; a second launch and a workspace would cost more), or
@@ -315,3 +368,67 @@ def weight_grad_pair(H, dY, dB, stride_br, stride_bn, Gm, X, dA, stride_ar, stri
                   Gm, X, dA, N1, Gm.stride(0), *X.stride(), stride_ar, stride_an,
                   meta.feature_pair_start, meta.pair_example, meta.pair_slot, meta.rank_offsets,
                   or_(cu, meta.pair_example), or_(seed, meta.pair_example), seq_len, float(p_drop), **constexprs)
+
+
+def dy_pass_config(S: int, device: torch.device, *, sms: int | None = None) -> dict:
+    """Launch configuration of :func:`dy_pass` for ``S`` rank slots per example; ``sms`` as in
+    :func:`.shrink.config`. ``OVERRIDES["dy_pass"]`` replaces entries (``off=True``: the two-pass
+    path)."""
+    bs = pow2(S)
+    # All of an example's slots in one block: up to 32 with 256-token tiles, 128 with 64.
+    cfg = dict(BLOCK_S=bs, BLOCK_T=256 if bs <= 32 else 128 if bs <= 64 else 64, BLOCK_N=64, num_warps=8,
+               max_slots=128, min_tokens=DECODE_TOKENS + 1, target_programs=num_sms(device) if sms is None else sms)
+    return finish("dy_pass", cfg, device)
+
+
+def dy_pass_plan(T: int, N: int, S: int, examples: int, max_len: int, cfg: dict) -> tuple[int, int] | None:
+    """``(token tiles per example, column splits)`` of the one-pass path, or None where it does
+    not apply: decode sizes (below ``min_tokens``), more slots than one block holds, or a
+    workspace over budget. The
+    splits are the fewest (a power of two) that give the device ``target_programs`` programs."""
+    if cfg.get("off") or T < cfg["min_tokens"] or S == 0 or S > cfg["max_slots"]:
+        return None
+    tiles = cdiv(max(max_len, 1), cfg["BLOCK_T"])
+    tiles_n = cdiv(N, cfg["BLOCK_N"])
+    if examples * tiles * cfg["BLOCK_S"] * N * 4 > WORKSPACE_BYTES:
+        return None
+    splits = 1
+    while examples * tiles * splits < cfg["target_programs"] and 2 * splits <= tiles_n:
+        splits *= 2
+    return tiles, splits
+
+
+def dy_pass(dY, Mb, stride_mr, stride_mn, H, dB, stride_gr, stride_gn, meta, seq_len, max_len, scaling, scale,
+            compute_dtype):
+    """``g (T, S)`` fp32 ``= s * dY B_S`` and the rows of ``dB`` (as ``weight_grad(H, dY, dB, ...)``)
+    from one read of dY (:func:`dy_pass_kernel`, then :func:`rank_reduce_kernel`); None, with
+    nothing launched, where :func:`dy_pass_plan` says the two-pass path applies."""
+    T, N = dY.shape
+    B, S = meta.slot_rank.shape
+    cfg = dy_pass_config(S, dY.device)
+    plan = dy_pass_plan(T, N, S, B, max_len, cfg)
+    if plan is None or meta.pair_example.numel() == 0:
+        return None
+    tiles, splits = plan
+    BT, BS, BN = cfg["BLOCK_T"], cfg["BLOCK_S"], cfg["BLOCK_N"]
+    tiles_n = cdiv(N, BN)
+    per_split = cdiv(tiles_n, splits)
+    splits = cdiv(tiles_n, per_split)
+    cu = meta.cu_seqlens
+    g = torch.empty((T, S), device=dY.device, dtype=torch.float32)
+    parts = g if splits == 1 else torch.empty((splits, T, S), device=dY.device, dtype=torch.float32)
+    ws = torch.empty(B * tiles * BS * N, device=dY.device, dtype=torch.float32)
+    launch_triton(dy_pass_kernel, (B, tiles, splits),
+                  dY, H, Mb, parts, ws, meta.slot_rank, meta.slot_feature, or_(cu, meta.slot_rank), or_(scaling, g),
+                  N, seq_len, S, tiles, BS, per_split, float(scale), *dY.stride(), stride_mr, stride_mn, T * S,
+                  IS_PACKED=cu is not None, HAS_SCALE_TENSOR=scaling is not None,
+                  COMPUTE_DTYPE=tl_dtype(compute_dtype), PRECISION=precision(compute_dtype), BLOCK_T=BT, BLOCK_S=BS,
+                  BLOCK_N=BN, **launch_opts(cfg))
+    if splits > 1:
+        torch.sum(parts, dim=0, out=g)  # fixed order: deterministic
+    red_rk = min(pow2(max(meta.max_pair_rank, 1)), 64)
+    launch_triton(rank_reduce_kernel, (meta.feature_rank.numel(), tiles_n, cdiv(meta.max_feature_rank, red_rk)),
+                  ws, dB, meta.feature_pair_start, meta.pair_example, meta.pair_slot, meta.rank_offsets,
+                  or_(cu, meta.pair_example), N, seq_len, BT, tiles, BS, stride_gr, stride_gn,
+                  IS_PACKED=cu is not None, BLOCK_RK=red_rk, BLOCK_N=BN)
+    return g

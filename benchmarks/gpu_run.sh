@@ -58,6 +58,10 @@ kernels() {  # the Triton kernels (issue 18): their tests on CUDA (bf16 included
   rc=$(( rc || PIPESTATUS[0] ))
   FLIX_FUSE_BASE=1 FLIX_TRITON_TMA=0 python -m flix_kernels bench --no-progress --shapes headline --backends triton \
     --no-e2e --rep-ms 100 --out "$OUT/kernels_fused_pointers" 2>&1 | tee "$OUT/bench_kernels_fused_pointers.log" | tail -20
+  rc=$(( rc || PIPESTATUS[0] ))
+  # g and dB by two passes over dy, against the one-pass default above
+  FLIX_TRITON_DY_PASS=0 python -m flix_kernels bench --no-progress --shapes headline --backends triton --no-e2e \
+    --rep-ms 100 --out "$OUT/kernels_two_pass" 2>&1 | tee "$OUT/bench_kernels_two_pass.log" | tail -20
   return $(( rc || PIPESTATUS[0] ))
 }
 ofa() {  # OFA: its tests on CUDA (bf16, CUDA graphs, torch.compile), then benchmarks/bench_ofa.py

@@ -73,7 +73,9 @@ def test_a_triton_run_records_which_paths_it_measured(monkeypatch):
     t = rec["triton"]
     assert t["fuse_base"] is True and t["tma"] is False and t["autotune"] is True
     assert {c["kind"] for c in t["tuned"]} >= {"shrink", "expand"} and json.dumps(t)
-    assert "Triton paths: fused base GEMM on by default, by pointers where fused; autotuning on (" in \
+    assert t["dy_pass"] is True
+    assert "Triton paths: fused base GEMM on by default, by pointers where fused; g and dB from one pass over dy " \
+        "above decode sizes; autotuning on (" in \
         report.markdown({**rec, "summary": {}})
 
 

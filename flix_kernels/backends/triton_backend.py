@@ -53,10 +53,11 @@ def supports(x: Tensor, lora_A: Tensor) -> Optional[str]:
 
 def settings(device) -> dict:
     """The paths this process's Triton launches take (what a benchmark measured): the fused base
-    GEMM's default, whether it goes through TMA on ``device``, autotuning and what it chose."""
+    GEMM's default, whether it goes through TMA on ``device``, whether g and dB take one pass
+    over dy where they can, autotuning and what it chose."""
     dev = torch.device(device)
-    return {"fuse_base": FUSE_BASE, "tma": launch.has_tma(dev), "autotune": launch.autotuning(),
-            "tuned": launch.tuned_configs()}
+    return {"fuse_base": FUSE_BASE, "tma": launch.has_tma(dev), "dy_pass": launch.USE_DY_PASS,
+            "autotune": launch.autotuning(), "tuned": launch.tuned_configs()}
 
 
 def _base_path(key, fuse_base, fused, unfused, device):

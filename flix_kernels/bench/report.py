@@ -350,7 +350,8 @@ def markdown(record: dict) -> str:
     if record.get("triton"):
         t = record["triton"]
         lines += [f"Triton paths: fused base GEMM {'on' if t['fuse_base'] else 'off'} by default, "
-                  f"{'through TMA' if t['tma'] else 'by pointers'} where fused; autotuning "
+                  f"{'through TMA' if t['tma'] else 'by pointers'} where fused; g and dB "
+                  f"{'from one pass over dy' if t.get('dy_pass', True) else 'by two passes'} above decode sizes; autotuning "
                   f"{'on (' + str(len(t['tuned'])) + ' shape classes tuned, in results.json)' if t['autotune'] else 'off'}.",
                   ""]
     legend_lines = [f"- {x}" for x in legend(record)]

@@ -10,9 +10,13 @@ atomics (``csrc/weight_grad.cu`` is the CUDA counterpart).
   uses); then program (feature k, n-tile) adds, in a fixed order, the rows of k's *pairs*
   (k, an example e having k) at k's slots in e, and writes the gradient rows of k (zeros for
   features not in the batch). Results are bit-identical run to run.
+* :func:`dy_pass_kernel` (+ :func:`rank_reduce_kernel`): dB's split partials and ``g = s dy B_S``
+  from one read of dy, for prefill backward passes (:func:`dy_pass`).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -25,6 +29,8 @@ from .tuning import (OVERRIDES, PLANS, autotuning, bucket, finish, launch_opts, 
 
 # Workspace budget for the split weight-gradient reduction (bytes of fp32 partial tiles).
 WORKSPACE_BYTES = 256 << 20
+# FLIX_TRITON_DY_PASS=0: g and dB by two passes over dy everywhere (to compare the one-pass path).
+USE_DY_PASS = os.environ.get("FLIX_TRITON_DY_PASS", "1") != "0"
 
 
 @triton.jit
@@ -377,7 +383,8 @@ def dy_pass_config(S: int, device: torch.device, *, sms: int | None = None) -> d
     bs = pow2(S)
     # All of an example's slots in one block: up to 32 with 256-token tiles, 128 with 64.
     cfg = dict(BLOCK_S=bs, BLOCK_T=256 if bs <= 32 else 128 if bs <= 64 else 64, BLOCK_N=64, num_warps=8,
-               max_slots=128, min_tokens=DECODE_TOKENS + 1, target_programs=num_sms(device) if sms is None else sms)
+               max_slots=128, min_tokens=DECODE_TOKENS + 1, target_programs=num_sms(device) if sms is None else sms,
+               off=not USE_DY_PASS)
     return finish("dy_pass", cfg, device)
 
 

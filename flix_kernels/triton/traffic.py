@@ -137,9 +137,7 @@ def _dy_pass(b: Batch, used: int, sms: int) -> tuple[list[Launch], Launch] | Non
     plan = weight_grad.dy_pass_plan(T, N, R, b.examples, b.seq_len, cfg)
     if plan is None:
         return None
-    tiles, splits = plan
-    tiles_n = cdiv(N, cfg["BLOCK_N"])
-    splits = cdiv(tiles_n, cdiv(tiles_n, splits))
+    tiles, splits, _ = plan
     ws = b.examples * tiles * R * N * 4  # each (example, token tile)'s slot rows, written once, read once
     g_out = splits * T * R * 4  # g, or its per-split partials
     streamed = T * N * ex

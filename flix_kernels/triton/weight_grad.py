@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .._launch import DECODE_TOKENS, cdiv, launch_triton, num_sms
 from .common import _keep, _token_range
-from .tuning import (OVERRIDES, PLANS, autotuning, bucket, finish, launch_opts, or_, pow2,
+from .tuning import (OVERRIDES, PLANS, autotuning, blocks, bucket, finish, launch_opts, or_, overrides_key, pow2,
                      precision, remember, tl_dtype, tuned)
 
 # Workspace budget for the split weight-gradient reduction (bytes of fp32 partial tiles).
@@ -196,7 +196,7 @@ def rank_reduce_kernel(
 def dy_pass_kernel(
     DY, H, Mb, G, WS, slot_rank, slot_feature, cu_ptr, scaling,
     N, seq_len, R_slots, num_tiles, ws_rows, tiles_per_split, scale_const,
-    stride_dt, stride_dn, stride_mr, stride_mn, stride_gs,
+    stride_dt, stride_dn, stride_ht, stride_mr, stride_mn, stride_gs,
     IS_PACKED: tl.constexpr, HAS_SCALE_TENSOR: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -223,7 +223,7 @@ def dy_pass_kernel(
         g = tl.zeros((BLOCK_T, BLOCK_S), dtype=tl.float32)
         if tl.max(valid.to(tl.int32), axis=0) > 0:
             ridx = tl.load(slot_rank + e * R_slots + offs_j, mask=valid, other=0).to(tl.int64)
-            h = tl.load(H + offs_t64[:, None] * R_slots + offs_j[None, :], mask=rows[:, None] & j_in[None, :],
+            h = tl.load(H + offs_t64[:, None] * stride_ht + offs_j[None, :], mask=rows[:, None] & j_in[None, :],
                         other=0.0).to(COMPUTE_DTYPE)
             tile0 = ((e.to(tl.int64) * num_tiles + c) * ws_rows + offs_j[None, :]) * N
             for nt in range(split * tiles_per_split, tl.minimum((split + 1) * tiles_per_split, tl.cdiv(N, BLOCK_N))):
@@ -243,6 +243,16 @@ def dy_pass_kernel(
             g = g * s[None, :]
         tl.store(G + split.to(tl.int64) * stride_gs + offs_t64[:, None] * R_slots + offs_j[None, :], g,
                  mask=rows[:, None] & j_in[None, :])
+
+
+def _reduce(ws, G, stride_gr, stride_gn, meta, N, seq_len, chunk, chunks, ws_rows, BN) -> None:
+    """:func:`rank_reduce_kernel` over a workspace of ``chunks`` token chunks per example."""
+    rk = min(pow2(max(meta.max_pair_rank, 1)), 64)
+    cu = meta.cu_seqlens
+    launch_triton(rank_reduce_kernel, (meta.feature_rank.numel(), cdiv(N, BN), cdiv(meta.max_feature_rank, rk)),
+                  ws, G, meta.feature_pair_start, meta.pair_example, meta.pair_slot, meta.rank_offsets,
+                  or_(cu, meta.pair_example), N, seq_len, chunk, chunks, ws_rows, stride_gr, stride_gn,
+                  IS_PACKED=cu is not None, BLOCK_RK=rk, BLOCK_N=BN)
 
 
 def owner_path(T: int, examples: int, pairs: int, present_features: int, tiles_n: int, cfg: dict) -> bool:
@@ -325,12 +335,7 @@ def weight_grad(Lmat, Rmat, G, stride_gr, stride_gn, meta, seq_len, max_len, com
             Rmat.stride(1),
             BLOCK_S=BS, **common,
         )
-        red_rk = min(pow2(rk), 64)
-        launch_triton(rank_reduce_kernel, (F, tiles_n, cdiv(meta.max_feature_rank, red_rk)),
-            ws, G, meta.feature_pair_start, meta.pair_example, meta.pair_slot, meta.rank_offsets,
-            or_(cu, meta.pair_example), N, seq_len, chunk, chunks, ws_rows, stride_gr, stride_gn,
-            IS_PACKED=cu is not None, BLOCK_RK=red_rk, BLOCK_N=BN,
-        )
+        _reduce(ws, G, stride_gr, stride_gn, meta, N, seq_len, chunk, chunks, ws_rows, BN)
 
     cfg = config(S, Rmat.device)
     if autotuning():
@@ -388,11 +393,11 @@ def dy_pass_config(S: int, device: torch.device, *, sms: int | None = None) -> d
     return finish("dy_pass", cfg, device)
 
 
-def dy_pass_plan(T: int, N: int, S: int, examples: int, max_len: int, cfg: dict) -> tuple[int, int] | None:
-    """``(token tiles per example, column splits)`` of the one-pass path, or None where it does
-    not apply: decode sizes (below ``min_tokens``), more slots than one block holds, or a
-    workspace over budget. The
-    splits are the fewest (a power of two) that give the device ``target_programs`` programs."""
+def dy_pass_plan(T: int, N: int, S: int, examples: int, max_len: int, cfg: dict) -> tuple[int, int, int] | None:
+    """``(token tiles per example, column splits, column tiles per split)`` of the one-pass
+    path, or None where it does not apply: decode sizes (below ``min_tokens``), more slots than
+    one block holds, or a workspace over budget. The splits are the fewest (about a power of
+    two) that give the device ``target_programs`` programs."""
     if cfg.get("off") or T < cfg["min_tokens"] or S == 0 or S > cfg["max_slots"]:
         return None
     tiles = cdiv(max(max_len, 1), cfg["BLOCK_T"])
@@ -402,7 +407,8 @@ def dy_pass_plan(T: int, N: int, S: int, examples: int, max_len: int, cfg: dict)
     splits = 1
     while examples * tiles * splits < cfg["target_programs"] and 2 * splits <= tiles_n:
         splits *= 2
-    return tiles, splits
+    per_split = cdiv(tiles_n, splits)
+    return tiles, cdiv(tiles_n, per_split), per_split
 
 
 def dy_pass(dY, Mb, stride_mr, stride_mn, H, dB, stride_gr, stride_gn, meta, seq_len, max_len, scaling, scale,
@@ -412,30 +418,28 @@ def dy_pass(dY, Mb, stride_mr, stride_mn, H, dB, stride_gr, stride_gn, meta, seq
     nothing launched, where :func:`dy_pass_plan` says the two-pass path applies."""
     T, N = dY.shape
     B, S = meta.slot_rank.shape
-    cfg = dy_pass_config(S, dY.device)
-    plan = dy_pass_plan(T, N, S, B, max_len, cfg)
+    cu = meta.cu_seqlens
+    key = ("dy_pass", T, N, S, B, max_len, cu is not None, scaling is not None, compute_dtype, dY.device,
+           precision(compute_dtype), overrides_key("dy_pass"))
+    plan = PLANS.get(key)
+    if plan is None:
+        cfg = dy_pass_config(S, dY.device)
+        shape = dy_pass_plan(T, N, S, B, max_len, cfg)
+        plan = remember(key, None if shape is None else (shape, dict(
+            IS_PACKED=cu is not None, HAS_SCALE_TENSOR=scaling is not None, COMPUTE_DTYPE=tl_dtype(compute_dtype),
+            PRECISION=precision(compute_dtype), **blocks(cfg, "BLOCK_T", "BLOCK_S", "BLOCK_N"), **launch_opts(cfg))))
     if plan is None or meta.pair_example.numel() == 0:
         return None
-    tiles, splits = plan
-    BT, BS, BN = cfg["BLOCK_T"], cfg["BLOCK_S"], cfg["BLOCK_N"]
-    tiles_n = cdiv(N, BN)
-    per_split = cdiv(tiles_n, splits)
-    splits = cdiv(tiles_n, per_split)
-    cu = meta.cu_seqlens
+    (tiles, splits, per_split), constexprs = plan
+    BS = constexprs["BLOCK_S"]
     g = torch.empty((T, S), device=dY.device, dtype=torch.float32)
     parts = g if splits == 1 else torch.empty((splits, T, S), device=dY.device, dtype=torch.float32)
     ws = torch.empty(B * tiles * BS * N, device=dY.device, dtype=torch.float32)
     launch_triton(dy_pass_kernel, (B, tiles, splits),
                   dY, H, Mb, parts, ws, meta.slot_rank, meta.slot_feature, or_(cu, meta.slot_rank), or_(scaling, g),
-                  N, seq_len, S, tiles, BS, per_split, float(scale), *dY.stride(), stride_mr, stride_mn, T * S,
-                  IS_PACKED=cu is not None, HAS_SCALE_TENSOR=scaling is not None,
-                  COMPUTE_DTYPE=tl_dtype(compute_dtype), PRECISION=precision(compute_dtype), BLOCK_T=BT, BLOCK_S=BS,
-                  BLOCK_N=BN, **launch_opts(cfg))
+                  N, seq_len, S, tiles, BS, per_split, float(scale), *dY.stride(), H.stride(0), stride_mr, stride_mn,
+                  T * S, **constexprs)
     if splits > 1:
         torch.sum(parts, dim=0, out=g)  # fixed order: deterministic
-    red_rk = min(pow2(max(meta.max_pair_rank, 1)), 64)
-    launch_triton(rank_reduce_kernel, (meta.feature_rank.numel(), tiles_n, cdiv(meta.max_feature_rank, red_rk)),
-                  ws, dB, meta.feature_pair_start, meta.pair_example, meta.pair_slot, meta.rank_offsets,
-                  or_(cu, meta.pair_example), N, seq_len, BT, tiles, BS, stride_gr, stride_gn,
-                  IS_PACKED=cu is not None, BLOCK_RK=red_rk, BLOCK_N=BN)
+    _reduce(ws, dB, stride_gr, stride_gn, meta, N, seq_len, constexprs["BLOCK_T"], tiles, BS, constexprs["BLOCK_N"])
     return g

@@ -24,9 +24,18 @@ using RoutingArg = std::tuple<uintptr_t, uintptr_t, uintptr_t, int32_t, int32_t,
 using PairsArg = std::tuple<uintptr_t, uintptr_t, uintptr_t, uintptr_t, int32_t, int32_t>;
 // (seed pointer or 0, p)
 using DropoutArg = std::tuple<uintptr_t, float>;
+// (per-feature scales pointer or 0, their dtype code, the scale of every feature when 0)
+using ScalesArg = std::tuple<uintptr_t, int, float>;
 
 template <typename T>
 const T* ptr(uintptr_t p) { return reinterpret_cast<const T*>(p); }
+
+struct DecodePlan {
+  flix::Routing routing;
+  int64_t T = 0, K = 0, N = 0, R_total = 0;
+  flix::DType act = flix::DType::f32, adapters = flix::DType::f32;
+  int shrink_splits = 1, splits = 1, device = 0;
+};
 
 flix::DType dtype(int code) {
   if (code < 0 || code > 2) throw std::invalid_argument("flix_kernels._C: dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16)");
@@ -75,6 +84,14 @@ flix::Dropout dropout(const DropoutArg& a) {
   return d;
 }
 
+flix::Scales scales(const ScalesArg& a) {
+  flix::Scales s;
+  s.data = reinterpret_cast<const void*>(std::get<0>(a));
+  s.dtype = dtype(std::get<1>(a));
+  s.value = std::get<2>(a);
+  return s;
+}
+
 flix::Tile tile(int code) {
   if (code != 0 && code != 1) throw std::invalid_argument("flix_kernels._C: tile must be 0 (small) or 1 (large)");
   return static_cast<flix::Tile>(code);
@@ -87,14 +104,59 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "shrink",
-      [](const MatrixArg& x, const MatrixArg& factor, uintptr_t h, uintptr_t workspace, int splits,
-         const RoutingArg& r, uintptr_t scaling, float scale, const DropoutArg& d, int t, int device,
+      [](const MatrixArg& x, const MatrixArg& factor, uintptr_t h, uintptr_t workspace, uintptr_t counters,
+         int splits, const RoutingArg& r, const ScalesArg& s, const DropoutArg& d, int t, int device,
          uintptr_t stream) {
         flix::shrink(matrix(x), matrix(factor), reinterpret_cast<float*>(h), reinterpret_cast<float*>(workspace),
-                     splits, routing(r), ptr<float>(scaling), scale, dropout(d), tile(t), device, stream);
+                     reinterpret_cast<int*>(counters), splits, routing(r), scales(s), dropout(d), tile(t), device,
+                     stream);
       },
-      py::arg("x"), py::arg("factor"), py::arg("h"), py::arg("workspace"), py::arg("splits"), py::arg("routing"),
-      py::arg("scaling"), py::arg("scale"), py::arg("dropout"), py::arg("tile"), py::arg("device"), py::arg("stream"));
+      py::arg("x"), py::arg("factor"), py::arg("h"), py::arg("workspace"), py::arg("counters"), py::arg("splits"),
+      py::arg("routing"), py::arg("scales"), py::arg("dropout"), py::arg("tile"), py::arg("device"), py::arg("stream"));
+
+  m.attr("MAX_SPLIT_TILES") = flix::kMaxSplitTiles;
+  m.attr("DECODE_TOKENS") = flix::kDecodeTokens;
+
+  // The decode path's fixed arguments, packed once per routing and layer shape (flix_kernels.cuda.launch.
+  // DecodePlan): each call then passes only the tensors' pointers and row strides, positionally.
+  py::class_<DecodePlan>(m, "DecodePlan")
+      .def(py::init([](const RoutingArg& r, int64_t T, int64_t K, int64_t N, int64_t R_total, int act, int adapters,
+                       int shrink_splits, int splits, int device) {
+             DecodePlan p;
+             p.routing = routing(r);
+             p.T = T, p.K = K, p.N = N, p.R_total = R_total;
+             p.act = dtype(act), p.adapters = dtype(adapters);
+             p.shrink_splits = shrink_splits, p.splits = splits, p.device = device;
+             if (T < 0 || K < 0 || N < 0 || R_total < 0 || shrink_splits < 1 || splits < 1)
+               throw std::invalid_argument("flix_kernels._C.DecodePlan: negative size or splits < 1");
+             return p;
+           }),
+           py::arg("routing"), py::arg("T"), py::arg("K"), py::arg("N"), py::arg("R_total"), py::arg("act"),
+           py::arg("adapters"), py::arg("shrink_splits"), py::arg("splits"), py::arg("device"));
+
+  // decode_linear(plan, x, sx, w, sw, bias, a, sar, sak, m, smr, smn, y, h, shrink_workspace, workspace,
+  //               counters, scaling, scaling_dtype, scale, seed, p, stream): pointers as ints, strides in elements.
+  m.def("decode_linear", [](const DecodePlan& p, uintptr_t x, int64_t sx, uintptr_t w, int64_t sw, uintptr_t bias,
+                            uintptr_t a, int64_t sar, int64_t sak, uintptr_t mf, int64_t smr, int64_t smn, uintptr_t y,
+                            uintptr_t h, uintptr_t shrink_ws, uintptr_t ws, uintptr_t counters, uintptr_t scaling,
+                            int scaling_dtype, float scale, uintptr_t seed, float p_drop, uintptr_t stream) {
+    flix::DecodeLinear d;
+    d.x = matrix({x, p.T, p.K, sx, 1, static_cast<int>(p.act)});
+    d.w = matrix({w, p.N, p.K, sw, 1, static_cast<int>(p.act)});
+    d.a = matrix({a, p.R_total, p.K, sar, sak, static_cast<int>(p.adapters)});
+    d.m = matrix({mf, p.R_total, p.N, smr, smn, static_cast<int>(p.adapters)});
+    d.y = matrix({y, p.T, p.N, p.N, 1, static_cast<int>(p.act)});
+    d.bias = reinterpret_cast<const void*>(bias);
+    d.h = reinterpret_cast<float*>(h);
+    d.shrink_workspace = reinterpret_cast<float*>(shrink_ws);
+    d.shrink_splits = p.shrink_splits;
+    d.workspace = reinterpret_cast<float*>(ws);
+    d.splits = p.splits;
+    d.counters = reinterpret_cast<int*>(counters);
+    d.scales = scales({scaling, scaling_dtype, scale});
+    d.dropout = dropout({seed, p_drop});
+    flix::decode_linear(d, p.routing, p.device, stream);
+  });
 
   m.def(
       "expand",

@@ -149,6 +149,14 @@ struct TokenMap {
   }
 };
 
+// The scale of feature f (per-feature scales in their own dtype, or one value for all).
+__device__ __forceinline__ float scale_of(const Scales& s, int f) {
+  if (s.data == nullptr) return s.value;
+  if (s.dtype == DType::f16) return __half2float(static_cast<const __half*>(s.data)[f]);
+  if (s.dtype == DType::bf16) return __bfloat162float(static_cast<const __nv_bfloat16*>(s.data)[f]);
+  return static_cast<const float*>(s.data)[f];
+}
+
 // ---------------------------------------------------------------------------------------------
 // Dropout
 // ---------------------------------------------------------------------------------------------
@@ -383,6 +391,42 @@ __device__ __forceinline__ void stage_result(const Mma& mma, float* Cs) {
   __syncthreads();
   mma.template store<LDC>(Cs);
   __syncthreads();
+}
+
+// ---------------------------------------------------------------------------------------------
+// K split over blocks, summed in the same launch
+// ---------------------------------------------------------------------------------------------
+// Each block of a tile writes its fp32 partial, then counts itself in the tile's counter; the block
+// that arrives last sees every partial and sums them in split order (deterministic, no atomics on
+// the data). It also resets the counter, so the counters are zero again after every launch (the
+// next launch on the stream, or a CUDA-graph replay, finds them as it needs them). Partials must
+// then be read with ld.global.cg (L2): another SM wrote them and this SM's L1 may hold old lines.
+__device__ __forceinline__ bool arrive_last(int* counter, int splits) {
+  __shared__ int is_last;
+  __threadfence();  // this thread's partial is visible device-wide before the block counts itself
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int seen = atomicAdd(counter, 1);
+    is_last = seen == splits - 1;
+    if (is_last) atomicExch(counter, 0);
+  }
+  __syncthreads();
+  if (is_last) __threadfence();  // order the partial reads after the count
+  return is_last != 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Asynchronous global -> shared copies (cp.async, sm_80+): 16 bytes, zero-filled when !pred
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int bytes = pred ? 16 : 0;  // 0: nothing is read, the 16 bytes are zeros
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
 }
 
 }  // namespace flix

@@ -42,6 +42,13 @@ struct Pairs {
   int32_t max_feature_rank = 0;                 // largest rank of the feature space
 };
 
+// Per-feature scales: data (F,) in dtype, or nullptr to use `value` for every feature.
+struct Scales {
+  const void* data = nullptr;
+  DType dtype = DType::f32;
+  float value = 0.0f;
+};
+
 struct Dropout {
   const int64_t* seed = nullptr;  // (1,) device int64; nullptr = no dropout
   float p = 0.0f;
@@ -49,13 +56,43 @@ struct Dropout {
 
 enum class Tile : int { small = 0, large = 1 };  // 16-row tiles (decode, rank <= 16) or 64-row tiles
 
+// Kernels that split K over blocks sum the parts in the same launch: the last block of each output
+// tile to finish adds them in split order. They count arrivals in `counters`, int32 device memory of
+// at least kMaxSplitTiles entries that must be zero before a launch and is zero again after it (one
+// buffer per stream: launches that run at the same time must not share one).
+constexpr int kMaxSplitTiles = 1 << 16;
+
 // H (T, slots) fp32 = s_slot * drop(X) M_S^T, M_S the rank rows of each token's example.
 // X is (T, K) in the activation dtype, M the factor (R_total, K) in the compute dtype (for the input
 // gradient: lora_B^T). With splits > 1 the K range is cut into `splits` parts whose results go to
 // `workspace` (splits, T, slots) and are summed in a fixed order (deterministic).
-// scaling: per-feature fp32 scales (device, F) or nullptr to use `scale` for every feature.
-void shrink(const Matrix& x, const Matrix& m, float* h, float* workspace, int splits, const Routing& routing,
-            const float* scaling, float scale, Dropout dropout, Tile tile, int device, uintptr_t stream);
+void shrink(const Matrix& x, const Matrix& m, float* h, float* workspace, int* counters, int splits,
+            const Routing& routing, Scales scales, Dropout dropout, Tile tile, int device, uintptr_t stream);
+
+// The decode path (T <= kDecodeTokens): a whole FLix linear layer in two launches,
+//   H (T, slots) fp32 = shrink(X, A) (written to h; K split in `shrink_splits` parts, see shrink), then
+//   Y (T, N) = X W^T + bias + H M_S, M the expand factor (R_total, N) (lora_B^T) in the compute dtype,
+// by one kernel that reads each row of W once: every token is in the one row of tiles (16 or 64 rows,
+// zero-filled past T), K is split over `splits` blocks per 64-column tile whose fp32 partials
+// (workspace: splits x T x N) the last of them sums in split order, and each split adds the FLix update
+// of the tokens t with t % splits == its index. X, W, Y and bias are in the activation dtype; X and W
+// have unit column stride, 16-byte aligned rows and K a multiple of 16 bytes (cp.async); bias may be
+// nullptr. The forward of the layer: no dropout after the shrink.
+constexpr int kDecodeTokens = 64;
+
+struct DecodeLinear {
+  Matrix x, w, a, m, y;  // a: the shrink factor (lora_A, R_total x K); m: the expand factor (R_total x N)
+  const void* bias = nullptr;
+  float* h = nullptr;
+  float* shrink_workspace = nullptr;
+  int shrink_splits = 1;
+  float* workspace = nullptr;
+  int splits = 1;
+  int* counters = nullptr;
+  Scales scales;
+  Dropout dropout;
+};
+void decode_linear(const DecodeLinear& args, const Routing& routing, int device, uintptr_t stream);
 
 // Y (T, N) (=, or += when accumulate) drop(H M_S) where M is (R_total, N) in the compute dtype
 // (lora_B^T, or lora_A for the input gradient) and Y is in the activation dtype. Tiles whose tokens

@@ -5,7 +5,9 @@
 // example's token rows (the others read as zero) and its own gathered rank rows, and writes only
 // that example's rows from the pass's accumulator: the other rows hold 0 * (its rank rows), which
 // is NaN where a feature's values are inf, so they are never summed across examples. X is read
-// once in total; each example's rank rows once per token tile.
+// once in total; each example's rank rows once per token tile. With K split over blocks, each
+// split writes its partial tile and the last block of the tile sums them in split order into H
+// (arrive_last: one launch, deterministic).
 #include "common.cuh"
 
 namespace flix {
@@ -14,8 +16,8 @@ namespace {
 template <typename TA, typename TC, int BM, int BN, int BK>
 __global__ void __launch_bounds__(kThreads)
     shrink_kernel(const TA* __restrict__ X, int64_t sxt, int64_t sxk, int64_t T, int K, const TC* __restrict__ M,
-                  int64_t smr, int64_t smk, float* __restrict__ out, int64_t split_stride, int k_per_split,
-                  Routing routing, const float* __restrict__ scaling, float scale, Dropout dropout) {
+                  int64_t smr, int64_t smk, float* __restrict__ h, float* __restrict__ parts, int k_per_split,
+                  int* __restrict__ counters, Routing routing, Scales scales, Dropout dropout) {
   using Tile = TokenTile<TC, BM, BN, BK>;
   __shared__ BlockShared<Tile, BM, BN> sh;  // a_row: x rows of the pass's example; b_row: its slots' rows of M
   __shared__ int row_example[BM];
@@ -35,7 +37,8 @@ __global__ void __launch_bounds__(kThreads)
 
   typename Tile::Mma mma;
   const float* Cs = sh.Cs();
-  float* o = out + blockIdx.z * split_stride;
+  const int64_t split_stride = T * R;
+  float* o = gridDim.z > 1 ? parts + blockIdx.z * split_stride : h;
   const int64_t t_stop = min(t0 + BM, T);
   for (int e = e_first; e <= e_last; ++e) {
     int64_t start, end;
@@ -73,25 +76,23 @@ __global__ void __launch_bounds__(kThreads)
       if (j0 + j >= R) continue;
       const int f = routing.slot_feature[static_cast<int64_t>(e) * R + j0 + j];
       // Padding slots are exactly 0 (not acc * 0, which is NaN for an inf input).
-      const float s = f < 0 ? 0.0f : (scaling != nullptr ? scaling[f] : scale);
+      const float s = f < 0 ? 0.0f : scale_of(scales, f);
       o[(t0 + r) * R + j0 + j] = f < 0 ? 0.0f : Cs[r * Tile::LDC + j] * s;
     }
   }
-}
-
-// H = the sum of the K-split parts, in split order (deterministic).
-__global__ void sum_splits_kernel(const float* __restrict__ parts, float* __restrict__ h, int64_t n, int splits) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  if (gridDim.z == 1 || !arrive_last(counters + blockIdx.y * gridDim.x + blockIdx.x, gridDim.z)) return;
+  const int rows = static_cast<int>(t_stop - t0), cols = min(BN, R - j0);
+  for (int i = threadIdx.x; i < rows * cols; i += kThreads) {
+    const int64_t at = (t0 + i / cols) * R + j0 + i % cols;
     float acc = 0.0f;
-    for (int s = 0; s < splits; ++s) acc += parts[s * n + i];
-    h[i] = acc;
+    for (int s = 0; s < static_cast<int>(gridDim.z); ++s) acc += __ldcg(parts + s * split_stride + at);
+    h[at] = acc;
   }
 }
 
 template <typename TA, typename TC, int BM, int BN, int BK>
-void launch(const Matrix& x, const Matrix& m, float* h, float* workspace, int splits, const Routing& routing,
-            const float* scaling, float scale, Dropout dropout, cudaStream_t stream) {
+void launch(const Matrix& x, const Matrix& m, float* h, float* workspace, int* counters, int splits,
+            const Routing& routing, Scales scales, Dropout dropout, cudaStream_t stream) {
   const int64_t T = x.rows;
   const int K = static_cast<int>(x.cols);
   const int R = routing.slots;
@@ -103,28 +104,24 @@ void launch(const Matrix& x, const Matrix& m, float* h, float* workspace, int sp
   const dim3 grid(static_cast<unsigned>((T + BM - 1) / BM), static_cast<unsigned>((R + BN - 1) / BN),
                   static_cast<unsigned>(used));
   require(grid.y <= 65535 && grid.z <= 65535, "flix_kernels._C.shrink: too many slots or K splits for one launch");
-  float* out = used > 1 ? workspace : h;
+  require(used == 1 || grid.x * static_cast<int64_t>(grid.y) <= kMaxSplitTiles,
+          "flix_kernels._C.shrink: too many tiles for a K split");
   shrink_kernel<TA, TC, BM, BN, BK><<<grid, kThreads, 0, stream>>>(
       static_cast<const TA*>(x.data), x.stride0, x.stride1, T, K, static_cast<const TC*>(m.data), m.stride0, m.stride1,
-      out, T * R, k_per_split, routing, scaling, scale, dropout);
+      h, workspace, k_per_split, counters, routing, scales, dropout);
   check_launch("shrink_kernel");
-  if (used > 1) {
-    const int64_t n = T * R;
-    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 4096));
-    sum_splits_kernel<<<blocks, 256, 0, stream>>>(workspace, h, n, used);
-    check_launch("sum_splits_kernel");
-  }
 }
 
 }  // namespace
 
-void shrink(const Matrix& x, const Matrix& m, float* h, float* workspace, int splits, const Routing& routing,
-            const float* scaling, float scale, Dropout dropout, Tile tile, int device, uintptr_t stream) {
+void shrink(const Matrix& x, const Matrix& m, float* h, float* workspace, int* counters, int splits,
+            const Routing& routing, Scales scales, Dropout dropout, Tile tile, int device, uintptr_t stream) {
   require(x.rows >= 0 && x.cols >= 0 && x.cols < (int64_t{1} << 31), "flix_kernels._C.shrink: bad x shape");
   require(m.cols == x.cols, "flix_kernels._C.shrink: the factor must have as many columns as x (in_features)");
   require(routing.slots >= 0 && routing.num_examples >= 0, "flix_kernels._C.shrink: bad routing sizes");
   require(splits >= 1, "flix_kernels._C.shrink: splits must be >= 1");
-  require(splits == 1 || workspace != nullptr, "flix_kernels._C.shrink: K splits need a workspace");
+  require(splits == 1 || (workspace != nullptr && counters != nullptr),
+          "flix_kernels._C.shrink: K splits need a workspace and zeroed counters");
   if (x.rows == 0 || routing.slots == 0) return;
   require(routing.num_examples > 0 && h != nullptr && x.data != nullptr && m.data != nullptr &&
               routing.slot_rank != nullptr && routing.slot_feature != nullptr,
@@ -136,9 +133,9 @@ void shrink(const Matrix& x, const Matrix& m, float* h, float* workspace, int sp
     using TA = typename decltype(act)::type;
     using TC = typename decltype(compute)::type;
     if (tile == Tile::small) {
-      launch<TA, TC, 16, 64, 64>(x, m, h, workspace, splits, routing, scaling, scale, dropout, as_stream(stream));
+      launch<TA, TC, 16, 64, 64>(x, m, h, workspace, counters, splits, routing, scales, dropout, as_stream(stream));
     } else {
-      launch<TA, TC, 64, 64, 32>(x, m, h, workspace, splits, routing, scaling, scale, dropout, as_stream(stream));
+      launch<TA, TC, 64, 64, 32>(x, m, h, workspace, counters, splits, routing, scales, dropout, as_stream(stream));
     }
   });
 }

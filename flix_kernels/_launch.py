@@ -111,13 +111,14 @@ def launch_triton(kernel, grid, *args, **kwargs) -> None:
     kernel[grid](*args, **kwargs)
 
 
-def call_extension(fn: Callable, **kwargs) -> None:
-    """``fn(**kwargs)`` for a launch function of the CUDA extension (same rules as :func:`launch_triton`)."""
+def call_extension(fn: Callable, *args, **kwargs) -> None:
+    """``fn(*args, **kwargs)`` for a launch function of the CUDA extension (same rules as
+    :func:`launch_triton`)."""
     rec = _RECORD
     if rec is not None:
         rec.counts[("cuda", fn.__name__)] += 1
         if rec.keep:
-            rec.launches.append(Launch("cuda", fn, None, (), kwargs))
+            rec.launches.append(Launch("cuda", fn, None, args, kwargs))
         if not rec.run:
             return
-    fn(**kwargs)
+    fn(*args, **kwargs)

@@ -22,7 +22,7 @@ if bridge._C is not None:
 
     # flix_kernels.ops validated the inputs and the metadata is the routing's own: skip the
     # launchers' per-call validation on this path.
-    ops = KernelOps("cuda", SimpleNamespace(shrink=partial(launch.shrink, check=False),
+    ops = KernelOps("cuda", SimpleNamespace(decode_plan=launch.decode_plan, shrink=partial(launch.shrink, check=False),
                                             expand=partial(launch.expand, check=False),
                                             weight_grad=partial(launch.weight_grad, check=False)), ("cuda",),
                     supports=lambda x, lora_A: supports(x, lora_A), instead="backend='triton' or 'torch'")

@@ -70,6 +70,7 @@ class KernelOps:
                  base_path: Callable = unfused_base, fuse_base: Callable[[], bool] = lambda: False):
         self.name = name
         self.launch = launch
+        self.decode_plan = getattr(launch, "decode_plan", None)  # the CUDA launcher's whole-layer decode path
         self.base_path = base_path
         self.supports, self.instead, self.fuse_base = supports, instead, fuse_base
 
@@ -99,8 +100,17 @@ class KernelOps:
 
     # -- the computation (eager: called by _EagerLoRA; compiled: by the custom ops) ----------
     def forward(self, x, weight, bias, lora_A, lora_B, scaling, seed, meta: KernelMetadata, scale: float,
-                dropout_p: float, fuse_base: bool) -> tuple[Tensor, Tensor]:
-        """``(y, h)``: y ``(T, out)`` = base (if weight) + FLix update; h ``(T, R_max)`` fp32."""
+                dropout_p: float, fuse_base: bool, decode=None) -> tuple[Tensor, Tensor]:
+        """``(y, h)``: y ``(T, out)`` = base (if weight) + FLix update; h ``(T, R_max)`` fp32.
+        ``decode``: the launcher's decode plan prepared for these shapes (else made here when the
+        launcher has one and the shapes are decode's); it returns None for inputs it cannot take."""
+        if weight is not None and self.decode_plan is not None and x.shape[0] <= DECODE_TOKENS and not fuse_base:
+            if decode is None:
+                decode = self.decode_plan(meta, x.shape[0], x.shape[1], weight.shape[0], x.dtype, lora_A.dtype,
+                                          x.device)
+            out = None if decode is None else decode(x, weight, bias, lora_A, lora_B, scaling, scale, seed, dropout_p)
+            if out is not None:
+                return out
         launch, cdt = self.launch, lora_A.dtype
         cu, seq_len, slot_rank, slot_feature = meta.cu_seqlens, meta.seq_len, meta.slot_rank, meta.slot_feature
         h = launch.shrink(x, lora_A, *lora_A.stride(), slot_rank, slot_feature, cu, scaling, scale, seed, dropout_p,
@@ -203,7 +213,7 @@ class KernelOps:
     def prepare(self, routing: Routing, x, weight, lora_A, scaling) -> Callable:
         """The call for inputs shaped like these under ``routing`` (see :meth:`_prepare`)."""
         self._check(x, lora_A)
-        return self._prepare(routing, x, scaling)
+        return self._prepare(routing, x, weight, lora_A, scaling)
 
     def delta(self, x, lora_A, lora_B, routing, scaling, dropout_p, generator) -> Tensor:
         """Low-rank FLix update, shape ``x.shape[:-1] + (out,)``, dtype of x."""
@@ -215,7 +225,7 @@ class KernelOps:
         self._check(x, lora_A)
         return self._run(x, weight, bias, lora_A, lora_B, routing, scaling, dropout_p, generator)
 
-    def _prepare(self, routing: Routing, x, scaling) -> Callable:
+    def _prepare(self, routing: Routing, x, weight, lora_A, scaling) -> Callable:
         """The call for inputs shaped like ``x`` under ``routing``: ``call(x, weight, bias, lora_A,
         lora_B, scaling, dropout_p, generator)`` -> ``x.shape[:-1] + (out,)``. Everything that
         depends only on the routing and the shapes is decided here, once."""
@@ -226,6 +236,10 @@ class KernelOps:
         meta = routing.layer_metadata(x.device, token_shape)
         T = routing.classify(token_shape)[1]
         flat = len(token_shape) == 1  # x is (T, in) already
+        decode = None
+        if self.decode_plan is not None and weight is not None and T <= DECODE_TOKENS:
+            act = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            decode = self.decode_plan(meta, T, x.shape[-1], weight.shape[0], act, lora_A.dtype, x.device)
 
         def call(x, weight, bias, lora_A, lora_B, scaling, dropout_p, generator):
             if weight is not None and torch.is_autocast_enabled(x.device.type):
@@ -242,11 +256,12 @@ class KernelOps:
             if not (torch.is_grad_enabled() and any_requires_grad(x, weight, bias, lora_A, lora_B)):
                 # Nothing to differentiate (inference, decode): no autograd node, whose apply alone
                 # costs about as much host time as a launch.
-                y, _ = self.forward(x2d, weight, bias, lora_A, lora_B, scale_t, seed, meta, scale_f, dropout_p, fuse)
+                y, _ = self.forward(x2d, weight, bias, lora_A, lora_B, scale_t, seed, meta, scale_f, dropout_p, fuse,
+                                    decode)
             else:
                 # The constants travel as one tuple: Function.apply inspects every argument.
-                y, _ = apply(_EagerLoRA, (self, meta, scale_f, dropout_p, fuse), x2d, weight, bias, lora_A, lora_B,
-                             scale_t, seed)
+                y, _ = apply(_EagerLoRA, (self, meta, scale_f, dropout_p, fuse, decode), x2d, weight, bias, lora_A,
+                             lora_B, scale_t, seed)
             return y if flat else y.view(*token_shape, lora_B.shape[0])
 
         return call
@@ -255,7 +270,7 @@ class KernelOps:
         """``flix_linear`` (weight given) or ``flix_delta`` in one call: eager through
         :meth:`_prepare`, under torch.compile through the custom op."""
         if not torch.compiler.is_compiling():
-            return self._prepare(routing, x, scaling)(x, weight, bias, lora_A, lora_B, scaling, dropout_p, generator)
+            return self._prepare(routing, x, weight, lora_A, scaling)(x, weight, bias, lora_A, lora_B, scaling, dropout_p, generator)
         kind, T, seq_len = routing.classify(x.shape[:-1])
         tensors, ints = routing.kernel_metadata(x.device).for_layout(kind, seq_len).meta_args()
         if weight is not None and torch.is_autocast_enabled(x.device.type):
@@ -288,8 +303,8 @@ class _EagerLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, constants, x, weight, bias, lora_A, lora_B, scaling, seed):
-        ops, meta, scale, dropout_p, fuse_base = constants
-        y, h = ops.forward(x, weight, bias, lora_A, lora_B, scaling, seed, meta, scale, dropout_p, fuse_base)
+        ops, meta, scale, dropout_p, fuse_base, decode = constants
+        y, h = ops.forward(x, weight, bias, lora_A, lora_B, scaling, seed, meta, scale, dropout_p, fuse_base, decode)
         ctx.save_for_backward(x, weight, lora_A, lora_B, h, scaling, seed)
         ctx.ops, ctx.meta = ops, meta
         _keep_scalars(ctx, scale, dropout_p, fuse_base, bias)

@@ -8,9 +8,10 @@ works with any torch version. See ``csrc/flix.h`` for the kernels' interface.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -22,12 +23,38 @@ except ImportError as exc:  # not built (no nvcc at install time, FLIX_CUDA=0) o
     _C = None
     _LOAD_ERROR = f"{type(exc).__name__}: {exc}"
 
-__all__ = ["MIN_CAPABILITY", "build_info", "build_status", "extension_error", "unavailable_reason"]
+__all__ = ["MIN_CAPABILITY", "build_info", "build_status", "extension_error", "host_path_only", "host_path_timing",
+           "unavailable_reason"]
 
 # WMMA on bf16 and the kernels' shared-memory tiles need Ampere or newer.
 MIN_CAPABILITY = (8, 0)
 _BUILD_FILE = Path(__file__).resolve().parent.parent / "_build.json"
 _DEVICE_REASON: dict = {}  # device index (or "no_torch_cuda") -> reason or None; fixed per process
+_HOST_PATH_ONLY = False
+
+
+@contextlib.contextmanager
+def host_path_only() -> Iterator:
+    """Time the "cuda" backend's Python path on any machine: inside this block the backend accepts
+    CPU tensors and every launch is recorded and skipped (:func:`flix_kernels._launch.recording`),
+    so the calls do all their host work (validation, plans, packing, allocations) and no kernel
+    runs. Outputs hold whatever the allocator gave. Yields the launch record."""
+    global _HOST_PATH_ONLY
+    from .._launch import recording
+
+    if _C is None:
+        raise RuntimeError(f"flix_kernels.cuda.host_path_only needs the extension: {extension_error()}")
+    saved, _HOST_PATH_ONLY = _HOST_PATH_ONLY, True
+    try:
+        with recording(run=False) as rec:
+            yield rec
+    finally:
+        _HOST_PATH_ONLY = saved
+
+
+def host_path_timing() -> bool:
+    """Whether a :func:`host_path_only` block is active."""
+    return _HOST_PATH_ONLY
 
 
 def build_status() -> dict:
@@ -61,6 +88,8 @@ def unavailable_reason(device=None) -> Optional[str]:
     if _C is None:
         return extension_error()
     dev = torch.device(device) if device is not None else None
+    if _HOST_PATH_ONLY and (dev is None or dev.type == "cpu"):
+        return None
     if not torch.cuda.is_available():
         if "no_torch_cuda" not in _DEVICE_REASON:  # asked once: the answer does not change in a process
             count, why = _C.device_count()

@@ -12,22 +12,29 @@ graph capturable). Workspaces come from torch's caching allocator (a graph's pri
 during capture):
 
 * shrink/expand: 16-token tiles at most 64 tokens (decode), else 64-token tiles; decode shrink
-  splits K over blocks until about two blocks per SM, summing the parts in a fixed order;
+  splits K over blocks until about two blocks per SM, summing the parts in split order;
 * weight gradients: the owner path (one block per feature and column tile) when that fills
-  the device, else the split path over (example, token chunk) with a fixed-order reduction.
+  the device, else the split path over (example, token chunk) with a fixed-order reduction;
+* the decode path (:class:`DecodePlan`, at most DECODE_TOKENS tokens with a base weight): the
+  shrink and csrc/decode.cu's base GEMM + FLix update, two launches from one call into the
+  extension, K split over about four blocks per SM (:func:`decode_splits`).
 
-``OVERRIDES`` (tests) forces any choice: ``{"tile": 0|1, "splits": n, "grad_path":
-"owner"|"split", "chunk": n}``.
+K splits are summed in the same launch by the last block of each tile, counted in a zeroed
+int32 buffer per stream (:func:`_counters`). ``OVERRIDES`` (tests) forces any choice:
+``{"tile": 0|1, "splits": n, "grad_path": "owner"|"split", "chunk": n, "decode_splits": n}``.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .._launch import DECODE_TOKENS, call_extension, num_sms
-from . import _C, unavailable_reason
+from . import _C, host_path_timing, unavailable_reason
 
-__all__ = ["OVERRIDES", "SUPPORTED_PAIRS", "expand", "keep_mask", "shrink", "weight_grad"]
+__all__ = ["OVERRIDES", "SUPPORTED_PAIRS", "DecodePlan", "decode_enabled", "decode_plan", "decode_splits", "expand",
+           "keep_mask", "shrink", "weight_grad"]
 
 OVERRIDES: dict = {}
 WORKSPACE_BYTES = 256 << 20  # the split weight gradient's fp32 partial tiles, at most
@@ -134,8 +141,41 @@ def _dropout(seed, p_drop):
 
 
 def _launch_context(t):
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    """``(device index, current stream handle)`` of tensor ``t``'s device. CPU tensors reach here only
+    while :func:`flix_kernels.cuda.host_path_only` times the Python path with every launch skipped."""
+    device = t.device
+    if device.type != "cuda":
+        if not host_path_timing():
+            _fail("launch", f"the CUDA kernels need CUDA tensors, got tensors on {device}")
+        return 0, 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
     return index, torch.cuda.current_stream(index).cuda_stream
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(index: int, stream: int, device) -> torch.Tensor:
+    """The split counters of ``stream`` (see csrc/flix.h): int32 zeros, left zero by every launch;
+    one buffer per stream, because kernels on one stream run one after another."""
+    key = (index, stream)
+    buf = _COUNTERS.get(key)
+    if buf is None:
+        buf = _COUNTERS[key] = torch.zeros(_C.MAX_SPLIT_TILES, dtype=torch.int32, device=device)
+    return buf
+
+
+_SCALE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _scales(scaling, scale) -> tuple:
+    """``(scaling, (pointer, dtype code, scale))``: per-feature scales in their own dtype when it is
+    one the kernels read (no conversion launch), else as float32 (returned to keep it alive)."""
+    if scaling is None:
+        return None, (0, 0, float(scale))
+    if scaling.dtype not in _SCALE_CODE or scaling.stride(0) != 1:
+        scaling = scaling.to(torch.float32).contiguous()
+    return scaling, (scaling.data_ptr(), _SCALE_CODE[scaling.dtype], float(scale))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -228,14 +268,17 @@ def shrink(X, M, stride_mr, stride_mk, slot_rank, slot_feature, cu, scaling, sca
     if K == 0:
         return H.zero_()
     tile, splits = shrink_plan(T, K, R, num_sms(X.device))
-    ws = torch.empty(splits, T, R, device=X.device, dtype=torch.float32) if splits > 1 else None
-    scale_t = None if scaling is None else scaling.to(torch.float32).contiguous()
     device, stream = _launch_context(X)
+    ws = counters = None
+    if splits > 1:
+        ws = torch.empty(splits, T, R, device=X.device, dtype=torch.float32)
+        counters = _counters(device, stream, X.device)
+    scaling, scales = _scales(scaling, scale)
     call_extension(_C.shrink, x=_matrix(X, T, K, X.stride(0), X.stride(1)),
                    factor=_matrix(M, M.numel() // max(K, 1), K, stride_mr, stride_mk), h=H.data_ptr(),
-                   workspace=0 if ws is None else ws.data_ptr(), splits=splits,
-                   routing=_routing(slot_rank, slot_feature, cu, seq_len),
-                   scaling=0 if scale_t is None else scale_t.data_ptr(), scale=float(scale),
+                   workspace=0 if ws is None else ws.data_ptr(),
+                   counters=0 if counters is None else counters.data_ptr(), splits=splits,
+                   routing=_routing(slot_rank, slot_feature, cu, seq_len), scales=scales,
                    dropout=_dropout(seed, p_drop), tile=tile, device=device, stream=stream)
     return H
 
@@ -317,6 +360,93 @@ def weight_grad(L, R, G, stride_gr, stride_gn, meta, seq_len, max_len, compute_d
                    workspace=0 if ws is None else ws.data_ptr(), chunks=chunks, chunk=chunk,
                    dropout=_dropout(seed, p_drop), tile=tile, device=device, stream=stream)
     return G
+
+
+# ---------------------------------------------------------------------------------------------
+# The decode path: a whole layer in two launches and one call into the extension
+# ---------------------------------------------------------------------------------------------
+_DECODE_COLS, _DECODE_K_STEP = 64, 32  # csrc/decode.cu: columns per block, K per pipeline stage
+
+
+def decode_splits(T: int, K: int, N: int, itemsize: int, sms: int) -> int:
+    """K splits of the decode linear kernel (csrc/decode.cu): about four blocks per SM, whole pipeline
+    stages per split, and the fp32 partials (written and read once) at most an eighth of W's bytes.
+    The count the kernel will use (it recomputes the same)."""
+    if "decode_splits" in OVERRIDES:
+        want = OVERRIDES["decode_splits"]
+    else:
+        by_fill = _cdiv(4 * sms, _cdiv(N, _DECODE_COLS))
+        by_bytes = max(1, K * itemsize // (32 * max(T, 1)))
+        want = max(1, min(by_fill, by_bytes, _cdiv(K, _DECODE_K_STEP), 64))
+    if _cdiv(N, _DECODE_COLS) > _C.MAX_SPLIT_TILES:
+        want = 1
+    per_split = max(_DECODE_K_STEP, _cdiv(_cdiv(K, want), _DECODE_K_STEP) * _DECODE_K_STEP)
+    return max(1, _cdiv(K, per_split))
+
+
+def decode_enabled() -> bool:
+    """``FLIX_CUDA_DECODE=0`` turns the decode path off (the general kernels and cuBLAS then run)."""
+    return os.environ.get("FLIX_CUDA_DECODE", "1") != "0"
+
+
+def decode_plan(meta, T: int, K: int, N: int, act_dtype, adapter_dtype, device) -> "DecodePlan | None":
+    """The decode path of a layer ``(T, K) -> (T, N)`` under ``meta``, or None where it does not
+    apply: more than DECODE_TOKENS tokens, K not a whole number of 16-byte copies, the path turned
+    off, or a dtype pair the kernels are not built for."""
+    if (_C is None or not 0 < T <= DECODE_TOKENS or N == 0 or K % (16 // act_dtype.itemsize)
+            or (act_dtype, adapter_dtype) not in SUPPORTED_PAIRS or not decode_enabled()):
+        return None
+    return DecodePlan(meta, T, K, N, act_dtype, adapter_dtype, device)
+
+
+class DecodePlan:
+    """``y = x W^T + b + FLix(x)`` for one routing and layer shape at decode sizes: the shrink, then
+    csrc/decode.cu's base GEMM + update, in one call into the extension whose fixed arguments
+    (routing pointers, sizes, dtypes, splits) are packed once here (``_C.DecodePlan``). A call checks
+    what the call signature does not fix (strides, alignment, dtypes of bias and factors) and returns
+    None when the inputs need the general path."""
+
+    def __init__(self, meta, T, K, N, act_dtype, adapter_dtype, device):
+        B, R = meta.slot_rank.shape
+        sms = num_sms(device)
+        self.T, self.K, self.N, self.R = T, K, N, R
+        self.act, self.adapters = act_dtype, adapter_dtype
+        self.vec = 16 // act_dtype.itemsize
+        shrink_splits = shrink_plan(T, K, R, sms)[1] if R and K else 1  # (its 16-token tiles: T is small)
+        self.splits = decode_splits(T, K, N, act_dtype.itemsize, sms)
+        self.shrink_splits = shrink_splits
+        self.shrink_elems = shrink_splits * T * R if shrink_splits > 1 else 0
+        self.linear_elems = self.splits * T * N if self.splits > 1 else 0
+        index = device.index if device.type == "cuda" and device.index is not None else 0
+        self.packed = _C.DecodePlan(_routing(meta.slot_rank, meta.slot_feature, meta.cu_seqlens, meta.seq_len), T, K,
+                                    N, meta.rank_offsets.shape[0] - 1 if meta.rank_offsets.numel() else 0,
+                                    _DTYPE_CODE[act_dtype], _DTYPE_CODE[adapter_dtype], shrink_splits, self.splits,
+                                    index)
+        self.meta = meta  # keeps the routing tensors the packed pointers point at alive
+
+    def __call__(self, x, weight, bias, lora_A, lora_B, scaling, scale, seed, p_drop):
+        act, vec = self.act, self.vec
+        if (x.dtype != act or weight.dtype != act or lora_A.dtype != self.adapters or lora_B.dtype != self.adapters
+                or x.shape[0] != self.T or x.stride(1) != 1 or weight.stride(1) != 1 or x.stride(0) % vec
+                or weight.stride(0) % vec or (x.data_ptr() | weight.data_ptr()) & 15
+                or (bias is not None and (bias.dtype != act or bias.stride(0) != 1))):
+            return None
+        index, stream = _launch_context(x)
+        device = x.device
+        y = torch.empty(self.T, self.N, device=device, dtype=act)
+        h = torch.empty(self.T, self.R, device=device, dtype=torch.float32)
+        ws_elems = self.shrink_elems + self.linear_elems
+        ws = torch.empty(ws_elems, device=device, dtype=torch.float32) if ws_elems else None
+        ws_ptr = 0 if ws is None else ws.data_ptr()
+        counters = _counters(index, stream, device).data_ptr() if ws_elems else 0
+        scaling, (scale_ptr, scale_code, scale_value) = _scales(scaling, scale)
+        call_extension(_C.decode_linear, self.packed, x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0),
+                       0 if bias is None else bias.data_ptr(), lora_A.data_ptr(), lora_A.stride(0), lora_A.stride(1),
+                       lora_B.data_ptr(), lora_B.stride(1), lora_B.stride(0), y.data_ptr(), h.data_ptr(),
+                       ws_ptr if self.shrink_elems else 0, ws_ptr + 4 * self.shrink_elems if self.linear_elems else 0,
+                       counters, scale_ptr, scale_code, scale_value, 0 if seed is None else seed.data_ptr(),
+                       float(p_drop), stream)
+        return y, h
 
 
 def keep_mask(seed: int, T: int, K: int, p_drop: float) -> torch.Tensor:

@@ -205,13 +205,13 @@ void decode_linear(const DecodeLinear& a, const Routing& routing, int device, ui
                                  routing.slot_feature != nullptr),
           w + "null factor or routing pointer");
   require_dtype_pair(a.x.dtype, a.m.dtype, "decode_linear");
+  DeviceGuard guard(device, "decode_linear");
   if (routing.slots > 0 && a.x.cols > 0) {
     shrink(a.x, a.a, a.h, a.shrink_workspace, a.counters, a.shrink_splits, routing, a.scales, a.dropout, Tile::small,
            device, stream);
   } else if (routing.slots > 0) {
     check_cuda(cudaMemsetAsync(a.h, 0, sizeof(float) * a.x.rows * routing.slots, as_stream(stream)), "decode_linear");
   }
-  DeviceGuard guard(device, "decode_linear");
   dispatch_dtypes(a.x.dtype, a.m.dtype, "decode_linear", [&](auto act, auto compute) {
     using TA = typename decltype(act)::type;
     using TC = typename decltype(compute)::type;

@@ -112,13 +112,15 @@ def test_raw_calls_without_a_gpu_raise_naming_the_kernel():
     routing = (1, 1, 0, 2, 4, 3)  # non-null dummy pointers: the device check must come first
     dropout = (0, 0.0)
     calls = {
-        "shrink": lambda: C.shrink(x=(1, 6, 8, 8, 1, 0), factor=(1, 16, 8, 8, 1, 0), h=1, workspace=0, splits=1,
-                                   routing=routing, scaling=0, scale=1.0, dropout=dropout, tile=0, device=0, stream=0),
+        "shrink": lambda: C.shrink(x=(1, 6, 8, 8, 1, 0), factor=(1, 16, 8, 8, 1, 0), h=1, workspace=0, counters=0,
+                                   splits=1, routing=routing, scales=(0, 0, 1.0), dropout=dropout, tile=0, device=0, stream=0),
         "expand": lambda: C.expand(h=(1, 6, 4, 4, 1, 0), factor=(1, 16, 5, 5, 1, 0), y=(1, 6, 5, 5, 1, 0),
                                    accumulate=True, routing=routing, dropout=dropout, tile=0, device=0, stream=0),
         "weight_grad": lambda: C.weight_grad(l=(1, 6, 4, 4, 1, 0), r=(1, 6, 5, 5, 1, 0), g=(1, 16, 5, 5, 1, 0),
                                              routing=routing, pairs=(1, 1, 1, 1, 8, 5), workspace=0, chunks=0, chunk=0,
                                              dropout=dropout, tile=0, device=0, stream=0),
+        "decode_linear": lambda: C.decode_linear(C.DecodePlan(routing, 6, 8, 5, 16, 0, 0, 1, 1, 0), 16, 8, 16, 8, 0,
+                                                 16, 8, 1, 16, 1, 5, 16, 16, 0, 0, 0, 0, 0, 1.0, 0, 0.0, 0),
     }
     for name, call in calls.items():
         with pytest.raises(RuntimeError, match=rf"flix_kernels\._C\.{name}: CUDA error"):
@@ -131,14 +133,14 @@ def test_raw_calls_without_a_gpu_raise_naming_the_kernel():
 def test_raw_calls_reject_bad_arguments_before_touching_the_device():
     C = bridge._C
     with pytest.raises(ValueError, match="dtype code"):
-        C.shrink(x=(1, 6, 8, 8, 1, 7), factor=(1, 16, 8, 8, 1, 0), h=1, workspace=0, splits=1, routing=(1, 1, 0, 2, 4, 3),
-                 scaling=0, scale=1.0, dropout=(0, 0.0), tile=0, device=0, stream=0)
+        C.shrink(x=(1, 6, 8, 8, 1, 7), factor=(1, 16, 8, 8, 1, 0), h=1, workspace=0, counters=0, splits=1, routing=(1, 1, 0, 2, 4, 3),
+                 scales=(0, 0, 1.0), dropout=(0, 0.0), tile=0, device=0, stream=0)
     with pytest.raises(ValueError, match="splits must be >= 1"):
-        C.shrink(x=(1, 6, 8, 8, 1, 0), factor=(1, 16, 8, 8, 1, 0), h=1, workspace=0, splits=0,
-                 routing=(1, 1, 0, 2, 4, 3), scaling=0, scale=1.0, dropout=(0, 0.0), tile=0, device=0, stream=0)
+        C.shrink(x=(1, 6, 8, 8, 1, 0), factor=(1, 16, 8, 8, 1, 0), h=1, workspace=0, counters=0, splits=0,
+                 routing=(1, 1, 0, 2, 4, 3), scales=(0, 0, 1.0), dropout=(0, 0.0), tile=0, device=0, stream=0)
     with pytest.raises(ValueError, match="as many columns as x"):
-        C.shrink(x=(1, 6, 8, 8, 1, 0), factor=(1, 16, 9, 9, 1, 0), h=1, workspace=0, splits=1,
-                 routing=(1, 1, 0, 2, 4, 3), scaling=0, scale=1.0, dropout=(0, 0.0), tile=0, device=0, stream=0)
+        C.shrink(x=(1, 6, 8, 8, 1, 0), factor=(1, 16, 9, 9, 1, 0), h=1, workspace=0, counters=0, splits=1,
+                 routing=(1, 1, 0, 2, 4, 3), scales=(0, 0, 1.0), dropout=(0, 0.0), tile=0, device=0, stream=0)
     with pytest.raises(ValueError, match="unsupported dtype pair"):
         C.expand(h=(1, 6, 4, 4, 1, 0), factor=(1, 16, 5, 5, 1, 2), y=(1, 6, 5, 5, 1, 0), accumulate=True,
                  routing=(1, 1, 0, 2, 4, 3), dropout=(0, 0.0), tile=0, device=0, stream=0)

@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overhead", action="store_true",
                    help="the host-overhead mode alone (host time and launches per layer call at tiny shapes, "
                         "kernel launches recorded and skipped, and a host-bound training step; part of --quick)")
+    b.add_argument("--serving", action="store_true",
+                   help="the serving mode alone (a decode step of a stack of FLix layers for 1 to 64 requests, each "
+                        "with its own feature set, against the base layers and PEFT's mixed-adapter inference; "
+                        "part of --quick)")
     b.add_argument("--backends", nargs="+", choices=("torch", "triton", "cuda"), default=None,
                    help="our backends to time (default: every one available on the device)")
     b.add_argument("--rep-ms", type=positive_arg(float), default=None, metavar="MS",
@@ -173,15 +177,16 @@ def _bench(args) -> int:
                               f"available here: {', '.join(available_backends(device))}")
     out = args.out or Path(f"flix-bench-{device.type}")
     check_out_folder(args.parser, out)
-    only_overhead = args.overhead and not args.quick and args.shapes is None
-    if device.type == "cpu" and not only_overhead:
+    only_modes = (args.overhead or args.serving) and not args.quick and args.shapes is None
+    if device.type == "cpu" and not only_modes:
         why = {b: unavailable_reason(b, "cpu") for b in ("triton", "cuda")}
         print("CPU run: timing the torch backend and the plain-PyTorch/PEFT variants; "
               + "; ".join(f"{b} is not timed ({r})" for b, r in why.items() if r) + ". " + CPU_CAVEAT)
-    shapes = args.shapes or ([] if only_overhead else ["headline", "decode"] if args.quick else ["all"])
+    shapes = args.shapes or ([] if only_modes else ["headline", "decode"] if args.quick else ["all"])
     shapes = SHAPE_SETS if "all" in shapes else tuple(shapes)
     cfg = Config(device=device, shapes=shapes, quick=args.quick, compile_torch=args.compile_torch,
-                 e2e=args.e2e and not only_overhead, overhead=args.overhead or args.quick, backends=backends,
+                 e2e=args.e2e and not only_modes, overhead=args.overhead or args.quick,
+                 serving=args.serving or args.quick, backends=backends,
                  rep_ms=args.rep_ms)
     record = bench(cfg, out, show_progress=args.progress)
     if record["failures"]:

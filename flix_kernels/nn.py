@@ -48,6 +48,15 @@ def linear_in_out(base: nn.Module) -> tuple[int, int]:
     raise TypeError(f"FLixLinear wraps nn.Linear or transformers' Conv1D, got {type(base).__name__}")
 
 
+def _member(module: nn.Module, table: str, name: str):
+    """``getattr(module, name)`` for a parameter, buffer or submodule, read from its own table
+    (``Module.__getattr__`` costs about a microsecond a call on the decode path); anything else
+    under that name (a parametrization's property, a plain attribute, an unregistered None) is
+    read by getattr."""
+    found = module.__dict__[table].get(name)
+    return found if found is not None else getattr(module, name)
+
+
 class FLixLinear(nn.Module):
     """``y = base(x) + sum_{k in S(x)} s_k B_k A_k drop(x)`` with a frozen base ``nn.Linear``.
 
@@ -261,12 +270,13 @@ class FLixLinear(nn.Module):
         if self._parallel is not None:  # tensor parallel: flix_kernels.distributed
             return self._parallel.forward(self, x, routing)
         p = self.dropout if self.training else 0.0
-        base = self.base_layer
+        base = _member(self, "_modules", "base_layer")
+        lora_A, lora_B = _member(self, "_parameters", "lora_A"), _member(self, "_parameters", "lora_B")
+        scaling = _member(self, "_buffers", "scaling")
         if type(base) is nn.Linear:
-            return flix_linear(x, base.weight, base.bias, self.lora_A, self.lora_B, routing, scaling=self.scaling,
-                               dropout_p=p, backend=self.backend)
-        return base(x) + flix_delta(x, self.lora_A, self.lora_B, routing, scaling=self.scaling, dropout_p=p,
-                                    backend=self.backend)
+            return flix_linear(x, _member(base, "_parameters", "weight"), _member(base, "_parameters", "bias"), lora_A,
+                               lora_B, routing, scaling=scaling, dropout_p=p, backend=self.backend)
+        return base(x) + flix_delta(x, lora_A, lora_B, routing, scaling=scaling, dropout_p=p, backend=self.backend)
 
     # -- merging ------------------------------------------------------------------------------
     def _describe(self, feature_ids: Sequence[int]) -> str:

@@ -100,15 +100,17 @@ class KernelOps:
 
     # -- the computation (eager: called by _EagerLoRA; compiled: by the custom ops) ----------
     def forward(self, x, weight, bias, lora_A, lora_B, scaling, seed, meta: KernelMetadata, scale: float,
-                dropout_p: float, fuse_base: bool, decode=None) -> tuple[Tensor, Tensor]:
-        """``(y, h)``: y ``(T, out)`` = base (if weight) + FLix update; h ``(T, R_max)`` fp32.
-        ``decode``: the launcher's decode plan prepared for these shapes (else made here when the
-        launcher has one and the shapes are decode's); it returns None for inputs it cannot take."""
+                dropout_p: float, fuse_base: bool, decode=None, need_h: bool = True) -> tuple[Tensor, Tensor]:
+        """``(y, h)``: y ``(T, out)`` = base (if weight) + FLix update; h ``(T, R_max)`` fp32 (may be
+        None when not ``need_h``). ``decode``: the launcher's decode plan prepared for these shapes
+        (else made here when the launcher has one and the shapes are decode's); it returns None for
+        inputs it cannot take."""
         if weight is not None and self.decode_plan is not None and x.shape[0] <= DECODE_TOKENS and not fuse_base:
             if decode is None:
                 decode = self.decode_plan(meta, x.shape[0], x.shape[1], weight.shape[0], x.dtype, lora_A.dtype,
                                           x.device)
-            out = None if decode is None else decode(x, weight, bias, lora_A, lora_B, scaling, scale, seed, dropout_p)
+            out = None if decode is None else decode(x, weight, bias, lora_A, lora_B, scaling, scale, seed, dropout_p,
+                                                     need_h)
             if out is not None:
                 return out
         launch, cdt = self.launch, lora_A.dtype
@@ -255,9 +257,11 @@ class KernelOps:
             x2d = x if flat else x.reshape(T, x.shape[-1])  # a reshape to the same shape is still a graph node
             if not (torch.is_grad_enabled() and any_requires_grad(x, weight, bias, lora_A, lora_B)):
                 # Nothing to differentiate (inference, decode): no autograd node, whose apply alone
-                # costs about as much host time as a launch.
-                y, _ = self.forward(x2d, weight, bias, lora_A, lora_B, scale_t, seed, meta, scale_f, dropout_p, fuse,
-                                    decode)
+                # costs about as much host time as a launch; the decode plan called directly.
+                out = None if decode is None else decode(x2d, weight, bias, lora_A, lora_B, scale_t, scale_f, seed,
+                                                         dropout_p, need_h=False)
+                y = out[0] if out is not None else self.forward(x2d, weight, bias, lora_A, lora_B, scale_t, seed, meta,
+                                                                 scale_f, dropout_p, fuse, decode)[0]
             else:
                 # The constants travel as one tuple: Function.apply inspects every argument.
                 y, _ = apply(_EagerLoRA, (self, meta, scale_f, dropout_p, fuse, decode), x2d, weight, bias, lora_A,

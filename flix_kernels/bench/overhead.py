@@ -5,9 +5,11 @@ so every token has an active rank of 32) a layer's time is its host path: Python
 launches. Per call, forward (under no_grad) and forward+backward (gradients of x and the
 adapters) are timed for ``nn.Linear`` (frozen), PEFT's LoRA layer of rank 32 and
 :class:`~flix_kernels.FLixLinear` per backend. Backend "torch" runs for real. "triton" and
-"cuda" run with their kernel launches recorded and skipped (:func:`flix_kernels._launch.recording`),
-so what is timed is exactly the Python path a GPU run takes, on a CPU as on a GPU; where a
-backend's kernels can run here they are also run once, for the check.
+"cuda" run with their kernel launches recorded and skipped (:func:`flix_kernels._launch.recording`;
+on a CPU the CUDA backend inside :func:`flix_kernels.cuda.host_path_only`, which lets it take CPU
+tensors), so what is timed is exactly the Python path a GPU run takes, on a CPU as on a GPU; where
+a backend's kernels can run here they are also run once, for the check (the CUDA kernels only on
+a GPU: on a CPU its check is recorded as not done).
 
 Every variant is checked against the float64 oracle before it is timed (the kernel backends
 on CPU through Triton's interpreter, in a child process when this one does not interpret);
@@ -186,6 +188,21 @@ def launches(fn) -> dict:
             "by_kernel": {f"{b}:{k}": n for (b, k), n in sorted(rec.counts.items())}}
 
 
+def _skipping(backend: str, device):
+    """The context a kernel backend's calls are timed in: launches recorded and skipped; the CUDA
+    backend on a CPU also accepts CPU tensors there (:func:`flix_kernels.cuda.host_path_only`)."""
+    if backend == "cuda" and device.type != "cuda":
+        from ..cuda import host_path_only
+
+        return host_path_only()
+    return _launch.recording(run=False)
+
+
+def _checked_here(backend: str, device) -> bool:
+    """Whether a variant's numerics can be checked here (the CUDA kernels need a GPU)."""
+    return not (backend == "cuda" and device.type != "cuda")
+
+
 def interleaved_host_times(fns, skip_launches, rep_ms: float, device, batch: int = 10) -> list[dict]:
     """:func:`host_time` of several callables at once: they take turns, one batch of ``batch``
     calls each, until each has run about ``rep_ms``, so a burst of load on a shared machine
@@ -195,7 +212,7 @@ def interleaved_host_times(fns, skip_launches, rep_ms: float, device, batch: int
             torch.cuda.synchronize(device)
 
     def run(fn, skip):
-        with _launch.recording(run=False) if skip else contextlib.nullcontext():
+        with _skipping(skip, device) if skip else contextlib.nullcontext():
             t0 = time.perf_counter()
             for _ in range(batch):
                 fn()
@@ -232,9 +249,7 @@ def _kernel_backends_here(device) -> tuple[list[str], dict]:
         mod = _MODULES[b]
         if getattr(mod, "ops", None) is None:
             why[b] = unavailable_reason(b, device) or "its launch module is not importable"
-        elif b == "cuda" and device.type != "cuda":
-            why[b] = "its Python path needs a CUDA device (the current stream), so it is timed on GPUs only"
-        else:
+        else:  # "cuda" on a CPU: timed inside flix_kernels.cuda.host_path_only (see _skipping)
             ok.append(b)
     return ok, why
 
@@ -291,6 +306,11 @@ def _measure(device, rep_ms, e2e, progress) -> dict:
         skipped.update(skip)
         good = []
         for layer in layers:
+            name = layer.name.removeprefix("ours: ")
+            if not _checked_here(name, device):
+                checks[f"{layer.name} T={t}"] = "not checked here: its kernels need a GPU (the tests check them there)"
+                good.append(layer)
+                continue
             try:
                 checks[f"{layer.name} T={t}"] = check(layer)
                 good.append(layer)
@@ -300,11 +320,14 @@ def _measure(device, rep_ms, e2e, progress) -> dict:
             if progress:
                 progress.say(f"overhead: T={t} {mode}")
             fns = [layer.forward if mode == "forward" else layer.forward_backward for layer in good]
-            skips = [layer.name.removeprefix("ours: ") in KERNEL_BACKENDS for layer in good]
+            names = [layer.name.removeprefix("ours: ") for layer in good]
+            skips = [name if name in KERNEL_BACKENDS else None for name in names]
             first, again = (interleaved_host_times(fns, skips, rep_ms, device) for _ in range(2))
-            for layer, fn, skip_launches, a, b in zip(good, fns, skips, first, again):
-                row = {"variant": layer.name, "tokens": t, "mode": mode, "launches_skipped": skip_launches,
-                       "launches": launches(fn), **a, "repeat_median_us": b["median_us"]}
+            for layer, fn, skip, a, b in zip(good, fns, skips, first, again):
+                with _skipping(skip, device) if skip else contextlib.nullcontext():
+                    counted = launches(fn)
+                row = {"variant": layer.name, "tokens": t, "mode": mode, "launches_skipped": bool(skip),
+                       "launches": counted, **a, "repeat_median_us": b["median_us"]}
                 row["spread"] = abs(a["median_us"] - b["median_us"]) / max(min(a["median_us"], b["median_us"]), 1e-9)
                 rows.append(row)
     record = {"dtype": str(dtype).replace("torch.", ""), "width": WIDTH,

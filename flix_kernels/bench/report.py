@@ -390,6 +390,10 @@ def markdown(record: dict) -> str:
         from .overhead import markdown_lines
 
         lines += ["", *markdown_lines(record["overhead"])]
+    if record.get("serving", {}).get("rows"):
+        from .serving import markdown_lines as serving_lines
+
+        lines += ["", *serving_lines(record["serving"])]
     if record.get("skipped"):
         lines += ["", "Not run here: " + "; ".join(f"{k} ({v})" for k, v in record["skipped"].items())]
     if record.get("backends_unavailable"):

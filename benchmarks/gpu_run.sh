@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a lent GPU machine (see the device tool), one step per call so each fits the tool's
-# 10-minute limit:  bash benchmarks/gpu_run.sh install|test|sanitize|bench|overhead|kernels|ofa|all
+# 10-minute limit:  bash benchmarks/gpu_run.sh install|test|sanitize|bench|overhead|kernels|decode|ofa|all
 # install builds the CUDA extension there (FLIX_CUDA=1: a failed build is an error; FLIX_CUDA=0
 # skips it, e.g. for the ofa step, which does not use it).
 # Full logs go to $OUT (default /tmp/flix_out); copy $OUT/suite/* into
@@ -64,6 +64,34 @@ kernels() {  # the Triton kernels (issue 18): their tests on CUDA (bf16 included
     --rep-ms 100 --out "$OUT/kernels_two_pass" 2>&1 | tee "$OUT/bench_kernels_two_pass.log" | tail -20
   return $(( rc || PIPESTATUS[0] ))
 }
+decode() {  # the CUDA decode path (issue 19): its tests, the four sanitizers on them, decode and serving timings
+  python -m pytest -q -p no:cacheprovider -rs tests/test_cuda_decode.py tests/test_cuda_backend.py 2>&1 \
+    | tee "$OUT/pytest_decode.log" | tail -15
+  local rc=${PIPESTATUS[0]}
+  if command -v compute-sanitizer > /dev/null; then
+    local sel="(test_decode_matches_the_oracle and bfloat16-bfloat16) or test_forced_splits or packed or deterministic"
+    local tool
+    for tool in memcheck racecheck initcheck synccheck; do
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 9 \
+        python -m pytest -q -p no:cacheprovider tests/test_cuda_decode.py -k "$sel" > "$OUT/sanitize_$tool.log" 2>&1 \
+        || rc=1
+      echo "$tool: $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitize_$tool.log" | tail -2 | tr '\n' ' ')"
+    done
+  else
+    echo "compute-sanitizer not found" | tee "$OUT/sanitize_decode.log"
+  fi
+  # one layer (in = out = 4096) at T = 1, 8, 64: every backend, eager and CUDA graph, against F.linear
+  python -m flix_kernels bench --no-progress --shapes decode --no-e2e --rep-ms 100 --out "$OUT/decode" 2>&1 \
+    | tee "$OUT/bench_decode.log" | tail -30
+  rc=$(( rc || PIPESTATUS[0] ))
+  # the general CUDA kernels at the same shapes (shrink, cuBLAS, expand), for the decode path's gain
+  FLIX_CUDA_DECODE=0 python -m flix_kernels bench --no-progress --shapes decode --backends cuda --no-e2e \
+    --rep-ms 100 --out "$OUT/decode_general" 2>&1 | tee "$OUT/bench_decode_general.log" | tail -12
+  rc=$(( rc || PIPESTATUS[0] ))
+  python -m flix_kernels bench --no-progress --serving --rep-ms 100 --out "$OUT/serving" 2>&1 \
+    | tee "$OUT/bench_serving.log" | tail -40
+  return $(( rc || PIPESTATUS[0] ))
+}
 ofa() {  # OFA: its tests on CUDA (bf16, CUDA graphs, torch.compile), then benchmarks/bench_ofa.py
   python -m pytest -q -p no:cacheprovider -rs tests/test_ofa_kernel.py tests/test_ofa.py 2>&1 | tee "$OUT/pytest_ofa.log" | tail -15
   local rc=${PIPESTATUS[0]}
@@ -78,8 +106,9 @@ case "$step" in
   bench) install && bench || status=1 ;;
   overhead) install && overhead || status=1 ;;
   kernels) FLIX_CUDA=${FLIX_CUDA:-0} install && kernels || status=1 ;;
+  decode) install && decode || status=1 ;;
   ofa) install && ofa || status=1 ;;
   all) install && { run_tests || status=1; sanitize || status=1; bench || status=1; } ;;
-  *) echo "usage: $0 install|test|sanitize|bench|overhead|ofa|all"; exit 2 ;;
+  *) echo "usage: $0 install|test|sanitize|bench|overhead|kernels|decode|ofa|all"; exit 2 ;;
 esac
 exit $status

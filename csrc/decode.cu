@@ -163,12 +163,8 @@ void launch(const DecodeLinear& a, const Routing& routing, cudaStream_t stream) 
   const int T = static_cast<int>(a.y.rows), N = static_cast<int>(a.y.cols), K = static_cast<int>(a.x.cols);
   int k_per_split = (K + a.splits - 1) / a.splits;
   k_per_split = std::max(kBK, ((k_per_split + kBK - 1) / kBK) * kBK);  // whole stages per split
-  const int used = std::max(1, (K + k_per_split - 1) / k_per_split);
+  const int used = std::max(1, (K + k_per_split - 1) / k_per_split);  // <= a.splits (checked by the caller)
   const int64_t col_tiles = (N + kBN - 1) / kBN;
-  require(col_tiles <= 0x7fffffff && used <= 65535, "flix_kernels._C.decode_linear: too many tiles for one launch");
-  require(used == 1 || (a.workspace != nullptr && a.counters != nullptr && col_tiles <= kMaxSplitTiles),
-          "flix_kernels._C.decode_linear: a K split needs a workspace and zeroed counters (at most kMaxSplitTiles "
-          "column tiles)");
   constexpr int V = 16 / sizeof(TC);
   const bool m_vec = a.m.stride0 == 1 && a.m.stride1 % V == 0 && aligned16(a.m.data);
   const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(used));
@@ -198,18 +194,25 @@ void decode_linear(const DecodeLinear& a, const Routing& routing, int device, ui
   require(a.x.stride1 == 1 && a.w.stride1 == 1 && a.x.stride0 % vec == 0 && a.w.stride0 % vec == 0 &&
               a.x.cols % vec == 0 && aligned16(a.x.data) && aligned16(a.w.data),
           w + "x and W need unit column strides, 16-byte aligned rows and K a multiple of 16 bytes");
-  require(a.h != nullptr && a.y.data != nullptr && a.x.data != nullptr && a.w.data != nullptr &&
-              routing.num_examples > 0 && (routing.cu_seqlens != nullptr || routing.seq_len > 0),
+  require(a.y.data != nullptr && a.x.data != nullptr && a.w.data != nullptr && routing.num_examples > 0 &&
+              (routing.cu_seqlens != nullptr || routing.seq_len > 0),
           w + "null pointer or empty routing");
-  require(routing.slots == 0 || (a.a.data != nullptr && a.m.data != nullptr && routing.slot_rank != nullptr &&
-                                 routing.slot_feature != nullptr),
-          w + "null factor or routing pointer");
+  // No slot anywhere (no example uses a feature): h is empty and nothing reads it or the factors.
+  require(routing.slots == 0 || (a.h != nullptr && a.a.data != nullptr && a.m.data != nullptr &&
+                                 routing.slot_rank != nullptr && routing.slot_feature != nullptr),
+          w + "null h, factor or routing pointer");
+  const int64_t col_tiles = (a.y.cols + kBN - 1) / kBN;
+  require(a.splits >= 1 && a.splits <= 65535 && col_tiles <= 0x7fffffff, w + "too many tiles for one launch");
+  require(a.splits == 1 || (a.workspace != nullptr && a.counters != nullptr && col_tiles <= kMaxSplitTiles),
+          w + "a K split needs a workspace and zeroed counters (at most kMaxSplitTiles column tiles)");
+  require(a.shrink_splits == 1 || (a.shrink_workspace != nullptr && a.counters != nullptr),
+          w + "a K split of the shrink needs a workspace and zeroed counters");
   require_dtype_pair(a.x.dtype, a.m.dtype, "decode_linear");
   DeviceGuard guard(device, "decode_linear");
   if (routing.slots > 0 && a.x.cols > 0) {
     shrink(a.x, a.a, a.h, a.shrink_workspace, a.counters, a.shrink_splits, routing, a.scales, a.dropout, Tile::small,
            device, stream);
-  } else if (routing.slots > 0) {
+  } else if (routing.slots > 0) {  // K == 0 (a raw call; the Python path sends it to the general kernels)
     check_cuda(cudaMemsetAsync(a.h, 0, sizeof(float) * a.x.rows * routing.slots, as_stream(stream)), "decode_linear");
   }
   dispatch_dtypes(a.x.dtype, a.m.dtype, "decode_linear", [&](auto act, auto compute) {

@@ -66,17 +66,22 @@ def test_decode_splits_cover_k_in_whole_stages_within_the_byte_budget(T, K, N, i
 def test_the_decode_path_applies_only_where_the_kernel_can_run(monkeypatch):
     routing = fk.Routing(torch.tensor([[0, 5], [1, 6]]), _space())
     meta = routing.kernel_metadata(torch.device("cpu")).for_layout("batched", 1)
-    plan = launch.decode_plan
     cpu = torch.device("cpu")
-    assert plan(meta, 2, 64, 48, torch.bfloat16, torch.bfloat16, cpu) is not None
-    assert plan(meta, 2, 64, 48, torch.bfloat16, torch.float32, cpu) is not None
-    assert plan(meta, 65, 64, 48, torch.bfloat16, torch.bfloat16, cpu) is None, "more than 64 tokens"
-    assert plan(meta, 0, 64, 48, torch.bfloat16, torch.bfloat16, cpu) is None
-    assert plan(meta, 2, 60, 48, torch.bfloat16, torch.bfloat16, cpu) is None, "K not whole 16-byte copies"
-    assert plan(meta, 2, 60, 48, torch.float32, torch.float32, cpu) is not None
-    assert plan(meta, 2, 64, 48, torch.float32, torch.float16, cpu) is None, "no such kernel pair"
+    R = routing.space.total_rank
+
+    def plan(T, K, act, adapters):
+        return launch.decode_plan(meta, T, K, 48, R, act, adapters, cpu)
+
+    assert plan(2, 64, torch.bfloat16, torch.bfloat16) is not None
+    assert plan(2, 64, torch.bfloat16, torch.float32) is not None
+    assert plan(65, 64, torch.bfloat16, torch.bfloat16) is None, "more than 64 tokens"
+    assert plan(0, 64, torch.bfloat16, torch.bfloat16) is None
+    assert plan(2, 0, torch.bfloat16, torch.bfloat16) is None
+    assert plan(2, 60, torch.bfloat16, torch.bfloat16) is None, "K not whole 16-byte copies"
+    assert plan(2, 60, torch.float32, torch.float32) is not None
+    assert plan(2, 64, torch.float32, torch.float16) is None, "no such kernel pair"
     monkeypatch.setenv("FLIX_CUDA_DECODE", "0")
-    assert plan(meta, 2, 64, 48, torch.bfloat16, torch.bfloat16, cpu) is None
+    assert plan(2, 64, torch.bfloat16, torch.bfloat16) is None
 
 
 def _decode_layer(tokens, per_example=1, dtype=torch.float32, bias=True, width=64):
@@ -172,6 +177,36 @@ def test_raw_decode_calls_reject_bad_arguments_before_touching_the_device():
         call(mixed)
     with pytest.raises(ValueError, match="splits < 1"):
         C.DecodePlan(args, 1, 64, 48, 8, 2, 2, 1, 0, 0)
+    split = C.DecodePlan(args, 1, 64, 48, 8, 2, 2, 1, 3, 0)  # a K split without a workspace
+    with pytest.raises(ValueError, match="needs a workspace and zeroed counters"):
+        call(split)
+
+
+@requires_extension
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour on machines without a GPU")
+def test_a_batch_without_features_needs_no_h_and_reaches_the_device():
+    """No example uses a feature: h is empty (a null pointer) and only the base GEMM runs."""
+    routing = fk.Routing(torch.tensor([[-1, -1], [-1, -1]]), _space())
+    meta = routing.kernel_metadata(torch.device("cpu")).for_layout("batched", 1)
+    assert meta.slot_rank.shape == (2, 0)
+    plan = launch._C.DecodePlan(launch._routing(meta.slot_rank, meta.slot_feature, None, 1), 2, 64, 48, 34, 2, 2, 1,
+                                1, 0)
+    with pytest.raises(RuntimeError, match=r"flix_kernels\._C\.decode_linear: CUDA error"):
+        launch._C.decode_linear(plan, 16, 64, 16, 64, 0, 16, 64, 1, 16, 1, 34, 16, 0, 0, 0, 0, 0, 0, 1.0, 0, 0.0, 0)
+
+
+@requires_extension
+def test_a_plan_called_with_tensors_of_other_shapes_raises():
+    layer, x, routing = _decode_layer(8)
+    meta = routing.layer_metadata(x.device, (8,))
+    plan = launch.decode_plan(meta, 8, 64, 64, layer.lora_A.shape[0], torch.float32, torch.float32, x.device)
+    W = layer.base_layer.weight
+    with bridge.host_path_only():
+        assert plan(x, W, None, layer.lora_A, layer.lora_B, None, 1.0, None, 0.0) is not None
+        with pytest.raises(ValueError, match="the plan is for x"):
+            plan(x[:4], W, None, layer.lora_A, layer.lora_B, None, 1.0, None, 0.0)
+        with pytest.raises(ValueError, match="bias"):
+            plan(x, W, torch.zeros(63), layer.lora_A, layer.lora_B, None, 1.0, None, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +317,16 @@ def test_forced_splits_agree_and_leave_the_counters_at_zero(seed, splits):
     torch.cuda.synchronize()
     for buf in launch._COUNTERS.values():
         assert int(buf.abs().sum()) == 0, "a split counter was left non-zero"
+
+
+@requires_cuda_backend
+def test_a_batch_without_any_feature_is_the_base_layer(seed):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.full((6, 2), -1)
+    routing, ids, x, A, Bm = _case(gen, _space(), 6, (6,), 128, 72, torch.bfloat16, ids=ids)
+    W, b = _base(gen, 128, 72, torch.bfloat16)
+    assert _took_decode(lambda: fk.flix_linear(x, W, b, A, Bm, routing, scaling=0.5, backend="cuda"))
+    check_against_oracle(x, A, Bm, routing, ids, routing.space, 0.5, backend="cuda", weight=W, bias=b)
 
 
 @requires_cuda_backend

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import flix_kernels as fk
+from flix_kernels import cuda as bridge
 from conftest import DEVICE, assert_close, random_adapters, random_feature_ids, random_space
 from flix_kernels import _launch
 from flix_kernels.backends import torch_backend
@@ -140,6 +141,13 @@ def test_the_overhead_mode_checks_times_and_counts(seed):
     if fk.backends.unavailable_reason("triton", "cpu") is None:
         fwd = [r for r in record["rows"] if r["variant"] == "ours: triton" and r["mode"] == "forward"]
         assert fwd and all(r["launches_skipped"] and r["launches"]["kernels"] == 2 for r in fwd)
+    if bridge._C is not None:  # the CUDA backend's Python path, timed on a CPU with its launches skipped
+        fwd = [r for r in record["rows"] if r["variant"] == "ours: cuda" and r["mode"] == "forward"]
+        assert len(fwd) == len(overhead.TOKENS)
+        for r in fwd:  # the decode path: one call into the extension, no torch op
+            assert r["launches_skipped"] and r["launches"]["by_kernel"] == {"cuda:decode_linear": 1}, r["launches"]
+            assert r["launches"]["torch_ops"] == 0
+        assert all(record["checks"][f"ours: cuda T={t}"].startswith("not checked here") for t in overhead.TOKENS)
 
 
 def test_the_overhead_mode_does_not_time_a_wrong_variant(monkeypatch):

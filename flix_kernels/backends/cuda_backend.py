@@ -3,9 +3,11 @@ custom ops ``flix_kernels::cuda_lora_forward`` / ``cuda_lora_backward`` (what th
 :mod:`flix_kernels.backends.kernel_ops`; how they launch: :mod:`flix_kernels.cuda.launch`).
 
 Same semantics, layouts, dropout bits and determinism as "triton"; tensor-core MMA (WMMA) for
-fp16/bf16, FMA for fp32 (exact fp32, whatever ``allow_tf32`` says); base GEMM by cuBLAS (no
-fused base GEMM). Each launch is one call into the extension with raw pointers, so its host
-cost is a few microseconds: the gain is largest where launches dominate (decode).
+fp16/bf16, FMA for fp32 (exact fp32, whatever ``allow_tf32`` says). Base GEMM by cuBLAS, except
+on the decode path (at most 64 tokens, a layer with its base weight): there the whole layer is
+two launches of our own from one call into the extension, prepared once per routing and shape
+(:class:`flix_kernels.cuda.launch.DecodePlan`). Each launch is one call into the extension with
+raw pointers, so the gain is largest where launches dominate (decode).
 """
 
 from functools import partial

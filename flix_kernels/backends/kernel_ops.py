@@ -13,7 +13,9 @@ arguments and semantics, and get their own pair of ops from :class:`KernelOps`:
 Forward (``flix_kernels::<backend>_lora_forward``), per token t of example e with slots S(e):
 ``h = s_S * drop(x) A_S^T`` (fp32, T x R_max: tiny next to x, and one rounding fewer before the
 expand and in dB), then ``y = x W^T + b`` by cuBLAS and ``y += h B_S^T`` in place (the Triton
-backend can also compute the base GEMM in the expand tile, ``fuse_base``).
+backend can also compute the base GEMM in the expand tile, ``fuse_base``). A launcher with a
+``decode_plan`` (CUDA) runs a whole layer of at most DECODE_TOKENS tokens its own way: the plan
+is prepared once per routing and signature and returns None for inputs it cannot take.
 
 Backward (``flix_kernels::<backend>_lora_backward``): ``g = s_S * (dy B_S)``;
 ``dx = dy W + drop'(g A_S)``; ``dB = h^T dy`` and ``dA = g^T drop(x)`` per feature, by the
@@ -107,8 +109,8 @@ class KernelOps:
         inputs it cannot take."""
         if weight is not None and self.decode_plan is not None and x.shape[0] <= DECODE_TOKENS and not fuse_base:
             if decode is None:
-                decode = self.decode_plan(meta, x.shape[0], x.shape[1], weight.shape[0], x.dtype, lora_A.dtype,
-                                          x.device)
+                decode = self.decode_plan(meta, x.shape[0], x.shape[1], weight.shape[0], lora_A.shape[0], x.dtype,
+                                          lora_A.dtype, x.device)
             out = None if decode is None else decode(x, weight, bias, lora_A, lora_B, scaling, scale, seed, dropout_p,
                                                      need_h)
             if out is not None:
@@ -241,7 +243,8 @@ class KernelOps:
         decode = None
         if self.decode_plan is not None and weight is not None and T <= DECODE_TOKENS:
             act = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            decode = self.decode_plan(meta, T, x.shape[-1], weight.shape[0], act, lora_A.dtype, x.device)
+            decode = self.decode_plan(meta, T, x.shape[-1], weight.shape[0], lora_A.shape[0], act, lora_A.dtype,
+                                      x.device)
 
         def call(x, weight, bias, lora_A, lora_B, scaling, dropout_p, generator):
             if weight is not None and torch.is_autocast_enabled(x.device.type):

@@ -394,14 +394,15 @@ def decode_enabled() -> bool:
     return os.environ.get("FLIX_CUDA_DECODE", "1") != "0"
 
 
-def decode_plan(meta, T: int, K: int, N: int, act_dtype, adapter_dtype, device) -> "DecodePlan | None":
-    """The decode path of a layer ``(T, K) -> (T, N)`` under ``meta``, or None where it does not
-    apply: more than DECODE_TOKENS tokens, K not a whole number of 16-byte copies, the path turned
-    off, or a dtype pair the kernels are not built for."""
-    if (_C is None or not 0 < T <= DECODE_TOKENS or N == 0 or K % (16 // act_dtype.itemsize)
+def decode_plan(meta, T: int, K: int, N: int, R_total: int, act_dtype, adapter_dtype,
+                device) -> "DecodePlan | None":
+    """The decode path of a layer ``(T, K) -> (T, N)`` with adapters of total rank ``R_total``
+    under ``meta``, or None where it does not apply: more than DECODE_TOKENS tokens, K not a whole
+    number of 16-byte copies, the path turned off, or a dtype pair the kernels are not built for."""
+    if (_C is None or not 0 < T <= DECODE_TOKENS or N == 0 or K == 0 or K % (16 // act_dtype.itemsize)
             or (act_dtype, adapter_dtype) not in SUPPORTED_PAIRS or not decode_enabled()):
         return None
-    return DecodePlan(meta, T, K, N, act_dtype, adapter_dtype, device)
+    return DecodePlan(meta, T, K, N, R_total, act_dtype, adapter_dtype, device)
 
 
 class DecodePlan:
@@ -409,12 +410,17 @@ class DecodePlan:
     csrc/decode.cu's base GEMM + update, in one call into the extension whose fixed arguments
     (routing pointers, sizes, dtypes, splits) are packed once here (``_C.DecodePlan``). A call checks
     what the call signature does not fix (strides, alignment, dtypes of bias and factors) and returns
-    None when the inputs need the general path."""
+    None when the inputs need the general path; tensors of other shapes than the plan's raise.
 
-    def __init__(self, meta, T, K, N, act_dtype, adapter_dtype, device):
+    The K splits share the stream's counter buffer (:func:`_counters`): launches on one stream run
+    in order, so they never overlap. Two CUDA graphs captured on one stream and then replayed at the
+    same time on two streams would share it; replay such graphs on one stream."""
+
+    def __init__(self, meta, T, K, N, R_total, act_dtype, adapter_dtype, device):
         B, R = meta.slot_rank.shape
         sms = num_sms(device)
         self.T, self.K, self.N, self.R = T, K, N, R
+        self.shapes = ((T, K), (N, K), (R_total, K), (N, R_total))
         self.act, self.adapters = act_dtype, adapter_dtype
         self.vec = 16 // act_dtype.itemsize
         shrink_splits = shrink_plan(T, K, R, sms)[1] if R and K else 1  # (its 16-token tiles: T is small)
@@ -424,14 +430,18 @@ class DecodePlan:
         self.linear_elems = self.splits * T * N if self.splits > 1 else 0
         index = device.index if device.type == "cuda" and device.index is not None else 0
         self.packed = _C.DecodePlan(_routing(meta.slot_rank, meta.slot_feature, meta.cu_seqlens, meta.seq_len), T, K,
-                                    N, meta.rank_offsets.shape[0] - 1 if meta.rank_offsets.numel() else 0,
-                                    _DTYPE_CODE[act_dtype], _DTYPE_CODE[adapter_dtype], shrink_splits, self.splits,
-                                    index)
+                                    N, R_total, _DTYPE_CODE[act_dtype], _DTYPE_CODE[adapter_dtype], shrink_splits,
+                                    self.splits, index)
         self.meta = meta  # keeps the routing tensors the packed pointers point at alive
 
     def __call__(self, x, weight, bias, lora_A, lora_B, scaling, scale, seed, p_drop, need_h: bool = True):
         """``(y, h)`` (h None unless ``need_h``), or None for inputs the kernel cannot take."""
         act, vec = self.act, self.vec
+        if (x.shape, weight.shape, lora_A.shape, lora_B.shape) != self.shapes or (
+                bias is not None and bias.shape != (self.N,)):
+            _fail("DecodePlan", f"the plan is for x {self.shapes[0]}, weight {self.shapes[1]}, lora_A {self.shapes[2]}, "
+                  f"lora_B {self.shapes[3]}; got {tuple(x.shape)}, {tuple(weight.shape)}, {tuple(lora_A.shape)}, "
+                  f"{tuple(lora_B.shape)}" + ("" if bias is None else f", bias {tuple(bias.shape)}"))
         sx, sw, sa, sb = x.stride(), weight.stride(), lora_A.stride(), lora_B.stride()
         x_ptr, w_ptr = x.data_ptr(), weight.data_ptr()
         if (x.dtype is not act or weight.dtype is not act or lora_A.dtype is not self.adapters

@@ -79,6 +79,19 @@ def test_a_triton_run_records_which_paths_it_measured(monkeypatch):
         report.markdown({**rec, "summary": {}})
 
 
+def test_a_cuda_record_says_whether_its_decode_path_was_on(monkeypatch):
+    from flix_kernels.backends import cuda_backend
+
+    if cuda_backend.launch is None:
+        pytest.skip("the CUDA extension is not built")
+    assert cuda_backend.settings() == {"decode_path": True}
+    rec = bench_suite.run(Config(device=torch.device("cpu"), cases=TINY[1:], rep_ms=1, e2e=False, backends=["torch"]))
+    monkeypatch.setenv("FLIX_CUDA_DECODE", "0")
+    rec["cuda"] = cuda_backend.settings()
+    assert "CUDA paths: the decode path (csrc/decode.cu, at most 64 tokens) off (FLIX_CUDA_DECODE=0)." in \
+        report.markdown({**rec, "summary": {}})
+
+
 
 
 @pytest.mark.skipif(pytest.importorskip("transformers") is None, reason="needs transformers")

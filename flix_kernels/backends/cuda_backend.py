@@ -37,6 +37,11 @@ def unavailable_reason(device) -> Optional[str]:
     return bridge.unavailable_reason(device)
 
 
+def settings() -> dict:
+    """The paths this process's CUDA launches take (what a benchmark measured)."""
+    return {"decode_path": bool(launch is not None and launch.decode_enabled())}
+
+
 def supports(x: Tensor, lora_A: Tensor) -> Optional[str]:
     """Why these inputs cannot use the CUDA kernels (None when they can)."""
     if (x.dtype, lora_A.dtype) not in launch.SUPPORTED_PAIRS:

@@ -347,6 +347,9 @@ def markdown(record: dict) -> str:
     lines += [f"Measured peaks: {p['matmul_dtype']} matmul {p['matmul_tflops']:.1f} TFLOP/s, copy {p['copy_GBps']:.0f} GB/s. "
               f"Method: {record['method']}. {NOISE_RULE}", ""]
     lines += [*s.get("notes", []), ""] if s.get("notes") else []
+    if record.get("cuda"):
+        lines += [f"CUDA paths: the decode path (csrc/decode.cu, at most 64 tokens) "
+                  f"{'on' if record['cuda']['decode_path'] else 'off (FLIX_CUDA_DECODE=0)'}.", ""]
     if record.get("triton"):
         t = record["triton"]
         lines += [f"Triton paths: fused base GEMM {'on' if t['fuse_base'] else 'off'} by default, "

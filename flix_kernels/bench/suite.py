@@ -230,6 +230,10 @@ def run(cfg: Config, progress=None, checkpoint=None) -> dict:
         from ..backends import triton_backend
 
         record["triton"] = triton_backend.settings(device)
+    if "cuda" in backends:
+        from ..backends import cuda_backend
+
+        record["cuda"] = cuda_backend.settings()
     record["host_load"]["end"] = load_average()
     return record
 

@@ -134,12 +134,13 @@ PYBIND11_MODULE(_C, m) {
            py::arg("routing"), py::arg("T"), py::arg("K"), py::arg("N"), py::arg("R_total"), py::arg("act"),
            py::arg("adapters"), py::arg("shrink_splits"), py::arg("splits"), py::arg("device"));
 
-  // decode_linear(plan, x, sx, w, sw, bias, a, sar, sak, m, smr, smn, y, h, shrink_workspace, workspace,
-  //               counters, scaling, scaling_dtype, scale, seed, p, stream): pointers as ints, strides in elements.
-  m.def("decode_linear", [](const DecodePlan& p, uintptr_t x, int64_t sx, uintptr_t w, int64_t sw, uintptr_t bias,
-                            uintptr_t a, int64_t sar, int64_t sak, uintptr_t mf, int64_t smr, int64_t smn, uintptr_t y,
-                            uintptr_t h, uintptr_t shrink_ws, uintptr_t ws, uintptr_t counters, uintptr_t scaling,
-                            int scaling_dtype, float scale, uintptr_t seed, float p_drop, uintptr_t stream) {
+  // Pointers as ints, strides in elements; the factors are A (R_total x K) and the expand factor M (R_total x N).
+  m.def(
+      "decode_linear",
+      [](const DecodePlan& p, uintptr_t x, int64_t sx, uintptr_t w, int64_t sw, uintptr_t bias, uintptr_t a,
+         int64_t sar, int64_t sak, uintptr_t mf, int64_t smr, int64_t smn, uintptr_t y, uintptr_t h,
+         uintptr_t shrink_ws, uintptr_t ws, uintptr_t counters, const ScalesArg& s, const DropoutArg& drop,
+         uintptr_t stream) {
     flix::DecodeLinear d;
     d.x = matrix({x, p.T, p.K, sx, 1, static_cast<int>(p.act)});
     d.w = matrix({w, p.N, p.K, sw, 1, static_cast<int>(p.act)});
@@ -153,10 +154,14 @@ PYBIND11_MODULE(_C, m) {
     d.workspace = reinterpret_cast<float*>(ws);
     d.splits = p.splits;
     d.counters = reinterpret_cast<int*>(counters);
-    d.scales = scales({scaling, scaling_dtype, scale});
-    d.dropout = dropout({seed, p_drop});
+    d.scales = scales(s);
+    d.dropout = dropout(drop);
     flix::decode_linear(d, p.routing, p.device, stream);
-  });
+      },
+      py::arg("plan"), py::arg("x"), py::arg("sx"), py::arg("w"), py::arg("sw"), py::arg("bias"), py::arg("a"),
+      py::arg("sar"), py::arg("sak"), py::arg("m"), py::arg("smr"), py::arg("smn"), py::arg("y"), py::arg("h"),
+      py::arg("shrink_workspace"), py::arg("workspace"), py::arg("counters"), py::arg("scales"), py::arg("dropout"),
+      py::arg("stream"));
 
   m.def(
       "expand",

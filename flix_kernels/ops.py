@@ -95,8 +95,12 @@ def _signature(backend, x, weight, bias, lora_A, lora_B, scaling, dropout_p, gen
         scale = type(scaling)
     return (backend, x.shape, x.dtype, x.device, lora_A.shape, lora_A.dtype, lora_A.device, lora_B.shape,
             lora_B.dtype, lora_B.device, _tensor_key(weight), _tensor_key(bias), scale, dropout_p,
-            None if generator is None else generator.device, torch.is_autocast_enabled(x.device.type),
-            torch_backend.FORCE_STRATEGY)
+            None if generator is None else generator.device, _autocast_key(x.device.type), torch_backend.FORCE_STRATEGY)
+
+
+def _autocast_key(device_type: str):
+    """Autocast's state for the call signature: off, or the dtype it casts to."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def _dispatch(backend, x, weight, bias, lora_A, lora_B, routing, scaling, dropout_p, generator, with_base):

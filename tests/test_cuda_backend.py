@@ -119,8 +119,10 @@ def test_raw_calls_without_a_gpu_raise_naming_the_kernel():
         "weight_grad": lambda: C.weight_grad(l=(1, 6, 4, 4, 1, 0), r=(1, 6, 5, 5, 1, 0), g=(1, 16, 5, 5, 1, 0),
                                              routing=routing, pairs=(1, 1, 1, 1, 8, 5), workspace=0, chunks=0, chunk=0,
                                              dropout=dropout, tile=0, device=0, stream=0),
-        "decode_linear": lambda: C.decode_linear(C.DecodePlan(routing, 6, 8, 5, 16, 0, 0, 1, 1, 0), 16, 8, 16, 8, 0,
-                                                 16, 8, 1, 16, 1, 5, 16, 16, 0, 0, 0, 0, 0, 1.0, 0, 0.0, 0),
+        "decode_linear": lambda: C.decode_linear(
+            C.DecodePlan(routing, 6, 8, 5, 16, 0, 0, 1, 1, 0), x=16, sx=8, w=16, sw=8, bias=0, a=16, sar=8, sak=1,
+            m=16, smr=1, smn=5, y=16, h=16, shrink_workspace=0, workspace=0, counters=0, scales=(0, 0, 1.0),
+            dropout=dropout, stream=0),
     }
     for name, call in calls.items():
         with pytest.raises(RuntimeError, match=rf"flix_kernels\._C\.{name}: CUDA error"):

@@ -152,6 +152,16 @@ def test_host_path_only_is_scoped_and_cpu_launches_outside_it_fail_clearly():
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match="need CUDA tensors"):
         launch._launch_context(x)
+    with bridge.host_path_only():
+        assert launch._launch_context(x) == (-1, 0)
+        with _launch.recording(run=True):  # a nested recording that runs launches: CPU pointers never reach one
+            with pytest.raises(ValueError, match="need CUDA tensors"):
+                launch._launch_context(x)
+    layer, x, routing = _decode_layer(1)
+    with bridge.host_path_only(), torch.no_grad():
+        layer(x, routing=routing)
+    assert launch._COUNTERS[(-1, 0)].device.type == "cpu", "the host path's buffer is under no device's key"
+    assert all(buf.device.type == "cuda" for (index, _), buf in launch._COUNTERS.items() if index >= 0)
 
 
 @requires_extension
@@ -162,7 +172,8 @@ def test_raw_decode_calls_reject_bad_arguments_before_touching_the_device():
     C = launch._C
 
     def call(plan, x=16, sx=64, w=16, sw=64):
-        C.decode_linear(plan, x, sx, w, sw, 0, 16, 64, 1, 16, 1, 8, 16, 16, 0, 0, 0, 0, 0, 1.0, 0, 0.0, 0)
+        C.decode_linear(plan, x=x, sx=sx, w=w, sw=sw, bias=0, a=16, sar=64, sak=1, m=16, smr=1, smn=8, y=16, h=16,
+                        shrink_workspace=0, workspace=0, counters=0, scales=(0, 0, 1.0), dropout=(0, 0.0), stream=0)
 
     too_many = C.DecodePlan(args, 65, 64, 48, 8, 2, 2, 1, 1, 0)
     with pytest.raises(ValueError, match="at most 64 tokens"):
@@ -192,7 +203,9 @@ def test_a_batch_without_features_needs_no_h_and_reaches_the_device():
     plan = launch._C.DecodePlan(launch._routing(meta.slot_rank, meta.slot_feature, None, 1), 2, 64, 48, 34, 2, 2, 1,
                                 1, 0)
     with pytest.raises(RuntimeError, match=r"flix_kernels\._C\.decode_linear: CUDA error"):
-        launch._C.decode_linear(plan, 16, 64, 16, 64, 0, 16, 64, 1, 16, 1, 34, 16, 0, 0, 0, 0, 0, 0, 1.0, 0, 0.0, 0)
+        launch._C.decode_linear(plan, x=16, sx=64, w=16, sw=64, bias=0, a=16, sar=64, sak=1, m=16, smr=1, smn=34, y=16,
+                                h=0, shrink_workspace=0, workspace=0, counters=0, scales=(0, 0, 1.0),
+                                dropout=(0, 0.0), stream=0)
 
 
 @requires_extension

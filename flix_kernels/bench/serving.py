@@ -76,8 +76,11 @@ class _Model:
             with torch.no_grad():  # an update of about half the base output's size, so errors in it show
                 flix.lora_A.copy_(torch.randn(flix.lora_A.shape, generator=gen) / width**0.5)
                 flix.lora_B.copy_(torch.randn(flix.lora_B.shape, generator=gen) * 0.5 / (GROUPS * RANK)**0.5)
+            flix = flix.to(device, dtype).requires_grad_(False)
+            with torch.no_grad():  # per-feature scales, so a wrong scale (or PEFT's folding of it) shows
+                flix.scaling.copy_((torch.rand(self.space.num_features, generator=gen) + 0.5).to(flix.scaling))
             self.base.append(lin.to(device, dtype).requires_grad_(False))
-            self.flix.append(flix.to(device, dtype).requires_grad_(False))
+            self.flix.append(flix)
 
     def with_backend(self, backend: str) -> list[FLixLinear]:
         """The FLix layers, set to ``backend`` (copies sharing the tensors: a module attribute set

@@ -30,6 +30,7 @@ import os
 
 import torch
 
+from .. import _launch
 from .._launch import DECODE_TOKENS, call_extension, num_sms
 from . import _C, host_path_timing, unavailable_reason
 
@@ -145,9 +146,10 @@ def _launch_context(t):
     while :func:`flix_kernels.cuda.host_path_only` times the Python path with every launch skipped."""
     device = t.device
     if device.type != "cuda":
-        if not host_path_timing():
+        rec = _launch._RECORD
+        if not host_path_timing() or rec is None or rec.run:  # only ever with every launch skipped
             _fail("launch", f"the CUDA kernels need CUDA tensors, got tensors on {device}")
-        return 0, 0
+        return -1, 0  # no CUDA device has index -1: nothing made here is used by a real launch
     index = device.index if device.index is not None else torch.cuda.current_device()
     if _RAW_STREAM is not None:  # the handle alone, without a Stream object (about a microsecond less)
         return index, _RAW_STREAM(index)
@@ -162,11 +164,15 @@ _COUNTERS: dict = {}
 
 def _counters(index: int, stream: int, device) -> torch.Tensor:
     """The split counters of ``stream`` (see csrc/flix.h): int32 zeros, left zero by every launch;
-    one buffer per stream, because kernels on one stream run one after another."""
+    one buffer per stream, because kernels on one stream run one after another. During a CUDA-graph
+    capture a buffer made then is the graph's own (its zero fill is a node of the graph, replayed
+    before the kernels) and is not kept for other launches."""
     key = (index, stream)
     buf = _COUNTERS.get(key)
     if buf is None:
-        buf = _COUNTERS[key] = torch.zeros(_C.MAX_SPLIT_TILES, dtype=torch.int32, device=device)
+        buf = torch.zeros(_C.MAX_SPLIT_TILES, dtype=torch.int32, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _COUNTERS[key] = buf
     return buf
 
 
@@ -390,7 +396,8 @@ def decode_splits(T: int, K: int, N: int, itemsize: int, sms: int) -> int:
 
 
 def decode_enabled() -> bool:
-    """``FLIX_CUDA_DECODE=0`` turns the decode path off (the general kernels and cuBLAS then run)."""
+    """``FLIX_CUDA_DECODE=0`` turns the decode path off (the general kernels and cuBLAS then run);
+    read when a call is prepared (once per routing and call signature)."""
     return os.environ.get("FLIX_CUDA_DECODE", "1") != "0"
 
 
@@ -429,9 +436,10 @@ class DecodePlan:
         self.shrink_elems = shrink_splits * T * R if shrink_splits > 1 else 0
         self.linear_elems = self.splits * T * N if self.splits > 1 else 0
         index = device.index if device.type == "cuda" and device.index is not None else 0
-        self.packed = _C.DecodePlan(_routing(meta.slot_rank, meta.slot_feature, meta.cu_seqlens, meta.seq_len), T, K,
-                                    N, R_total, _DTYPE_CODE[act_dtype], _DTYPE_CODE[adapter_dtype], shrink_splits,
-                                    self.splits, index)
+        self.packed = _C.DecodePlan(routing=_routing(meta.slot_rank, meta.slot_feature, meta.cu_seqlens, meta.seq_len),
+                                    T=T, K=K, N=N, R_total=R_total, act=_DTYPE_CODE[act_dtype],
+                                    adapters=_DTYPE_CODE[adapter_dtype], shrink_splits=shrink_splits,
+                                    splits=self.splits, device=index)
         self.meta = meta  # keeps the routing tensors the packed pointers point at alive
 
     def __call__(self, x, weight, bias, lora_A, lora_B, scaling, scale, seed, p_drop, need_h: bool = True):
@@ -463,18 +471,15 @@ class DecodePlan:
             ws = torch.empty(T * R + ws_elems, device=device, dtype=torch.float32)
             h_ptr = ws.data_ptr()
             ws_ptr = h_ptr + 4 * T * R
-        counters = _counters(index, stream, device).data_ptr() if ws_elems else 0
-        if scaling is None:
-            scale_ptr = scale_code = 0
-        else:
-            if scaling.dtype not in _SCALE_CODE or scaling.stride(0) != 1:
-                scaling = scaling.to(torch.float32).contiguous()
-            scale_ptr, scale_code = scaling.data_ptr(), _SCALE_CODE[scaling.dtype]
-        call_extension(_C.decode_linear, self.packed, x_ptr, sx[0], w_ptr, sw[0], 0 if bias is None else bias.data_ptr(),
-                       lora_A.data_ptr(), sa[0], sa[1], lora_B.data_ptr(), sb[1], sb[0], y.data_ptr(), h_ptr,
-                       ws_ptr if self.shrink_elems else 0, ws_ptr + 4 * self.shrink_elems if self.linear_elems else 0,
-                       counters, scale_ptr, scale_code, float(scale), 0 if seed is None else seed.data_ptr(),
-                       float(p_drop), stream)
+        counters = _counters(index, stream, device) if ws_elems else None
+        scaling, scales = _scales(scaling, scale)
+        call_extension(_C.decode_linear, plan=self.packed, x=x_ptr, sx=sx[0], w=w_ptr, sw=sw[0],
+                       bias=0 if bias is None else bias.data_ptr(), a=lora_A.data_ptr(), sar=sa[0], sak=sa[1],
+                       m=lora_B.data_ptr(), smr=sb[1], smn=sb[0], y=y.data_ptr(), h=h_ptr,
+                       shrink_workspace=ws_ptr if self.shrink_elems else 0,
+                       workspace=ws_ptr + 4 * self.shrink_elems if self.linear_elems else 0,
+                       counters=0 if counters is None else counters.data_ptr(), scales=scales,
+                       dropout=_dropout(seed, p_drop), stream=stream)
         return y, h
 
 

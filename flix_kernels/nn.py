@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from . import _checkpoint
+from .quantized import default_adapter_dtype, merge_error, quantized_kind
 from .features import FeatureSpace
 from .ops import flix_delta, flix_linear
 from .routing import Routing
@@ -81,6 +82,8 @@ class FLixLinear(nn.Module):
     _parallel = None
     # Set by flix_kernels.accept_feature_ids: how that model is routed, for the no-routing error.
     _no_routing_hint: str | None = None
+    # What quantizes the base layer (flix_kernels.quantized.quantized_kind), None for a plain one.
+    quantized: str | None = None
 
     def __init__(self, in_features: int, out_features: int, space: FeatureSpace, *, bias: bool = True,
                  alpha: float = 8.0, dropout: float = 0.0, use_rslora: bool = False, init: str = "lora",
@@ -95,7 +98,10 @@ class FLixLinear(nn.Module):
                     use_rslora: bool = False, init: str = "lora", adapter_dtype: torch.dtype | None = None,
                     backend: str = "auto") -> "FLixLinear":
         """Wrap an existing ``nn.Linear`` or transformers ``Conv1D`` (kept as the frozen
-        ``base_layer``; no weight copy)."""
+        ``base_layer``; no weight copy). Quantized linears (bitsandbytes ``Linear4bit`` /
+        ``Linear8bitLt``, torchao quantized weights; :mod:`flix_kernels.quantized`) are kept as
+        they are: their own forward gives ``W x + b``, and ``adapter_dtype`` defaults to float32
+        over bitsandbytes' integer storage."""
         linear_in_out(linear)  # type check with a clear message
         self = cls.__new__(cls)
         nn.Module.__init__(self)
@@ -122,8 +128,9 @@ class FLixLinear(nn.Module):
         self.space = space
         self.dropout = float(dropout)
         self.backend = backend
+        self.quantized = quantized_kind(base)
         w = base.weight
-        dt = adapter_dtype or w.dtype
+        dt = adapter_dtype or default_adapter_dtype(base, self.quantized)
         self.lora_A = nn.Parameter(torch.empty(space.total_rank, self.in_features, device=w.device, dtype=dt))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, space.total_rank, device=w.device, dtype=dt))
         self.register_buffer("scaling", torch.empty(space.num_features, device=w.device), persistent=False)
@@ -273,7 +280,7 @@ class FLixLinear(nn.Module):
         base = _member(self, "_modules", "base_layer")
         lora_A, lora_B = _member(self, "_parameters", "lora_A"), _member(self, "_parameters", "lora_B")
         scaling = _member(self, "_buffers", "scaling")
-        if type(base) is nn.Linear:
+        if type(base) is nn.Linear and self.quantized is None:
             return flix_linear(x, _member(base, "_parameters", "weight"), _member(base, "_parameters", "bias"), lora_A,
                                lora_B, routing, scaling=scaling, dropout_p=p, backend=self.backend)
         return base(x) + flix_delta(x, lora_A, lora_B, routing, scaling=scaling, dropout_p=p, backend=self.backend)
@@ -303,6 +310,8 @@ class FLixLinear(nn.Module):
     def _merge_ids(self, feature_ids: Sequence[int], what: str = "merge") -> tuple[int, ...]:
         if self._parallel is not None:
             raise RuntimeError(f"{what} is not supported on a tensor-parallel FLix layer")
+        if self.quantized is not None:
+            raise merge_error(self.quantized, what)
         ids = tuple(sorted(set(int(k) for k in feature_ids)))
         if not ids:
             raise ValueError(f"{what} needs at least one feature")
@@ -402,7 +411,11 @@ def _base_state_names(base: nn.Module) -> list[str]:
     """First components of the base module's state-dict keys (``weight``, ``bias``)."""
     names = [n for n, _ in base.named_parameters(recurse=False)]
     names += [n for n, _ in base.named_buffers(recurse=False) if n not in base._non_persistent_buffers_set]
-    return names + list(base._modules)
+    names += list(base._modules)
+    if type(base)._save_to_state_dict is not nn.Module._save_to_state_dict:
+        # Quantized layers write entries of their own (bitsandbytes: SCB, weight_format, weight.absmax, ...).
+        names += [k.split(".", 1)[0] for k in base.state_dict(keep_vars=True)]
+    return list(dict.fromkeys(names))
 
 
 def _base_keys_to_plain(module: FLixLinear, state_dict, prefix: str, local_metadata) -> None:

@@ -217,9 +217,9 @@ class FLixLinear(nn.Module):
                 raise ValueError("the routing's FeatureSpace differs from this layer's: "
                                  + routing.space.describe_difference(self.space))
             device = self.lora_A.device
-            kernels = self.backend == "triton" or (self.backend != "torch" and device.type == "cuda")
-            if kernels and self._parallel is None:  # tensor-parallel layers run backend "torch"
-                # Kernel metadata built now, outside any compiled region or CUDA-graph capture.
+            # Kernel metadata built now, outside any compiled region or CUDA-graph capture (the
+            # torch backend reads its slot table from it under torch.compile off the CPU).
+            if self.backend == "triton" or device.type == "cuda":
                 routing.to(device)
         self._routing = routing
 

@@ -16,6 +16,8 @@ layer forces a host-device synchronisation.
 
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass, fields, replace
 from typing import Callable, Hashable, Sequence
 
@@ -88,6 +90,21 @@ class KernelMetadata:
 
 META_INTS = ("max_length", "max_pair_rank", "max_feature_rank", "seq_len")
 META_TENSORS = tuple(f.name for f in fields(KernelMetadata) if f.name not in META_INTS and f.name != "device")
+
+
+def _graph_input(t: torch.Tensor, dynamic=(), unbacked=()) -> torch.Tensor:
+    """``t`` ready to be a compiled graph's input whose sizes vary by batch: ``dynamic`` dims
+    marked dynamic, ``unbacked`` ones too with sizes 0 and 1 included (torch.compile otherwise
+    specialises those), and an empty tensor given the strides of a non-empty one of its shape
+    (torch gives empty tensors strides of 1, which a graph's stride guards reject)."""
+    if t.numel() == 0 and t.dim() > 1:
+        t = t.as_strided(t.shape, [math.prod(t.shape[i + 1:]) for i in range(t.dim())])
+    if "torch._dynamo" in sys.modules:  # nothing is compiled without it
+        for dim in dynamic:
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+        for dim in unbacked:
+            torch._dynamo.decorators.mark_unbacked(t, dim)
+    return t
 
 
 @dataclass(frozen=True)
@@ -248,6 +265,9 @@ class Routing:
         self.slot_valid = valid  # (B, R) bool
         self.slot_feature = feat  # (B, R) global feature id (0 where invalid)
         self.slot_rank_index = torch.where(valid, offs[feat] + (j - start), 0)  # (B, R) row of lora_A
+        # A compiled model reads these tables; the slot count varies by batch, 0 and 1 included.
+        self.slot_valid, self.slot_feature, self.slot_rank_index = (
+            _graph_input(t, unbacked=(1,)) for t in (valid, feat, self.slot_rank_index))
 
     # -- device metadata for the fused kernels ----------------------------------------------------
     def to(self, device: torch.device | str) -> "Routing":
@@ -325,12 +345,16 @@ class Routing:
             max_feature_rank=int(ranks.max()) if F else 0,
             present_features=(start[1:] > start[:-1]).nonzero().flatten().to(**i32),
         )
-        for t in (meta.slot_rank, meta.slot_feature, meta.pair_example, meta.pair_slot, meta.pair_feature,
-                  meta.present_features, meta.cu_seqlens):
+        # Sizes that follow the batch's feature sets (slots, pairs, present features) may be 0 or 1.
+        by_features = {"slot_rank": 1, "slot_feature": 1, "pair_example": 0, "pair_slot": 0, "pair_feature": 0,
+                       "present_features": 0}
+        dynamic = {}
+        for name in (*by_features, "cu_seqlens"):
+            t = getattr(meta, name)
             if t is not None:
-                for dim in range(t.dim()):
-                    torch._dynamo.maybe_mark_dynamic(t, dim)
-        return meta
+                dims = [d for d in range(t.dim()) if d != by_features.get(name)]
+                dynamic[name] = _graph_input(t, dynamic=dims, unbacked=[by_features[name]] if name in by_features else [])
+        return replace(meta, **dynamic)
 
     # -- derived routings -----------------------------------------------------------------------
     def repeat_interleave(self, repeats: int) -> "Routing":

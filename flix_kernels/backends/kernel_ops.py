@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .._autograd import any_requires_grad, apply
 from .._launch import DECODE_TOKENS, next_pow2
-from ..routing import KernelMetadata, Routing
+from ..routing import META_INTS, KernelMetadata, Routing
 
 __all__ = ["KernelOps", "draw_seed", "unfused_base"]
 
@@ -280,6 +280,9 @@ class KernelOps:
             return self._prepare(routing, x, weight, lora_A, scaling)(x, weight, bias, lora_A, lora_B, scaling, dropout_p, generator)
         kind, T, seq_len = routing.classify(x.shape[:-1])
         tensors, ints = routing.kernel_metadata(x.device).for_layout(kind, seq_len).meta_args()
+        # The graph is specialised on these ints: bound the batch's largest feature rank (it only
+        # sizes tiles) by the space's, a constant, so that batches of other feature sets reuse it.
+        ints[META_INTS.index("max_pair_rank")] = ints[META_INTS.index("max_feature_rank")]
         if weight is not None and torch.is_autocast_enabled(x.device.type):
             dt = torch.get_autocast_dtype(x.device.type)
             x, weight = x.to(dt), weight.to(dt)

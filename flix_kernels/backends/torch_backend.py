@@ -329,11 +329,58 @@ def delta(x, lora_A, lora_B, routing, scaling, dropout_p, generator, h_hook=None
     ``h_hook(h) -> h``, if given, is applied to the scaled low-rank intermediate between the
     shrink and the expand (tensor parallelism: :mod:`flix_kernels.distributed` all-reduces h,
     or its gradient, there)."""
+    if _traces(routing, x):
+        d = _traced_update(routing, x, lora_A, lora_B, scaling, dropout_p, generator, h_hook)
+        return d.to(x.dtype).view(*x.shape[:-1], lora_B.shape[0])
     p = plan(routing, _layout(routing, x.shape[:-1]), x.device)
     return _call(p, x, None, None, lora_A, lora_B, scaling, dropout_p, generator, h_hook)
 
 
 def linear(x, weight, bias, lora_A, lora_B, routing, scaling, dropout_p, generator):
     """``F.linear(x, weight, bias) + delta(...)``, in the base output's dtype (autocast's if on)."""
+    if _traces(routing, x):
+        y = F.linear(x, weight, bias)
+        d = _traced_update(routing, x, lora_A, lora_B, scaling, dropout_p, generator)
+        return y + d.to(y.dtype).view(y.shape)
     p = plan(routing, _layout(routing, x.shape[:-1]), x.device)
     return _call(p, x, weight, bias, lora_A, lora_B, scaling, dropout_p, generator)
+
+
+# -- under torch.compile ------------------------------------------------------------------------
+def _traces(routing: Routing, x: torch.Tensor) -> bool:
+    """Whether this call runs :func:`_traced_update`: inside a compiled region, for inputs of
+    one or more tokens per example. Packed inputs (``cu_seqlens``) keep the eager plan (one
+    graph break per layer call); the Triton and CUDA backends trace those too."""
+    return torch.compiler.is_compiling() and routing.classify(x.shape[:-1])[0] == "batched"
+
+
+def slot_table(routing: Routing, device: torch.device):
+    """``(rank_index, feature, valid)``, each ``(B, R_max)``, of the routing's slots on ``device``:
+    the routing's own host tables on the CPU, else its prebuilt kernel metadata
+    (:func:`flix_kernels.set_routing` builds it before a compiled model runs)."""
+    if device.type == "cpu":
+        return routing.slot_rank_index, routing.slot_feature, routing.slot_valid
+    meta = routing.kernel_metadata(device)
+    return meta.slot_rank, meta.slot_feature.clamp(min=0), meta.slot_feature >= 0
+
+
+def _traced_update(routing, x, lora_A, lora_B, scaling, dropout_p, generator, h_hook=None):
+    """The update of a ``(B, L, in)`` or ``(B, in)`` input as a traceable graph: every example's
+    own slots of A and B gathered from the routing's slot table and two batched matmuls, with
+    no host work and no data-dependent shape. Nothing in it depends on which features are
+    used, so one graph serves every routing of the batch size (the slot count is a dynamic
+    dimension). Padding slots read an exact zero (``torch.where``, not a zero scale: inf * 0 is
+    NaN), so a feature an example does not use never reaches it, forward or backward."""
+    index, feature, valid = slot_table(routing, x.device)
+    B, R = index.shape
+    in_f, out_f, cdt = x.shape[-1], lora_B.shape[0], lora_A.dtype
+    xl = x.reshape(B, -1, in_f).to(cdt)
+    if dropout_p > 0:
+        xl = xl * dropout_mask(xl.shape, dropout_p, generator, x.device).to(cdt) * (1.0 / (1.0 - dropout_p))
+    flat = index.reshape(-1).long()
+    a = torch.where(valid[..., None], lora_A.index_select(0, flat).view(B, R, in_f), 0)
+    b = torch.where(valid[..., None], lora_B.index_select(1, flat).view(out_f, B, R).permute(1, 2, 0), 0)
+    h = torch.bmm(xl, a.transpose(1, 2)) * _slot_scale(scaling, feature.long(), valid, cdt).unsqueeze(1)
+    if h_hook is not None:
+        h = h_hook(h)
+    return torch.bmm(h, b)

@@ -112,11 +112,16 @@ class _FeatureInputs:
         p = self.feature_dropout if self.model.training else 0.0
         return Routing(ids, self.space, cu_seqlens=cu, feature_dropout=p, generator=self.generator)
 
+    # Run eagerly under torch.compile: building a Routing is host work. The graph breaks here, at
+    # the model's entry, and the layers read the routing's prebuilt tables in one graph that every
+    # batch reuses.
+    @torch.compiler.disable
     def _pre(self, module, args, kwargs):
         routing = self._routing(kwargs)
         self._stack.append(None if routing is None else _route(self.layers, routing))
         return args, kwargs
 
+    @torch.compiler.disable
     def _post(self, module, args, output):
         if self._stack:
             previous = self._stack.pop()

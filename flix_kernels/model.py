@@ -44,6 +44,32 @@ def _output_head(model: nn.Module):
     return None
 
 
+def _reads_head_weight(model: nn.Module) -> str | None:
+    """The name of ``model``'s forward when it reads its output head's weight itself instead of
+    calling the head (Liger-Kernel's fused linear cross-entropy, which never materialises the
+    logits), else None. A FLix head under such a forward would train without its update."""
+    forward = model.__dict__.get("forward") or getattr(type(model), "forward", None)
+    fn = getattr(forward, "__func__", forward)
+    module = getattr(fn, "__module__", None) or ""
+    return f"{module}.{getattr(fn, '__qualname__', '?')}" if module.startswith("liger_kernel") else None
+
+
+def check_head(model: nn.Module) -> None:
+    """Raise if ``model``'s output head is a FLix layer and its forward bypasses it (see
+    :func:`_reads_head_weight`)."""
+    if isinstance(_output_head(model), FLixLinear):
+        forward = _reads_head_weight(model)
+        if forward is not None:
+            raise ValueError(_fused_head_message(forward))
+
+
+def _fused_head_message(forward: str) -> str:
+    return (f"the model's forward ({forward}) computes the loss from the output head's weight directly (fused linear "
+            "cross-entropy), so a FLix output head would be bypassed in training and its adapters would get no "
+            "gradient; leave the head out of target_modules (\"all-linear\" does), or apply Liger with "
+            "fused_linear_cross_entropy=False")
+
+
 def _candidate_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every nn.Linear (or transformers Conv1D, GPT-2's linear) not already inside a FLix
     layer, each occurrence of a shared module.
@@ -115,6 +141,9 @@ def inject(model: nn.Module, space: FeatureSpace, *, target_modules, alpha: floa
         shown = [n for n, _ in candidates][:20]
         raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear in {type(model).__name__}; "
                          f"its linear modules include {shown}")
+    fused = _reads_head_weight(model)
+    if fused is not None and head_names.intersection(names):
+        raise ValueError(_fused_head_message(fused))
     by_name = dict(candidates)
     wrapped: dict[int, FLixLinear] = {}  # a Linear shared by several names gets one FLix layer
     for name in names:
@@ -133,6 +162,7 @@ def inject(model: nn.Module, space: FeatureSpace, *, target_modules, alpha: floa
 
 def set_routing(model: nn.Module, routing: Routing | None) -> None:
     """Route every FLix layer of ``model`` with ``routing`` until replaced (None clears)."""
+    check_head(model)
     for _, layer in _require_layers(model):
         layer.set_routing(routing)
 
@@ -158,6 +188,7 @@ def _restore(previous: list[tuple[FLixLinear, Routing | None]]) -> None:
 @contextlib.contextmanager
 def use_routing(model: nn.Module, routing: Routing):
     """``with use_routing(model, routing): ...`` routes the model inside the block only."""
+    check_head(model)
     previous = _route([layer for _, layer in _require_layers(model)], routing)
     try:
         yield model

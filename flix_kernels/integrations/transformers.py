@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..features import FeatureSpace
-from ..model import _require_layers, _restore, _route
+from ..model import _require_layers, _restore, _route, check_head
 from ..routing import Routing
 
 __all__ = ["FeatureCollator", "accept_feature_ids", "cu_seqlens_from_position_ids", "feature_ids_tensor", "generate"]
@@ -158,6 +158,7 @@ def accept_feature_ids(model: nn.Module, *, feature_dropout: float = 0.0,
     Trainer otherwise drops dataset columns its model's signature does not name. Call it after
     :func:`~flix_kernels.inject` (the hooks route the FLix layers the model has at that time).
     """
+    check_head(model)
     old = getattr(model, "_flix_feature_inputs", None)
     if old is not None:
         old.remove()

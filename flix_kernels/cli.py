@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the serving mode alone (a decode step of a stack of FLix layers for 1 to 64 requests, each "
                         "with its own feature set, against the base layers and PEFT's mixed-adapter inference; "
                         "part of --quick)")
+    b.add_argument("--quantized", action="store_true",
+                   help="the quantized-base mode alone (a training step over a bitsandbytes NF4 base against the "
+                        "full-precision base and PEFT LoRA over NF4: step time, stored bytes, peak GPU memory; needs "
+                        "the quant extra; part of --quick)")
     b.add_argument("--backends", nargs="+", choices=("torch", "triton", "cuda"), default=None,
                    help="our backends to time (default: every one available on the device)")
     b.add_argument("--rep-ms", type=positive_arg(float), default=None, metavar="MS",
@@ -177,7 +181,7 @@ def _bench(args) -> int:
                               f"available here: {', '.join(available_backends(device))}")
     out = args.out or Path(f"flix-bench-{device.type}")
     check_out_folder(args.parser, out)
-    only_modes = (args.overhead or args.serving) and not args.quick and args.shapes is None
+    only_modes = (args.overhead or args.serving or args.quantized) and not args.quick and args.shapes is None
     if device.type == "cpu" and not only_modes:
         why = {b: unavailable_reason(b, "cpu") for b in ("triton", "cuda")}
         print("CPU run: timing the torch backend and the plain-PyTorch/PEFT variants; "
@@ -186,7 +190,7 @@ def _bench(args) -> int:
     shapes = SHAPE_SETS if "all" in shapes else tuple(shapes)
     cfg = Config(device=device, shapes=shapes, quick=args.quick, compile_torch=args.compile_torch,
                  e2e=args.e2e and not only_modes, overhead=args.overhead or args.quick,
-                 serving=args.serving or args.quick, backends=backends,
+                 serving=args.serving or args.quick, quantized=args.quantized or args.quick, backends=backends,
                  rep_ms=args.rep_ms)
     record = bench(cfg, out, show_progress=args.progress)
     if record["failures"]:

@@ -104,6 +104,29 @@ def test_e2e_step_runs_on_cpu(size):
     assert "PEFT LoRA (r=active rank)" in out["rows"] and "torch loop" in out["rows"]
 
 
+def test_quantized_mode_runs_on_cpu_and_checks_the_nf4_step_first(monkeypatch):
+    """The NF4 base stores fewer bytes than the full-precision one, PEFT over NF4 is beside it, the
+    results.md section shows them; an NF4 step that disagrees with the loop is a failure, untimed."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("peft")
+    from flix_kernels.bench import quantized
+
+    out = quantized.run_quantized(torch.device("cpu"), torch.float32, quick=True)
+    assert out["failures"] == []
+    rows = out["models"]["e2e"]["rows"]
+    full, nf4 = rows["FLix over float32 base"], rows["FLix over NF4 base"]
+    assert nf4["base_mib"] < 0.5 * full["base_mib"] and nf4["adapters_mib"] == full["adapters_mib"] > 0
+    assert rows["PEFT LoRA over NF4 base (r=active rank)"]["base_mib"] == pytest.approx(nf4["base_mib"])
+    assert all(r["step_ms"] > 0 for r in rows.values())
+    text = "\n".join(quantized.markdown_lines(out))
+    assert "| FLix over NF4 base |" in text and "PEFT LoRA over NF4" in text
+
+    wrong = quantized._loop_forward
+    monkeypatch.setattr(quantized, "_loop_forward", lambda self, x, routing=None: wrong(self, x, routing) * 1.5)
+    out = quantized.run_quantized(torch.device("cpu"), torch.float32, quick=True)
+    assert out["failures"] and "vs the loop's" in out["failures"][0] and "rows" not in out["models"]["e2e"]
+
+
 def test_an_e2e_failure_is_a_failure_of_the_run(monkeypatch):
     from flix_kernels.bench import e2e
 

@@ -397,6 +397,12 @@ def markdown(record: dict) -> str:
         from .serving import markdown_lines as serving_lines
 
         lines += ["", *serving_lines(record["serving"])]
+    if record.get("quantized", {}).get("models"):
+        from .quantized import markdown_lines as quantized_lines
+
+        lines += ["", *quantized_lines(record["quantized"])]
+    elif record.get("quantized", {}).get("skipped"):
+        lines += ["", f"Quantized base: not run ({record['quantized']['skipped']})"]
     if record.get("skipped"):
         lines += ["", "Not run here: " + "; ".join(f"{k} ({v})" for k, v in record["skipped"].items())]
     if record.get("backends_unavailable"):

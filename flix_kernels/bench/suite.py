@@ -43,6 +43,7 @@ class Config:
     e2e: bool = True
     overhead: bool = False  # the host-overhead mode (see .overhead); --quick runs it too
     serving: bool = False  # the serving mode (see .serving); --quick runs it too
+    quantized: bool = False  # the quantized-base mode (see .quantized); --quick runs it too
     rep_ms: float | None = None
     backends: list[str] | None = None  # default: every available one
     cases: list[Case] | None = None  # explicit cases (tests); overrides shapes
@@ -130,7 +131,7 @@ def plan(cfg: Config) -> list[Case]:
 
 def parts(cfg: Config) -> int:
     """How many parts a run of ``cfg`` counts in its progress: the cases and the end-to-end step."""
-    return len(plan(cfg)) + (1 if cfg.e2e else 0) + (1 if cfg.overhead else 0) + (1 if cfg.serving else 0)
+    return len(plan(cfg)) + (1 if cfg.e2e else 0) + (1 if cfg.overhead else 0) + (1 if cfg.serving else 0) + (1 if cfg.quantized else 0)
 
 
 def run(cfg: Config, progress=None, checkpoint=None) -> dict:
@@ -209,6 +210,17 @@ def run(cfg: Config, progress=None, checkpoint=None) -> dict:
             progress.say("serving: a decode step of a stack of layers, one feature set per request")
         record["serving"] = run_serving(device, dtype, backends, quick=cfg.quick, timer=timer, progress=progress)
         record["failures"] += record["serving"]["failures"]
+        if checkpoint:
+            checkpoint(record)
+        if progress:
+            progress.tick()
+    if cfg.quantized:
+        from .quantized import run_quantized
+
+        if progress:
+            progress.say("quantized base: a training step over an NF4 base, against PEFT LoRA over it")
+        record["quantized"] = run_quantized(device, dtype, quick=cfg.quick)
+        record["failures"] += record["quantized"].get("failures", [])
         if checkpoint:
             checkpoint(record)
         if progress:

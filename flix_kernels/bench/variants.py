@@ -68,10 +68,10 @@ def feature_tokens(routing: Routing, token_shape, device) -> list[tuple[int, tor
 
 def loop_linear(x, weight, bias, lora_A, lora_B, routing: Routing, scaling) -> torch.Tensor:
     """``F.linear(x, W, b)`` plus each present feature's update on its own tokens, one feature
-    at a time (gather, two matmuls, scatter-add)."""
+    at a time (gather, two matmuls, scatter-add); the update alone when ``weight`` is None."""
     offs = routing.space.rank_offsets
     x2 = x.reshape(-1, x.shape[-1])
-    y = F.linear(x2, weight, bias)
+    y = F.linear(x2, weight, bias) if weight is not None else x2.new_zeros(x2.shape[0], lora_B.shape[0])
     for k, tokens in feature_tokens(routing, x.shape[:-1], x.device):
         s = scaling[k] if torch.is_tensor(scaling) else scaling
         h = x2.index_select(0, tokens) @ lora_A[offs[k]:offs[k + 1]].t()

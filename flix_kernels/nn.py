@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Sequence
 
 import torch
@@ -217,10 +218,13 @@ class FLixLinear(nn.Module):
                 raise ValueError("the routing's FeatureSpace differs from this layer's: "
                                  + routing.space.describe_difference(self.space))
             device = self.lora_A.device
-            # Kernel metadata built now, outside any compiled region or CUDA-graph capture (the
-            # torch backend reads its slot table from it under torch.compile off the CPU).
-            if self.backend == "triton" or device.type == "cuda":
+            # Metadata built now, outside any compiled region or CUDA-graph capture: the kernels',
+            # and the slot tables the torch backend reads under torch.compile (built only once
+            # torch.compile's machinery is loaded, so eager-only programs never pay for them).
+            if self.backend == "triton" or (self.backend != "torch" and device.type == "cuda"):
                 routing.to(device)
+            elif "torch._dynamo" in sys.modules:
+                routing.slot_tables(device)
         self._routing = routing
 
     def _resolve_routing(self, routing: Routing | None) -> Routing:

@@ -194,6 +194,7 @@ class Routing:
         self._layouts: dict[tuple, TokenLayout] = {}
         self._cache: dict[Hashable, object] = {}
         self._kernel_meta: dict[str, KernelMetadata] = {}  # by device string ("cuda:0"), see kernel_metadata
+        self._slot_tables: dict[str, tuple] = {}  # by device string, see slot_tables
         # flix_kernels.ops: the validated call of each (layer shapes, dtypes, devices, options) seen
         self.calls: dict[Hashable, Callable] = {}
 
@@ -265,9 +266,25 @@ class Routing:
         self.slot_valid = valid  # (B, R) bool
         self.slot_feature = feat  # (B, R) global feature id (0 where invalid)
         self.slot_rank_index = torch.where(valid, offs[feat] + (j - start), 0)  # (B, R) row of lora_A
-        # A compiled model reads these tables; the slot count varies by batch, 0 and 1 included.
-        self.slot_valid, self.slot_feature, self.slot_rank_index = (
-            _graph_input(t, unbacked=(1,)) for t in (valid, feat, self.slot_rank_index))
+
+    def slot_tables(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rank_index, feature, valid)`` on ``device``, each ``(B, max(R_max, 2))``: the slot tables
+        padded with invalid slots, which the torch backend reads under torch.compile. A compiled
+        graph specialises sizes 0 and 1, so two columns at least let one graph (with the slot
+        count a dynamic dimension) serve every batch. Built on first request, then cached;
+        :meth:`to` and :func:`flix_kernels.set_routing` build them before a compiled model runs."""
+        key = self._device_key(torch.device(device))
+        tables = self._slot_tables.get(key)
+        if tables is None:
+            pad = max(2 - self.max_active_rank, 0)
+            tables = self._slot_tables[key] = tuple(
+                _graph_input(torch.nn.functional.pad(t, (0, pad)).to(device), dynamic=(1,))
+                for t in (self.slot_rank_index, self.slot_feature, self.slot_valid))
+        return tables
+
+    def prebuilt_slot_tables(self, device: torch.device):
+        """:meth:`slot_tables` if built on ``device``, else None (what a compiled region may ask)."""
+        return self._slot_tables.get(self._device_key(device))
 
     # -- device metadata for the fused kernels ----------------------------------------------------
     def to(self, device: torch.device | str) -> "Routing":
@@ -278,6 +295,7 @@ class Routing:
         compiled or captured region only reads prebuilt tensors. Call it once per device when
         a model spans several."""
         self.kernel_metadata(torch.device(device))
+        self.slot_tables(device)
         return self
 
     @staticmethod

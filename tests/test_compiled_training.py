@@ -42,15 +42,15 @@ def _model(seed, backend):
     return model.train(), space
 
 
-@pytest.mark.parametrize("backend", ["auto", "triton"])
-def test_compiled_model_has_no_graph_break_and_no_recompile_across_feature_sets(seed, backend):
+@pytest.mark.parametrize("backend,compiler", [("auto", "aot_eager"), ("auto", "inductor"), ("triton", "aot_eager")])
+def test_compiled_model_has_no_graph_break_and_no_recompile_across_feature_sets(seed, backend, compiler):
     torch._dynamo.reset()
     counters.clear()
     model, space = _model(seed, backend)
     eager = copy.deepcopy(model)
     fk.accept_feature_ids(model)
     fk.accept_feature_ids(eager)
-    compiled = torch.compile(model, backend="aot_eager")
+    compiled = torch.compile(model, backend=compiler)
     gen = torch.Generator().manual_seed(seed)
     for step, features in enumerate(BATCHES):
         ids = token_ids(4, 6, gen)

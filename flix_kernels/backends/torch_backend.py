@@ -348,30 +348,22 @@ def linear(x, weight, bias, lora_A, lora_B, routing, scaling, dropout_p, generat
 
 # -- under torch.compile ------------------------------------------------------------------------
 def _traces(routing: Routing, x: torch.Tensor) -> bool:
-    """Whether this call runs :func:`_traced_update`: inside a compiled region, for inputs of
-    one or more tokens per example. Packed inputs (``cu_seqlens``) keep the eager plan (one
-    graph break per layer call); the Triton and CUDA backends trace those too."""
-    return torch.compiler.is_compiling() and routing.classify(x.shape[:-1])[0] == "batched"
-
-
-def slot_table(routing: Routing, device: torch.device):
-    """``(rank_index, feature, valid)``, each ``(B, R_max)``, of the routing's slots on ``device``:
-    the routing's own host tables on the CPU, else its prebuilt kernel metadata
-    (:func:`flix_kernels.set_routing` builds it before a compiled model runs)."""
-    if device.type == "cpu":
-        return routing.slot_rank_index, routing.slot_feature, routing.slot_valid
-    meta = routing.kernel_metadata(device)
-    return meta.slot_rank, meta.slot_feature.clamp(min=0), meta.slot_feature >= 0
+    """Whether this call runs :func:`_traced_update`: inside a compiled region, for inputs of one
+    or more tokens per example, with the routing's slot tables prebuilt on x's device
+    (:meth:`Routing.slot_tables`). Otherwise, packed inputs (``cu_seqlens``) included, the eager
+    plan runs (one graph break per layer call); the Triton and CUDA backends trace those too."""
+    return (torch.compiler.is_compiling() and routing.classify(x.shape[:-1])[0] == "batched"
+            and routing.prebuilt_slot_tables(x.device) is not None)
 
 
 def _traced_update(routing, x, lora_A, lora_B, scaling, dropout_p, generator, h_hook=None):
     """The update of a ``(B, L, in)`` or ``(B, in)`` input as a traceable graph: every example's
-    own slots of A and B gathered from the routing's slot table and two batched matmuls, with
+    own slots of A and B gathered from the routing's slot tables and two batched matmuls, with
     no host work and no data-dependent shape. Nothing in it depends on which features are
     used, so one graph serves every routing of the batch size (the slot count is a dynamic
     dimension). Padding slots read an exact zero (``torch.where``, not a zero scale: inf * 0 is
     NaN), so a feature an example does not use never reaches it, forward or backward."""
-    index, feature, valid = slot_table(routing, x.device)
+    index, feature, valid = routing.prebuilt_slot_tables(x.device)
     B, R = index.shape
     in_f, out_f, cdt = x.shape[-1], lora_B.shape[0], lora_A.dtype
     xl = x.reshape(B, -1, in_f).to(cdt)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a lent GPU machine (see the device tool), one step per call so each fits the tool's
-# 10-minute limit:  bash benchmarks/gpu_run.sh install|test|sanitize|bench|overhead|kernels|decode|ofa|all
+# 10-minute limit:  bash benchmarks/gpu_run.sh install|test|sanitize|bench|overhead|kernels|decode|ofa|integrations|all
 # install builds the CUDA extension there (FLIX_CUDA=1: a failed build is an error; FLIX_CUDA=0
 # skips it, e.g. for the ofa step, which does not use it).
 # Full logs go to $OUT (default /tmp/flix_out); copy $OUT/suite/* into
@@ -92,6 +92,15 @@ decode() {  # the CUDA decode path (issue 19): its tests, the four sanitizers on
     | tee "$OUT/bench_serving.log" | tail -40
   return $(( rc || PIPESTATUS[0] ))
 }
+integrations() {  # issue 20: quantized bases (bitsandbytes CUDA kernels, torchao), compiled training with the
+  # kernel backends, Liger's four kernels, the README snippets; then bench --quantized (e2e and 1.1B models)
+  python -m pytest -q -p no:cacheprovider -rs tests/test_quantized.py tests/test_compiled_training.py \
+    tests/test_liger.py tests/test_readme.py 2>&1 | tee "$OUT/pytest_integrations.log" | tail -15
+  local rc=${PIPESTATUS[0]}
+  python -m flix_kernels bench --no-progress --quantized --out "$OUT/quantized" 2>&1 \
+    | tee "$OUT/bench_quantized.log" | tail -30
+  return $(( rc || PIPESTATUS[0] ))
+}
 ofa() {  # OFA: its tests on CUDA (bf16, CUDA graphs, torch.compile), then benchmarks/bench_ofa.py
   python -m pytest -q -p no:cacheprovider -rs tests/test_ofa_kernel.py tests/test_ofa.py 2>&1 | tee "$OUT/pytest_ofa.log" | tail -15
   local rc=${PIPESTATUS[0]}
@@ -108,7 +117,8 @@ case "$step" in
   kernels) FLIX_CUDA=${FLIX_CUDA:-0} install && kernels || status=1 ;;
   decode) install && decode || status=1 ;;
   ofa) install && ofa || status=1 ;;
+  integrations) install && integrations || status=1 ;;
   all) install && { run_tests || status=1; sanitize || status=1; bench || status=1; } ;;
-  *) echo "usage: $0 install|test|sanitize|bench|overhead|kernels|decode|ofa|all"; exit 2 ;;
+  *) echo "usage: $0 install|test|sanitize|bench|overhead|kernels|decode|ofa|integrations|all"; exit 2 ;;
 esac
 exit $status

@@ -20,6 +20,8 @@ from torch._dynamo.utils import counters  # noqa: E402
 import flix_kernels as fk  # noqa: E402
 from _models import make_space, randomize_adapters, tiny_llama, token_ids  # noqa: E402
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 # Batches of 4 whose feature sets differ: all groups, absent groups (fewer slots), no feature.
 BATCHES = [
     [{"language": "en", "task": "qa"}, {"language": "fr", "task": "mt"}, {"language": "sw", "task": "qa"},
@@ -34,8 +36,8 @@ def _graph_breaks() -> int:
     return sum(counters["graph_break"].values())
 
 
-def _model(seed, backend):
-    model = tiny_llama(seed)
+def _model(seed, backend, device=DEVICE):
+    model = tiny_llama(seed).to(device)
     space = make_space()
     fk.inject(model, space, target_modules="all-linear", backend=backend)
     randomize_adapters(model, torch.Generator().manual_seed(seed + 1), b_scale=0.3)
@@ -53,7 +55,7 @@ def test_compiled_model_has_no_graph_break_and_no_recompile_across_feature_sets(
     compiled = torch.compile(model, backend=compiler)
     gen = torch.Generator().manual_seed(seed)
     for step, features in enumerate(BATCHES):
-        ids = token_ids(4, 6, gen)
+        ids = token_ids(4, 6, gen).to(DEVICE)
         fids = space.encode(features)
         ctx = torch._dynamo.config.patch(error_on_recompile=True) if step else contextlib.nullcontext()
         with ctx:
@@ -73,7 +75,7 @@ def test_trainer_torch_compile_trains_without_graph_breaks_or_recompiles(tmp_pat
     pytest.importorskip("accelerate")
     torch._dynamo.reset()
     counters.clear()
-    model, space = _model(seed, "auto")
+    model, space = _model(seed, "auto", torch.device("cpu"))  # use_cpu=True below
     fk.accept_feature_ids(model)
     gen = torch.Generator().manual_seed(seed)
     data = [{"input_ids": token_ids(1, 8, gen)[0].tolist(), "features": f} for batch in BATCHES for f in batch]

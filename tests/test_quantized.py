@@ -22,6 +22,7 @@ from _models import make_space, randomize_adapters, tiny_llama, token_ids
 
 # bitsandbytes' CPU 4-bit path packs weights in blocks of 64 input features.
 QUANT_LLAMA = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the libraries run on both
 KINDS = ["bnb-nf4", "bnb-fp4", "bnb-nf4-single", "bnb-int8", "torchao-int8", "torchao-int4"]
 
 
@@ -41,11 +42,11 @@ def quantize(linear: nn.Linear, kind: str, compute_dtype=torch.bfloat16) -> nn.M
                                   compute_dtype=compute_dtype, quant_type=kind.split("-")[1][:3],
                                   compress_statistics=not kind.endswith("single"))
         q.load_state_dict({k: v.float() for k, v in linear.state_dict().items()})
-        return q.to("cpu")  # quantizes
+        return q.to(DEVICE)  # quantizes
     tq = pytest.importorskip("torchao.quantization")
     config = tq.Int8WeightOnlyConfig() if kind == "torchao-int8" else tq.IntxWeightOnlyConfig(
         weight_dtype=torch.int4, granularity=tq.granularity.PerGroup(32))
-    holder = nn.Sequential(linear.to(compute_dtype))
+    holder = nn.Sequential(linear.to(DEVICE, compute_dtype))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tq.quantize_(holder, config)
@@ -54,7 +55,8 @@ def quantize(linear: nn.Linear, kind: str, compute_dtype=torch.bfloat16) -> nn.M
 
 def quantize_model(model: nn.Module, kind: str, compute_dtype=torch.bfloat16) -> nn.Module:
     """Every decoder linear of ``model`` quantized (the head stays), flagged as transformers flags
-    a bitsandbytes-loaded model (PEFT reads the flags)."""
+    a bitsandbytes-loaded model (PEFT reads the flags); on DEVICE."""
+    model = model.to(DEVICE)
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.Linear) and ".layers." in name:
             parent, _, child = name.rpartition(".")
@@ -81,8 +83,8 @@ def test_layer_is_quantized_base_plus_oracle_update(seed, kind):
     ids = random_feature_ids(space, 5, gen)
     routing = fk.Routing(ids, space)
     dtype = torch.float16 if kind == "bnb-int8" else torch.bfloat16
-    x = torch.randn(5, 7, 64, generator=gen).to(dtype).requires_grad_()
-    gy = torch.randn(5, 7, 48, generator=gen).to(dtype)
+    x = torch.randn(5, 7, 64, generator=gen).to(DEVICE, dtype).requires_grad_()
+    gy = torch.randn(5, 7, 48, generator=gen).to(DEVICE, dtype)
     y = layer(x, routing)
     assert y.dtype == dtype
     gx, gA, gB = torch.autograd.grad(y, (x, layer.lora_A, layer.lora_B), gy)
@@ -90,24 +92,25 @@ def test_layer_is_quantized_base_plus_oracle_update(seed, kind):
     xb = x.detach().clone().requires_grad_()
     base = q(xb)
     (gx_base,) = torch.autograd.grad(base, xb, gy)
-    x64 = x.detach().double().requires_grad_()
-    A64 = layer.lora_A.detach().double().requires_grad_()
-    B64 = layer.lora_B.detach().double().requires_grad_()
-    d64 = flix_delta_reference(x64, A64, B64, ids, space.rank_offsets, layer.scaling.double())
-    g64 = torch.autograd.grad(d64, (x64, A64, B64), gy.double())
+    x64 = x.detach().cpu().double().requires_grad_()
+    A64 = layer.lora_A.detach().cpu().double().requires_grad_()
+    B64 = layer.lora_B.detach().cpu().double().requires_grad_()
+    d64 = flix_delta_reference(x64, A64, B64, ids, space.rank_offsets, layer.scaling.cpu().double())
+    g64 = torch.autograd.grad(d64, (x64, A64, B64), gy.cpu().double())
+    y, gx, gA, gB, base, gx_base = (t.detach().cpu() for t in (y, gx, gA, gB, base, gx_base))
     tol = dict(rtol=2e-2, atol=2e-2 * float(d64.detach().abs().max()))
     torch.testing.assert_close(y.double(), base.detach().double() + d64.detach(), **tol)
     torch.testing.assert_close(gx.double(), gx_base.double() + g64[0], rtol=2e-2, atol=2e-2 * float(g64[0].abs().max()))
     for got, want in zip((gA, gB), g64[1:]):
         torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
-    assert layer.base_layer.weight.grad is None
+    assert q.weight.grad is None
 
 
 def test_adapter_dtype_is_the_callers(seed):
     q = quantize(nn.Linear(64, 32), "bnb-nf4")
     layer = fk.FLixLinear.from_linear(q, make_space(), adapter_dtype=torch.bfloat16)
     assert layer.lora_A.dtype == layer.lora_B.dtype == torch.bfloat16
-    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    x = torch.randn(2, 64, dtype=torch.bfloat16, device=DEVICE)
     assert layer(x, fk.Routing([[0, 3], [1, -1]], layer.space)).dtype == torch.bfloat16
 
 
@@ -137,7 +140,7 @@ def _train(model, space, gen, steps=3, checkpointing=False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = token_ids(4, 9, gen)
+    ids = token_ids(4, 9, gen).to(DEVICE)
     routing = fk.Routing(random_feature_ids(space, 4, gen, p_absent=0.0), space)
     losses = []
     for _ in range(steps):
@@ -164,7 +167,7 @@ def _same_history(model, space, kind):
     copy the trained model's history, one training forward and backward without a step."""
     if not kind.startswith("bnb-"):
         return
-    ids = token_ids(1, 3, torch.Generator().manual_seed(0))
+    ids = token_ids(1, 3, torch.Generator().manual_seed(0)).to(DEVICE)
     model.train()
     ctx = fk.use_routing(model, fk.Routing([[0, 3]], space)) if space is not None else torch.enable_grad()
     with ctx:
@@ -196,7 +199,7 @@ def test_model_trains_saves_loads_and_exports(seed, kind, tmp_path):
     fresh = quantize_model(tiny_llama(seed, **QUANT_LLAMA), kind)
     fk.load_adapters(fresh, str(tmp_path / "flix"))
     assert all(layer.quantized for _, layer in fk.flix_layers(fresh))
-    ids = token_ids(2, 6, gen)
+    ids = token_ids(2, 6, gen).to(DEVICE)
     routing = fk.Routing(space.encode([{"language": "fr", "task": "qa"}] * 2), space)
     with torch.no_grad(), fk.use_routing(model, routing):
         want = model(input_ids=ids).logits
@@ -247,7 +250,7 @@ def test_gradient_checkpointing_and_generate_over_nf4(seed):
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-5)
 
     model.eval()
-    prompts = token_ids(2, 4, gen)
+    prompts = token_ids(2, 4, gen).to(DEVICE)
     features = [{"language": "en", "task": "mt"}, {"language": "sw"}]
     out = fk.generate(model, input_ids=prompts, feature_ids=features, max_new_tokens=4, do_sample=False)
     for i in range(2):

@@ -5,8 +5,9 @@ The model is the end-to-end step's (:mod:`.e2e`; on a GPU also a 1.1B-parameter 
 linear is quantized, the output head and embeddings are not (as transformers' BitsAndBytesConfig
 leaves them). Adapters are float32 in all three, PEFT's default over a 4-bit base. Before timing,
 the FLix step over NF4 must give the first loss of the per-feature loop over the same quantized
-layers. Reported per variant: the model's stored bytes (its state dict: the base's quantized weights
-with their quantization state, and the adapters), the peak GPU memory of a step (CUDA only), the median step.
+layers. Reported per variant: the model's stored bytes (its state dict: the base's quantized
+weights with their quantization state, and the adapters), the peak GPU memory of a step (CUDA
+only), the median step and the part of it AdamW takes.
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ def _run_size(device, dtype, space, config, B, L, cfg, LoraConfig, get_peft_mode
     stored = {name: stored_mib(m) for name, m in models.items()}
     steps = {name: _step(m, tokens) for name, m in models.items()}
     times = {name: [] for name in models}
+    optimizer = {name: [] for name in models}
     peak = {}
     for name, step in steps.items():  # warm-up, and on a GPU each step's peak memory alone
         for _ in range(cfg["warmup"] + 1):
@@ -143,12 +145,13 @@ def _run_size(device, dtype, space, config, B, L, cfg, LoraConfig, get_peft_mode
     for _ in range(cfg["steps"]):  # interleaved, so that every variant sees the same host load
         for name, step in steps.items():
             t0 = time.perf_counter()
-            step()
+            optimizer[name].append(step())
             _sync(device)
             times[name].append((time.perf_counter() - t0) * 1e3)
     rows = {}
     for name, t in times.items():
         rows[name] = {"step_ms": statistics.median(t), "step_ms_min": min(t), "step_ms_max": max(t),
+                      "optimizer_ms": statistics.median(optimizer[name]),
                       "base_mib": stored[name]["base"], "adapters_mib": stored[name]["adapters"],
                       "peak_mem_mib": peak.get(name),
                       "trainable_params": sum(p.numel() for p in models[name].parameters() if p.requires_grad)}
@@ -158,14 +161,20 @@ def _run_size(device, dtype, space, config, B, L, cfg, LoraConfig, get_peft_mode
 
 
 def _step(model, tokens):
+    """A training step; it returns how long its optimizer step took (ms), part of the step."""
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    device = tokens.device
 
     def step():
         loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
+        _sync(device)
+        t0 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        _sync(device)
+        return (time.perf_counter() - t0) * 1e3
 
     return step
 
@@ -184,10 +193,12 @@ def markdown_lines(record: dict) -> list[str]:
         mm = m["model"]
         lines += [f"{label}: {mm['parameters'] / 1e6:.1f}M parameters (hidden {mm['hidden_size']}, "
                   f"{mm['num_hidden_layers']} layers), {m['batch']} x {m['seq_len']} tokens", "",
-                  "| variant | step | min..max | base | adapters | peak memory | trainable |", "|---|---|---|---|---|---|---|"]
+                  "| variant | step | min..max | of which AdamW | base | adapters | peak memory | trainable |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, r in m["rows"].items():
             peak = "" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f} MiB"
             lines.append(f"| {name} | {r['step_ms']:.1f} ms | {r['step_ms_min']:.1f}..{r['step_ms_max']:.1f} | "
+                         f"{r['optimizer_ms']:.1f} ms | "
                          f"{r['base_mib']:.2f} MiB | {r['adapters_mib']:.2f} MiB | {peak} | {r['trainable_params']:,} |")
         lines.append("")
     return lines

@@ -45,7 +45,8 @@ def _step(model, space, ids):
     """Loss and the FLix gradients of one training forward/backward, routed from feature_ids."""
     loss = model(input_ids=ids, labels=ids, feature_ids=space.encode(FEATURES)).loss
     loss.backward()
-    grads = {f"{n}.{p}": getattr(layer, p).grad.clone() for n, layer in fk.flix_layers(model) for p in ("lora_A", "lora_B")}
+    grads = {f"{n}.{p}": getattr(layer, p).grad.clone()
+             for n, layer in fk.flix_layers(model) for p in ("lora_A", "lora_B")}
     model.zero_grad(set_to_none=True)
     return loss.detach(), grads
 

@@ -198,7 +198,7 @@ def markdown_lines(record: dict) -> list[str]:
         for name, r in m["rows"].items():
             peak = "" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f} MiB"
             lines.append(f"| {name} | {r['step_ms']:.1f} ms | {r['step_ms_min']:.1f}..{r['step_ms_max']:.1f} | "
-                         f"{r['optimizer_ms']:.1f} ms | "
-                         f"{r['base_mib']:.2f} MiB | {r['adapters_mib']:.2f} MiB | {peak} | {r['trainable_params']:,} |")
+                         f"{r['optimizer_ms']:.1f} ms | {r['base_mib']:.2f} MiB | {r['adapters_mib']:.2f} MiB | {peak} | "
+                         f"{r['trainable_params']:,} |")
         lines.append("")
     return lines

@@ -219,8 +219,8 @@ class FLixLinear(nn.Module):
                                  + routing.space.describe_difference(self.space))
             device = self.lora_A.device
             # Metadata built now, outside any compiled region or CUDA-graph capture: the kernels',
-            # and the slot tables the torch backend reads under torch.compile (built only once
-            # torch.compile's machinery is loaded, so eager-only programs never pay for them).
+            # and the slot tables the torch backend reads under torch.compile (three small tensors
+            # per batch, built once torch.compile's machinery is loaded: nothing compiles before).
             if self.backend == "triton" or (self.backend != "torch" and device.type == "cuda"):
                 routing.to(device)
             elif "torch._dynamo" in sys.modules:

@@ -257,3 +257,46 @@ def test_gradient_checkpointing_and_generate_over_nf4(seed):
         alone = fk.generate(model, input_ids=prompts[i:i + 1], feature_ids=features[i:i + 1], max_new_tokens=4,
                             do_sample=False)
         assert torch.equal(out[i], alone[0])
+
+
+@pytest.mark.parametrize("kind", ["bnb-nf4", "bnb-int8", "torchao-int8"])
+def test_a_model_loaded_by_transformers_quantizer(seed, kind, tmp_path):
+    """``from_pretrained(..., quantization_config=...)``, as users load a QLoRA base: every decoder
+    linear becomes a FLix layer over the loader's quantized module, and a routed example equals the
+    quantized model plus the float64 oracle's update, layer by layer (checked on q_proj)."""
+    transformers = pytest.importorskip("transformers")
+    tiny_llama(seed, **QUANT_LLAMA).save_pretrained(tmp_path)
+    if kind == "torchao-int8":
+        tq = pytest.importorskip("torchao.quantization")
+        config = transformers.TorchAoConfig(tq.Int8WeightOnlyConfig())
+    else:
+        _bnb()
+        config = transformers.BitsAndBytesConfig(
+            load_in_4bit=kind == "bnb-nf4", load_in_8bit=kind == "bnb-int8", bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config,
+                                                                  device_map=str(DEVICE), dtype=torch.bfloat16)
+    q = model.model.layers[0].self_attn.q_proj
+    space = make_space()
+    names = fk.inject(model, space, target_modules="all-linear")
+    assert len(names) == 14 and all(layer.quantized for _, layer in fk.flix_layers(model))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.base_layer is q
+    randomize_adapters(model, torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    ids = random_feature_ids(space, 3, gen)
+    x = torch.randn(3, 5, 64, generator=gen).to(DEVICE, torch.bfloat16)
+    with torch.no_grad():
+        got = layer(x, fk.Routing(ids, space)).cpu().double()
+        want = q(x).cpu().double() + flix_delta_reference(x.cpu().double(), layer.lora_A.cpu().double(),
+                                                          layer.lora_B.cpu().double(), ids, space.rank_offsets,
+                                                          layer.scaling.cpu().double())
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+    fk.accept_feature_ids(model, feature_dropout=0.3, generator=torch.Generator().manual_seed(seed))
+    tokens = token_ids(3, 6, gen).to(DEVICE)
+    model.train()
+    loss = model(input_ids=tokens, labels=tokens, feature_ids=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and layer.lora_B.grad.abs().sum() > 0

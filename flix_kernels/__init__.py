@@ -9,7 +9,7 @@ Public API: :class:`FeatureSpace`, :class:`Routing`, :func:`flix_linear`, :func:
 :func:`available_backends`, :class:`FLixLinear`, :func:`inject`, :func:`set_routing`,
 :func:`use_routing`, :func:`merge`, :func:`unmerge`, :func:`merge_and_unload`,
 :func:`unload`, :func:`flix_layers`, :func:`save_adapters`,
-:func:`load_adapters`, :func:`export_peft`, :func:`info`; for transformers models
+:func:`load_adapters`, :func:`export_peft`, :func:`per_feature_optimizer`, :func:`info`; for transformers models
 :func:`accept_feature_ids`, :class:`FeatureCollator`, :func:`generate`. OFA factorised
 multilingual embeddings: the subpackage :mod:`flix_kernels.ofa` (``fk.ofa``).
 """
@@ -21,6 +21,7 @@ from .ops import flix_delta, flix_linear
 from .nn import FLixLinear
 from .model import flix_layers, inject, merge, merge_and_unload, set_routing, unload, unmerge, use_routing
 from .serialization import load_adapters, save_adapters
+from .optim import per_feature_optimizer
 from .integrations.peft import export_peft, flix_lora_config, from_peft_adapters, load_flix_peft
 from .integrations.transformers import FeatureCollator, accept_feature_ids, generate
 from ._info import info
@@ -49,6 +50,7 @@ __all__ = [
     "load_flix_peft",
     "merge",
     "merge_and_unload",
+    "per_feature_optimizer",
     "ofa",
     "save_adapters",
     "set_routing",

@@ -207,8 +207,8 @@ def test_with_transformers_trainer(seed, tmp_path):
     randomize_adapters(model, torch.Generator().manual_seed(seed), b_scale=0.1)
     fk.accept_feature_ids(model)
     gen = torch.Generator().manual_seed(seed)
-    data = [{"input_ids": torch.randint(3, 90, (6,), generator=gen).tolist(), "features": {"language": lang, "task": "qa"}}
-            for lang in ("en", "fr") * 4]
+    data = [{"input_ids": torch.randint(3, 90, (6,), generator=gen).tolist(),
+             "features": {"language": lang, "task": "qa"}} for lang in ("en", "fr") * 4]
     for ex in data:
         ex["labels"] = list(ex["input_ids"])
     before = {n: (l.lora_A.detach().clone(), l.lora_B.detach().clone()) for n, l in fk.flix_layers(model)}

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from ._info import info
+from .demo.experiment import LABELS as DEMO_METHODS, METHODS as DEFAULT_DEMO_METHODS
 
 
 def _print_info() -> int:
@@ -143,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds; a tiny model and a few steps (CI), numbers mean nothing")
     d.add_argument("--seeds", type=positive_arg(int), default=None, metavar="N",
                    help="number of seeds 0..N-1, at least 1 (default: 4, --quick 2, --smoke 1)")
+    d.add_argument("--methods", nargs="+", choices=tuple(DEMO_METHODS), default=None, metavar="METHOD",
+                   help="the methods to train (default: " + " ".join(DEFAULT_DEMO_METHODS) + "; also flix_fair, FLix "
+                        "with flix_kernels.per_feature_optimizer); choices: " + ", ".join(DEMO_METHODS))
     d.add_argument("--out", type=Path, default=Path("flix-demo"), metavar="DIR",
                    help="output folder, created if missing and checked writable before the run (default: ./flix-demo)")
     d.add_argument("--device", type=device_arg, default=None, help="cpu (default), cuda or cuda:N")
@@ -210,6 +214,8 @@ def _demo(args) -> int:
     cfg.device = str(args.device or "cpu")
     if args.seeds is not None:
         cfg = cfg.with_seeds(args.seeds)
+    if args.methods:
+        cfg.methods = tuple(dict.fromkeys(args.methods))
     check_out_folder(args.parser, args.out)
     run(cfg, args.out, show_progress=args.progress, console=True)
     return 0

@@ -13,6 +13,9 @@ and the per-rank scale; only the space and the routing differ:
   an example uses its language's and its task's.
 * ``flix_dropout``: the same with feature dropout during training (each active feature of an
   example dropped with probability p), so each feature also learns to work alone.
+* ``flix_fair`` (not in the default set): FLix trained with
+  :func:`flix_kernels.per_feature_optimizer`, so a step leaves the features no example of the
+  batch used exactly as they were (AdamW state included), as separate adapters would.
 """
 
 from __future__ import annotations
@@ -25,12 +28,17 @@ from typing import Callable
 
 import torch
 
-from .. import FeatureSpace, Routing, flix_layers, inject, use_routing
+from .. import FeatureSpace, Routing, flix_layers, inject, per_feature_optimizer, use_routing
 from .data import IGNORE, Benchmark
 
-METHODS = ("lora", "per_pair", "flix", "flix_dropout")
+METHODS = ("lora", "per_pair", "flix", "flix_dropout")  # the default set
 LABELS = {"lora": "LoRA (one shared adapter)", "per_pair": "LoRA per seen pair (fallback: same task, other language)",
-          "flix": "FLix (language + task)", "flix_dropout": "FLix + feature dropout"}
+          "flix": "FLix (language + task)", "flix_dropout": "FLix + feature dropout",
+          "flix_fair": "FLix + per-feature optimizer"}
+
+
+# Adapter-init seed offsets; FLix variants share FLix's init, so they differ only in what they vary.
+_INIT_SEED = {"lora": 1, "per_pair": 2, "flix": 3, "flix_dropout": 4, "flix_fair": 3}
 
 
 @dataclass
@@ -39,6 +47,7 @@ class Method:
     space: FeatureSpace
     features: Callable[[tuple[str, str]], dict]  # pair -> {group: value} at train and eval time
     feature_dropout: float = 0.0
+    per_feature: bool = False  # train with flix_kernels.per_feature_optimizer
 
 
 def make_method(name: str, bench: Benchmark, cfg) -> Method:
@@ -62,12 +71,12 @@ def make_method(name: str, bench: Benchmark, cfg) -> Method:
             raise ValueError(f"task {t!r} is seen in no language")
 
         return Method(name, FeatureSpace({"pair": seen}, active), pair_feature)
-    if name in ("flix", "flix_dropout"):
+    if name in ("flix", "flix_dropout", "flix_fair"):
         space = FeatureSpace({"language": list(bench.languages), "task": list(bench.tasks)},
                              {"language": r_lang, "task": r_task})
         p = cfg.feature_dropout if name == "flix_dropout" else 0.0
-        return Method(name, space, lambda pair: {"language": pair[0], "task": pair[1]}, p)
-    raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
+        return Method(name, space, lambda pair: {"language": pair[0], "task": pair[1]}, p, name == "flix_fair")
+    raise ValueError(f"unknown method {name!r}; choose from {tuple(LABELS)}")
 
 
 # -- model ------------------------------------------------------------------------------------
@@ -174,7 +183,7 @@ def train_method(name: str, base_state: dict, bench: Benchmark, cfg, seed: int, 
     model = build_model(cfg, bench.vocab_size)
     model.load_state_dict(base_state)
     model.to(device)
-    torch.manual_seed(seed * 1000 + METHODS.index(name) + 1)  # adapter init, reproducible per (seed, method)
+    torch.manual_seed(seed * 1000 + _INIT_SEED[name])  # adapter init, reproducible per (seed, method)
     # Every feature of every method gets the same scale alpha / r_k = lora_scale (alpha is one
     # number per layer, so with unequal FLix ranks the per-feature scales are set directly).
     alpha = cfg.lora_scale * method.space.ranks[0]
@@ -182,7 +191,8 @@ def train_method(name: str, base_state: dict, bench: Benchmark, cfg, seed: int, 
     for _, layer in flix_layers(model):
         layer.scaling = torch.full_like(layer.scaling, cfg.lora_scale)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = (per_feature_optimizer(torch.optim.AdamW, model, lr=cfg.lr, weight_decay=0.0) if method.per_feature
+           else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0))
     # The same data stream for every method of a seed; feature dropout has its own generator.
     stream = bench.train_stream(cfg.batch, stream_seed=seed, exclude=eval_sets)
     gen = torch.Generator().manual_seed(seed * 1000 + 7)

@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds; a tiny model and a few steps (CI), numbers mean nothing")
     d.add_argument("--seeds", type=positive_arg(int), default=None, metavar="N",
                    help="number of seeds 0..N-1, at least 1 (default: 4, --quick 2, --smoke 1)")
+    d.add_argument("--data", choices=("synthetic", "numbers"), default="synthetic",
+                   help="the benchmark: synthetic (default; the committed results) or numbers (real languages: "
+                        "numbers and their words from num2words, tasks spell / read / next / ordinal; exploratory)")
     d.add_argument("--methods", nargs="+", choices=tuple(DEMO_METHODS), default=None, metavar="METHOD",
                    help="the methods to train (default: " + " ".join(DEFAULT_DEMO_METHODS) + "; also flix_fair, FLix "
                         "with flix_kernels.per_feature_optimizer); choices: " + ", ".join(DEMO_METHODS))
@@ -210,7 +213,8 @@ def _demo(args) -> int:
         args.parser.error("the demo needs transformers (pip install transformers)")
     from flix_kernels.demo import DemoConfig, run
 
-    cfg = DemoConfig.smoke() if args.smoke else DemoConfig.quick() if args.quick else DemoConfig.default()
+    preset = DemoConfig.smoke if args.smoke else DemoConfig.quick if args.quick else DemoConfig.default
+    cfg = preset(data=args.data)
     cfg.device = str(args.device or "cpu")
     if args.seeds is not None:
         cfg = cfg.with_seeds(args.seeds)

@@ -37,7 +37,9 @@ class DemoConfig:
 
     preset: str = "default"
     seeds: tuple[int, ...] = (0, 1, 2, 3)  # seed k also picks the k-th Latin-square diagonal held out
-    # benchmark
+    # benchmark: "synthetic" (.data) or "numbers" (.numbers: real languages, from num2words)
+    data: str = "synthetic"
+    max_number: int = 99  # numbers: the range 0..max_number
     num_symbols: int = 12
     languages: tuple[str, ...] = ("L0", "L1", "L2", "L3")
     tasks: tuple[str, ...] = ("reverse", "rotate", "sort", "swap")
@@ -69,7 +71,7 @@ class DemoConfig:
 
     @classmethod
     def default(cls, **kw) -> "DemoConfig":
-        return cls(**kw)
+        return cls(**_data_defaults(kw))
 
     @classmethod
     def quick(cls, **kw) -> "DemoConfig":
@@ -77,19 +79,29 @@ class DemoConfig:
         shorter pretraining and training. Undertrained: its accuracies are not the experiment's
         result (the default run's are)."""
         return cls(**{"preset": "quick", "seeds": (0, 1), "pretrain_steps": 600, "steps": 600, "eval_every": 100,
-                      "eval_per_pair": 32, **kw})
+                      "eval_per_pair": 32, **_data_defaults(kw)})
 
     @classmethod
     def smoke(cls, **kw) -> "DemoConfig":
         """Seconds, for CI: a tiny model and a few steps of every method; the numbers mean nothing."""
         return cls(**{"preset": "smoke", "seeds": (0,), "hidden": 32, "layers": 1, "heads": 2, "pretrain_steps": 60,
-                      "pretrain_batch": 32, "steps": 20, "batch": 16, "eval_every": 10, "eval_per_pair": 8, **kw})
+                      "pretrain_batch": 32, "steps": 20, "batch": 16, "eval_every": 10, "eval_per_pair": 8,
+                      **_data_defaults(kw)})
 
     def with_seeds(self, n: int) -> "DemoConfig":
         """The same run over seeds 0..n-1."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"the number of seeds must be an integer of at least 1, got {n!r}")
         return replace(self, seeds=tuple(range(n)))
+
+
+# What a preset takes for each benchmark's own fields when the caller gives none.
+_DATA_DEFAULTS = {"numbers": {"languages": ("en", "de", "fr", "es", "pl", "id"),
+                              "tasks": ("spell", "read", "next", "ordinal")}}
+
+
+def _data_defaults(kw: dict) -> dict:
+    return {**_DATA_DEFAULTS.get(kw.get("data", "synthetic"), {}), **kw}
 
 
 def run(config: DemoConfig, out_dir: str | Path | None = None, *, show_progress: bool = False,

@@ -117,6 +117,11 @@ class Benchmark:
         self.seen = [(l, t) for l in self.languages for t in self.tasks if (l, t) not in self.held_out]
         self.pairs = [(l, t) for l in self.languages for t in self.tasks]
 
+    @property
+    def lm_len(self) -> int:
+        """Tokens of a pretraining LM sequence."""
+        return 2 * self.max_len
+
     # -- rendering ----------------------------------------------------------------------------
     def token(self, lang: str, symbol: int) -> int:
         i = self.languages.index(lang)

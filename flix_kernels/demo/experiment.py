@@ -30,6 +30,7 @@ import torch
 
 from .. import FeatureSpace, Routing, flix_layers, inject, per_feature_optimizer, use_routing
 from .data import IGNORE, Benchmark
+from .numbers import NumbersBenchmark
 
 METHODS = ("lora", "per_pair", "flix", "flix_dropout")  # the default set
 LABELS = {"lora": "LoRA (one shared adapter)", "per_pair": "LoRA per seen pair (fallback: same task, other language)",
@@ -113,7 +114,7 @@ def pretrain(bench: Benchmark, cfg, seed: int, device, tick=lambda: None) -> tup
     t0, losses = time.perf_counter(), []
     model.train()
     for step in range(cfg.pretrain_steps):
-        ids, labels = bench.pretrain_batch(rng, cfg.pretrain_batch, lm_len=2 * bench.max_len)
+        ids, labels = bench.pretrain_batch(rng, cfg.pretrain_batch, lm_len=bench.lm_len)
         _set_lr(opt, _lr_at(step, cfg.pretrain_steps, cfg.pretrain_lr))
         loss = model(input_ids=ids.to(device), labels=labels.to(device)).loss
         loss.backward()
@@ -230,8 +231,19 @@ def train_method(name: str, base_state: dict, bench: Benchmark, cfg, seed: int, 
             "train_seconds": wall - t_eval, "curve": curve, "final": ev}
 
 
+DATA = {"synthetic": Benchmark, "numbers": NumbersBenchmark}
+
+
+def benchmark_for(cfg, seed: int):
+    """The benchmark ``cfg.data`` names ("synthetic": :mod:`.data`, "numbers": :mod:`.numbers`)
+    for one data seed."""
+    if cfg.data not in DATA:
+        raise ValueError(f"unknown data {cfg.data!r}; choose from {tuple(DATA)}")
+    return DATA[cfg.data].for_config(cfg, seed)
+
+
 def run_seed(seed: int, cfg, device, tick=lambda: None, say=lambda s: None) -> dict:
-    bench = Benchmark.for_config(cfg, seed)
+    bench = benchmark_for(cfg, seed)
     eval_sets = bench.eval_sets(cfg.eval_per_pair)
     say(f"seed {seed}: pretraining the base model")
     base_state, base_stats = pretrain(bench, cfg, seed, device, tick)
@@ -242,5 +254,5 @@ def run_seed(seed: int, cfg, device, tick=lambda: None, say=lambda s: None) -> d
     return out
 
 
-__all__ = ["LABELS", "METHODS", "Method", "build_model", "evaluate", "make_method", "pretrain", "run_seed",
-           "train_method"]
+__all__ = ["DATA", "LABELS", "METHODS", "Method", "benchmark_for", "build_model", "evaluate", "make_method",
+           "pretrain", "run_seed", "train_method"]

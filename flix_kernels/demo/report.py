@@ -13,14 +13,16 @@ import torch
 from .._io import atomic_write_files, text_writer
 from ..bench.timing import provenance as _bench_provenance
 from .data import Benchmark
-from .experiment import LABELS
+from .experiment import LABELS, benchmark_for
 
 
 # -- record -----------------------------------------------------------------------------------
 def design(cfg) -> dict:
     """The experiment's design in words (stored in results.json, printed in results.md)."""
-    b = Benchmark.for_config(cfg, cfg.seeds[0] if cfg.seeds else 0)
-    held = {s: [f"{l}/{t}" for l, t in Benchmark.for_config(cfg, s).held_out] for s in cfg.seeds}
+    b = benchmark_for(cfg, cfg.seeds[0] if cfg.seeds else 0)
+    held = {s: [f"{l}/{t}" for l, t in benchmark_for(cfg, s).held_out] for s in cfg.seeds}
+    if cfg.data == "numbers":
+        return {**_numbers_design(cfg, b), **_common_design(cfg, b, held)}
     return {
         "languages": f"{len(cfg.languages)} languages, each a disjoint range of {cfg.num_symbols} token ids writing "
                      f"the same {cfg.num_symbols} abstract symbols in its own random order (fixed by the seed)",
@@ -33,6 +35,28 @@ def design(cfg) -> dict:
                        "of a grammar shared by all languages (next symbol = successor with probability "
                        f"{Benchmark.succ_prob}, else uniform), half copying [BOS, <language>, <copy>, src, SEP, src, "
                        "EOS]; then frozen. 'copy' is not a fine-tuning task; no fine-tuning task is pretrained",
+        **_common_design(cfg, b, held),
+    }
+
+
+def _numbers_design(cfg, b) -> dict:
+    return {
+        "data": "numbers (num2words)",
+        "languages": f"{len(cfg.languages)} real languages ({', '.join(cfg.languages)}), numbers 0..{cfg.max_number} "
+                     "written by num2words, split into word tokens at spaces and hyphens (German compounds at "
+                     "'und' / 'hundert'); each language owns its word tokens, the ten digits are shared",
+        "tasks": {t: d for t, d in NUMBER_TASK_DESCRIPTIONS.items() if t in cfg.tasks},
+        "example": "prompt [BOS, <language tag>, <task tag>, source..., SEP], target... EOS",
+        "tags": "every method gets the language and task tag tokens in its input, so the shared LoRA has the same "
+                "information as FLix",
+        "pretraining": f"{cfg.pretrain_steps} steps from scratch, every language: half counting text (the words of "
+                       "consecutive numbers, SEP between them), half copying a number's words; then frozen; no "
+                       "fine-tuning task is pretrained",
+    }
+
+
+def _common_design(cfg, b, held) -> dict:
+    return {
         "held_out": "one pair per language and per task (a Latin-square diagonal); seed k holds out diagonal k, "
                     f"so {len(cfg.tasks)} seeds hold out every pair once",
         "held_out_by_seed": held,
@@ -46,6 +70,11 @@ def design(cfg) -> dict:
         "metric": "exact match of the whole target + EOS, teacher-forced argmax at every target position (equal to "
                   f"greedy-decoding exact match), {cfg.eval_per_pair} fixed sources per pair never used in training",
     }
+
+
+NUMBER_TASK_DESCRIPTIONS = {"spell": "digits -> the number's words", "read": "the number's words -> digits",
+                            "next": "the number's words -> the next number's words",
+                            "ordinal": "digits -> the ordinal's words (n >= 1)"}
 
 
 TASK_DESCRIPTIONS = {"reverse": "the sequence backwards (positional)",

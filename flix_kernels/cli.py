@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from ._info import info
-from .demo.experiment import LABELS as DEMO_METHODS, METHODS as DEFAULT_DEMO_METHODS
+from .demo.experiment import DATA as DEMO_DATA, LABELS as DEMO_METHODS, METHODS as DEFAULT_DEMO_METHODS
 
 
 def _print_info() -> int:
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds; a tiny model and a few steps (CI), numbers mean nothing")
     d.add_argument("--seeds", type=positive_arg(int), default=None, metavar="N",
                    help="number of seeds 0..N-1, at least 1 (default: 4, --quick 2, --smoke 1)")
-    d.add_argument("--data", choices=("synthetic", "numbers"), default="synthetic",
+    d.add_argument("--data", choices=tuple(DEMO_DATA), default="synthetic",
                    help="the benchmark: synthetic (default; the committed results) or numbers (real languages: "
                         "numbers and their words from num2words, tasks spell / read / next / ordinal; exploratory)")
     d.add_argument("--methods", nargs="+", choices=tuple(DEMO_METHODS), default=None, metavar="METHOD",

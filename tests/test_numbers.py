@@ -88,3 +88,20 @@ def test_numbers_smoke_run(tmp_path):
     assert rec["config"]["data"] == "numbers" and rec["config"]["languages"] == ["en", "de", "fr", "es", "pl", "id"]
     assert rec["design"]["data"] == "numbers (num2words)"
     assert len(rec["seeds"][0]["held_out_pairs"]) == 6
+
+
+def test_aligned_and_ordinal_pretraining_options():
+    b = NumbersBenchmark(0, aligned=1.0)
+    ids, _ = b.pretrain_batch(random.Random(0), 8, lm_len=b.lm_len)
+    digits = set(range(b.digit_base, b.digit_base + 10))
+    for row in ids.tolist():
+        assert digits & set(row) and SEP in row  # every row pairs a number's digits with its words
+    b = NumbersBenchmark(0, ordinals=True)
+    ordinal_words = {b.vocab[(lang, w)] for lang in b.languages for n in range(1, 100)
+                     for w in number_words(n, lang, ordinal=True)} - {b.vocab[(lang, w)] for lang in b.languages
+                                                                       for n in range(100) for w in number_words(n, lang)}
+    ids, _ = b.pretrain_batch(random.Random(0), 64, lm_len=b.lm_len)
+    assert ordinal_words & set(ids.flatten().tolist())
+    assert not ordinal_words & set(NumbersBenchmark(0).pretrain_batch(random.Random(0), 64, 48)[0].flatten().tolist())
+    with pytest.raises(ValueError, match="pretrain_aligned"):
+        NumbersBenchmark(0, aligned=1.5)

@@ -40,6 +40,8 @@ class DemoConfig:
     # benchmark: "synthetic" (.data) or "numbers" (.numbers: real languages, from num2words)
     data: str = "synthetic"
     max_number: int = 99  # numbers: the range 0..max_number
+    pretrain_aligned: float = 0.0  # numbers: share of pretraining rows aligning digits and words
+    pretrain_ordinals: bool = False  # numbers: counting text also in ordinals
     num_symbols: int = 12
     languages: tuple[str, ...] = ("L0", "L1", "L2", "L3")
     tasks: tuple[str, ...] = ("reverse", "rotate", "sort", "swap")

@@ -17,7 +17,9 @@ One example is ``[BOS, <lang>, <task>, source..., SEP] target... EOS``, as in th
 benchmark (:mod:`.data`), whose interface this class implements, so the same experiment runs
 on it. Pretraining (the frozen base knows the languages, no task): counting text in every
 language (the words of consecutive numbers, separated by SEP) and copying a number's words
-(the prompt format; ``copy`` is no fine-tuning task). Held-out pairs: the Latin-square design of
+(the prompt format; ``copy`` is no fine-tuning task); optionally aligned digits-and-words text
+and counting in ordinals, which an LLM's pretraining text also shows (``DemoConfig``'s
+``pretrain_aligned`` and ``pretrain_ordinals``). Held-out pairs: the Latin-square design of
 :func:`.data.latin_square_holdout`.
 """
 
@@ -58,11 +60,16 @@ class NumbersBenchmark:
     tasks: tuple[str, ...] = NUMBER_TASKS
     max_number: int = 99
     holdout_shift: int | None = None  # default: the seed
+    # Pretraining options (see pretrain_batch): the share of rows that align a number's digits
+    # with its words, and whether counting text also counts in ordinals.
+    aligned: float = 0.0
+    ordinals: bool = False
     words: dict[str, dict[tuple[int, bool], list[str]]] = field(init=False, repr=False)
 
     @classmethod
     def for_config(cls, cfg, seed: int) -> "NumbersBenchmark":
-        return cls(seed, languages=tuple(cfg.languages), tasks=tuple(cfg.tasks), max_number=cfg.max_number)
+        return cls(seed, languages=tuple(cfg.languages), tasks=tuple(cfg.tasks), max_number=cfg.max_number,
+                   aligned=cfg.pretrain_aligned, ordinals=cfg.pretrain_ordinals)
 
     def __post_init__(self):
         try:
@@ -77,6 +84,8 @@ class NumbersBenchmark:
             raise ValueError("need at least 2 languages and 2 tasks, so every held-out feature is seen elsewhere")
         if not 2 <= self.max_number <= 9999:
             raise ValueError(f"max_number must be in 2..9999, got {self.max_number}")
+        if not 0.0 <= self.aligned <= 1.0:
+            raise ValueError(f"pretrain_aligned must be in [0, 1], got {self.aligned}")
         self.words = {}
         for lang in self.languages:
             try:
@@ -171,16 +180,27 @@ class NumbersBenchmark:
 
     # -- pretraining data ---------------------------------------------------------------------
     def pretrain_batch(self, rng: random.Random, batch: int, lm_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Half counting text (the words of consecutive numbers from a random start, SEP between
-        them, up to ``lm_len`` tokens), half copy examples; every language, no fine-tuning task."""
+        """Rows in every language, none with a fine-tuning task's tag: a share ``aligned`` of
+        aligned text (a number's digits and its words, in either order: what web text shows an
+        LLM, "21 (twenty-one)"), then half counting text (the words of consecutive numbers from
+        a random start, SEP between them, up to ``lm_len`` tokens; in ordinals for half of the
+        rows when ``ordinals``) and half copy examples."""
         rows = []
         for b in range(batch):
             lang = rng.choice(self.languages)
-            if b % 2 == 0:
+            if self.aligned and rng.random() < self.aligned:
                 n = rng.randrange(self.max_number + 1)
+                parts = [self.digit_tokens(n), self.word_tokens(lang, n)]
+                if rng.random() < 0.5:
+                    parts.reverse()
+                toks = [BOS, self.lang_tag[lang]] + parts[0] + [SEP] + parts[1] + [EOS]
+                rows.append((toks, [IGNORE, IGNORE] + toks[2:]))
+            elif b % 2 == 0:
+                ordinal = self.ordinals and rng.random() < 0.5
+                n = rng.randrange(1 if ordinal else 0, self.max_number + 1)
                 toks = [BOS, self.lang_tag[lang]]
                 while n <= self.max_number and len(toks) < lm_len:
-                    toks += self.word_tokens(lang, n) + [SEP]
+                    toks += self.word_tokens(lang, n, ordinal) + [SEP]
                     n += 1
                 toks.append(EOS)
                 rows.append((toks, [IGNORE, IGNORE] + toks[2:]))

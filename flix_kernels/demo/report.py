@@ -49,9 +49,12 @@ def _numbers_design(cfg, b) -> dict:
         "example": "prompt [BOS, <language tag>, <task tag>, source..., SEP], target... EOS",
         "tags": "every method gets the language and task tag tokens in its input, so the shared LoRA has the same "
                 "information as FLix",
-        "pretraining": f"{cfg.pretrain_steps} steps from scratch, every language: half counting text (the words of "
-                       "consecutive numbers, SEP between them), half copying a number's words; then frozen; no "
-                       "fine-tuning task is pretrained",
+        "pretraining": f"{cfg.pretrain_steps} steps from scratch, every language: "
+                       + (f"{cfg.pretrain_aligned:.0%} of rows aligned text (a number's digits and words, either "
+                          "order, no task tag), the rest " if cfg.pretrain_aligned else "")
+                       + "half counting text (the words of consecutive numbers, SEP between them"
+                       + (", in ordinals for half of them" if cfg.pretrain_ordinals else "")
+                       + "), half copying a number's words; then frozen; no fine-tuning task's tag is pretrained",
     }
 
 

@@ -222,8 +222,8 @@ class FLixLinear(nn.Module):
             # and the slot tables the torch backend reads under torch.compile (three small tensors
             # per batch, built once torch.compile's machinery is loaded: nothing compiles before).
             if self.backend == "triton" or (self.backend != "torch" and device.type == "cuda"):
-                routing.to(device)
-            elif "torch._dynamo" in sys.modules:
+                routing.kernel_metadata(device)
+            if self.backend not in ("triton", "cuda") and "torch._dynamo" in sys.modules:
                 routing.slot_tables(device)
         self._routing = routing
 

@@ -104,7 +104,6 @@ class _FeatureSlices:
     optimizer's parameters see them; just before the step the unused features' views lose it."""
 
     def __init__(self, layers):
-        self.layers = layers
         space = layers[0].space
         self.offsets = list(space.rank_offsets)
         self.by_group: dict[str, list[nn.Parameter]] = {g: [] for g in space.groups}

@@ -24,7 +24,6 @@ import torch.nn as nn
 __all__ = ["default_adapter_dtype", "is_bitsandbytes", "merge_error", "quantized_kind", "require"]
 
 _EXTRA = "pip install 'flix_kernels[quant]'"
-_PACKAGES = {"bitsandbytes": "bitsandbytes", "torchao": "torchao"}
 
 
 def require(package: str):
@@ -33,7 +32,7 @@ def require(package: str):
         return importlib.import_module(package)
     except ImportError as e:
         raise ImportError(f"{package} is needed for quantized base layers and could not be imported ({e}); "
-                          f"install it with {_EXTRA} (or pip install {_PACKAGES.get(package, package)})") from e
+                          f"install it with {_EXTRA} (or pip install {package})") from e
 
 
 def _bnb_class(name: str):

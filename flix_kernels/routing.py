@@ -288,14 +288,16 @@ class Routing:
 
     # -- device metadata for the fused kernels ----------------------------------------------------
     def to(self, device: torch.device | str) -> "Routing":
-        """Build this routing's kernel metadata on ``device`` now (returns self).
+        """Build this routing's kernel metadata on ``device`` now, and the torch backend's
+        :meth:`slot_tables` once torch.compile's machinery is loaded (returns self).
 
         Layers do it on first use; call it (or :func:`flix_kernels.set_routing`, which does)
         before a ``torch.compile(fullgraph=True)`` model or a CUDA-graph capture runs, so the
         compiled or captured region only reads prebuilt tensors. Call it once per device when
         a model spans several."""
         self.kernel_metadata(torch.device(device))
-        self.slot_tables(device)
+        if "torch._dynamo" in sys.modules:  # nothing compiles before it is loaded
+            self.slot_tables(device)
         return self
 
     @staticmethod

@@ -192,6 +192,9 @@ def test_bad_arguments_are_named(seed):
         fk.per_feature_optimizer(torch.optim.AdamW(model.parameters()), model)
     with pytest.raises(ValueError, match="no FLix layers"):
         fk.per_feature_optimizer(torch.optim.AdamW, nn.Linear(2, 2))
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable FLix layers"):
+        fk.per_feature_optimizer(torch.optim.AdamW, model)
 
 
 def test_with_transformers_trainer(seed, tmp_path):

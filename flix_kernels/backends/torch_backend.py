@@ -369,10 +369,10 @@ def _traced_update(routing, x, lora_A, lora_B, scaling, dropout_p, generator, h_
     xl = x.reshape(B, -1, in_f).to(cdt)
     if dropout_p > 0:
         xl = xl * dropout_mask(xl.shape, dropout_p, generator, x.device).to(cdt) * (1.0 / (1.0 - dropout_p))
-    flat = index.reshape(-1).long()
+    flat = index.reshape(-1)
     a = torch.where(valid[..., None], lora_A.index_select(0, flat).view(B, R, in_f), 0)
     b = torch.where(valid[..., None], lora_B.index_select(1, flat).view(out_f, B, R).permute(1, 2, 0), 0)
-    h = torch.bmm(xl, a.transpose(1, 2)) * _slot_scale(scaling, feature.long(), valid, cdt).unsqueeze(1)
+    h = torch.bmm(xl, a.transpose(1, 2)) * _slot_scale(scaling, feature, valid, cdt).unsqueeze(1)
     if h_hook is not None:
         h = h_hook(h)
     return torch.bmm(h, b)

@@ -44,10 +44,11 @@ def _configs(cuda: bool, quick: bool, size: str = "110M") -> dict:
 
 
 def _loop_forward(self, x, routing=None):
-    """FLixLinear.forward through the per-feature loop (same parameters, same routing)."""
+    """FLixLinear.forward through the per-feature loop (same parameters, same routing): the base
+    module's own output (a quantized one included) plus the loop's update in the adapters' dtype."""
     routing = self._resolve_routing(routing)
-    return loop_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B, routing,
-                       self.scaling)
+    d = loop_linear(x.to(self.lora_A.dtype), None, None, self.lora_A, self.lora_B, routing, self.scaling)
+    return self.base_layer(x) + d.to(x.dtype)
 
 
 def run_e2e(device: torch.device, dtype, backends: list[str], *, quick: bool, timer=None, size: str = "110M") -> dict:

@@ -23,26 +23,18 @@ import torch.nn as nn
 from ..features import FeatureSpace
 from ..model import flix_layers, inject, set_routing
 from ..routing import Routing
-from .e2e import PER_GROUP, RANK, _configs, _sync
-from .variants import loop_linear
+from ..quantized import require
+from .e2e import PER_GROUP, RANK, _configs, _loop_forward, _sync
 
 # On a GPU beside the e2e model: a 1.1B-parameter Llama (hidden 2048, 16 layers), 4 x 512 tokens.
 _LARGE = dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16, num_attention_heads=16,
               num_key_value_heads=16, vocab_size=32000, max_position_embeddings=1024)
 
 
-def _loop_forward(self, x, routing=None):
-    """FLixLinear.forward as the quantized module's own output plus the per-feature loop's update."""
-    routing = self._resolve_routing(routing)
-    d = loop_linear(x.to(self.lora_A.dtype), None, None, self.lora_A, self.lora_B, routing, self.scaling)
-    return self.base_layer(x) + d.to(x.dtype)
-
-
 def quantize_nf4(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
     """Every decoder ``nn.Linear`` of ``model`` (not the head) as a bitsandbytes NF4 ``Linear4bit``
     with double quantization, on the model's device; flagged as transformers flags a 4-bit model."""
-    import bitsandbytes as bnb
-
+    bnb = require("bitsandbytes")
     device = next(model.parameters()).device
     for name, m in list(model.named_modules()):
         if type(m) is nn.Linear and ".layers." in name:
@@ -68,11 +60,11 @@ def stored_mib(model: nn.Module) -> dict[str, float]:
 
 def run_quantized(device: torch.device, dtype, *, quick: bool) -> dict:
     try:
-        import bitsandbytes  # noqa: F401
+        require("bitsandbytes")
         from peft import LoraConfig, get_peft_model
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError as e:
-        return {"skipped": f"needs bitsandbytes, transformers and peft ({e}; pip install 'flix_kernels[quant]')"}
+        return {"skipped": f"needs bitsandbytes, transformers and peft: {e}"}
     cuda = device.type == "cuda"
     cfg = _configs(cuda, quick)
     sizes = {"e2e": (cfg["model"], cfg["batch"], cfg["seq_len"])}

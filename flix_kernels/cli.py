@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from ._info import info
+from .demo import VARIABLE as DEMO_VARIABLE
 from .demo.experiment import DATA as DEMO_DATA, LABELS as DEMO_METHODS, METHODS as DEFAULT_DEMO_METHODS
 
 
@@ -150,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--methods", nargs="+", choices=tuple(DEMO_METHODS), default=None, metavar="METHOD",
                    help="the methods to train (default: " + " ".join(DEFAULT_DEMO_METHODS) + "; also flix_fair, FLix "
                         "with flix_kernels.per_feature_optimizer); choices: " + ", ".join(DEMO_METHODS))
+    d.add_argument("--vary", action="append", default=[], metavar="FIELD=VALUE[,FIELD=VALUE...]",
+                   help="also run every method with these fields changed, on the same frozen bases (repeat for more "
+                        "variants; a list of languages is written a+b); fields: " + ", ".join(DEMO_VARIABLE))
+    d.add_argument("--seen-only", action="store_true",
+                   help="evaluate seen pairs only (held-out pairs are neither evaluated nor stored): for choosing "
+                        "hyper-parameters before any held-out number is looked at")
     d.add_argument("--out", type=Path, default=Path("flix-demo"), metavar="DIR",
                    help="output folder, created if missing and checked writable before the run (default: ./flix-demo)")
     d.add_argument("--device", type=device_arg, default=None, help="cpu (default), cuda or cuda:N")
@@ -211,7 +218,7 @@ def _demo(args) -> int:
         import transformers  # noqa: F401
     except ImportError:
         args.parser.error("the demo needs transformers (pip install transformers)")
-    from flix_kernels.demo import DemoConfig, run
+    from flix_kernels.demo import DemoConfig, check_variants, run
 
     preset = DemoConfig.smoke if args.smoke else DemoConfig.quick if args.quick else DemoConfig.default
     cfg = preset(data=args.data)
@@ -220,6 +227,11 @@ def _demo(args) -> int:
         cfg = cfg.with_seeds(args.seeds)
     if args.methods:
         cfg.methods = tuple(dict.fromkeys(args.methods))
+    cfg.vary, cfg.held_out_eval = tuple(dict.fromkeys(args.vary)), not args.seen_only
+    try:
+        check_variants(cfg)
+    except ValueError as e:
+        args.parser.error(f"argument --vary: {e}")
     check_out_folder(args.parser, args.out)
     run(cfg, args.out, show_progress=args.progress, console=True)
     return 0

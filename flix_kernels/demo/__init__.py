@@ -14,6 +14,7 @@ task adapter per example) and FLix with feature dropout (:mod:`.experiment`). Ou
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import queue as queue_mod
@@ -28,7 +29,7 @@ from .._progress import Progress
 from ..bench.timing import resolve_device
 from .experiment import LABELS, METHODS, run_seed
 
-__all__ = ["DemoConfig", "LABELS", "METHODS", "run"]
+__all__ = ["DemoConfig", "LABELS", "METHODS", "VARIABLE", "check_variants", "parse_variant", "run"]
 
 
 @dataclass
@@ -57,6 +58,10 @@ class DemoConfig:
     pretrain_lr: float = 3e-3
     # adapters: identical budget for every method
     methods: tuple[str, ...] = METHODS
+    # Extra runs of every method on the same frozen bases, each "field=value[,field=value...]"
+    # over the fields in VARIABLE (parse_variant); results are keyed "method[spec]".
+    vary: tuple[str, ...] = ()
+    held_out_eval: bool = True  # False: seen pairs only, to choose hyper-parameters blind to held-out ones
     rank_language: int = 4  # FLix: rank per language feature
     rank_task: int = 4  # FLix: rank per task feature; LoRA and per-pair LoRA get the sum
     lora_scale: float = 2.0  # alpha / r, the same for every feature of every method
@@ -65,6 +70,11 @@ class DemoConfig:
     steps: int = 1500
     batch: int = 32
     lr: float = 3e-3
+    weight_decay: float = 0.0  # AdamW's, on the adapters
+    language_lr_scale: float = 1.0  # flix_fair only: the language adapters' lr relative to lr
+    # Fine-tuning data: seen pairs of these languages are sampled with weight rare_weight (others 1).
+    rare_languages: tuple[str, ...] = ()
+    rare_weight: float = 0.05
     eval_every: int = 100
     backend: str = "auto"
     device: str = "cpu"
@@ -90,6 +100,10 @@ class DemoConfig:
                       "pretrain_batch": 32, "steps": 20, "batch": 16, "eval_every": 10, "eval_per_pair": 8,
                       **_data_defaults(kw)})
 
+    def variants(self) -> list[tuple[str, "DemoConfig"]]:
+        """("", self) then (spec, self with the spec's fields changed) for every spec of ``vary``."""
+        return [("", self)] + [(spec, replace(self, **parse_variant(spec))) for spec in self.vary]
+
     def with_seeds(self, n: int) -> "DemoConfig":
         """The same run over seeds 0..n-1."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -98,8 +112,61 @@ class DemoConfig:
 
 
 # What a preset takes for each benchmark's own fields when the caller gives none.
+# numbers: a base pretrained on aligned digits-and-words text and ordinal counting besides
+# counting and copying, the smallest setting measured in which composition happens at all
+# (examples/results/numbers_composition/findings.md).
 _DATA_DEFAULTS = {"numbers": {"languages": ("en", "de", "fr", "es", "pl", "id"),
-                              "tasks": ("spell", "read", "next", "ordinal")}}
+                              "tasks": ("spell", "read", "next", "ordinal"),
+                              "pretrain_aligned": 0.25, "pretrain_ordinals": True}}
+
+
+# The fields a variant may change: adapter training only, so every variant shares the seed's base.
+VARIABLE = ("lr", "batch", "weight_decay", "rank_language", "rank_task", "lora_scale", "feature_dropout",
+            "language_lr_scale", "rare_languages", "rare_weight")
+
+
+def parse_variant(spec: str) -> dict:
+    """``"lr=1e-3,rank_task=6"`` -> ``{"lr": 0.001, "rank_task": 6}``, typed like DemoConfig's
+    fields (a tuple of names is written ``a+b``); a ValueError names what is wrong."""
+    fields = {f.name: f for f in dataclasses.fields(DemoConfig)}
+    out = {}
+    for part in spec.split(","):
+        name, eq, value = part.partition("=")
+        name, value = name.strip(), value.strip()
+        if not eq or not name or not value:
+            raise ValueError(f"variant {spec!r}: expected field=value[,field=value...], got {part!r}")
+        if name not in VARIABLE:
+            raise ValueError(f"variant {spec!r}: {name!r} cannot vary (the base is shared by every variant); "
+                             f"choose from {', '.join(VARIABLE)}")
+        if name in out:
+            raise ValueError(f"variant {spec!r}: {name!r} given twice")
+        kind = type(fields[name].default)
+        try:
+            out[name] = tuple(v for v in value.split("+") if v) if kind is tuple else kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"variant {spec!r}: {name}={value!r} is not a valid {kind.__name__}") from None
+    return out
+
+
+def check_variants(cfg: DemoConfig) -> None:
+    """A ValueError for a variant that names a bad value (before any training starts)."""
+    for spec, v in cfg.variants():
+        where = f"variant {spec!r}: " if spec else ""
+        for name in ("lr", "rare_weight", "language_lr_scale", "lora_scale"):
+            if not getattr(v, name) > 0:
+                raise ValueError(f"{where}{name} must be > 0, got {getattr(v, name)}")
+        if v.batch < 1 or v.rank_language < 1 or v.rank_task < 1:
+            raise ValueError(f"{where}batch and ranks must be at least 1")
+        if not 0 <= v.feature_dropout < 1 or v.weight_decay < 0:
+            raise ValueError(f"{where}feature_dropout must be in [0, 1) and weight_decay >= 0")
+        unknown = [l for l in v.rare_languages if l not in v.languages]
+        if unknown:
+            raise ValueError(f"{where}rare_languages {unknown} are not languages of the run ({', '.join(v.languages)})")
+        if len(set(v.rare_languages)) == len(v.languages):
+            raise ValueError(f"{where}rare_languages names every language; leave one common")
+        if v.language_lr_scale != 1 and any(m != "flix_fair" for m in v.methods):
+            raise ValueError(f"{where}language_lr_scale needs the per-feature optimizer: only method flix_fair "
+                             "has one learning rate per feature group")
 
 
 def _data_defaults(kw: dict) -> dict:
@@ -116,8 +183,9 @@ def run(config: DemoConfig, out_dir: str | Path | None = None, *, show_progress:
     device = resolve_device(cfg.device)
     if not cfg.seeds:
         raise ValueError("DemoConfig.seeds is empty: give at least one seed")
+    check_variants(cfg)
     workers = cfg.workers or (min(len(cfg.seeds), os.cpu_count() or 1) if device.type == "cpu" else 1)
-    per_seed = cfg.pretrain_steps + len(cfg.methods) * cfg.steps
+    per_seed = cfg.pretrain_steps + len(cfg.methods) * len(cfg.variants()) * cfg.steps
     t0 = time.perf_counter()
     with Progress(show_progress, total=per_seed * len(cfg.seeds)) as prog:
         if workers > 1 and len(cfg.seeds) > 1:

@@ -154,15 +154,18 @@ class Benchmark:
             out[pair] = list(srcs)
         return out
 
-    def train_stream(self, batch: int, stream_seed: int, exclude: dict | None = None):
-        """Endless batches of (pair, source) over the seen pairs only, uniformly; sources used by
-        the evaluation set of the same pair are skipped, so evaluation is on unseen inputs."""
+    def train_stream(self, batch: int, stream_seed: int, exclude: dict | None = None,
+                     language_weights: dict[str, float] | None = None):
+        """Endless batches of (pair, source) over the seen pairs only, uniformly (or with the
+        sampling weights of ``language_weights``, 1 for a language it does not name); sources
+        used by the evaluation set of the same pair are skipped, so evaluation is on unseen inputs."""
         rng = random.Random(f"train-{self.seed}-{stream_seed}")
         banned = {(p, s) for p, srcs in (exclude or {}).items() for s in srcs}
+        pick = pair_sampler(rng, self.seen, language_weights)
         while True:
             out = []
             while len(out) < batch:
-                pair, src = rng.choice(self.seen), self.source(rng)
+                pair, src = pick(), self.source(rng)
                 if (pair, src) not in banned:
                     out.append((pair, src))
             yield out
@@ -190,6 +193,14 @@ class Benchmark:
             else:
                 rows.append(self.render(lang, "copy", list(self.source(rng))))
         return pad(rows)
+
+
+def pair_sampler(rng: random.Random, pairs: list, language_weights: dict[str, float] | None):
+    """A function drawing one of ``pairs`` ((language, task)) uniformly, or weighted per language."""
+    if not language_weights:
+        return lambda: rng.choice(pairs)
+    weights = [language_weights.get(lang, 1.0) for lang, _ in pairs]
+    return lambda: rng.choices(pairs, weights)[0]
 
 
 def pad(rows) -> tuple[torch.Tensor, torch.Tensor]:

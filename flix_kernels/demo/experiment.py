@@ -102,7 +102,7 @@ def _lr_at(step: int, total: int, lr: float) -> float:
 
 def _set_lr(opt, lr):
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 def pretrain(bench: Benchmark, cfg, seed: int, device, tick=lambda: None) -> tuple[dict, dict]:
@@ -192,10 +192,12 @@ def train_method(name: str, base_state: dict, bench: Benchmark, cfg, seed: int, 
     for _, layer in flix_layers(model):
         layer.scaling = torch.full_like(layer.scaling, cfg.lora_scale)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = (per_feature_optimizer(torch.optim.AdamW, model, lr=cfg.lr, weight_decay=0.0) if method.per_feature
-           else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0))
+    opt = (per_feature_optimizer(torch.optim.AdamW, model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 group_options={"language": {"lr_scale": cfg.language_lr_scale}})
+           if method.per_feature else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
     # The same data stream for every method of a seed; feature dropout has its own generator.
-    stream = bench.train_stream(cfg.batch, stream_seed=seed, exclude=eval_sets)
+    weights = {l: cfg.rare_weight for l in cfg.rare_languages} or None
+    stream = bench.train_stream(cfg.batch, stream_seed=seed, exclude=eval_sets, language_weights=weights)
     gen = torch.Generator().manual_seed(seed * 1000 + 7)
     curve, t0, t_eval = [], time.perf_counter(), 0.0
     model.train()
@@ -218,17 +220,35 @@ def train_method(name: str, base_state: dict, bench: Benchmark, cfg, seed: int, 
             t_eval += time.perf_counter() - te
             curve.append({"step": step, "loss": loss.item(), "seen": ev["seen"], "held_out": ev["held_out"]})
     wall = time.perf_counter() - t0
-    if method.space.group_names == ["language", "task"]:
-        # Diagnostic: held-out pairs with one of the two adapters alone. If the task adapter alone
-        # beats the composition, the held-out language's adapter hurts rather than helps.
-        held = {p: eval_sets[p] for p in bench.held_out}
-        for group in ("task", "language"):
-            alone = Method(name, method.space, lambda p, g=group: {g: p[0 if g == "language" else 1]})
-            ev[f"held_out_{group}_only"] = evaluate(model, bench, alone, held, device)["held_out"]
+    if method.space.group_names == ["language", "task"] and cfg.held_out_eval:
+        ev.update(_diagnostics(model, bench, method, {p: eval_sets[p] for p in bench.held_out}, device))
     return {"method": name, "trainable_params": sum(p.numel() for p in params), "target_modules": len(targets),
             "active_rank": cfg.rank_language + cfg.rank_task, "space": method.space.to_dict(),
             "feature_dropout": method.feature_dropout, "scale": cfg.lora_scale, "seconds": wall,
             "train_seconds": wall - t_eval, "curve": curve, "final": ev}
+
+
+def _diagnostics(model, bench, method: Method, held: dict, device) -> dict:
+    """Held-out pairs with one of the two adapters alone, and with the language adapters at half
+    their scale. If the task adapter alone beats the composition, the held-out language's
+    adapter hurts rather than helps."""
+    out = {}
+    for group in ("task", "language"):
+        alone = Method(method.name, method.space, lambda p, g=group: {g: p[0 if g == "language" else 1]})
+        ev = evaluate(model, bench, alone, held, device)
+        out[f"held_out_{group}_only"], out[f"{group}_only_per_pair"] = ev["held_out"], ev["per_pair"]
+    g = method.space.group_names.index("language")
+    language = slice(method.space.group_offsets[g], method.space.group_offsets[g + 1])
+    layers = [layer for _, layer in flix_layers(model)]
+    saved = [layer.scaling.clone() for layer in layers]
+    for layer in layers:
+        layer.scaling[language] *= 0.5
+    try:
+        out["held_out_language_half"] = evaluate(model, bench, method, held, device)["held_out"]
+    finally:
+        for layer, s in zip(layers, saved):
+            layer.scaling.copy_(s)
+    return out
 
 
 DATA = {"synthetic": Benchmark, "numbers": NumbersBenchmark}
@@ -242,17 +262,31 @@ def benchmark_for(cfg, seed: int):
     return DATA[cfg.data].for_config(cfg, seed)
 
 
+def run_key(method: str, spec: str) -> str:
+    """The results' key of a method's run under a variant ("flix", "flix[lr=0.001]")."""
+    return f"{method}[{spec}]" if spec else method
+
+
+def run_label(key: str) -> str:
+    method, _, spec = key.partition("[")
+    return LABELS[method] + (f" [{spec}" if spec else "")
+
+
 def run_seed(seed: int, cfg, device, tick=lambda: None, say=lambda s: None) -> dict:
     bench = benchmark_for(cfg, seed)
     eval_sets = bench.eval_sets(cfg.eval_per_pair)
+    if not cfg.held_out_eval:  # never evaluated, so nothing chosen from this run has seen them
+        eval_sets = {p: eval_sets[p] for p in bench.seen}
     say(f"seed {seed}: pretraining the base model")
     base_state, base_stats = pretrain(bench, cfg, seed, device, tick)
     out = {"seed": seed, "held_out_pairs": [f"{l}/{t}" for l, t in bench.held_out], "base": base_stats, "methods": {}}
     for name in cfg.methods:
-        say(f"seed {seed}: {LABELS[name]}")
-        out["methods"][name] = train_method(name, base_state, bench, cfg, seed, eval_sets, device, tick)
+        for spec, vcfg in cfg.variants():
+            key = run_key(name, spec)
+            say(f"seed {seed}: {run_label(key)}")
+            out["methods"][key] = train_method(name, base_state, bench, vcfg, seed, eval_sets, device, tick)
     return out
 
 
 __all__ = ["DATA", "LABELS", "METHODS", "Method", "benchmark_for", "build_model", "evaluate", "make_method",
-           "pretrain", "run_seed", "train_method"]
+           "pretrain", "run_key", "run_label", "run_seed", "train_method"]

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data import BOS, EOS, IGNORE, SEP, latin_square_holdout, pad
+from .data import BOS, EOS, IGNORE, SEP, latin_square_holdout, pad, pair_sampler
 
 __all__ = ["NUMBER_TASKS", "NumbersBenchmark", "number_words"]
 
@@ -162,16 +162,19 @@ class NumbersBenchmark:
             out[pair] = sorted(rng.sample(numbers, min(per_pair, len(numbers) // 2)))
         return out
 
-    def train_stream(self, batch: int, stream_seed: int, exclude: dict | None = None):
-        """Endless batches of (pair, number) over the seen pairs only, uniformly; numbers in the
-        evaluation set of the same pair are never trained on."""
+    def train_stream(self, batch: int, stream_seed: int, exclude: dict | None = None,
+                     language_weights: dict[str, float] | None = None):
+        """Endless batches of (pair, number) over the seen pairs only, uniformly (or weighted per
+        language, as :meth:`.data.Benchmark.train_stream`); numbers in the evaluation set of the
+        same pair are never trained on."""
         rng = random.Random(f"train-{self.seed}-{stream_seed}")
         banned = {(p, n) for p, ns in (exclude or {}).items() for n in ns}
         allowed = {p: [n for n in self.numbers_for(p[1]) if (p, n) not in banned] for p in self.seen}
+        pick = pair_sampler(rng, self.seen, language_weights)
         while True:
             out = []
             for _ in range(batch):
-                pair = rng.choice(self.seen)
+                pair = pick()
                 out.append((pair, rng.choice(allowed[pair])))
             yield out
 

@@ -13,7 +13,7 @@ import torch
 from .._io import atomic_write_files, text_writer
 from ..bench.timing import provenance as _bench_provenance
 from .data import Benchmark
-from .experiment import LABELS, benchmark_for
+from .experiment import LABELS, benchmark_for, run_label
 
 
 # -- record -----------------------------------------------------------------------------------
@@ -65,7 +65,14 @@ def _common_design(cfg, b, held) -> dict:
         "held_out_by_seed": held,
         "vocab_size": b.vocab_size,
         "methods": {m: LABELS[m] for m in cfg.methods},
-        "budget": f"{cfg.steps} steps x batch {cfg.batch}, AdamW lr {cfg.lr} (5% warmup, cosine to 10%), "
+        **({"variants": "every method is also run with these fields changed, on the same frozen bases and held-out "
+                        "pairs: " + "; ".join(cfg.vary)} if cfg.vary else {}),
+        **({"evaluation": "seen pairs only: held-out pairs were neither evaluated nor stored (a run for choosing "
+                          "hyper-parameters)"} if not cfg.held_out_eval else {}),
+        **({"rare_languages": f"seen pairs of {', '.join(cfg.rare_languages)} are sampled with weight "
+                              f"{cfg.rare_weight} (the other languages' with 1)"} if cfg.rare_languages else {}),
+        "budget": f"{cfg.steps} steps x batch {cfg.batch}, AdamW lr {cfg.lr}, weight decay {cfg.weight_decay} "
+                  "(5% warmup, cosine to 10%), "
                   f"target modules {cfg.target_modules}, active rank {cfg.rank_language + cfg.rank_task} "
                   f"(FLix {cfg.rank_language} + {cfg.rank_task}), alpha / r = {cfg.lora_scale}, same data "
                   "stream for every method of a seed; all methods are flix_kernels FeatureSpaces injected with "
@@ -105,31 +112,55 @@ def _stats(xs: list[float]) -> dict:
             "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
+def _lora_of(key: str) -> str:
+    """The shared-LoRA run a run is paired with: LoRA under the same variant."""
+    _, _, spec = key.partition("[")
+    return "lora" + (f"[{spec}" if spec else "")
+
+
+def _mean_by(per_pairs: list[dict], pairs_by_seed: list[list[str]], part: int) -> dict:
+    """Mean exact match per language (part 0) or task (part 1) over the given pairs of every seed."""
+    by: dict[str, list[float]] = {}
+    for per_pair, pairs in zip(per_pairs, pairs_by_seed):
+        for pair in pairs:
+            by.setdefault(pair.split("/")[part], []).append(per_pair[pair])
+    return {k: statistics.fmean(v) for k, v in by.items()}
+
+
 def summarize(record: dict) -> dict:
-    """Per method: seen / held-out exact match over seeds (mean, std, min, max), held-out by task,
-    parameters, time, the mean learning curve, and the paired held-out difference to LoRA."""
+    """Per run (method, or method under a variant): seen / held-out exact match over seeds (mean,
+    std, min, max), held-out by task and by language, the one-adapter diagnostics, parameters,
+    time, the mean learning curve, and the paired held-out difference to LoRA (same variant).
+    Without held-out evaluation (``held_out_eval=False``) only the seen figures exist."""
     seeds = record["seeds"]
-    methods = list(seeds[0]["methods"]) if seeds else []
+    keys = list(seeds[0]["methods"]) if seeds else []
+    held_pairs = [s["held_out_pairs"] for s in seeds]
     out = {}
-    for m in methods:
+    for m in keys:
         runs = [s["methods"][m] for s in seeds]
-        by_task: dict[str, list[float]] = {}
-        for s, r in zip(seeds, runs):
-            for pair in s["held_out_pairs"]:
-                by_task.setdefault(pair.split("/")[1], []).append(r["final"]["per_pair"][pair])
+        held = runs[0]["final"]["held_out"] is not None
+        parts = ("seen", "held_out") if held else ("seen",)
         steps = [c["step"] for c in runs[0]["curve"]]
-        curve = [{"step": st, **{k: statistics.fmean(r["curve"][i][k] for r in runs) for k in ("seen", "held_out")}}
+        curve = [{"step": st, **{k: statistics.fmean(r["curve"][i][k] for r in runs) for k in parts}}
                  for i, st in enumerate(steps)]
-        out[m] = {"label": LABELS[m], "seen": _stats([r["final"]["seen"] for r in runs]),
-                  "held_out": _stats([r["final"]["held_out"] for r in runs]),
-                  "held_out_by_task": {t: statistics.fmean(v) for t, v in by_task.items()},
+        out[m] = {"label": run_label(m), "seen": _stats([r["final"]["seen"] for r in runs]),
                   "trainable_params": runs[0]["trainable_params"], "seconds": statistics.fmean(r["seconds"] for r in runs),
                   "train_seconds": statistics.fmean(r["train_seconds"] for r in runs), "curve": curve}
-        for k in ("held_out_task_only", "held_out_language_only"):
+        if not held:
+            continue
+        per_pairs = [r["final"]["per_pair"] for r in runs]
+        out[m].update({"held_out": _stats([r["final"]["held_out"] for r in runs]),
+                       "held_out_by_task": _mean_by(per_pairs, held_pairs, 1),
+                       "held_out_by_language": _mean_by(per_pairs, held_pairs, 0)})
+        for k in ("held_out_task_only", "held_out_language_only", "held_out_language_half"):
             if k in runs[0]["final"]:
                 out[m][k] = _stats([r["final"][k] for r in runs])
-        if m != "lora" and "lora" in methods:
-            d = [r["final"]["held_out"] - s["methods"]["lora"]["final"]["held_out"] for s, r in zip(seeds, runs)]
+        if "task_only_per_pair" in runs[0]["final"]:
+            out[m]["held_out_by_task_task_only"] = _mean_by([r["final"]["task_only_per_pair"] for r in runs],
+                                                            held_pairs, 1)
+        ref = _lora_of(m)
+        if m != ref and ref in keys:
+            d = [r["final"]["held_out"] - s["methods"][ref]["final"]["held_out"] for s, r in zip(seeds, runs)]
             out[m]["held_out_vs_lora"] = {**_stats(d), "wins": sum(x > 0 for x in d), "ties": sum(x == 0 for x in d)}
     return {"methods": out, "base": _stats([s["base"]["copy_exact_match"] for s in seeds]) if seeds else None,
             "findings": findings(out)}
@@ -140,6 +171,10 @@ def findings(summary: dict) -> list[str]:
     if not summary:
         return []
     lines = []
+    if not all("held_out" in s for s in summary.values()):
+        best = max(summary, key=lambda m: summary[m]["seen"]["mean"])
+        return [f"Held-out pairs were not evaluated (seen pairs only). Best seen exact match: "
+                f"{summary[best]['label']}, {100 * summary[best]['seen']['mean']:.1f}%."]
     best = max(summary, key=lambda m: summary[m]["held_out"]["mean"])
     lines.append(f"Best held-out (zero-shot) exact match: {summary[best]['label']}, "
                  f"{100 * summary[best]['held_out']['mean']:.1f}%.")
@@ -153,7 +188,8 @@ def findings(summary: dict) -> list[str]:
         if "held_out_task_only" in s:
             lines.append(f"{s['label']} on held-out pairs with one adapter alone: task adapter only "
                          f"{100 * s['held_out_task_only']['mean']:.1f}%, language adapter only "
-                         f"{100 * s['held_out_language_only']['mean']:.1f}% (both: {100 * s['held_out']['mean']:.1f}%).")
+                         f"{100 * s['held_out_language_only']['mean']:.1f}%, language adapter at half scale "
+                         f"{100 * s['held_out_language_half']['mean']:.1f}% (both: {100 * s['held_out']['mean']:.1f}%).")
     tasks = list(next(iter(summary.values()))["held_out_by_task"])
     lines.append("Held-out exact match by task (mean over seeds): " + "; ".join(
         f"{s['label'].split(' (')[0]}: " + ", ".join(f"{t} {100 * s['held_out_by_task'][t]:.0f}%" for t in tasks)
@@ -205,18 +241,35 @@ def markdown(record: dict) -> str:
              f"seeds {cfg['seeds']}; total wall time {record['wall_seconds'] / 60:.1f} min.", ""]
     if record.get("caveat"):
         lines += [f"**{record['caveat']}**", ""]
+    runs = summ["methods"]
+    held = all("held_out" in r for r in runs.values())
     lines += ["Exact match (%) of the whole target at the end of training, mean ± std over seeds [min, max]:", "",
-              "| method | seen pairs | held-out pairs (zero-shot) | trainable params | time / seed |",
-              "|---|---|---|---|---|"]
-    for m, s in summ["methods"].items():
-        lines.append(f"| {s['label']} | {_pct(s['seen'])} | {_pct(s['held_out'])} | {s['trainable_params']:,} | "
-                     f"{s['seconds']:.0f} s |")
-    tasks = list(cfg["tasks"])
-    lines += ["", "Held-out exact match (%) by task (each seed holds out one pair per task; mean over seeds):", "",
-              "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-    for s in summ["methods"].values():
-        lines.append(f"| {s['label']} | " + " | ".join(f"{100 * s['held_out_by_task'].get(t, float('nan')):.0f}"
-                                                       for t in tasks) + " |")
+              "| method | seen pairs | " + ("held-out pairs (zero-shot) | " if held else "")
+              + "trainable params | time / seed |", "|---|---|" + ("---|" if held else "") + "---|---|"]
+    for s in runs.values():
+        lines.append(f"| {s['label']} | {_pct(s['seen'])} | " + (f"{_pct(s['held_out'])} | " if held else "")
+                     + f"{s['trainable_params']:,} | {s['seconds']:.0f} s |")
+    if held:
+        for title, key, names in (("task (each seed holds out one pair per task", "held_out_by_task", cfg["tasks"]),
+                                  ("language (each seed holds out one pair per language", "held_out_by_language",
+                                   cfg["languages"])):
+            lines += ["", f"Held-out exact match (%) by {title}; mean over seeds):", "",
+                      "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+            for s in runs.values():
+                lines.append(f"| {s['label']} | " + " | ".join(f"{100 * s[key].get(t, float('nan')):.0f}"
+                                                               for t in names) + " |")
+        diag = {k: s for k, s in runs.items() if "held_out_task_only" in s}
+        if diag:
+            lines += ["", "FLix on held-out pairs with its adapters changed at evaluation (%, mean ± std [min, max]); "
+                          "task only by task in the last column:", "",
+                      "| method | both (as trained) | task adapter only | language adapter only | "
+                      "language adapter at half scale | task only: " + " / ".join(cfg["tasks"]) + " |",
+                      "|---|---|---|---|---|---|"]
+            for s in diag.values():
+                by = s.get("held_out_by_task_task_only", {})
+                lines.append(f"| {s['label']} | {_pct(s['held_out'])} | {_pct(s['held_out_task_only'])} | "
+                             f"{_pct(s['held_out_language_only'])} | {_pct(s['held_out_language_half'])} | "
+                             + " / ".join(f"{100 * by[t]:.0f}" if t in by else "-" for t in cfg["tasks"]) + " |")
     base = summ.get("base")
     lines += ["", "## What this run shows", ""] + [f"- {f}" for f in summ["findings"]]
     if base:
@@ -230,11 +283,12 @@ def markdown(record: dict) -> str:
     lines += ["", f"Model: LlamaForCausalLM, hidden {cfg['hidden']}, {cfg['layers']} layers, {cfg['heads']} heads, "
                   f"{record['seeds'][0]['base']['parameters']:,} parameters (frozen); pretraining "
                   f"{cfg['pretrain_steps']} steps x batch {cfg['pretrain_batch']}, lr {cfg['pretrain_lr']}.",
-              "", "Per seed (seen / held-out exact match %):", "",
-              "| seed | held out | " + " | ".join(summ["methods"]) + " |", "|---|---|" + "---|" * len(summ["methods"])]
+              "", "Per seed (seen" + (" / held-out" if held else "") + " exact match %):", "",
+              "| seed | held out | " + " | ".join(runs) + " |", "|---|---|" + "---|" * len(runs)]
     for s in record["seeds"]:
         lines.append(f"| {s['seed']} | {', '.join(s['held_out_pairs'])} | " + " | ".join(
-            f"{100 * r['final']['seen']:.0f} / {100 * r['final']['held_out']:.0f}" for r in s["methods"].values()) + " |")
+            f"{100 * r['final']['seen']:.0f}" + (f" / {100 * r['final']['held_out']:.0f}" if held else "")
+            for r in s["methods"].values()) + " |")
     if record.get("outputs", {}).get("plot_note"):
         lines += ["", record["outputs"]["plot_note"]]
     return "\n".join(lines) + "\n"
@@ -250,7 +304,9 @@ def plot(record: dict, path: Path):
         import matplotlib.pyplot as plt
     except ImportError:
         return None, "No plot: matplotlib is not installed (pip install matplotlib)."
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    held = all("held_out" in r for r in record["summary"]["methods"].values())
+    fig, axes = plt.subplots(1, 2 if held else 1, figsize=(11 if held else 6, 4.2), sharey=True, squeeze=False)
+    axes = axes[0]
     for ax, key, title in zip(axes, ("seen", "held_out"), ("seen pairs", "held-out pairs (zero-shot)")):
         for i, (m, s) in enumerate(record["summary"]["methods"].items()):
             runs = [seed["methods"][m]["curve"] for seed in record["seeds"]]
@@ -263,7 +319,7 @@ def plot(record: dict, path: Path):
         ax.set_xlabel("adapter training step")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("exact match (%)")
-    axes[1].legend(fontsize=7, loc="upper left")
+    axes[-1].legend(fontsize=7, loc="upper left")
     n = len(record["seeds"])
     fig.suptitle(f"zero-shot composition, mean over {n} seed{'s' if n > 1 else ''}" + (" (band: min..max)" if n > 1 else ""))
     fig.tight_layout()
@@ -305,10 +361,12 @@ def console(record: dict) -> None:
     con = Console(width=None if Console().is_terminal else 140)
     t = Table(title=f"zero-shot composition ({record['config']['preset']}, {len(record['seeds'])} seed(s)): "
                     "exact match %, mean ± std [min, max]")
-    for h in ("method", "seen pairs", "held-out pairs", "params", "time / seed"):
+    held = all("held_out" in s for s in summ.values())
+    for h in ("method", "seen pairs") + (("held-out pairs",) if held else ()) + ("params", "time / seed"):
         t.add_column(h, justify="left" if h == "method" else "right")
     for s in summ.values():
-        t.add_row(s["label"], _pct(s["seen"]), _pct(s["held_out"]), f"{s['trainable_params']:,}", f"{s['seconds']:.0f} s")
+        t.add_row(s["label"], _pct(s["seen"]), *([_pct(s["held_out"])] if held else []), f"{s['trainable_params']:,}",
+                  f"{s['seconds']:.0f} s")
     con.print(t)
     for f in record["summary"]["findings"]:
         con.print("- " + escape(f))

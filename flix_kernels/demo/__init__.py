@@ -27,9 +27,9 @@ import torch
 
 from .._progress import Progress
 from ..bench.timing import resolve_device
-from .experiment import LABELS, METHODS, run_seed
+from .experiment import LABELS, METHODS, run_key, run_seed
 
-__all__ = ["DemoConfig", "LABELS", "METHODS", "VARIABLE", "check_variants", "parse_variant", "run"]
+__all__ = ["DemoConfig", "LABELS", "METHODS", "VARIABLE", "check_variants", "parse_variant", "run", "split_variant"]
 
 
 @dataclass
@@ -58,8 +58,9 @@ class DemoConfig:
     pretrain_lr: float = 3e-3
     # adapters: identical budget for every method
     methods: tuple[str, ...] = METHODS
-    # Extra runs of every method on the same frozen bases, each "field=value[,field=value...]"
-    # over the fields in VARIABLE (parse_variant); results are keyed "method[spec]".
+    # Extra runs on the same frozen bases, each "[method:]field=value[,field=value...]" over the
+    # fields in VARIABLE (parse_variant): of every method in ``methods``, or of the one named;
+    # results are keyed "method[field=value,...]".
     vary: tuple[str, ...] = ()
     held_out_eval: bool = True  # False: seen pairs only, to choose hyper-parameters blind to held-out ones
     rank_language: int = 4  # FLix: rank per language feature
@@ -100,9 +101,15 @@ class DemoConfig:
                       "pretrain_batch": 32, "steps": 20, "batch": 16, "eval_every": 10, "eval_per_pair": 8,
                       **_data_defaults(kw)})
 
-    def variants(self) -> list[tuple[str, "DemoConfig"]]:
-        """("", self) then (spec, self with the spec's fields changed) for every spec of ``vary``."""
-        return [("", self)] + [(spec, replace(self, **parse_variant(spec))) for spec in self.vary]
+    def runs(self) -> list[tuple[str, str, "DemoConfig"]]:
+        """(method, variant, config) of every run: each method as configured, then each variant
+        of ``vary`` for every method (or for the one it names), with its fields changed."""
+        out = [(m, "", self) for m in self.methods]
+        for spec in self.vary:
+            method, fields = split_variant(spec)
+            changed = replace(self, **parse_variant(fields))
+            out += [(m, fields, changed) for m in ((method,) if method else self.methods)]
+        return out
 
     def with_seeds(self, n: int) -> "DemoConfig":
         """The same run over seeds 0..n-1."""
@@ -123,6 +130,16 @@ _DATA_DEFAULTS = {"numbers": {"languages": ("en", "de", "fr", "es", "pl", "id"),
 # The fields a variant may change: adapter training only, so every variant shares the seed's base.
 VARIABLE = ("lr", "batch", "weight_decay", "rank_language", "rank_task", "lora_scale", "feature_dropout",
             "language_lr_scale", "rare_languages", "rare_weight")
+
+
+def split_variant(spec: str) -> tuple[str | None, str]:
+    """``"flix:lr=1e-3"`` -> ``("flix", "lr=1e-3")``; ``"lr=1e-3"`` -> ``(None, "lr=1e-3")``."""
+    head, colon, rest = spec.partition(":")
+    if not colon:
+        return None, spec
+    if head.strip() not in LABELS:
+        raise ValueError(f"variant {spec!r}: unknown method {head.strip()!r}; choose from {', '.join(LABELS)}")
+    return head.strip(), rest
 
 
 def parse_variant(spec: str) -> dict:
@@ -150,7 +167,11 @@ def parse_variant(spec: str) -> dict:
 
 def check_variants(cfg: DemoConfig) -> None:
     """A ValueError for a variant that names a bad value (before any training starts)."""
-    for spec, v in cfg.variants():
+    keys = [run_key(m, spec) for m, spec, _ in cfg.runs()]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"runs asked for more than once: {', '.join(twice)}")
+    for method, spec, v in cfg.runs():
         where = f"variant {spec!r}: " if spec else ""
         for name in ("lr", "rare_weight", "language_lr_scale", "lora_scale"):
             if not getattr(v, name) > 0:
@@ -164,7 +185,7 @@ def check_variants(cfg: DemoConfig) -> None:
             raise ValueError(f"{where}rare_languages {unknown} are not languages of the run ({', '.join(v.languages)})")
         if len(set(v.rare_languages)) == len(v.languages):
             raise ValueError(f"{where}rare_languages names every language; leave one common")
-        if v.language_lr_scale != 1 and any(m != "flix_fair" for m in v.methods):
+        if v.language_lr_scale != 1 and method != "flix_fair":
             raise ValueError(f"{where}language_lr_scale needs the per-feature optimizer: only method flix_fair "
                              "has one learning rate per feature group")
 
@@ -185,7 +206,7 @@ def run(config: DemoConfig, out_dir: str | Path | None = None, *, show_progress:
         raise ValueError("DemoConfig.seeds is empty: give at least one seed")
     check_variants(cfg)
     workers = cfg.workers or (min(len(cfg.seeds), os.cpu_count() or 1) if device.type == "cpu" else 1)
-    per_seed = cfg.pretrain_steps + len(cfg.methods) * len(cfg.variants()) * cfg.steps
+    per_seed = cfg.pretrain_steps + len(cfg.runs()) * cfg.steps
     t0 = time.perf_counter()
     with Progress(show_progress, total=per_seed * len(cfg.seeds)) as prog:
         if workers > 1 and len(cfg.seeds) > 1:

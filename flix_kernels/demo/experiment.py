@@ -280,11 +280,12 @@ def run_seed(seed: int, cfg, device, tick=lambda: None, say=lambda s: None) -> d
     say(f"seed {seed}: pretraining the base model")
     base_state, base_stats = pretrain(bench, cfg, seed, device, tick)
     out = {"seed": seed, "held_out_pairs": [f"{l}/{t}" for l, t in bench.held_out], "base": base_stats, "methods": {}}
-    for name in cfg.methods:
-        for spec, vcfg in cfg.variants():
-            key = run_key(name, spec)
-            say(f"seed {seed}: {run_label(key)}")
-            out["methods"][key] = train_method(name, base_state, bench, vcfg, seed, eval_sets, device, tick)
+    runs = cfg.runs()
+    order = list(dict.fromkeys(m for m, _, _ in runs))
+    for name, spec, vcfg in sorted(runs, key=lambda r: order.index(r[0])):  # grouped by method
+        key = run_key(name, spec)
+        say(f"seed {seed}: {run_label(key)}")
+        out["methods"][key] = train_method(name, base_state, bench, vcfg, seed, eval_sets, device, tick)
     return out
 
 

@@ -65,8 +65,8 @@ def _common_design(cfg, b, held) -> dict:
         "held_out_by_seed": held,
         "vocab_size": b.vocab_size,
         "methods": {m: LABELS[m] for m in cfg.methods},
-        **({"variants": "every method is also run with these fields changed, on the same frozen bases and held-out "
-                        "pairs: " + "; ".join(cfg.vary)} if cfg.vary else {}),
+        **({"variants": "also run with these fields changed (of every method, or of the one before ':'), on the "
+                        "same frozen bases and held-out pairs: " + "; ".join(cfg.vary)} if cfg.vary else {}),
         **({"evaluation": "seen pairs only: held-out pairs were neither evaluated nor stored (a run for choosing "
                           "hyper-parameters)"} if not cfg.held_out_eval else {}),
         **({"rare_languages": f"seen pairs of {', '.join(cfg.rare_languages)} are sampled with weight "
@@ -365,7 +365,7 @@ def console(record: dict) -> None:
     for h in ("method", "seen pairs") + (("held-out pairs",) if held else ()) + ("params", "time / seed"):
         t.add_column(h, justify="left" if h == "method" else "right")
     for s in summ.values():
-        t.add_row(s["label"], _pct(s["seen"]), *([_pct(s["held_out"])] if held else []), f"{s['trainable_params']:,}",
+        t.add_row(escape(s["label"]), _pct(s["seen"]), *([_pct(s["held_out"])] if held else []), f"{s['trainable_params']:,}",
                   f"{s['seconds']:.0f} s")
     con.print(t)
     for f in record["summary"]["findings"]:

@@ -1,12 +1,17 @@
 """``flix-kernels demo``: zero-shot composition of (language, task) pairs, FLix against LoRA.
 
-A small synthetic experiment that a CPU trains in minutes (:mod:`.data` describes the
-benchmark). A tiny Llama is pretrained on a generic objective over every language and frozen;
-adapters are then trained on the seen (language, task) pairs only and evaluated by exact match
-on seen and on held-out pairs. Four methods at the same budget (steps, batch, learning rate,
-target modules, active rank): one shared LoRA, one LoRA per seen pair, FLix (a language and a
-task adapter per example) and FLix with feature dropout (:mod:`.experiment`). Outputs:
-``results.json``, ``results.md`` and ``curves.png`` (:mod:`.report`).
+Two benchmarks a CPU trains in minutes: ``numbers`` (the default; real languages' number
+words from num2words, :mod:`.numbers`) and ``synthetic`` (isomorphic made-up languages,
+:mod:`.data`). A tiny Llama is pretrained from scratch on every language's text (no task) and
+frozen; adapters are then trained on the seen (language, task) pairs only and evaluated by
+exact match on seen and on held-out pairs. Four methods at the same budget (steps, batch,
+target modules, active rank; each method's learning rate chosen on seen pairs): one shared
+LoRA, one LoRA per seen pair, FLix (a language and a task adapter per example) and FLix with
+feature dropout (:mod:`.experiment`). ``vary`` adds runs with adapter-side fields changed on the
+same frozen bases (the investigations of the findings). Outputs: ``results.json``,
+``results.md`` and ``curves.png`` (:mod:`.report`). Build configurations with the presets
+(:meth:`DemoConfig.default`, ``quick``, ``smoke``), which fill in each benchmark's languages,
+tasks and learning rates.
 
     from flix_kernels.demo import DemoConfig, run
     record = run(DemoConfig.quick(), out_dir="flix-demo")
@@ -39,13 +44,16 @@ class DemoConfig:
     preset: str = "default"
     seeds: tuple[int, ...] = (0, 1, 2, 3)  # seed k also picks the k-th Latin-square diagonal held out
     # benchmark: "synthetic" (.data) or "numbers" (.numbers: real languages, from num2words)
-    data: str = "synthetic"
+    data: str = "numbers"
     max_number: int = 99  # numbers: the range 0..max_number
-    pretrain_aligned: float = 0.0  # numbers: share of pretraining rows aligning digits and words
-    pretrain_ordinals: bool = False  # numbers: counting text also in ordinals
-    num_symbols: int = 12
-    languages: tuple[str, ...] = ("L0", "L1", "L2", "L3")
-    tasks: tuple[str, ...] = ("reverse", "rotate", "sort", "swap")
+    # numbers: a base pretrained on aligned digits-and-words text (this share of its rows) and
+    # ordinal counting besides counting and copying: the smallest setting measured in which
+    # composition happens at all (examples/results/numbers_composition/findings.md)
+    pretrain_aligned: float = 0.25
+    pretrain_ordinals: bool = True
+    num_symbols: int = 12  # synthetic: symbols per language
+    languages: tuple[str, ...] = ("en", "de", "fr", "es", "pl", "id")
+    tasks: tuple[str, ...] = ("spell", "read", "next", "ordinal")
     min_len: int = 4
     max_len: int = 8
     eval_per_pair: int = 64
@@ -71,6 +79,10 @@ class DemoConfig:
     steps: int = 1500
     batch: int = 32
     lr: float = 3e-3
+    # Learning rates of the methods that do not take ``lr``, as (method, lr) pairs; a variant
+    # that sets lr clears them (its lr is then every method's). numbers: each method's rate of
+    # the best seen-pair exact match, chosen with held-out pairs unevaluated (lr_selection/).
+    method_lr: tuple[tuple[str, float], ...] = (("lora", 0.012), ("per_pair", 0.001), ("flix_dropout", 0.001))
     weight_decay: float = 0.0  # AdamW's, on the adapters
     language_lr_scale: float = 1.0  # flix_fair only: the language adapters' lr relative to lr
     # Fine-tuning data: seen pairs of these languages are sampled with weight rare_weight (others 1).
@@ -101,13 +113,17 @@ class DemoConfig:
                       "pretrain_batch": 32, "steps": 20, "batch": 16, "eval_every": 10, "eval_per_pair": 8,
                       **_data_defaults(kw)})
 
+    def lr_for(self, method: str) -> float:
+        return dict(self.method_lr).get(method, self.lr)
+
     def runs(self) -> list[tuple[str, str, "DemoConfig"]]:
         """(method, variant, config) of every run: each method as configured, then each variant
         of ``vary`` for every method (or for the one it names), with its fields changed."""
         out = [(m, "", self) for m in self.methods]
         for spec in self.vary:
             method, fields = split_variant(spec)
-            changed = replace(self, **parse_variant(fields))
+            changed = parse_variant(fields)
+            changed = replace(self, **({"method_lr": ()} if "lr" in changed else {}), **changed)
             out += [(m, fields, changed) for m in ((method,) if method else self.methods)]
         return out
 
@@ -119,12 +135,9 @@ class DemoConfig:
 
 
 # What a preset takes for each benchmark's own fields when the caller gives none.
-# numbers: a base pretrained on aligned digits-and-words text and ordinal counting besides
-# counting and copying, the smallest setting measured in which composition happens at all
-# (examples/results/numbers_composition/findings.md).
-_DATA_DEFAULTS = {"numbers": {"languages": ("en", "de", "fr", "es", "pl", "id"),
-                              "tasks": ("spell", "read", "next", "ordinal"),
-                              "pretrain_aligned": 0.25, "pretrain_ordinals": True}}
+# synthetic: its committed results' settings (one learning rate for every method).
+_DATA_DEFAULTS = {"synthetic": {"languages": ("L0", "L1", "L2", "L3"), "tasks": ("reverse", "rotate", "sort", "swap"),
+                                "method_lr": ()}}
 
 
 # The fields a variant may change: adapter training only, so every variant shares the seed's base.
@@ -176,6 +189,9 @@ def check_variants(cfg: DemoConfig) -> None:
         for name in ("lr", "rare_weight", "language_lr_scale", "lora_scale"):
             if not getattr(v, name) > 0:
                 raise ValueError(f"{where}{name} must be > 0, got {getattr(v, name)}")
+        bad = {m: lr for m, lr in v.method_lr if m not in LABELS or not lr > 0}
+        if bad:
+            raise ValueError(f"method_lr {bad}: methods must be among {', '.join(LABELS)} and rates > 0")
         if v.batch < 1 or v.rank_language < 1 or v.rank_task < 1:
             raise ValueError(f"{where}batch and ranks must be at least 1")
         if not 0 <= v.feature_dropout < 1 or v.weight_decay < 0:
@@ -191,7 +207,7 @@ def check_variants(cfg: DemoConfig) -> None:
 
 
 def _data_defaults(kw: dict) -> dict:
-    return {**_DATA_DEFAULTS.get(kw.get("data", "synthetic"), {}), **kw}
+    return {**_DATA_DEFAULTS.get(kw.get("data", DemoConfig.data), {}), **kw}
 
 
 def run(config: DemoConfig, out_dir: str | Path | None = None, *, show_progress: bool = False,

@@ -192,9 +192,10 @@ def train_method(name: str, base_state: dict, bench: Benchmark, cfg, seed: int, 
     for _, layer in flix_layers(model):
         layer.scaling = torch.full_like(layer.scaling, cfg.lora_scale)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = (per_feature_optimizer(torch.optim.AdamW, model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+    lr = cfg.lr_for(name)
+    opt = (per_feature_optimizer(torch.optim.AdamW, model, lr=lr, weight_decay=cfg.weight_decay,
                                  group_options={"language": {"lr_scale": cfg.language_lr_scale}})
-           if method.per_feature else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+           if method.per_feature else torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay))
     # The same data stream for every method of a seed; feature dropout has its own generator.
     weights = {l: cfg.rare_weight for l in cfg.rare_languages} or None
     stream = bench.train_stream(cfg.batch, stream_seed=seed, exclude=eval_sets, language_weights=weights)
@@ -206,7 +207,7 @@ def train_method(name: str, base_state: dict, bench: Benchmark, cfg, seed: int, 
         ids, labels = bench.collate(items)
         routing = Routing(method.space.encode([method.features(p) for p, _ in items]), method.space,
                           feature_dropout=method.feature_dropout, generator=gen)
-        _set_lr(opt, _lr_at(step - 1, cfg.steps, cfg.lr))
+        _set_lr(opt, _lr_at(step - 1, cfg.steps, lr))
         with use_routing(model, routing):
             loss = model(input_ids=ids.to(device), labels=labels.to(device)).loss
         loss.backward()
@@ -224,7 +225,7 @@ def train_method(name: str, base_state: dict, bench: Benchmark, cfg, seed: int, 
         ev.update(_diagnostics(model, bench, method, {p: eval_sets[p] for p in bench.held_out}, device))
     return {"method": name, "trainable_params": sum(p.numel() for p in params), "target_modules": len(targets),
             "active_rank": cfg.rank_language + cfg.rank_task, "space": method.space.to_dict(),
-            "feature_dropout": method.feature_dropout, "scale": cfg.lora_scale, "seconds": wall,
+            "feature_dropout": method.feature_dropout, "scale": cfg.lora_scale, "lr": lr, "seconds": wall,
             "train_seconds": wall - t_eval, "curve": curve, "final": ev}
 
 

@@ -59,6 +59,7 @@ def _numbers_design(cfg, b) -> dict:
 
 
 def _common_design(cfg, b, held) -> dict:
+    own_lr = [(m, lr) for m, lr in cfg.method_lr if m in cfg.methods]
     return {
         "held_out": "one pair per language and per task (a Latin-square diagonal); seed k holds out diagonal k, "
                     f"so {len(cfg.tasks)} seeds hold out every pair once",
@@ -71,7 +72,9 @@ def _common_design(cfg, b, held) -> dict:
                           "hyper-parameters)"} if not cfg.held_out_eval else {}),
         **({"rare_languages": f"seen pairs of {', '.join(cfg.rare_languages)} are sampled with weight "
                               f"{cfg.rare_weight} (the other languages' with 1)"} if cfg.rare_languages else {}),
-        "budget": f"{cfg.steps} steps x batch {cfg.batch}, AdamW lr {cfg.lr}, weight decay {cfg.weight_decay} "
+        "budget": f"{cfg.steps} steps x batch {cfg.batch}, AdamW lr {cfg.lr}"
+                  + (" (" + ", ".join(f"{m} {lr}" for m, lr in own_lr) + ")" if own_lr else "")
+                  + f", weight decay {cfg.weight_decay} "
                   "(5% warmup, cosine to 10%), "
                   f"target modules {cfg.target_modules}, active rank {cfg.rank_language + cfg.rank_task} "
                   f"(FLix {cfg.rank_language} + {cfg.rank_task}), alpha / r = {cfg.lora_scale}, same data "
@@ -144,7 +147,8 @@ def summarize(record: dict) -> dict:
         curve = [{"step": st, **{k: statistics.fmean(r["curve"][i][k] for r in runs) for k in parts}}
                  for i, st in enumerate(steps)]
         out[m] = {"label": run_label(m), "seen": _stats([r["final"]["seen"] for r in runs]),
-                  "trainable_params": runs[0]["trainable_params"], "seconds": statistics.fmean(r["seconds"] for r in runs),
+                  "trainable_params": runs[0]["trainable_params"], "lr": runs[0].get("lr"),
+                  "seconds": statistics.fmean(r["seconds"] for r in runs),
                   "train_seconds": statistics.fmean(r["train_seconds"] for r in runs), "curve": curve}
         if not held:
             continue
@@ -197,7 +201,7 @@ def findings(summary: dict) -> list[str]:
     return lines
 
 
-RECORDED_RESULTS = "examples/results/zero_shot_composition/ (results.md, findings.md) in the repository"
+RECORDED_RESULTS = "examples/results/numbers_composition/ (results.md, findings.md) in the repository"
 
 
 def caveat(record: dict) -> str | None:
@@ -245,10 +249,10 @@ def markdown(record: dict) -> str:
     held = all("held_out" in r for r in runs.values())
     lines += ["Exact match (%) of the whole target at the end of training, mean ± std over seeds [min, max]:", "",
               "| method | seen pairs | " + ("held-out pairs (zero-shot) | " if held else "")
-              + "trainable params | time / seed |", "|---|---|" + ("---|" if held else "") + "---|---|"]
+              + "lr | trainable params | time / seed |", "|---|---|" + ("---|" if held else "") + "---|---|---|"]
     for s in runs.values():
         lines.append(f"| {s['label']} | {_pct(s['seen'])} | " + (f"{_pct(s['held_out'])} | " if held else "")
-                     + f"{s['trainable_params']:,} | {s['seconds']:.0f} s |")
+                     + f"{s.get('lr') or cfg['lr']:g} | {s['trainable_params']:,} | {s['seconds']:.0f} s |")
     if held:
         for title, key, names in (("task (each seed holds out one pair per task", "held_out_by_task", cfg["tasks"]),
                                   ("language (each seed holds out one pair per language", "held_out_by_language",

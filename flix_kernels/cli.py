@@ -40,7 +40,7 @@ BENCH = ("time FLix layers against base F.linear, the per-feature loop, PEFT LoR
 DEMO = ("zero-shot composition experiment: FLix vs LoRA on held-out (language, task) pairs of real languages' "
         "number words (or a synthetic benchmark), over seeds; writes results.json, results.md and curves.png")
 BENCH_QUICK = "1 to 2 min on 2 CPU cores"
-DEMO_QUICK = "about 4.5 min on 2 CPU cores"
+DEMO_QUICK = "about 1.5 min on 2 CPU cores"
 
 
 def device_arg(spec: str):

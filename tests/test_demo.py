@@ -95,10 +95,12 @@ def test_per_pair_fallback_uses_the_same_task_in_a_seen_language():
 
 
 def test_smoke_run_writes_sane_results(tmp_path):
-    assert cli.main(["demo", "--smoke", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert cli.main(["demo", "--smoke", "--data", "synthetic", "--out", str(tmp_path), "--no-progress"]) == 0
     rec = json.loads((tmp_path / "results.json").read_text())
     cfg = rec["config"]
     assert cfg["preset"] == "smoke" and cfg["methods"] == ["lora", "per_pair", "flix", "flix_dropout"]
+    assert cfg["data"] == "synthetic" and cfg["languages"] == ["L0", "L1", "L2", "L3"] and cfg["method_lr"] == []
+    assert {r["lr"] for r in rec["seeds"][0]["methods"].values()} == {cfg["lr"]}  # one rate, as recorded
     methods = rec["summary"]["methods"]
     assert set(methods) == set(cfg["methods"])
     for s in methods.values():

@@ -15,7 +15,7 @@ pytest.importorskip("num2words")
 import torch  # noqa: E402
 
 from flix_kernels import cli, flix_layers  # noqa: E402
-from flix_kernels.demo import DemoConfig, check_variants, parse_variant, run  # noqa: E402
+from flix_kernels.demo import DemoConfig, check_variants, parse_variant, run, split_variant  # noqa: E402
 from flix_kernels.demo import experiment  # noqa: E402
 from flix_kernels.demo.data import Benchmark, pair_sampler  # noqa: E402
 from flix_kernels.demo.numbers import NumbersBenchmark  # noqa: E402
@@ -159,3 +159,58 @@ def test_diagnostics_leave_the_scaling_as_trained_and_halve_only_the_language_ad
     n_lang = len(bench.languages)
     half = scales[-1]
     assert torch.equal(half[:n_lang], before[0][:n_lang] * 0.5) and torch.equal(half[n_lang:], before[0][n_lang:])
+
+
+def test_a_variant_may_name_its_one_method_and_runs_are_grouped_by_method():
+    assert split_variant("flix_dropout:feature_dropout=0.5") == ("flix_dropout", "feature_dropout=0.5")
+    assert split_variant("lr=0.1") == (None, "lr=0.1")
+    with pytest.raises(ValueError, match="unknown method 'flax'"):
+        split_variant("flax:lr=0.1")
+    cfg = DemoConfig.smoke(methods=("lora", "flix"), vary=("flix_dropout:feature_dropout=0.5", "lr=0.01"))
+    assert [(m, s) for m, s, _ in cfg.runs()] == [("lora", ""), ("flix", ""), ("flix_dropout", "feature_dropout=0.5"),
+                                                  ("lora", "lr=0.01"), ("flix", "lr=0.01")]
+    with pytest.raises(ValueError, match=r"runs asked for more than once: flix\[lr=0.01\]"):
+        check_variants(DemoConfig.smoke(methods=("flix",), vary=("lr=0.01", "flix:lr=0.01")))
+
+
+def test_each_method_has_its_learning_rate_and_a_variant_setting_lr_sets_it_for_all():
+    cfg = DemoConfig.default()
+    assert cfg.lr_for("lora") == 0.012 and cfg.lr_for("flix") == cfg.lr == cfg.lr_for("flix_fair")
+    runs = {(m, s): c for m, s, c in DemoConfig.default(vary=("lr=0.005", "rank_task=6")).runs()}
+    assert runs[("lora", "lr=0.005")].lr_for("lora") == 0.005 == runs[("per_pair", "lr=0.005")].lr_for("per_pair")
+    assert runs[("lora", "rank_task=6")].lr_for("lora") == 0.012  # other fields keep each method's rate
+    assert DemoConfig.default(data="synthetic").lr_for("lora") == DemoConfig.default(data="synthetic").lr
+    with pytest.raises(ValueError, match="method_lr"):
+        check_variants(DemoConfig.smoke(method_lr=(("lora", 0.0),)))
+    with pytest.raises(ValueError, match="method_lr"):
+        check_variants(DemoConfig.smoke(method_lr=(("nope", 0.1),)))
+
+
+def test_any_field_parses_where_allowed_with_its_type():
+    from dataclasses import fields
+
+    every = tuple(f.name for f in fields(DemoConfig))
+    assert parse_variant("pretrain_ordinals=false,seeds=0+2,hidden=32,methods=lora+flix", allowed=every) == {
+        "pretrain_ordinals": False, "seeds": (0, 2), "hidden": 32, "methods": ("lora", "flix")}
+    assert parse_variant("pretrain_ordinals=1", allowed=every) == {"pretrain_ordinals": True}
+    with pytest.raises(ValueError, match="pretrain_ordinals='maybe' is not a valid bool"):
+        parse_variant("pretrain_ordinals=maybe", allowed=every)
+    with pytest.raises(ValueError, match="'workers' cannot vary; choose from hidden"):
+        parse_variant("workers=2", allowed=("hidden",))
+
+
+def test_the_example_script_refuses_a_bad_setting_in_one_line(capsys, monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "zero_shot_composition.py"
+    spec = importlib.util.spec_from_file_location("zero_shot_composition", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the run started")))
+    monkeypatch.setattr(sys, "argv", ["zero_shot_composition.py", "--smoke", "--set", "hidden=big"])
+    with pytest.raises(SystemExit) as e:
+        module.main()
+    assert e.value.code == 2
+    assert "argument --set: variant 'hidden=big': hidden='big' is not a valid int" in capsys.readouterr().err

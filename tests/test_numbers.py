@@ -82,12 +82,32 @@ def test_unknown_tasks_and_languages_are_refused():
         NumbersBenchmark(0, languages=("en", "xx"))
 
 
-def test_numbers_smoke_run(tmp_path):
-    assert cli.main(["demo", "--smoke", "--data", "numbers", "--out", str(tmp_path), "--no-progress"]) == 0
+def test_numbers_is_the_default_benchmark_and_its_smoke_run_works(tmp_path):
+    assert cli.main(["demo", "--smoke", "--out", str(tmp_path), "--no-progress"]) == 0
     rec = json.loads((tmp_path / "results.json").read_text())
-    assert rec["config"]["data"] == "numbers" and rec["config"]["languages"] == ["en", "de", "fr", "es", "pl", "id"]
-    assert rec["design"]["data"] == "numbers (num2words)"
+    cfg = rec["config"]
+    assert cfg["data"] == "numbers" and cfg["languages"] == ["en", "de", "fr", "es", "pl", "id"]
+    assert cfg["pretrain_aligned"] == 0.25 and cfg["pretrain_ordinals"] is True
+    assert rec["design"]["data"] == "numbers (num2words)" and "aligned text" in rec["design"]["pretraining"]
     assert len(rec["seeds"][0]["held_out_pairs"]) == 6
+    # each method trained at its own learning rate (chosen on seen pairs), recorded per run
+    lrs = {m: r["lr"] for m, r in rec["seeds"][0]["methods"].items()}
+    assert lrs == {m: dict(map(tuple, cfg["method_lr"])).get(m, cfg["lr"]) for m in cfg["methods"]}
+    assert len(set(lrs.values())) > 1 and "lora 0.012" in rec["design"]["budget"]
+    summ = rec["summary"]["methods"]
+    assert set(summ["flix"]["held_out_by_language"]) == set(cfg["languages"])
+    assert set(summ["flix"]["held_out_by_task_task_only"]) == set(cfg["tasks"])
+    for k in ("held_out_task_only", "held_out_language_only", "held_out_language_half"):
+        assert 0 <= summ["flix"][k]["mean"] <= 1
+
+
+def test_the_cli_names_the_missing_num2words(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "num2words", None)  # import fails
+    assert cli.main(["demo", "--smoke", "--out", str(tmp_path), "--no-progress"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "needs num2words: pip install 'flix_kernels[demo]' (or run --data synthetic)" in line
 
 
 def test_aligned_and_ordinal_pretraining_options():

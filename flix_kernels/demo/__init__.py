@@ -64,7 +64,7 @@ class DemoConfig:
     pretrain_steps: int = 1000
     pretrain_batch: int = 64
     pretrain_lr: float = 3e-3
-    # adapters: identical budget for every method
+    # adapters: identical budget for every method (but each one's learning rate, method_lr)
     methods: tuple[str, ...] = METHODS
     # Extra runs on the same frozen bases, each "[method:]field=value[,field=value...]" over the
     # fields in VARIABLE (parse_variant): of every method in ``methods``, or of the one named;

@@ -152,9 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--methods", nargs="+", choices=tuple(DEMO_METHODS), default=None, metavar="METHOD",
                    help="the methods to train (default: " + " ".join(DEFAULT_DEMO_METHODS) + "; also flix_fair, FLix "
                         "with flix_kernels.per_feature_optimizer); choices: " + ", ".join(DEMO_METHODS))
-    d.add_argument("--vary", action="append", default=[], metavar="FIELD=VALUE[,FIELD=VALUE...]",
-                   help="also run every method with these fields changed, on the same frozen bases (repeat for more "
-                        "variants; a list of languages is written a+b); fields: " + ", ".join(DEMO_VARIABLE))
+    d.add_argument("--vary", action="append", default=[], metavar="[METHOD:]FIELD=VALUE[,FIELD=VALUE...]",
+                   help="also run every method (or only METHOD, which need not be in --methods) with these fields "
+                        "changed, on the same frozen bases (repeat for more variants; a list of languages is written "
+                        "a+b; e.g. flix:lora_scale=1, lr=0.001, flix_fair:rare_languages=pl+id); fields: "
+                        + ", ".join(DEMO_VARIABLE))
     d.add_argument("--seen-only", action="store_true",
                    help="evaluate seen pairs only (held-out pairs are neither evaluated nor stored): for choosing "
                         "hyper-parameters before any held-out number is looked at")

@@ -87,7 +87,7 @@ class DemoConfig:
     language_lr_scale: float = 1.0  # flix_fair only: the language adapters' lr relative to lr
     # Fine-tuning data: seen pairs of these languages are sampled with weight rare_weight (others 1).
     rare_languages: tuple[str, ...] = ()
-    rare_weight: float = 0.05
+    rare_weight: float = 0.01
     eval_every: int = 100
     backend: str = "auto"
     device: str = "cpu"

@@ -214,3 +214,25 @@ def test_the_example_script_refuses_a_bad_setting_in_one_line(capsys, monkeypatc
         module.main()
     assert e.value.code == 2
     assert "argument --set: variant 'hidden=big': hidden='big' is not a valid int" in capsys.readouterr().err
+
+
+def test_the_per_example_loss_weighs_every_example_alike_and_the_token_loss_is_transformers():
+    cfg = DemoConfig.smoke()
+    bench = NumbersBenchmark(0)
+    torch.manual_seed(0)
+    model = experiment.build_model(cfg, bench.vocab_size)
+    items = [(("en", "spell"), 77), (("de", "read"), 21), (("pl", "next"), 5)]
+    ids, labels = bench.collate(items)
+    assert experiment._loss(model, ids, labels, "token") == model(input_ids=ids, labels=labels).loss
+    logits = model(input_ids=ids).logits.double()
+    per_example = []
+    for b in range(len(items)):  # the oracle: one example at a time, its target positions only
+        pos = [t for t in range(1, ids.shape[1]) if labels[b, t] != -100]
+        nll = [-torch.log_softmax(logits[b, t - 1], -1)[labels[b, t]] for t in pos]
+        per_example.append(sum(nll) / len(nll))
+    want = sum(per_example) / len(per_example)
+    got = experiment._loss(model, ids, labels, "example")
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert abs(got.item() - experiment._loss(model, ids, labels, "token").item()) > 1e-4  # the two differ here
+    with pytest.raises(ValueError, match="loss must be 'token' or 'example'"):
+        check_variants(DemoConfig.smoke(vary=("loss=mean",)))

@@ -84,6 +84,7 @@ class DemoConfig:
     # the best seen-pair exact match, chosen with held-out pairs unevaluated (lr_selection/).
     method_lr: tuple[tuple[str, float], ...] = (("lora", 0.012), ("per_pair", 0.001), ("flix_dropout", 0.001))
     weight_decay: float = 0.0  # AdamW's, on the adapters
+    loss: str = "token"  # adapters' loss: mean over all target tokens, or "example": each example's mean, then theirs
     language_lr_scale: float = 1.0  # flix_fair only: the language adapters' lr relative to lr
     # Fine-tuning data: seen pairs of these languages are sampled with weight rare_weight (others 1).
     rare_languages: tuple[str, ...] = ()
@@ -141,7 +142,7 @@ _DATA_DEFAULTS = {"synthetic": {"languages": ("L0", "L1", "L2", "L3"), "tasks": 
 
 
 # The fields a variant may change: adapter training only, so every variant shares the seed's base.
-VARIABLE = ("lr", "batch", "weight_decay", "rank_language", "rank_task", "lora_scale", "feature_dropout",
+VARIABLE = ("lr", "batch", "weight_decay", "loss", "rank_language", "rank_task", "lora_scale", "feature_dropout",
             "language_lr_scale", "rare_languages", "rare_weight")
 
 
@@ -208,6 +209,8 @@ def check_variants(cfg: DemoConfig) -> None:
             raise ValueError(f"method_lr {bad}: methods must be among {', '.join(LABELS)} and rates > 0")
         if v.batch < 1 or v.rank_language < 1 or v.rank_task < 1:
             raise ValueError(f"{where}batch and ranks must be at least 1")
+        if v.loss not in ("token", "example"):
+            raise ValueError(f"{where}loss must be 'token' or 'example', got {v.loss!r}")
         if not 0 <= v.feature_dropout < 1 or v.weight_decay < 0:
             raise ValueError(f"{where}feature_dropout must be in [0, 1) and weight_decay >= 0")
         unknown = [l for l in v.rare_languages if l not in v.languages]

@@ -209,7 +209,7 @@ def train_method(name: str, base_state: dict, bench: Benchmark, cfg, seed: int, 
                           feature_dropout=method.feature_dropout, generator=gen)
         _set_lr(opt, _lr_at(step - 1, cfg.steps, lr))
         with use_routing(model, routing):
-            loss = model(input_ids=ids.to(device), labels=labels.to(device)).loss
+            loss = _loss(model, ids.to(device), labels.to(device), cfg.loss)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -227,6 +227,20 @@ def train_method(name: str, base_state: dict, bench: Benchmark, cfg, seed: int, 
             "active_rank": cfg.rank_language + cfg.rank_task, "space": method.space.to_dict(),
             "feature_dropout": method.feature_dropout, "scale": cfg.lora_scale, "lr": lr, "seconds": wall,
             "train_seconds": wall - t_eval, "curve": curve, "final": ev}
+
+
+def _loss(model, ids: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    """Next-token cross-entropy over the target tokens: their mean over the batch ("token", as
+    transformers computes it) or each example's mean, then the mean over examples ("example"),
+    which weighs a one-token target as much as a five-token one."""
+    if kind == "token":
+        return model(input_ids=ids, labels=labels).loss
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    gold = labels[:, 1:]
+    mask = gold != IGNORE
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), gold.clamp_min(0), reduction="none")
+    per_example = (nll * mask).sum(1) / mask.sum(1).clamp_min(1)
+    return per_example.mean()
 
 
 def _diagnostics(model, bench, method: Method, held: dict, device) -> dict:

@@ -74,9 +74,9 @@ def _common_design(cfg, b, held) -> dict:
                               f"{cfg.rare_weight} (the other languages' with 1)"} if cfg.rare_languages else {}),
         "budget": f"{cfg.steps} steps x batch {cfg.batch}, AdamW lr {cfg.lr}"
                   + (" (" + ", ".join(f"{m} {lr}" for m, lr in own_lr) + ")" if own_lr else "")
-                  + f", weight decay {cfg.weight_decay} "
-                  "(5% warmup, cosine to 10%), "
-                  f"target modules {cfg.target_modules}, active rank {cfg.rank_language + cfg.rank_task} "
+                  + f" (5% warmup, cosine to 10%), weight decay {cfg.weight_decay}, loss: the mean over "
+                  + ("each example's target tokens, then over examples" if cfg.loss == "example" else "target tokens")
+                  + f", target modules {cfg.target_modules}, active rank {cfg.rank_language + cfg.rank_task} "
                   f"(FLix {cfg.rank_language} + {cfg.rank_task}), alpha / r = {cfg.lora_scale}, same data "
                   "stream for every method of a seed; all methods are flix_kernels FeatureSpaces injected with "
                   "flix_kernels.inject (LoRA = one feature 'shared=all')",
@@ -146,7 +146,9 @@ def summarize(record: dict) -> dict:
         steps = [c["step"] for c in runs[0]["curve"]]
         curve = [{"step": st, **{k: statistics.fmean(r["curve"][i][k] for r in runs) for k in parts}}
                  for i, st in enumerate(steps)]
+        seen_pairs = [[p for p in r["final"]["per_pair"] if p not in s["held_out_pairs"]] for s, r in zip(seeds, runs)]
         out[m] = {"label": run_label(m), "seen": _stats([r["final"]["seen"] for r in runs]),
+                  "seen_by_task": _mean_by([r["final"]["per_pair"] for r in runs], seen_pairs, 1),
                   "trainable_params": runs[0]["trainable_params"], "lr": runs[0].get("lr"),
                   "seconds": statistics.fmean(r["seconds"] for r in runs),
                   "train_seconds": statistics.fmean(r["train_seconds"] for r in runs), "curve": curve}
@@ -253,6 +255,11 @@ def markdown(record: dict) -> str:
     for s in runs.values():
         lines.append(f"| {s['label']} | {_pct(s['seen'])} | " + (f"{_pct(s['held_out'])} | " if held else "")
                      + f"{s.get('lr') or cfg['lr']:g} | {s['trainable_params']:,} | {s['seconds']:.0f} s |")
+    lines += ["", "Seen exact match (%) by task (mean over seeds):", "",
+              "| method | " + " | ".join(cfg["tasks"]) + " |", "|---|" + "---|" * len(cfg["tasks"])]
+    for s in runs.values():
+        lines.append(f"| {s['label']} | " + " | ".join(f"{100 * s['seen_by_task'][t]:.0f}" if t in s.get("seen_by_task", {})
+                                                       else "-" for t in cfg["tasks"]) + " |")
     if held:
         for title, key, names in (("task (each seed holds out one pair per task", "held_out_by_task", cfg["tasks"]),
                                   ("language (each seed holds out one pair per language", "held_out_by_language",

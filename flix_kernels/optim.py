@@ -106,6 +106,7 @@ class _FeatureSlices:
     def __init__(self, layers):
         space = layers[0].space
         self.offsets = list(space.rank_offsets)
+        self._offsets_on: dict[torch.device, torch.Tensor] = {}  # built once per device, not per step
         self.by_group: dict[str, list[nn.Parameter]] = {g: [] for g in space.groups}
         self.views: list[tuple[object, list[nn.Parameter], list[nn.Parameter]]] = []
         for layer in layers:
@@ -142,7 +143,9 @@ class _FeatureSlices:
                 continue
             count = torch.stack(rows).any(0).to(torch.int32).cumsum(0)  # nonzero rank rows up to each
             count = torch.cat([count.new_zeros(1), count])
-            offs = torch.tensor(self.offsets, device=count.device)
+            offs = self._offsets_on.get(count.device)
+            if offs is None:
+                offs = self._offsets_on[count.device] = torch.tensor(self.offsets, device=count.device)
             where.append(len(masks))
             masks.append((count[offs[1:]] - count[offs[:-1]]) > 0)
         flat = torch.stack(masks).cpu().tolist() if masks else []

@@ -42,7 +42,8 @@ def test_bad_variants_are_refused_by_name(spec, message):
 @pytest.mark.parametrize("spec,message", [
     ("lr=0", "variant 'lr=0': lr must be > 0"), ("rare_languages=xx", r"rare_languages \['xx'\] are not languages"),
     ("rare_languages=en+de+fr+es+pl+id", "names every language"), ("feature_dropout=1.0", "feature_dropout"),
-    ("language_lr_scale=0.5", "only method flix_fair")])
+    ("language_lr_scale=0.5", "only method flix_fair"), ("rank_task=0", "batch and ranks must be at least 1"),
+    ("batch=0", "batch and ranks must be at least 1"), ("weight_decay=-0.1", "weight_decay >= 0")])
 def test_bad_variant_values_are_refused_before_training(spec, message):
     cfg = DemoConfig.smoke(data="numbers", vary=(spec,))
     with pytest.raises(ValueError, match=message):
@@ -98,6 +99,12 @@ def test_seen_only_never_evaluates_a_held_out_pair(tmp_path, monkeypatch):
     md = (tmp_path / "results.md").read_text()
     assert "held-out pairs (zero-shot)" not in md and "seen pairs only" in md
     assert rec["summary"]["findings"][0].startswith("Held-out pairs were not evaluated")
+    # the command line's --seen-only is the same switch
+    out = tmp_path / "cli"
+    assert cli.main(["demo", "--smoke", "--seen-only", "--methods", "lora", "--out", str(out), "--no-progress"]) == 0
+    cli_rec = json.loads((out / "results.json").read_text())
+    assert cli_rec["config"]["held_out_eval"] is False
+    assert cli_rec["seeds"][0]["methods"]["lora"]["final"]["held_out"] is None
 
 
 @pytest.mark.parametrize("bench", [NumbersBenchmark(0), Benchmark(0)], ids=["numbers", "synthetic"])
@@ -159,6 +166,12 @@ def test_diagnostics_leave_the_scaling_as_trained_and_halve_only_the_language_ad
     n_lang = len(bench.languages)
     half = scales[-1]
     assert torch.equal(half[:n_lang], before[0][:n_lang] * 0.5) and torch.equal(half[n_lang:], before[0][n_lang:])
+
+
+def test_run_keys_split_back_into_method_and_variant():
+    for method, spec in (("flix", ""), ("flix_fair", "lr=0.001,rare_languages=pl+id")):
+        assert experiment.split_key(experiment.run_key(method, spec)) == (method, spec)
+    assert experiment.run_label("flix[lr=0.01]") == "FLix (language + task) [lr=0.01]"
 
 
 def test_a_variant_may_name_its_one_method_and_runs_are_grouped_by_method():

@@ -282,9 +282,15 @@ def run_key(method: str, spec: str) -> str:
     return f"{method}[{spec}]" if spec else method
 
 
-def run_label(key: str) -> str:
+def split_key(key: str) -> tuple[str, str]:
+    """The inverse of :func:`run_key`: ``"flix[lr=0.001]"`` -> ``("flix", "lr=0.001")``."""
     method, _, spec = key.partition("[")
-    return LABELS[method] + (f" [{spec}" if spec else "")
+    return method, spec[:-1]
+
+
+def run_label(key: str) -> str:
+    method, spec = split_key(key)
+    return LABELS[method] + (f" [{spec}]" if spec else "")
 
 
 def run_seed(seed: int, cfg, device, tick=lambda: None, say=lambda s: None) -> dict:
@@ -305,4 +311,4 @@ def run_seed(seed: int, cfg, device, tick=lambda: None, say=lambda s: None) -> d
 
 
 __all__ = ["DATA", "LABELS", "METHODS", "Method", "benchmark_for", "build_model", "evaluate", "make_method",
-           "pretrain", "run_key", "run_label", "run_seed", "train_method"]
+           "pretrain", "run_key", "run_label", "run_seed", "split_key", "train_method"]

@@ -13,7 +13,7 @@ import torch
 from .._io import atomic_write_files, text_writer
 from ..bench.timing import provenance as _bench_provenance
 from .data import Benchmark
-from .experiment import LABELS, benchmark_for, run_label
+from .experiment import LABELS, benchmark_for, run_key, run_label, split_key
 
 
 # -- record -----------------------------------------------------------------------------------
@@ -117,8 +117,7 @@ def _stats(xs: list[float]) -> dict:
 
 def _lora_of(key: str) -> str:
     """The shared-LoRA run a run is paired with: LoRA under the same variant."""
-    _, _, spec = key.partition("[")
-    return "lora" + (f"[{spec}" if spec else "")
+    return run_key("lora", split_key(key)[1])
 
 
 def _mean_by(per_pairs: list[dict], pairs_by_seed: list[list[str]], part: int) -> dict:

@@ -146,12 +146,13 @@ def inject(model: nn.Module, space: FeatureSpace, *, target_modules, alpha: floa
         raise ValueError(_fused_head_message(fused))
     by_name = dict(candidates)
     wrapped: dict[int, FLixLinear] = {}  # a Linear shared by several names gets one FLix layer
-    for name in names:
+    for name in names:  # every layer built (and checked) before the model changes
         lin = by_name[name]
         if id(lin) not in wrapped:
             wrapped[id(lin)] = FLixLinear.from_linear(lin, space, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                                                       init=init, adapter_dtype=adapter_dtype, backend=backend)
-        _replace(model, name, wrapped[id(lin)])
+    for name in names:
+        _replace(model, name, wrapped[id(by_name[name])])
     for p in model.parameters():
         p.requires_grad_(False)
     for _, layer in flix_layers(model):

@@ -32,13 +32,25 @@ def is_conv1d(module: nn.Module) -> bool:
     return cls is not None and isinstance(module, cls)
 
 
-def check_alpha(alpha) -> float:
-    """``alpha`` as a float; a ``TypeError``/``ValueError`` naming it unless it is a finite number > 0."""
+def check_alpha(alpha, ranks: Sequence[int] | None = None, use_rslora: bool = False,
+                dtype: torch.dtype | None = None) -> float:
+    """``alpha`` as a float; a ``TypeError``/``ValueError`` naming it unless it is a finite number > 0
+    and, given the space's ``ranks`` and the adapters' ``dtype``, every per-feature scale
+    ``alpha / r_k`` (``alpha / sqrt(r_k)`` with rsLoRA) is finite in that dtype and in the float32
+    the scales are kept in (an infinite scale turns a fresh layer's ``inf * 0`` into NaN)."""
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"alpha must be a number, got {alpha!r} ({type(alpha).__name__})")
     value = float(alpha)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    if ranks:
+        r = min(ranks)
+        scale = value / (math.sqrt(r) if use_rslora else r)
+        limit = min(torch.finfo(dt).max for dt in {dtype or torch.float32, torch.float32})
+        if not scale <= limit:
+            raise ValueError(f"alpha={alpha!r} gives the per-feature scale alpha / {'sqrt(r)' if use_rslora else 'r'} "
+                             f"= {scale:.3g} for rank {r}, which overflows {dtype or torch.float32} "
+                             f"(largest finite {limit:.3g}); choose a smaller alpha")
     return value
 
 
@@ -117,7 +129,7 @@ class FLixLinear(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if init not in _INITS:
             raise ValueError(f"init must be one of {_INITS}, got {init!r}")
-        check_alpha(alpha)
+        check_alpha(alpha, space.ranks, use_rslora, adapter_dtype or default_adapter_dtype(base, quantized_kind(base)))
         self.base_layer = base
         # What unload / merge_and_unload give back to the base parameters.
         self._base_requires_grad = {n: p.requires_grad for n, p in base.named_parameters(recurse=False)}
@@ -176,7 +188,10 @@ class FLixLinear(nn.Module):
     def set_scaling(self, alpha: float, use_rslora: bool = False) -> None:
         if getattr(self, "_merged", None) is not None:
             raise RuntimeError("cannot change the scaling of a merged layer; call flix_kernels.unmerge(model) first")
-        self.alpha, self.use_rslora = check_alpha(alpha), bool(use_rslora)
+        if use_rslora not in (True, False):  # a saved "false" must not read as True
+            raise TypeError(f"use_rslora must be True or False, got {use_rslora!r} ({type(use_rslora).__name__})")
+        self.alpha = check_alpha(alpha, self.space.ranks, use_rslora, self.lora_A.dtype)
+        self.use_rslora = bool(use_rslora)
         self._refresh_scaling()
 
     def _refresh_scaling(self) -> None:

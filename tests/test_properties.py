@@ -20,6 +20,7 @@ that reruns just that case.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import subprocess
@@ -78,6 +79,8 @@ class Case:
     scaling: object  # a float, or "per_feature"
     dropout_p: float
     paths: str  # torch: the strategy; kernels: forced launch plans; "+fused": Triton's fused base GEMM (PATHS)
+    # (log10 of x's, lora_A's and lora_B's scale, log10 of the scales' multiplier); () for unit scale
+    magnitude: tuple = ()
     memory: tuple = ()  # ((tensor name, layout of conftest.stored_as), ...) for the non-contiguous inputs
     requires_grad: tuple = FACTORS  # of x, lora_A, lora_B, and "weight"/"bias" for op "linear"
     bias: bool = True
@@ -110,6 +113,7 @@ def cases(draw, backend: str) -> Case:
         draw(st.lists(st.sampled_from(FACTORS), unique=True, max_size=3)))
     if op == "linear":
         grads += tuple(name for name in ("weight", "bias") if draw(st.booleans()))
+    magnitude = draw(magnitudes(dtype, lora_dtype)) if draw(st.integers(0, 2)) == 0 else ()
     paths = draw(st.sampled_from(PATHS[backend]))
     if backend == "triton" and op == "linear" and draw(st.booleans()):
         paths += "+fused"
@@ -119,8 +123,26 @@ def cases(draw, backend: str) -> Case:
         layout=layout, lengths=lengths, in_features=draw(dim), out_features=draw(dim), dtype=dtype,
         lora_dtype=lora_dtype, scaling=draw(st.one_of(st.just("per_feature"), st.sampled_from([1.0, 0.5, -0.75, 0.0]))),
         dropout_p=draw(st.sampled_from([0.0, 0.0, 0.3])), memory=memory, requires_grad=grads,
-        bias=draw(st.booleans()), paths=paths, data_seed=draw(st.integers(0, 2**32 - 1)),
+        bias=draw(st.booleans()), paths=paths, magnitude=magnitude, data_seed=draw(st.integers(0, 2**32 - 1)),
     )
+
+
+@st.composite
+def magnitudes(draw, dtype: str, lora_dtype: str) -> tuple:
+    """Exponents (base 10) for x, lora_A, lora_B and the scales: activations and weights up to
+    a good part of the narrower dtype's range, scales from 1e-4 to 1e3, and lora_B chosen so the
+    update lands anywhere from small to most of the range (so most cases are ones the contract
+    promises finite results for; conftest.within_contract decides which). The cases that matter:
+    ``x A^T`` beyond the dtype's range while ``s x A^T`` is inside it."""
+    top = min(torch.finfo(getattr(torch, d)).max for d in (dtype, lora_dtype))
+    top = min(math.log10(top), 38.0)  # float64 runs at float32's range: the accumulator's in the kernels
+    e_h = draw(st.floats(0.5 * top, top + 1.0))  # x A^T before its scale: up to 10x beyond the range
+    e_x = draw(st.floats(max(0.0, e_h - 0.5 * top), 0.75 * top))
+    e_a = min(max(e_h - e_x, -3.0), 0.5 * top)
+    e_s = min(draw(st.floats(-4.0, 3.0)), top - 1.0 - (e_x + e_a))  # s x A^T inside the range
+    target = draw(st.floats(-2.0, 0.6 * top))  # the update's size
+    e_b = min(max(target - (e_x + e_a + e_s), -6.0), 6.0)
+    return tuple(round(e, 2) for e in (e_x, e_a, e_b, e_s))
 
 
 def _feature_ids(case: Case, space: fk.FeatureSpace, gen: torch.Generator) -> torch.Tensor:
@@ -192,8 +214,10 @@ def _run_case(case: Case) -> None:
                                                   case.num_examples) else None
     dtype, lora_dtype = getattr(torch, case.dtype), getattr(torch, case.lora_dtype)
     in_f, out_f = case.in_features, case.out_features
-    x = torch.randn(*token_shape, in_f, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
-    A, Bm = (t.to(DEVICE) for t in random_adapters(space, in_f, out_f, gen, lora_dtype))
+    e_x, e_a, e_b, e_s = case.magnitude or (0.0, 0.0, 0.0, 0.0)
+    x = (torch.randn(*token_shape, in_f, generator=gen, dtype=torch.float64) * 10**e_x).to(dtype).to(DEVICE)
+    A, Bm = random_adapters(space, in_f, out_f, gen, torch.float64)
+    A, Bm = (A * 10**e_a).to(lora_dtype).to(DEVICE), (Bm * 10**e_b).to(lora_dtype).to(DEVICE)
     W = b = None
     if case.op == "linear":
         W, b = _base(gen, in_f, out_f, dtype)
@@ -201,9 +225,9 @@ def _run_case(case: Case) -> None:
         b = b.requires_grad_("bias" in case.requires_grad) if case.bias else None
     if case.scaling == "per_feature":
         scale_dtype = torch.float64 if lora_dtype == torch.float64 else torch.float32
-        scaling = random_scaling(space, gen, scale_dtype).to(DEVICE)
+        scaling = (random_scaling(space, gen, torch.float64) * 10**e_s).to(scale_dtype).to(DEVICE)
     else:
-        scaling = case.scaling
+        scaling = case.scaling * 10**e_s
     grad_out = torch.randn(*token_shape, out_f, generator=gen, dtype=torch.float64)
     generator = mask = None
     if case.dropout_p:
@@ -219,7 +243,7 @@ def _run_case(case: Case) -> None:
         check_against_oracle(x, A, Bm, routing, ids, space, scaling, backend=case.backend, cu=oracle_cu, weight=W,
                              bias=b, dropout_p=case.dropout_p, generator=generator, dropout_mask=mask,
                              grad_out=grad_out, requires_grad=tuple(n for n in case.requires_grad if n in FACTORS),
-                             memory=dict(case.memory))
+                             memory=dict(case.memory), magnitude=bool(case.magnitude))
 
 
 @settings(max_examples=PROPERTY_CASES["torch"])

@@ -20,6 +20,13 @@ an example without it, forward or backward. (A single GEMM over the union of the
 features with a per-example 0/1 mask would be cheaper for a few feature sets, and is not
 exact in that sense, so it is not used.)
 
+Numerics follow the kernels' contract (README, *Numerical contract*): the input is rounded to
+the adapters' dtype, and with 16-bit adapters the low-rank path runs in float32 from there on
+(the rank-space activation ``h = s * x A^T`` is scaled before anything is rounded, and so is its
+gradient ``g = s * dy B``); the update is rounded once, to the output's dtype, with the base
+output added. A 16-bit GEMM would round ``x A^T`` to its dtype before the scale, which
+overflows float16 for activations of a few thousand where the scaled result is small.
+
 Gradients flow through the gathers and matmuls by autograd (the gathers' backward is an
 index_add into lora_A / lora_B); the common training call (grouped with whole-example chunks,
 or dense over every token; no dropout, one dtype) is one autograd node that also owns the base GEMM
@@ -175,6 +182,11 @@ def dropout_mask(shape, p: float, generator: torch.Generator | None, device) -> 
     return torch.rand(shape, generator=generator, device=device) >= p
 
 
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the low-rank path computes in for adapters of ``dtype``: float32 for 16-bit ones."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _zero_delta(x2d, lora_A, lora_B, out_features, dtype):
     # Keep the graph connected (zero gradients, not None) so every rank of a data-parallel
     # job produces gradients for lora_A/lora_B even when its batch uses no feature.
@@ -183,21 +195,25 @@ def _zero_delta(x2d, lora_A, lora_B, out_features, dtype):
 
 
 def _update(p: Plan, x2d, lora_A, lora_B, scaling, dropout_p, generator, h_hook, base=None):
-    """The low-rank update of the flattened input ``(T, out)`` in lora_A's dtype, added to
-    ``base`` (the base layer's output) when given: ``addmm`` folds the sum into the expand."""
+    """The low-rank update of the flattened input ``(T, out)``, added to ``base`` (the base
+    layer's output) when given, in x's dtype; computed in :func:`wide_dtype` of lora_A's dtype
+    after x is rounded to lora_A's dtype (the kernels' contract)."""
     in_f, out_f = x2d.shape[1], lora_B.shape[0]
     cdt = lora_A.dtype
+    wdt = wide_dtype(cdt)
     xl = x2d if x2d.dtype == cdt else x2d.to(cdt)
+    if wdt != cdt:
+        xl = xl.to(wdt)
     if dropout_p > 0:
-        xl = xl * dropout_mask(xl.shape, dropout_p, generator, x2d.device).to(cdt) * (1.0 / (1.0 - dropout_p))
+        xl = xl * dropout_mask(xl.shape, dropout_p, generator, x2d.device).to(wdt) * (1.0 / (1.0 - dropout_p))
     if p.strategy == "dense":
-        a = lora_A.index_select(0, p.rank_index)
-        bt = lora_B.index_select(1, p.rank_index).t()
+        a = lora_A.index_select(0, p.rank_index).to(wdt)
+        bt = lora_B.index_select(1, p.rank_index).t().to(wdt)
         xa = xl if p.active_tokens is None else xl.index_select(0, p.active_tokens)
-        h = torch.mm(xa, a.t()) * p.scale(scaling, cdt)
+        h = torch.mm(xa, a.t()) * p.scale(scaling, wdt)
         if h_hook is not None:
             h = h_hook(h)
-        if base is not None and p.active_tokens is None and base.dtype == cdt:
+        if base is not None and p.active_tokens is None and base.dtype == wdt:
             return torch.addmm(base, h, bt)
         d = torch.mm(h, bt)
     else:
@@ -208,10 +224,11 @@ def _update(p: Plan, x2d, lora_A, lora_B, scaling, dropout_p, generator, h_hook,
         else:
             src = xl if p.active_tokens is None else xl.index_select(0, p.active_tokens)
             xc = xl.new_zeros(N * C, in_f).index_copy(0, p.dest, src).view(N, C, in_f)
-        s = p.scale(scaling, cdt)
-        fold = h_hook is None and base is not None and p.dest is None and p.active_tokens is None and base.dtype == cdt
-        a = lora_A.index_select(0, p.chunk_index).view(N, R, in_f)
-        b = lora_B.index_select(1, p.chunk_index).view(out_f, N, R).permute(1, 2, 0)
+        s = p.scale(scaling, wdt)
+        fold = (h_hook is None and base is not None and p.dest is None and p.active_tokens is None
+                and base.dtype == wdt)
+        a = lora_A.index_select(0, p.chunk_index).view(N, R, in_f).to(wdt)
+        b = lora_B.index_select(1, p.chunk_index).view(out_f, N, R).permute(1, 2, 0).to(wdt)
         h = torch.bmm(xc, a.transpose(1, 2)) * s
         if h_hook is not None:
             h = h_hook(h)
@@ -222,7 +239,9 @@ def _update(p: Plan, x2d, lora_A, lora_B, scaling, dropout_p, generator, h_hook,
             d = d.index_select(0, p.dest)
     if p.active_tokens is not None:
         d = d.new_zeros(x2d.shape[0], out_f).index_copy(0, p.active_tokens, d)
-    return d if base is None else base + d.to(base.dtype)
+    if base is None:
+        return d.to(x2d.dtype)
+    return (base + d).to(base.dtype)  # the sum in the wider dtype, rounded once
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -232,7 +251,8 @@ class _GroupedLinear(torch.autograd.Function):
     the same ops as the autograd graph of :func:`_call`, with one node instead of a dozen
     (reshapes, the base GEMM, gathers, bmm, scale, baddbmm) and the base's input gradient
     folded into the update's (``baddbmm``), which is most of the host time of a small layer.
-    ``index`` is the chunks' rank rows (N * R), ``scale`` the per-slot scales (N, 1, R)."""
+    ``index`` is the chunks' rank rows (N * R), ``scale`` the per-slot scales (N, 1, R), in
+    :func:`wide_dtype` of the adapters' dtype, as h, its gradient and the gathered slots are."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, index, scale):
@@ -245,20 +265,26 @@ class _GroupedLinear(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, a, b, h, index, scale = ctx.saved_tensors
         need_x, need_w, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
-        N = scale.shape[0]
+        N, wdt, cdt = scale.shape[0], scale.dtype, weight.dtype
         dy3 = dy.reshape(N, -1, dy.shape[-1])
+        dyw = dy3 if dy3.dtype == wdt else dy3.to(wdt)
         dx = dW = db = dA = dB = None
         if need_x or need_A:
-            dh = torch.bmm(dy3, b.transpose(1, 2)).mul_(scale)
+            dh = torch.bmm(dyw, b.transpose(1, 2)).mul_(scale)  # g = s * dy B_S, scaled before any rounding
             if need_x:
-                dx = torch.baddbmm(torch.matmul(dy3, weight), dh, a).view(x.shape)
+                base = torch.matmul(dy3, weight)
+                if base.dtype == wdt:
+                    dx = torch.baddbmm(base, dh, a).view(x.shape)
+                else:
+                    dx = (base + torch.bmm(dh, a)).to(x.dtype).view(x.shape)
             if need_A:
-                da = torch.bmm(dh.transpose(1, 2), x.reshape(N, -1, x.shape[-1]))
-                dA = da.new_zeros(ctx.shapes[0]).index_add_(0, index, da.view(-1, da.shape[-1]))
+                x3 = x.reshape(N, -1, x.shape[-1])
+                da = torch.bmm(dh.transpose(1, 2), x3 if x3.dtype == wdt else x3.to(wdt))
+                dA = da.new_zeros(ctx.shapes[0]).index_add_(0, index, da.view(-1, da.shape[-1])).to(cdt)
         if need_B:
-            db_ = torch.bmm(h.transpose(1, 2), dy3)  # (N, R, out)
+            db_ = torch.bmm(h.transpose(1, 2), dyw)  # (N, R, out)
             out_f, total = ctx.shapes[1]
-            dB = db_.new_zeros(total, out_f).index_add_(0, index, db_.view(-1, out_f)).t()
+            dB = db_.new_zeros(total, out_f).index_add_(0, index, db_.view(-1, out_f)).t().to(cdt)
         if need_w:
             dW = dy3.reshape(-1, dy3.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
         if need_bias:
@@ -268,15 +294,16 @@ class _GroupedLinear(torch.autograd.Function):
 
 def _grouped_linear(x, weight, bias, lora_A, lora_B, index, scale):
     """``(y, (a, b, h))``: the layer's output in x's token shape, and the gathered slots of A
-    and B and the scaled intermediate h that the backward needs."""
+    and B and the scaled intermediate h (all in scale's dtype) that the backward needs."""
     N, _, R = scale.shape
-    out_f = weight.shape[0]
+    out_f, wdt = weight.shape[0], scale.dtype
     x3 = x.reshape(N, -1, x.shape[-1])
-    a = lora_A.index_select(0, index).view(N, R, -1)
-    b = lora_B.index_select(1, index).view(out_f, N, R).permute(1, 2, 0)  # (N, R, out): a column gather is
-    # the fast one on a CPU; the backward adds whole rows of B's transpose, the fast scatter
-    h = torch.bmm(x3, a.transpose(1, 2)).mul_(scale)
-    y = torch.baddbmm(F.linear(x3, weight, bias), h, b)
+    a = lora_A.index_select(0, index).view(N, R, -1).to(wdt)
+    b = lora_B.index_select(1, index).view(out_f, N, R).permute(1, 2, 0).to(wdt)  # (N, R, out): a column gather
+    # is the fast one on a CPU; the backward adds whole rows of B's transpose, the fast scatter
+    h = torch.bmm(x3 if x3.dtype == wdt else x3.to(wdt), a.transpose(1, 2)).mul_(scale)
+    base = F.linear(x3, weight, bias)
+    y = torch.baddbmm(base, h, b) if base.dtype == wdt else (base + torch.bmm(h, b)).to(base.dtype)
     return y.view(*x.shape[:-1], out_f), (a, b, h)
 
 
@@ -310,7 +337,7 @@ def _call(p: Plan, x, weight, bias, lora_A, lora_B, scaling, dropout_p, generato
         d = _update(p, x2d, lora_A, lora_B, scaling, dropout_p, generator, h_hook)
         return d.to(x.dtype).view(*x.shape[:-1], out_f)
     if _grouped_linear_applies(p, x, weight, bias, lora_A, dropout_p, h_hook):
-        s = p.node_scale(scaling, lora_A.dtype)
+        s = p.node_scale(scaling, wide_dtype(lora_A.dtype))
         if not torch.is_grad_enabled() or not any_requires_grad(x, weight, bias, lora_A, lora_B, s):
             return _grouped_linear(x, weight, bias, lora_A, lora_B, p.chunk_index, s)[0]
         if not s.requires_grad:
@@ -341,7 +368,7 @@ def linear(x, weight, bias, lora_A, lora_B, routing, scaling, dropout_p, generat
     if _traces(routing, x):
         y = F.linear(x, weight, bias)
         d = _traced_update(routing, x, lora_A, lora_B, scaling, dropout_p, generator)
-        return y + d.to(y.dtype).view(y.shape)
+        return (y + d.view(y.shape)).to(y.dtype)
     p = plan(routing, _layout(routing, x.shape[:-1]), x.device)
     return _call(p, x, weight, bias, lora_A, lora_B, scaling, dropout_p, generator)
 
@@ -366,13 +393,14 @@ def _traced_update(routing, x, lora_A, lora_B, scaling, dropout_p, generator, h_
     index, feature, valid = routing.prebuilt_slot_tables(x.device)
     B, R = index.shape
     in_f, out_f, cdt = x.shape[-1], lora_B.shape[0], lora_A.dtype
-    xl = x.reshape(B, -1, in_f).to(cdt)
+    wdt = wide_dtype(cdt)
+    xl = x.reshape(B, -1, in_f).to(cdt).to(wdt)
     if dropout_p > 0:
-        xl = xl * dropout_mask(xl.shape, dropout_p, generator, x.device).to(cdt) * (1.0 / (1.0 - dropout_p))
+        xl = xl * dropout_mask(xl.shape, dropout_p, generator, x.device).to(wdt) * (1.0 / (1.0 - dropout_p))
     flat = index.reshape(-1)
-    a = torch.where(valid[..., None], lora_A.index_select(0, flat).view(B, R, in_f), 0)
-    b = torch.where(valid[..., None], lora_B.index_select(1, flat).view(out_f, B, R).permute(1, 2, 0), 0)
-    h = torch.bmm(xl, a.transpose(1, 2)) * _slot_scale(scaling, feature, valid, cdt).unsqueeze(1)
+    a = torch.where(valid[..., None], lora_A.index_select(0, flat).view(B, R, in_f).to(wdt), 0)
+    b = torch.where(valid[..., None], lora_B.index_select(1, flat).view(out_f, B, R).permute(1, 2, 0).to(wdt), 0)
+    h = torch.bmm(xl, a.transpose(1, 2)) * _slot_scale(scaling, feature, valid, wdt).unsqueeze(1)
     if h_hook is not None:
         h = h_hook(h)
     return torch.bmm(h, b)

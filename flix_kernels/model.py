@@ -15,6 +15,7 @@ from typing import Iterable, Mapping
 
 import torch.nn as nn
 
+from . import _call_routing
 from .features import FeatureSpace
 from .nn import FLixLinear, check_alpha, is_conv1d
 from .routing import Routing
@@ -146,11 +147,17 @@ def inject(model: nn.Module, space: FeatureSpace, *, target_modules, alpha: floa
         raise ValueError(_fused_head_message(fused))
     by_name = dict(candidates)
     wrapped: dict[int, FLixLinear] = {}  # a Linear shared by several names gets one FLix layer
-    for name in names:  # every layer built (and checked) before the model changes
-        lin = by_name[name]
-        if id(lin) not in wrapped:
-            wrapped[id(lin)] = FLixLinear.from_linear(lin, space, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                                                      init=init, adapter_dtype=adapter_dtype, backend=backend)
+    try:  # every layer built (and checked) before the model changes
+        for name in names:
+            lin = by_name[name]
+            if id(lin) not in wrapped:
+                wrapped[id(lin)] = FLixLinear.from_linear(lin, space, alpha=alpha, dropout=dropout,
+                                                          use_rslora=use_rslora, init=init,
+                                                          adapter_dtype=adapter_dtype, backend=backend)
+    except BaseException:
+        for layer in wrapped.values():  # wrapping froze their base weights
+            layer._release_base()
+        raise
     for name in names:
         _replace(model, name, wrapped[id(by_name[name])])
     for p in model.parameters():
@@ -162,39 +169,38 @@ def inject(model: nn.Module, space: FeatureSpace, *, target_modules, alpha: floa
 
 
 def set_routing(model: nn.Module, routing: Routing | None) -> None:
-    """Route every FLix layer of ``model`` with ``routing`` until replaced (None clears)."""
+    """Route every FLix layer of ``model`` with ``routing`` until replaced (None clears), in every
+    thread: the model-wide default under any per-call routing (:func:`use_routing`,
+    :func:`~flix_kernels.accept_feature_ids`, :func:`~flix_kernels.generate`). All or nothing."""
     check_head(model)
-    for _, layer in _require_layers(model):
-        layer.set_routing(routing)
-
-
-def _route(layers: list[FLixLinear], routing: Routing | None) -> list[tuple[FLixLinear, Routing | None]]:
-    """Route ``layers`` with ``routing``; returns what :func:`_restore` puts back. All or nothing:
-    a layer refusing the routing (another FeatureSpace) leaves every layer as it was."""
-    previous = [(layer, layer._routing) for layer in layers]
-    try:
-        for layer in layers:
-            layer.set_routing(routing)
-    except BaseException:
-        _restore(previous)
-        raise
-    return previous
-
-
-def _restore(previous: list[tuple[FLixLinear, Routing | None]]) -> None:
-    for layer, routing in previous:
+    layers = [layer for _, layer in _require_layers(model)]
+    if routing is not None:
+        prepare_routing(layers, routing)
+    for layer in layers:
         layer._routing = routing
 
 
+def prepare_routing(layers, routing: Routing | None) -> None:
+    """Check ``routing`` against every layer and build what their forwards read; raises before
+    anything is routed."""
+    if routing is not None:
+        for layer in layers:
+            layer.prepare_routing(routing)
+
+
 @contextlib.contextmanager
-def use_routing(model: nn.Module, routing: Routing):
-    """``with use_routing(model, routing): ...`` routes the model inside the block only."""
+def use_routing(model: nn.Module, routing: Routing | None):
+    """``with use_routing(model, routing): ...`` routes the model inside the block only, and only
+    for the thread or asyncio task running the block (other threads' forwards keep their own
+    routing); None runs the block unrouted."""
     check_head(model)
-    previous = _route([layer for _, layer in _require_layers(model)], routing)
+    layers = [layer for _, layer in _require_layers(model)]
+    prepare_routing(layers, routing)
+    frame = _call_routing.push(use_routing, layers, routing)
     try:
         yield model
     finally:
-        _restore(previous)
+        _call_routing.remove(frame)
 
 
 def merge(model: nn.Module, features: Mapping[str, str]) -> None:
@@ -239,6 +245,7 @@ def _unwrap(model: nn.Module, release) -> nn.Module:
     hooks = getattr(model, "_flix_feature_inputs", None)
     if hooks is not None:
         hooks.remove()
+    _call_routing.remove_hooks(model)
     return model
 
 

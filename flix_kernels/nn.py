@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from . import _checkpoint
+from . import _call_routing, _checkpoint
 from .quantized import default_adapter_dtype, merge_error, quantized_kind
 from .features import FeatureSpace
 from .ops import flix_delta, flix_linear
@@ -226,26 +226,44 @@ class FLixLinear(nn.Module):
 
     # -- routing --------------------------------------------------------------------------------
     def set_routing(self, routing: Routing | None) -> None:
+        """Route this layer with ``routing`` in every thread until replaced (None clears); a
+        per-call routing (``use_routing``, ``accept_feature_ids``, ``generate``) comes first."""
         if routing is not None:
-            if not isinstance(routing, Routing):
-                raise TypeError(f"routing must be a flix_kernels.Routing or None, got {type(routing).__name__}")
-            if routing.space != self.space:
-                raise ValueError("the routing's FeatureSpace differs from this layer's: "
-                                 + routing.space.describe_difference(self.space))
-            device = self.lora_A.device
-            # Metadata built now, outside any compiled region or CUDA-graph capture: the kernels',
-            # and the slot tables the torch backend reads under torch.compile (three small tensors
-            # per batch, built once torch.compile's machinery is loaded: nothing compiles before).
-            if self.backend == "triton" or (self.backend != "torch" and device.type == "cuda"):
-                routing.kernel_metadata(device)
-            if self.backend not in ("triton", "cuda") and "torch._dynamo" in sys.modules:
-                routing.slot_tables(device)
+            self.prepare_routing(routing)
         self._routing = routing
+
+    def prepare_routing(self, routing: Routing) -> None:
+        """Check that ``routing`` can route this layer (a Routing of this layer's FeatureSpace)
+        and build what its forward will read, outside any compiled region or CUDA-graph capture:
+        the kernels' metadata, and the slot tables the torch backend reads under torch.compile
+        (three small tensors per batch, built once torch.compile's machinery is loaded: nothing
+        compiles before)."""
+        if not isinstance(routing, Routing):
+            raise TypeError(f"routing must be a flix_kernels.Routing or None, got {type(routing).__name__}")
+        self._check_space(routing)
+        device = self.lora_A.device
+        if self.backend == "triton" or (self.backend != "torch" and device.type == "cuda"):
+            routing.kernel_metadata(device)
+        if self.backend not in ("triton", "cuda") and "torch._dynamo" in sys.modules:
+            routing.slot_tables(device)
+
+    def _check_space(self, routing: Routing) -> None:
+        """Raise unless ``routing`` was built from a space equal to this layer's: the same groups,
+        values in the same order (which fixes the ids) and ranks. Compared once per space object."""
+        space = routing.space
+        if space is self.space or space is self.__dict__.get("_space_checked"):
+            return
+        if space != self.space:
+            raise ValueError("the routing's FeatureSpace differs from this layer's ("
+                             + space.describe_difference(self.space) + "); build the Routing with the model's "
+                             "space (flix_kernels.flix_layers(model)[0][1].space)")
+        self.__dict__["_space_checked"] = space  # a plain attribute, holding the space (its id stays its own)
 
     def _resolve_routing(self, routing: Routing | None) -> Routing:
         if torch.compiler.is_compiling():
             # A compiled graph recomputes checkpointed regions itself, not by re-running this.
-            routing = routing if routing is not None else self._routing
+            if routing is None:
+                routing = _call_routing.traced(self, self._routing)
         else:
             routing = self._eager_routing(routing)
         if routing is None:
@@ -277,7 +295,10 @@ class FLixLinear(nn.Module):
                 saved = _checkpoint.recall(region, self) if region is not None else None
                 routing = saved or self._last_routing or self._routing
             return routing
-        routing = routing if routing is not None else self._routing
+        if routing is None:
+            routing = _call_routing.current(self, self._routing)
+        else:
+            self._check_space(routing)
         if region is not None:
             _checkpoint.remember(region, self, routing)
         if self.__dict__.get("_last_routing") is not routing:  # a plain attribute: skip Module.__setattr__
@@ -286,7 +307,7 @@ class FLixLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
         if self._merged is not None:
-            self._check_merged_routing(routing if routing is not None else self._routing)
+            self._check_merged_routing(routing if routing is not None else _call_routing.current(self, self._routing))
             y = self.base_layer(x)
             if self.training and torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
                 # A training step: the forward is right, but the adapters would get no gradient.

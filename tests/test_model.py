@@ -643,6 +643,25 @@ def test_use_routing_is_all_or_nothing(seed):
     assert model.fc1._routing is None and model.fc2._routing is None
 
 
+def test_every_entry_point_refuses_a_routing_of_another_space(seed):
+    """Same groups and ranks, values in another order: the ids mean other features, so a routing
+    of that space gives 'sw' the 'en' adapter. forward(routing=...) used to accept it silently."""
+    model = tiny_mlp(seed)
+    space = make_space()
+    fk.inject(model, space, target_modules=["fc1", "fc2"])
+    reordered = make_space(languages=("sw", "fr", "en"))
+    assert reordered.group_ranks == space.group_ranks and reordered.num_features == space.num_features
+    other = fk.Routing(reordered.encode([{"language": "sw"}, {"task": "qa"}]), reordered)
+    x = torch.randn(2, 12)
+    for call in (lambda: model.fc1(x, routing=other), lambda: fk.set_routing(model, other),
+                 lambda: fk.use_routing(model, other).__enter__()):
+        with pytest.raises(ValueError, match="values of group 'language' differ"):
+            call()
+    # an equal space built separately is accepted (compared once, then remembered)
+    same = fk.Routing(make_space().encode([{"language": "sw"}, {"task": "qa"}]), make_space())
+    torch.testing.assert_close(model.fc1(x, routing=same), model.fc1(x, routing=fk.Routing(same.feature_ids, space)))
+
+
 # ---------------------------------------------------------------------------------------------
 # merge_and_unload / unload
 # ---------------------------------------------------------------------------------------------

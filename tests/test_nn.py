@@ -194,6 +194,40 @@ def test_alpha_must_be_finite_and_positive(alpha):
     assert layer.alpha == 4.0 and layer.scaling.tolist() == pytest.approx([0.5] * 4 + [2.0] * 2)
 
 
+@pytest.mark.parametrize("alpha,dtype,use_rslora", [(1e300, None, False), (1e39, torch.float32, True),
+                                                    (1e6, torch.float16, False), (3e5, torch.float16, True)])
+def test_alpha_whose_scale_overflows_the_adapter_dtype_is_refused(alpha, dtype, use_rslora):
+    """alpha / r_k (or / sqrt(r_k)) must be finite in the adapters' dtype: an infinite scale makes a
+    fresh layer (B = 0) output inf * 0 = NaN instead of its base."""
+    s = fk.FeatureSpace({"g": ["a", "b"]}, rank=4)
+    with pytest.raises(ValueError, match="overflows"):
+        fk.FLixLinear(16, 16, s, alpha=alpha, adapter_dtype=dtype, use_rslora=use_rslora)
+    with pytest.raises(ValueError, match="overflows"):
+        fk.inject(nn.Sequential(nn.Linear(16, 16)), s, target_modules=["0"], alpha=alpha, adapter_dtype=dtype,
+                  use_rslora=use_rslora)
+    layer = fk.FLixLinear(16, 16, s, alpha=8, adapter_dtype=dtype)
+    with pytest.raises(ValueError, match="overflows"):
+        layer.set_scaling(alpha, use_rslora)
+    assert layer.alpha == 8.0 and torch.isfinite(layer.scaling).all()
+    x = torch.randn(3, 16)
+    out = layer(x, routing=fk.Routing(s.encode([{"g": "a"}] * 3), s))
+    torch.testing.assert_close(out, layer.base_layer(x))  # a fresh layer is its base
+
+
+def test_a_failed_inject_leaves_the_model_unchanged():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4).half())
+    before = [type(m) for m in model]
+    with pytest.raises(ValueError, match="overflows"):
+        fk.inject(model, space(), target_modules="all-linear", alpha=1e6)  # fits fp32, not the fp16 layer's
+    assert [type(m) for m in model] == before and all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("flag", ["false", "true", 2, None])
+def test_use_rslora_must_be_a_bool(flag):
+    with pytest.raises(TypeError, match="use_rslora must be True or False"):
+        fk.FLixLinear(4, 3, space(), use_rslora=flag)
+
+
 @pytest.mark.parametrize("alpha", ["8", None, True, torch.tensor(8.0)])
 def test_alpha_must_be_a_number(alpha):
     with pytest.raises(TypeError, match="alpha must be a number"):

@@ -140,8 +140,27 @@ def test_generate_rejects_bad_arguments(seed):
     packed = fk.Routing(ids, space, cu_seqlens=[0, 2, 3])
     with pytest.raises(ValueError, match="packed"):
         fk.generate(model, prompts, routing=packed, max_new_tokens=2)
-    with pytest.raises(ValueError, match="not a multiple of the routing's 3 examples"):
+    with pytest.raises(ValueError, match="generate got 3 feature sets for 2 prompts"):
         fk.generate(model, prompts, feature_ids=space.encode(FEATURES[:3]), max_new_tokens=2, pad_token_id=0)
+    with pytest.raises(ValueError, match="generate got 3 examples in the routing for 2 prompts"):
+        fk.generate(model, prompts, routing=fk.Routing(space.encode(FEATURES[:3]), space), max_new_tokens=2)
+    assert all(layer._routing is None for _, layer in fk.flix_layers(model))
+
+
+def test_generate_refuses_fewer_feature_sets_than_prompts_and_broadcasts_one(seed):
+    """2 dicts for 4 prompts used to be stretched as if the extra prompts were beams (prompts 0-1
+    got dict 0, 2-3 dict 1); one dict (or one routing row) is for every prompt."""
+    model, space = flix_model("llama", seed)
+    prompts = tokens(torch.Generator().manual_seed(seed), 4, 3)
+    args = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with pytest.raises(ValueError, match="generate got 2 feature sets for 4 prompts; pass one per prompt, or one"):
+        fk.generate(model, prompts, feature_ids=FEATURES[:2], **args)
+    with pytest.raises(ValueError, match="generate got 2 feature sets for 4 prompts"):
+        fk.generate(model, input_ids=prompts, feature_ids=space.encode(FEATURES[:2]), **args)
+    one = fk.generate(model, prompts, feature_ids=[FEATURES[1]], **args)
+    each = fk.generate(model, prompts, feature_ids=[FEATURES[1]] * 4, **args)
+    by_routing = fk.generate(model, prompts, routing=fk.Routing(space.encode([FEATURES[1]]), space), **args)
+    assert torch.equal(one, each) and torch.equal(by_routing, each)
 
 
 def test_routing_repeat_interleave(seed):
@@ -404,6 +423,58 @@ def test_trainer_checkpoint_resumes_into_an_injected_model_and_loads_as_plain(tm
     model.eval()
     resumed.eval()
     assert torch.equal(_outputs(resumed, x, routing), _outputs(model, x, routing))
+
+
+def _train_with_dropout_generator(tmp_path, seed, space, data, max_steps, resume=None):
+    model = tiny("llama", seed)
+    fk.inject(model, space, target_modules="all-linear")
+    with torch.no_grad():
+        randomize_adapters(model, torch.Generator().manual_seed(seed + 1), b_scale=0.3)
+    fk.accept_feature_ids(model, feature_dropout=0.5, generator=torch.Generator().manual_seed(seed + 7))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=2, learning_rate=1e-2,
+        remove_unused_columns=False, report_to=[], use_cpu=True, save_strategy="steps", save_steps=2,
+        disable_tqdm=True, seed=seed, data_seed=seed)
+    model.train()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, data_collator=fk.FeatureCollator(space))
+    trainer.train(resume_from_checkpoint=resume)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_trainer_resume_with_a_dropout_generator_is_bit_identical(tmp_path, seed):
+    """accept_feature_ids(generator=...): the generator's state travels in the model's state dict,
+    so a run resumed from a Trainer checkpoint draws the feature dropout of the unbroken run."""
+    pytest.importorskip("accelerate")
+    space = make_space()
+    data = ragged_examples(torch.Generator().manual_seed(seed), [4, 6, 3, 5, 2, 7, 4, 3])
+    for ex in data:
+        ex["labels"] = list(ex["input_ids"])
+    unbroken = _train_with_dropout_generator(tmp_path / "a", seed, space, data, max_steps=4)  # saves checkpoint-2
+    resumed = _train_with_dropout_generator(tmp_path / "c", seed, space, data, max_steps=4,
+                                            resume=str(tmp_path / "a" / "checkpoint-2"))
+    assert unbroken.keys() == resumed.keys()
+    for name in unbroken:
+        assert torch.equal(unbroken[name], resumed[name]), name
+
+
+def test_dropout_generator_state_is_in_the_state_dict_until_removed(seed):
+    model, space = flix_model("llama", seed)
+    gen = torch.Generator().manual_seed(seed)
+    handle = fk.accept_feature_ids(model, feature_dropout=0.5, generator=gen)
+    key = handle.GENERATOR_STATE
+    torch.rand(5, generator=gen)
+    state = model.state_dict()
+    assert torch.equal(state[key], gen.get_state())  # the state now, not when accept_feature_ids was called
+    expected = torch.rand(5, generator=gen)
+    torch.rand(7, generator=gen)
+    model.load_state_dict(state)
+    assert torch.equal(torch.rand(5, generator=gen), expected)
+    with pytest.raises(TypeError, match="CPU torch.Generator"):
+        fk.accept_feature_ids(model, feature_dropout=0.5, generator="seed")
+    handle.remove()
+    assert key not in model.state_dict()
+    fk.accept_feature_ids(model, feature_dropout=0.5)
+    assert key not in model.state_dict()  # no generator of its own: torch's, which checkpoints already carry
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

@@ -13,13 +13,15 @@ forward takes the inputs as keywords works.
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
 from ..features import FeatureSpace
-from ..model import _require_layers, _restore, _route, check_head
+from .. import _call_routing
+from ..model import _require_layers, check_head, prepare_routing
 from ..routing import Routing
 
 __all__ = ["FeatureCollator", "accept_feature_ids", "cu_seqlens_from_position_ids", "feature_ids_tensor", "generate"]
@@ -77,22 +79,41 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
 
 
 class _FeatureInputs:
-    """The forward hooks installed by :func:`accept_feature_ids`."""
+    """The forward hooks installed by :func:`accept_feature_ids`. Each forward's routing belongs
+    to that forward (:mod:`flix_kernels._call_routing`): forwards running at once in several
+    threads or asyncio tasks each use their own ``feature_ids``."""
+
+    # The dropout generator's state in the model's state dict (so checkpoints carry it)
+    GENERATOR_STATE = "flix_feature_dropout_generator_state"
 
     def __init__(self, model: nn.Module, feature_dropout: float, generator: torch.Generator | None):
         if not (0.0 <= float(feature_dropout) < 1.0):
             raise ValueError(f"feature_dropout must be in [0, 1), got {feature_dropout}")
-        # The FLix layers, found once: a forward only swaps their routing.
+        if generator is not None and not (isinstance(generator, torch.Generator) and generator.device.type == "cpu"):
+            raise TypeError(f"generator must be a CPU torch.Generator (feature dropout is drawn on the host), got "
+                            f"{generator!r}")
+        # The FLix layers, found once: a forward only routes them.
         self.model, self.layers = model, _layers_of(model)
         self.space = self.layers[0].space
         self.feature_dropout, self.generator = float(feature_dropout), generator
-        self._stack: list = []  # one entry per active forward (None: left the routing alone)
         self._handles = [
             model.register_forward_pre_hook(self._pre, with_kwargs=True),
             model.register_forward_hook(self._post, always_call=True),
         ]
+        if generator is not None:
+            # Checkpoints (Trainer's, Accelerate's, torch.save of the state dict) carry the
+            # generator's state, so a resumed run draws the same feature dropout as an unbroken one.
+            model.register_buffer(self.GENERATOR_STATE, generator.get_state(), persistent=True)
+            self._handles += [model.register_state_dict_pre_hook(self._generator_to_state),
+                              model.register_load_state_dict_post_hook(self._generator_from_state)]
         for layer in self.layers:
             layer._no_routing_hint = _NO_ROUTING_HINT
+
+    def _generator_to_state(self, module, prefix, keep_vars) -> None:
+        getattr(self.model, self.GENERATOR_STATE).copy_(self.generator.get_state())
+
+    def _generator_from_state(self, module, incompatible_keys) -> None:
+        self.generator.set_state(getattr(self.model, self.GENERATOR_STATE).clone())
 
     def _routing(self, kwargs: dict) -> Routing | None:
         ids = kwargs.pop("feature_ids", None)
@@ -118,15 +139,14 @@ class _FeatureInputs:
     @torch.compiler.disable
     def _pre(self, module, args, kwargs):
         routing = self._routing(kwargs)
-        self._stack.append(None if routing is None else _route(self.layers, routing))
+        if routing is not None:
+            prepare_routing(self.layers, routing)
+            _call_routing.push(self, self.layers, routing)
         return args, kwargs
 
     @torch.compiler.disable
     def _post(self, module, args, output):
-        if self._stack:
-            previous = self._stack.pop()
-            if previous is not None:
-                _restore(previous)
+        _call_routing.remove(owner=self)
         return output
 
     def remove(self) -> None:
@@ -134,6 +154,8 @@ class _FeatureInputs:
             h.remove()
         for layer in self.layers:
             layer._no_routing_hint = None
+        if self.generator is not None and self.GENERATOR_STATE in self.model._buffers:
+            delattr(self.model, self.GENERATOR_STATE)
         self.model._flix_feature_inputs = None
 
 
@@ -182,62 +204,102 @@ def generate(model: nn.Module, *args, feature_ids=None, routing: Routing | None 
     """``model.generate(*args, **kwargs)`` with every example using its own features.
 
     Pass ``feature_ids`` (``(B, num_groups)`` ids or a list of B ``{group: value}`` dicts) or a
-    ``routing`` of the B prompts. ``generate`` repeats each prompt for beam search and for
-    several return sequences (``[e0, e0, e1, e1, ...]``); every forward it runs (the encoder
-    of an encoder-decoder, then prefill and each decode step with the KV cache) is routed with
-    the routing of its own batch size, B or a multiple of B, so beams of one example keep that
-    example's features.
+    ``routing`` of the B prompts; one set (a single row or dict in a list) is used for every
+    prompt, any other count than B or 1 raises. ``generate`` repeats each prompt for beam search
+    and for several return sequences (``[e0, e0, e1, e1, ...]``); every forward it runs (the
+    encoder of an encoder-decoder, then prefill and each decode step with the KV cache) is
+    routed with the routing of its own batch size, B or a multiple of B, so beams of one example
+    keep that example's features. The routing belongs to this call: generations running at
+    once in other threads or asyncio tasks keep theirs.
     """
     if (feature_ids is None) == (routing is None):
         raise ValueError("generate needs exactly one of feature_ids= or routing=")
     layers = _layers_of(model)
+    space = layers[0].space
+    prompts = _batch_size(args, kwargs)
     if routing is None:
-        routing = Routing(feature_ids_tensor(feature_ids, layers[0].space), layers[0].space)
+        ids = feature_ids_tensor(feature_ids, space)
+        if prompts is not None and ids.dim() == 2 and ids.shape[0] == 1 and prompts > 1:
+            ids = ids.expand(prompts, -1)  # one feature set for every prompt
+        routing = Routing(ids, space)
+        what = "feature sets"
     elif not isinstance(routing, Routing):
         raise TypeError(f"routing must be a flix_kernels.Routing, got {type(routing).__name__}")
-    if routing.cu_seqlens is not None:
-        raise ValueError("generate needs a routing of padded prompts (B, L), not a packed one (cu_seqlens)")
-    B = routing.num_examples
-    by_size: dict[int, Routing] = {B: routing}
-
-    def routing_for(n: int) -> Routing:
-        if n not in by_size:
-            if B == 0 or n % B:
-                raise ValueError(f"generate ran a forward on a batch of {n} sequences, which is not a multiple of the "
-                                 f"routing's {B} examples")
-            by_size[n] = routing.repeat_interleave(n // B)
-        return by_size[n]
-
-    stack: list = []
-
-    def pre(module, a, kw):
-        n = _batch_size(a, kw)
-        stack.append(None if n is None else _route(layers, routing_for(n)))
-
-    def post(module, a, output):
-        if stack:
-            previous = stack.pop()
-            if previous is not None:
-                _restore(previous)
-
+    else:
+        if routing.cu_seqlens is not None:
+            raise ValueError("generate needs a routing of padded prompts (B, L), not a packed one (cu_seqlens)")
+        if prompts is not None and routing.num_examples == 1 and prompts > 1:
+            routing = routing.repeat_interleave(prompts)
+        what = "examples in the routing"
+    if prompts is not None and routing.num_examples != prompts:
+        raise ValueError(f"generate got {routing.num_examples} {what} for {prompts} prompts; pass one per prompt, "
+                         "or one for all of them")
+    prepare_routing(layers, routing)
     # The encoder of an encoder-decoder is called directly by generate, not through forward.
     modules = [model]
     get_encoder = getattr(model, "get_encoder", None)
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and callable(get_encoder):
         modules.append(get_encoder())
-    handles = []
+    for m in modules:
+        _call_routing.install_hooks(m, _generate_pre, _generate_post)
+    call = _Generation(modules, layers, routing)
+    token = _GENERATIONS.set(_GENERATIONS.get() + (call,))
+    outer = _call_routing.push(call, layers, routing)  # also covers forwards the hooks cannot size
     try:
-        for m in modules:
-            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(m.register_forward_hook(post, always_call=True))
-        previous = _route(layers, routing)  # also covers forwards the hooks cannot size
-        try:
-            return model.generate(*args, **kwargs)
-        finally:
-            _restore(previous)
+        return model.generate(*args, **kwargs)
     finally:
-        for h in handles:
-            h.remove()
+        _call_routing.remove(outer)
+        _GENERATIONS.reset(token)
+
+
+class _Generation:
+    """One :func:`generate` call: its modules, layers and the routing of each batch size."""
+
+    def __init__(self, modules: list[nn.Module], layers: list, routing: Routing):
+        self.modules, self.layers = modules, layers
+        self.by_size: dict[int, Routing] = {routing.num_examples: routing}
+        self.num_examples = routing.num_examples
+
+    def routing_for(self, n: int) -> Routing:
+        routing = self.by_size.get(n)
+        if routing is None:
+            B = self.num_examples
+            if B == 0 or n % B:
+                raise ValueError(f"generate ran a forward on a batch of {n} sequences, which is not a multiple of the "
+                                 f"routing's {B} examples")
+            routing = self.by_size[B].repeat_interleave(n // B)
+            prepare_routing(self.layers, routing)
+            self.by_size[n] = routing
+        return routing
+
+
+# The generate calls running in this thread or asyncio task, innermost last. The hooks that size
+# each forward's routing are installed once per module and act only for this context's calls, so
+# generations in other threads neither see them nor race with hooks being added and removed.
+_GENERATIONS: contextvars.ContextVar[tuple[_Generation, ...]] = contextvars.ContextVar("flix_kernels_generate",
+                                                                                       default=())
+
+
+def _generation_of(module: nn.Module) -> _Generation | None:
+    for call in reversed(_GENERATIONS.get()):
+        if any(m is module for m in call.modules):
+            return call
+    return None
+
+
+@torch.compiler.disable
+def _generate_pre(module, args, kwargs):
+    call = _generation_of(module)
+    n = None if call is None else _batch_size(args, kwargs)
+    if n is not None:
+        _call_routing.push(call, call.layers, call.routing_for(n))
+
+
+@torch.compiler.disable
+def _generate_post(module, args, output):
+    call = _generation_of(module)
+    if call is not None:
+        _call_routing.remove(owner=call)
 
 
 class FeatureCollator:

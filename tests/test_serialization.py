@@ -1,11 +1,16 @@
-"""save_adapters / load_adapters: round trips, every error path, no unpickling, atomic writes."""
+"""save_adapters / load_adapters: round trips, every error path, no unpickling, atomic writes.
+
+Crash safety (interrupting a save at every step, kill -9, concurrent saves) is tested in
+test_serialization_crash.py."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import shutil
+import warnings
 
 import pytest
 import safetensors
@@ -171,6 +176,7 @@ def test_save_of_model_without_flix_layers_raises(seed, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def _edit_config(path, edit):
+    """Edit flix_config.json alone (the human-readable copy), as by hand."""
     cfg_path = os.path.join(path, CONFIG_FILE)
     with open(cfg_path) as f:
         cfg = json.load(f)
@@ -179,77 +185,126 @@ def _edit_config(path, edit):
         json.dump(cfg, f)
 
 
-def test_load_from_missing_folder_or_config_raises(seed, tmp_path):
-    model = trained_mlp(seed)
-    with pytest.raises(FileNotFoundError, match=CONFIG_FILE):
-        fk.load_adapters(model, str(tmp_path / "does-not-exist"))
+def _rewrite(path, edit_config=None, edit_tensors=None, metadata=None):
+    """Rewrite a save as a hand-made or corrupt file would be: the config stored in the tensors
+    file edited by ``edit_config(cfg)`` (the JSON copy kept equal to it, so only the edit shows),
+    the tensors by ``edit_tensors(dict)``, or the raw ``metadata`` replaced."""
+    t_path = os.path.join(path, TENSORS_FILE)
+    with safetensors.safe_open(t_path, framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    cfg = json.loads(meta["flix_config"])
+    if edit_config is not None:
+        edit_config(cfg)
+    if edit_tensors is not None:
+        edit_tensors(tensors)
+    if metadata is None:
+        metadata = {"flix_config": json.dumps(cfg, sort_keys=True)}
+    safetensors.torch.save_file(tensors, t_path, metadata=metadata)
+    with open(os.path.join(path, CONFIG_FILE), "w") as f:
+        json.dump(cfg, f)
+
+
+def save_id(path):
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+        return json.load(f)["save_id"]
+
+
+def test_load_from_missing_folder_raises(seed, tmp_path):
+    with pytest.raises(FileNotFoundError, match=rf"no {TENSORS_FILE} in .*does-not-exist.*not a flix_kernels adapter folder"):
+        fk.load_adapters(trained_mlp(seed), str(tmp_path / "does-not-exist"))
+
+
+def test_missing_json_copy_loads_from_the_tensors_file_with_a_warning(seed, tmp_path):
+    """The tensors file carries the whole config: without flix_config.json it still loads, and says so."""
+    model = trained_mlp(seed, alpha=3.0, use_rslora=True)
     path = save(model, tmp_path / "a")
     os.remove(os.path.join(path, CONFIG_FILE))
-    with pytest.raises(FileNotFoundError, match=CONFIG_FILE):
-        fk.load_adapters(model, path)
+    fresh = tiny_mlp(seed)
+    with pytest.warns(UserWarning, match=rf"{CONFIG_FILE} is missing .*config stored in {TENSORS_FILE}"):
+        assert fk.load_adapters(fresh, path) == ["fc1", "fc2", "fc3"]
+    assert_same_adapters(fresh, adapter_state(model))
+    assert all((l.alpha, l.use_rslora) == (3.0, True) for _, l in fk.flix_layers(fresh))
 
 
 def test_load_without_tensors_file_raises(seed, tmp_path):
     model = trained_mlp(seed)
     path = save(model, tmp_path)
     os.remove(os.path.join(path, TENSORS_FILE))
-    with pytest.raises(FileNotFoundError, match=TENSORS_FILE):
+    with pytest.raises(FileNotFoundError, match=rf"no {TENSORS_FILE} in .*only {CONFIG_FILE}"):
         fk.load_adapters(model, path)
 
 
 @pytest.mark.parametrize("text", ["{not json", "", "[1, 2"])
-def test_config_that_is_not_json_raises(seed, tmp_path, text):
+def test_json_copy_that_is_not_json_warns_and_loads(seed, tmp_path, text):
     model = trained_mlp(seed)
     path = save(model, tmp_path)
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
         f.write(text)
-    with pytest.raises(ValueError, match="not valid JSON"):
-        fk.load_adapters(model, path)
+    fresh = tiny_mlp(seed)
+    with pytest.warns(UserWarning, match=rf"{CONFIG_FILE} .* is not the config stored in {TENSORS_FILE}.*not valid JSON"):
+        fk.load_adapters(fresh, path)
+    assert_same_adapters(fresh, adapter_state(model))
 
 
 @pytest.mark.parametrize("edit, match", [
     (lambda c: c.update(format="peft"), "not a flix_kernels adapter config"),
     (lambda c: c.pop("format"), "not a flix_kernels adapter config"),
     (lambda c: c.update(format_version=99), "format_version 99"),
+    (lambda c: c.update(format_version=True), "format_version True"),
     (lambda c: c.pop("layers"), "'layers'"),
+    (lambda c: c.update(layers=[1]), "'layers'"),
+    (lambda c: c.update(layers={}), "has no layers"),
     (lambda c: c.update(space=[1]), "'space'"),
+    (lambda c: c.update(space={"groups": {"language": "en"}, "rank": 2}), r"invalid 'space'.*must be a list"),
 ])
-def test_config_with_wrong_format_raises(seed, tmp_path, edit, match):
+def test_stored_config_with_wrong_format_raises(seed, tmp_path, edit, match):
     model = trained_mlp(seed)
     path = save(model, tmp_path)
-    _edit_config(path, edit)
+    _rewrite(path, edit_config=edit)
     with pytest.raises(ValueError, match=match):
         fk.load_adapters(model, path)
 
 
-def test_config_that_is_not_an_object_raises(seed, tmp_path):
+@pytest.mark.parametrize("metadata, match", [
+    ({}, "has no 'flix_config' metadata"),
+    ({"flix_config": "{not json"}, "'flix_config' metadata .* is not valid JSON"),
+    ({"flix_config": '["flix_kernels.adapters"]'}, "not a flix_kernels adapter config"),
+])
+def test_stored_config_that_is_missing_or_not_an_object_raises(seed, tmp_path, metadata, match):
     model = trained_mlp(seed)
     path = save(model, tmp_path)
-    with open(os.path.join(path, CONFIG_FILE), "w") as f:
-        json.dump(["flix_kernels.adapters"], f)
-    with pytest.raises(ValueError, match="not a flix_kernels adapter config"):
+    _rewrite(path, metadata=metadata)
+    with pytest.raises(ValueError, match=match):
         fk.load_adapters(model, path)
 
 
 @pytest.mark.parametrize("other_kw", [dict(alpha=3.0), dict(targets=["fc1", "fc2"]), dict(use_rslora=True)])
-def test_tensors_from_a_different_save_are_detected(seed, tmp_path, other_kw):
+def test_json_copy_of_another_save_warns_and_the_tensors_file_wins(seed, tmp_path, other_kw):
+    """A folder with the tensors file of one save and the JSON of another (a save stopped between
+    its two renames) loads the tensors file's save, complete, and names both save ids."""
     model = trained_mlp(seed)
     path = save(model, tmp_path / "a")
-    other = save(trained_mlp(seed + 1, **other_kw), tmp_path / "b")
+    other_model = trained_mlp(seed + 1, **other_kw)
+    other = save(other_model, tmp_path / "b")
     shutil.copy(os.path.join(other, TENSORS_FILE), os.path.join(path, TENSORS_FILE))
-    target = trained_mlp(seed + 2)
-    before = adapter_state(target)
-    with pytest.raises(ValueError, match="different saves"):
+    target = tiny_mlp(seed)
+    with pytest.warns(UserWarning, match=rf"save_id '{save_id(path)}'.*save_id '{save_id(other)}'.*using the config of {TENSORS_FILE}"):
         fk.load_adapters(target, path)
-    assert_same_adapters(target, before)
+    assert_same_adapters(target, adapter_state(other_model))
+    for (_, a), (_, b) in zip(fk.flix_layers(other_model), fk.flix_layers(target)):
+        assert (b.alpha, b.use_rslora, b.dropout) == (a.alpha, a.use_rslora, a.dropout)
 
 
-def test_edited_config_no_longer_matches_its_tensors(seed, tmp_path):
+def test_edited_json_copy_is_not_used(seed, tmp_path):
     model = trained_mlp(seed)
     path = save(model, tmp_path)
     _edit_config(path, lambda c: c["layers"]["fc2"].update(alpha=1.0))
-    with pytest.raises(ValueError, match="different saves"):
-        fk.load_adapters(model, path)
+    target = trained_mlp(seed + 1)
+    with pytest.warns(UserWarning, match=rf"is not the config stored in {TENSORS_FILE}"):
+        fk.load_adapters(target, path)
+    assert dict(fk.flix_layers(target))["fc2"].alpha == 8.0
+    assert_same_adapters(target, adapter_state(model))
 
 
 def test_file_layer_missing_from_model_raises(seed, tmp_path):
@@ -298,15 +353,18 @@ def test_other_feature_space_raises(seed, tmp_path, other_space, match):
     assert_same_adapters(model, before)
 
 
-def test_two_saves_with_identical_configs_cannot_be_mixed(seed, tmp_path):
-    """Two checkpoints of one model share every hyper-parameter; their files must still pair up."""
+def test_two_saves_with_identical_configs_are_told_apart(seed, tmp_path):
+    """Two checkpoints of one model share every hyper-parameter; a JSON copy of the other one is still
+    detected (by its save id) and the tensors file's save is loaded."""
     model = trained_mlp(seed)
     first = save(model, tmp_path / "step1")
     randomize_adapters(model, torch.Generator().manual_seed(seed + 7))
     second = save(model, tmp_path / "step2")
     shutil.copy(os.path.join(second, TENSORS_FILE), os.path.join(first, TENSORS_FILE))
-    with pytest.raises(ValueError, match="come from different saves"):
-        fk.load_adapters(trained_mlp(seed), first)
+    target = trained_mlp(seed)
+    with pytest.warns(UserWarning, match=rf"save_id '{save_id(first)}'.*save_id '{save_id(second)}'"):
+        fk.load_adapters(target, first)
+    assert_same_adapters(target, adapter_state(model))
 
 
 def test_failed_load_leaves_a_model_without_flix_layers_untouched(seed, tmp_path):
@@ -495,3 +553,181 @@ def test_a_saved_bad_alpha_raises_before_the_model_changes(seed, tmp_path, alpha
     with pytest.raises(ValueError, match=r"layer 'fc2': alpha must be a finite number > 0"):
         fk.load_adapters(model, path)
     assert_same_adapters(model, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# every field and tensor checked before the model changes
+# ---------------------------------------------------------------------------------------------
+
+def model_snapshot(model):
+    """Everything a failed load must leave as it was: the state dict, requires_grad flags, module
+    types, and the FLix layers' hyper-parameters."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "grad": [(n, p.requires_grad) for n, p in model.named_parameters()],
+        "types": [(n, type(m)) for n, m in model.named_modules()],
+        "hp": [(n, l.alpha, l.use_rslora, l.dropout, l.scaling.clone()) for n, l in fk.flix_layers(model)],
+    }
+
+
+def assert_unchanged(model, before):
+    after = model_snapshot(model)
+    assert after["types"] == before["types"]
+    assert after["grad"] == before["grad"]
+    assert after["state"].keys() == before["state"].keys()
+    for k, v in before["state"].items():
+        assert after["state"][k].dtype == v.dtype and torch.equal(after["state"][k], v), k
+    assert len(after["hp"]) == len(before["hp"])
+    for a, b in zip(after["hp"], before["hp"]):
+        assert a[:4] == b[:4] and torch.equal(a[4], b[4]), a[0]
+
+
+def _set(layer, **kw):
+    return lambda c: c["layers"][layer].update(**kw)
+
+
+def _drop(layer, key):
+    return lambda c: c["layers"][layer].pop(key)
+
+
+def _tensor(key, fn):
+    def edit(tensors):
+        tensors[key] = fn(tensors[key])
+    return edit
+
+
+def _with_nonfinite(t, n, value):
+    t = t.clone()
+    t.view(-1)[:n] = value
+    return t
+
+
+def _add(key, value):
+    return lambda tensors: tensors.__setitem__(key, value)
+
+
+R = make_space().total_rank
+# (config edit, tensors edit, error): each a file load_adapters must refuse, naming what is wrong.
+BAD_FILES = {
+    "use_rslora missing": (_drop("fc2", "use_rslora"), None, r"layer 'fc2': missing field\(s\) \['use_rslora'\]"),
+    "use_rslora 'false'": (_set("fc1", use_rslora="false"), None,
+                           r"layer 'fc1': use_rslora must be true or false, got 'false' \(str\)"),
+    "use_rslora 0": (_set("fc3", use_rslora=0), None, r"layer 'fc3': use_rslora must be true or false, got 0 \(int\)"),
+    "entry is a list": (lambda c: c["layers"].update(fc2=[12, 20]), None,
+                        r"layer 'fc2': the entry must be a JSON object .*got list"),
+    "entry is null": (lambda c: c["layers"].update(fc3=None), None, r"layer 'fc3': the entry must be a JSON object"),
+    "in_features a string": (_set("fc1", in_features="12"), None, r"layer 'fc1': in_features must be a positive integer"),
+    "out_features a bool": (_set("fc1", out_features=True), None, r"layer 'fc1': out_features must be a positive integer"),
+    "in_features not the model's": (_set("fc2", in_features=21), None,
+                                    r"layer 'fc2': in_features 21 does not match the model's 20"),
+    "out_features not the model's": (_set("fc3", out_features=8), None,
+                                     r"layer 'fc3': out_features 8 does not match the model's 7"),
+    "dropout a string": (_set("fc2", dropout="0.1"), None, r"layer 'fc2': dropout must be a number in \[0, 1\)"),
+    "dropout 1": (_set("fc2", dropout=1.0), None, r"layer 'fc2': dropout must be a number in \[0, 1\), got 1.0"),
+    "dropout NaN": (_set("fc2", dropout=float("nan")), None, r"layer 'fc2': dropout must be a number in \[0, 1\)"),
+    "dtype int32": (_set("fc1", dtype="int32"), None, r"layer 'fc1': dtype must name a floating-point torch dtype.*'int32'"),
+    "dtype a number": (_set("fc1", dtype=32), None, r"layer 'fc1': dtype must name a floating-point torch dtype"),
+    "dtype not a dtype": (_set("fc1", dtype="Tensor"), None, r"layer 'fc1': dtype must name a floating-point torch dtype"),
+    "alpha a string": (_set("fc2", alpha="8"), None, r"layer 'fc2': alpha must be a number"),
+    "alpha overflows float32": (_set("fc2", alpha=1e39), None, r"layer 'fc2': alpha=1e\+39 gives .* which overflows"),
+    "NaN in lora_B": (None, _tensor("fc2.lora_B", lambda t: _with_nonfinite(t, 3, float("nan"))),
+                      rf"non-finite values .*'fc2\.lora_B': 3 of {16 * R}.*allow_nonfinite=True"),
+    "inf in lora_A": (None, _tensor("fc1.lora_A", lambda t: _with_nonfinite(t, 1, -float("inf"))),
+                      rf"non-finite values .*'fc1\.lora_A': 1 of {R * 12}"),
+    "unknown tensor": (None, _add("fc9.lora_A", torch.zeros(R, 4)),
+                       r"tensors of no saved layer: \['fc9\.lora_A'\]; pass strict=False"),
+    "int32 lora_A": (None, _tensor("fc1.lora_A", lambda t: t.round().to(torch.int32)),
+                     r"tensor 'fc1\.lora_A' has dtype int32; adapters must be floating-point"),
+    "bool lora_B": (None, _tensor("fc3.lora_B", lambda t: t > 0), r"tensor 'fc3\.lora_B' has dtype bool"),
+    "wrong shape": (None, _tensor("fc3.lora_B", lambda t: t[:5]), rf"fc3\.lora_B: saved shape \(5, {R}\) does not match"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+@pytest.mark.parametrize("injected", [True, False], ids=["flix-model", "plain-model"])
+def test_a_bad_file_raises_and_leaves_the_model_as_it_was(seed, tmp_path, case, injected):
+    edit_config, edit_tensors, match = BAD_FILES[case]
+    path = save(trained_mlp(seed, alpha=4.0), tmp_path)  # fc1 (12 -> 20), fc2 (20 -> 16), fc3 (16 -> 7)
+    _rewrite(path, edit_config, edit_tensors)
+    model = trained_mlp(seed + 1, dropout=0.2) if injected else tiny_mlp(seed + 1)
+    before = model_snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the JSON copy matches: no warning may hide the error
+        with pytest.raises(ValueError, match=match):
+            fk.load_adapters(model, path)
+    assert_unchanged(model, before)
+
+
+def test_allow_nonfinite_loads_them_with_a_warning_giving_the_counts(seed, tmp_path):
+    saved = trained_mlp(seed)
+    path = save(saved, tmp_path)
+    _rewrite(path, edit_tensors=lambda t: t.update({
+        "fc2.lora_B": _with_nonfinite(t["fc2.lora_B"], 3, float("nan")),
+        "fc1.lora_A": _with_nonfinite(t["fc1.lora_A"], 2, float("inf"))}))
+    model = tiny_mlp(seed)
+    with pytest.warns(UserWarning, match=rf"allow_nonfinite=True.*'fc1\.lora_A': 2 of {R * 12}.*'fc2\.lora_B': 3 of {16 * R}"):
+        fk.load_adapters(model, path, allow_nonfinite=True)
+    layers = dict(fk.flix_layers(model))
+    assert int(torch.isnan(layers["fc2"].lora_B).sum()) == 3 and int(torch.isinf(layers["fc1"].lora_A).sum()) == 2
+    assert torch.equal(layers["fc3"].lora_B, dict(fk.flix_layers(saved))["fc3"].lora_B)
+
+
+def test_a_cast_that_overflows_counts_as_nonfinite(seed, tmp_path):
+    """float32 adapters loaded into float16 ones: a value past float16's range would become inf."""
+    saved = trained_mlp(seed)
+    with torch.no_grad():
+        dict(fk.flix_layers(saved))["fc2"].lora_B[0, :2] = 1e6
+    path = save(saved, tmp_path)
+    model = tiny_mlp(seed)
+    fk.inject(model, make_space(), target_modules="all-linear", adapter_dtype=torch.float16)
+    before = model_snapshot(model)
+    with pytest.raises(ValueError, match=rf"'fc2\.lora_B': 2 of {16 * R}, 2 of them from the cast torch.float32 -> torch.float16"):
+        fk.load_adapters(model, path)
+    assert_unchanged(model, before)
+
+
+def test_unknown_tensor_is_skipped_with_a_warning_when_not_strict(seed, tmp_path):
+    saved = trained_mlp(seed)
+    path = save(saved, tmp_path)
+    _rewrite(path, edit_tensors=_add("extra.weight", torch.zeros(3)))
+    model = tiny_mlp(seed)
+    with pytest.warns(UserWarning, match=r"strict=False.*tensors of no saved layer: \['extra\.weight'\]"):
+        assert fk.load_adapters(model, path, strict=False) == ["fc1", "fc2", "fc3"]
+    assert_same_adapters(model, adapter_state(saved))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_a_tensor_of_another_floating_dtype_is_cast(seed, tmp_path, dtype):
+    saved = trained_mlp(seed)
+    path = save(saved, tmp_path)
+    _rewrite(path, edit_tensors=_tensor("fc2.lora_A", lambda t: t.to(dtype)))
+    model = trained_mlp(seed + 1)
+    fk.load_adapters(model, path)
+    expected = adapter_state(saved)
+    expected["fc2.lora_A"] = expected["fc2.lora_A"].to(dtype).float()
+    assert_same_adapters(model, expected)
+
+
+def test_layer_alpha_that_overflows_the_models_adapter_dtype_raises(seed, tmp_path):
+    """alpha fits the saved float32 adapters but not the model's float16 ones: refused before any change."""
+    saved = trained_mlp(seed, space=make_space(1))
+    dict(fk.flix_layers(saved))["fc1"].alpha = 1e5  # alpha / r = 1e5 > float16's 65504
+    path = save(saved, tmp_path)
+    model = tiny_mlp(seed)
+    fk.inject(model, make_space(1), target_modules="all-linear", adapter_dtype=torch.float16)
+    before = model_snapshot(model)
+    with pytest.raises(ValueError, match=r"layer 'fc1': alpha=100000.0 .* overflows torch.float16"):
+        fk.load_adapters(model, path)
+    assert_unchanged(model, before)
+
+
+def test_saved_hyper_parameters_are_applied_exactly(seed, tmp_path):
+    """use_rslora false stays false (a string "false" is refused above), and dropout 0 loads as 0.0."""
+    saved = trained_mlp(seed, alpha=6.0, use_rslora=False, dropout=0.0)
+    path = save(saved, tmp_path)
+    model = trained_mlp(seed + 1, alpha=2.0, use_rslora=True, dropout=0.3)
+    fk.load_adapters(model, path)
+    for _, layer in fk.flix_layers(model):
+        assert (layer.alpha, layer.use_rslora, layer.dropout) == (6.0, False, 0.0)
+        assert type(layer.dropout) is float and type(layer.alpha) is float
+    assert math.isclose(float(layer.scaling[0]), 6.0 / make_space().ranks[0])

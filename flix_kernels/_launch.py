@@ -4,7 +4,8 @@ the device's SM count, power-of-two sizes, and the one door every kernel launch 
 The door (:func:`launch_triton`, :func:`call_extension`) lets ``flix-kernels bench --overhead``
 count the launches of a layer and skip them, so that it times exactly the Python path a GPU
 run takes on any machine (see :func:`recording`). Outside a recording it costs one global
-lookup per launch.
+lookup per launch, and a look at the kernel's class (under Triton's interpreter it refuses
+bfloat16 tensors, see :data:`INTERPRETER_BF16`).
 """
 
 from __future__ import annotations
@@ -16,13 +17,23 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["DECODE_TOKENS", "Launch", "LaunchRecord", "call_extension", "cdiv", "launch_triton", "next_pow2", "num_sms",
-           "recording"]
+__all__ = ["DECODE_TOKENS", "INTERPRETER_BF16", "Launch", "LaunchRecord", "call_extension", "cdiv", "launch_triton",
+           "next_pow2", "num_sms", "recording"]
 
 # Token counts up to this are the decode shape class (launch plans and "auto" pick by it).
 DECODE_TOKENS = 64
 
 _SM_COUNT: dict[int, int] = {}
+
+# Triton's interpreter (TRITON_INTERPRET=1) computes a bfloat16 tl.dot wrongly (errors of ~1e10,
+# triton-lang/triton issue 11584), so bfloat16 is refused there: by the backend's ``supports``
+# and by :func:`launch_triton` for direct launcher users.
+INTERPRETER_BF16 = ("Triton's interpreter (TRITON_INTERPRET=1), which computes bfloat16 tl.dot wrongly "
+                    "(triton-lang/triton issue 11584): cast to float16 or float32, or run on a CUDA GPU "
+                    "without TRITON_INTERPRET")
+# The class of a kernel that @triton.jit made under TRITON_INTERPRET=1 lives here: a kernel runs in
+# the interpreter when it was built there, whatever the variable says at launch.
+_INTERPRETER_MODULE = "triton.runtime.interpreter"
 
 
 def num_sms(device: torch.device) -> int:
@@ -108,7 +119,17 @@ def launch_triton(kernel, grid, *args, **kwargs) -> None:
             rec.launches.append(Launch("triton", kernel, tuple(grid), args, kwargs))
         if not rec.run:
             return
+    if type(kernel).__module__ == _INTERPRETER_MODULE:  # the dtype scan only when interpreting
+        _refuse_interpreted_bf16(kernel, args, kwargs)
     kernel[grid](*args, **kwargs)
+
+
+def _refuse_interpreted_bf16(kernel, args, kwargs) -> None:
+    named = [(f"argument {i}", a) for i, a in enumerate(args)] + [(repr(k), a) for k, a in kwargs.items()]
+    for name, a in named:
+        if isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16:
+            raise TypeError(f"{kernel.__name__}: {name} is a torch.bfloat16 tensor, which cannot run in "
+                            f"{INTERPRETER_BF16} (or use the FLix ops with backend='torch')")
 
 
 def call_extension(fn: Callable, *args, **kwargs) -> None:

@@ -1,5 +1,6 @@
 """A progress line for the long CLI commands: done/total, time elapsed and, once something is
-done, the time left (rich when installed, plain lines otherwise, nothing when disabled)."""
+done, the time left (rich when installed, plain lines otherwise, nothing when disabled); for a
+log (stdout not a terminal), one line per finished case instead."""
 
 from __future__ import annotations
 
@@ -25,12 +26,17 @@ class Progress:
     the time since the last unit was done: it appears once one unit is done and counts down.
     Without ``total`` the line counts units. ``clock`` (seconds) is replaceable for tests;
     ``use_rich=False`` prints plain lines even where rich is installed.
+
+    ``lines=True`` is for output to a file or pipe, where a live line shows nothing until the
+    end (rich draws it only on a terminal): no progress line at all, ``enabled`` or not, but
+    :meth:`finished` prints one flushed line per finished case (its name, time and result).
+    The commands set it when stdout is not a terminal.
     """
 
     def __init__(self, enabled: bool, total: int | None = None, *, unit: str = "steps",
-                 clock: Callable[[], float] = time.monotonic, use_rich: bool | None = None):
-        self.enabled, self.total, self.unit, self.clock = enabled, total, unit, clock
-        self.use_rich = use_rich
+                 clock: Callable[[], float] = time.monotonic, use_rich: bool | None = None, lines: bool = False):
+        self.enabled, self.total, self.unit, self.clock = enabled and not lines, total, unit, clock
+        self.use_rich, self.lines = use_rich, lines
         self.done, self.what, self.bar = 0, "starting", None
         self.start = self.last_tick = clock()
 
@@ -71,6 +77,13 @@ class Progress:
         self.what = what
         if self.bar is None and self.enabled:
             print(f"... {self.text()}", flush=True)
+
+    def finished(self, name: str, seconds: float, result: str) -> None:
+        """Case ``name`` finished in ``seconds`` with ``result`` (its key number): one line, with
+        ``lines`` (a log), flushed at once so that a log shows it while the run goes on."""
+        if self.lines:
+            took = f"{seconds:.1f} s" if seconds < 60 else duration(seconds)
+            print(f"done {name} in {took}: {result}", flush=True)
 
     def tick(self, n: int = 1) -> None:
         """``n`` units of work done."""

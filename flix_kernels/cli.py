@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rep-ms", type=positive_arg(float), default=None, metavar="MS",
                    help="milliseconds each timing runs, > 0 (default: GPU 200, CPU 400; --quick: 60 / 100)")
     b.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress line (for logs and CI)")
+                   help="no progress line (for logs and CI); when stdout is not a terminal there is none anyway, "
+                        "and one line per finished case is printed")
 
     d = sub.add_parser("demo", help=DEMO, description=DEMO[0].upper() + DEMO[1:] + ".")
     d.set_defaults(handler=_demo, parser=d)
@@ -164,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder, created if missing and checked writable before the run (default: ./flix-demo)")
     d.add_argument("--device", type=device_arg, default=None, help="cpu (default), cuda or cuda:N")
     d.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bar (for logs and CI)")
+                   help="no progress bar (for logs and CI); when stdout is not a terminal there is none anyway, "
+                        "and one line per finished pretraining or run is printed")
     return parser
 
 
@@ -180,6 +182,14 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # the reader went away (`flix-kernels info | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 1
+
+
+def _on_terminal() -> bool:
+    """Whether stdout is a terminal (else a file or a pipe: a log)."""
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):  # replaced by an object without isatty, or closed
+        return False
 
 
 def _bench(args) -> int:
@@ -209,7 +219,8 @@ def _bench(args) -> int:
                  e2e=args.e2e and not only_modes, overhead=args.overhead or args.quick,
                  serving=args.serving or args.quick, quantized=args.quantized or args.quick, backends=backends,
                  rep_ms=args.rep_ms)
-    record = bench(cfg, out, show_progress=args.progress)
+    # A live progress line shows nothing in a file until the end: a log gets a line per case.
+    record = bench(cfg, out, show_progress=args.progress, case_lines=not _on_terminal())
     if record["failures"]:
         print(f"flix-kernels bench: {len(record['failures'])} failure(s), see above", file=sys.stderr)
         return 1
@@ -242,7 +253,7 @@ def _demo(args) -> int:
     except ValueError as e:
         args.parser.error(f"argument --vary: {e}")
     check_out_folder(args.parser, args.out)
-    run(cfg, args.out, show_progress=args.progress, console=True)
+    run(cfg, args.out, show_progress=args.progress, console=True, case_lines=not _on_terminal())
     return 0
 
 

@@ -18,6 +18,7 @@ gradients are already reduced, so every rank makes the same decision without com
 
 from __future__ import annotations
 
+import weakref
 from typing import Mapping
 
 import torch
@@ -44,6 +45,14 @@ def per_feature_optimizer(optimizer_class: type[torch.optim.Optimizer], model: n
     example using it whose every token is masked out of the loss therefore does not count). The
     views alias the adapters' storage: build the optimizer after moving the model to its device
     and dtype. Not for FSDP2-sharded adapters (each rank would see only its shard's gradient).
+
+    The optimizer hooks each adapter's ``lora_A`` / ``lora_B`` (a post-accumulate-grad hook that
+    hands the views their gradient slices). ``optimizer.close()`` removes those hooks and the
+    views' gradients; it is idempotent, and a ``step`` after it raises ``RuntimeError`` (its
+    ``state_dict`` still works, to save or move the state to a new optimizer). An optimizer
+    dropped without ``close()`` loses its hooks when it is garbage-collected, so building many
+    over one model (a learning-rate search, a notebook) neither slows backward nor keeps
+    gradients alive.
     """
     if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
         raise TypeError(f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}")
@@ -70,7 +79,17 @@ def per_feature_optimizer(optimizer_class: type[torch.optim.Optimizer], model: n
     cls = type(f"PerFeature{optimizer_class.__name__}", (_PerFeature, optimizer_class), {})
     optimizer = cls(groups, **defaults)
     optimizer._flix_slices = slices
+    # The hooks hold the slices only weakly; this removes them once the optimizer is collected
+    # (the callback must not reference the optimizer, or it would never be collected).
+    optimizer._flix_finalizer = weakref.finalize(optimizer, _remove_hooks, slices.handles)
+    optimizer._flix_finalizer.atexit = False
     return optimizer
+
+
+def _remove_hooks(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
 
 
 class _PerFeature:
@@ -78,9 +97,20 @@ class _PerFeature:
     step's gradient lose their gradient; ``zero_grad`` also clears the layers' gradients."""
 
     _flix_slices: "_FeatureSlices"
+    _flix_finalizer: weakref.finalize
+
+    def close(self) -> None:
+        """Remove the hooks on the FLix layers and the views' gradients (idempotent); the state
+        stays readable (``state_dict``), but ``step`` refuses to run."""
+        self._flix_finalizer()  # runs _remove_hooks once, however often close() is called
+        self._flix_slices.release()
 
     @torch.no_grad()
     def step(self, closure=None):
+        if not self._flix_finalizer.alive:  # without hooks the views would see no gradient
+            raise RuntimeError(f"this {type(self).__name__} was closed (close() removed its gradient hooks); "
+                               "build a new one with per_feature_optimizer(...) and load this one's "
+                               "state_dict() into it to continue training")
         loss = None
         if closure is not None:  # the closure recomputes the gradients the step uses
             with torch.enable_grad():
@@ -109,7 +139,9 @@ class _FeatureSlices:
         self._offsets_on: dict[torch.device, torch.Tensor] = {}  # built once per device, not per step
         self.by_group: dict[str, list[nn.Parameter]] = {g: [] for g in space.groups}
         self.views: list[tuple[object, list[nn.Parameter], list[nn.Parameter]]] = []
-        for layer in layers:
+        self.handles: list = []  # the hooks' RemovableHandles, removed by close() or collection
+        me = weakref.ref(self)  # the hooks must not keep the slices (and their views' grads) alive
+        for i, layer in enumerate(layers):
             a_views, b_views = [], []
             for k, (group, _) in enumerate(space.feature_names):
                 start, size = self.offsets[k], self.offsets[k + 1] - self.offsets[k]
@@ -119,18 +151,14 @@ class _FeatureSlices:
                 b_views.append(b)
                 self.by_group[group] += [v for v in (a, b) if v.requires_grad]
             self.views.append((layer, a_views, b_views))
-            for factor, views, axis in ((layer.lora_A, a_views, 0), (layer.lora_B, b_views, 1)):
+            for factor, side, axis in ((layer.lora_A, 1, 0), (layer.lora_B, 2, 1)):
                 if factor.requires_grad:
-                    factor.register_post_accumulate_grad_hook(self._hand_out(views, axis))
+                    self.handles.append(factor.register_post_accumulate_grad_hook(_hand_out(me, i, side, axis)))
 
-    def _hand_out(self, views, axis):
+    def hand_out(self, grad: torch.Tensor, layer: int, side: int, axis: int) -> None:
         offsets = self.offsets
-
-        def hook(param):
-            g = param.grad
-            for k, v in enumerate(views):
-                v.grad = g.narrow(axis, offsets[k], offsets[k + 1] - offsets[k])
-        return hook
+        for k, v in enumerate(self.views[layer][side]):
+            v.grad = grad.narrow(axis, offsets[k], offsets[k + 1] - offsets[k])
 
     def _used(self) -> list[list[bool] | None]:
         """Per layer, per feature: whether its gradient slice has a nonzero entry (None for a layer
@@ -170,3 +198,13 @@ class _FeatureSlices:
                         p.grad = None
                     else:
                         p.grad.zero_()
+
+
+def _hand_out(slices: weakref.ref, layer: int, side: int, axis: int):
+    """The post-accumulate-grad hook of one factor of one layer: its views get their slices of
+    the gradient; nothing once the optimizer (and so its slices) is gone."""
+    def hook(param):
+        owner = slices()
+        if owner is not None:
+            owner.hand_out(param.grad, layer, side, axis)
+    return hook

@@ -477,3 +477,90 @@ def test_importing_the_package_does_not_import_the_cli():
             "bad = sorted(m for m in sys.modules if m.startswith(('flix_kernels.cli', 'flix_kernels.bench', "
             "'flix_kernels.demo'))); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+_LOG_CHILD = """
+import sys, time
+from pathlib import Path
+from flix_kernels import cli
+from flix_kernels.bench import Case, suite
+
+cases = [Case("headline", tokens=64, seq_len=16, d_in=32, d_out=24), Case("decode T=8", tokens=8, seq_len=1, d_in=32,
+                                                                          d_out=24)]
+suite.plan = lambda cfg: cases  # two tiny cases instead of the CPU shape sets
+started, ack = [], Path(sys.argv[2])
+make_routing = suite.make_routing
+
+def waiting_make_routing(case, *args, **kwargs):  # called as each case starts
+    if started:  # the second case starts once the reader has seen the first case's line
+        deadline = time.monotonic() + 60
+        while not ack.exists():
+            if time.monotonic() > deadline:  # (cli.main would swallow a SystemExit's message)
+                raise RuntimeError("the reader never saw the first case's line")
+            time.sleep(0.02)
+    started.append(case.label)
+    return make_routing(case, *args, **kwargs)
+
+suite.make_routing = waiting_make_routing
+args = ["--device", "cpu", "--backends", "torch", "--rep-ms", "1", "--no-e2e", "--out", sys.argv[1]]
+sys.exit(cli.main(["bench", *args]))
+"""
+
+
+def test_a_log_gets_one_flushed_line_per_finished_case(tmp_path):
+    """``flix-kernels bench > log``: a live progress line shows nothing in a file until the run
+    ends, so stdout that is not a terminal gets one line per finished case (name, time, our
+    fastest forward+backward against the base layer) as each case ends, flushed: the child waits
+    before its second case until this reader has seen the first case's line."""
+    import re
+
+    ack = tmp_path / "seen"
+    proc = subprocess.Popen([sys.executable, "-c", _LOG_CHILD, str(tmp_path / "out"), str(ack)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        before = []
+        for line in proc.stdout:  # a pipe: not a terminal
+            before.append(line)
+            if line.startswith("done headline"):
+                break
+        ack.touch()
+        rest = proc.stdout.read()
+        err = proc.stderr.read()
+        assert proc.wait(timeout=120) == 0, err[-3000:]
+    finally:
+        proc.kill()
+    first = before[-1]
+    assert first.startswith("done headline"), "no line for the first case while the run went on:\n" + "".join(before)
+    assert re.fullmatch(r"done headline in \d+\.\d s: ours: torch fastest of ours, forward\+backward \d+\.\d{3} ms "
+                        r"\(\d+\.\d\dx base F\.linear\)\n", first), first
+    lines = rest.splitlines()
+    assert len([x for x in lines if x.startswith("done decode T=8 in ")]) == 1, rest
+    assert not [x for x in before + lines if re.search(r"\d+/\d+ cases, ", x)], "a progress line in the log"
+    assert lines[-1].startswith("wrote ")  # the tables and outputs follow, as on a terminal
+
+
+def test_case_lines_name_each_part_and_its_key_number(capsys):
+    """Progress(lines=True): no progress line even when enabled, one line per finished case;
+    a finished mode says skipped and why, or our fastest step, or its failures."""
+    clock = FakeClock()
+    with Progress(True, total=2, unit="cases", clock=clock, lines=True) as p:
+        p.say("headline: base F.linear")
+        p.finished("headline", 1.25, "result")
+        p.tick()
+        p.finished("end-to-end training step", 75, bench_suite.part_result({"rows": {
+            "ours: torch": {"step_ms": 12.34}, "ours: triton": {"error": "x"}, "torch loop": {"step_ms": 1.0}},
+            "failures": []}))
+        p.tick()
+    assert capsys.readouterr().out.splitlines() == [
+        "done headline in 1.2 s: result", "done end-to-end training step in 1 min 15 s: ours: torch step 12.3 ms"]
+    assert bench_suite.part_result({"skipped": "peft is not installed"}) == "skipped (peft is not installed)"
+    assert bench_suite.part_result({"rows": [], "failures": ["a", "b"]}) == "2 failure(s)"
+    assert bench_suite.part_result({"rows": [], "failures": []}) == "ok"
+    row = {"case": "c", "mode": "forward", "graph": False}
+    rows = [{**row, "variant": "base F.linear", "ours": False, "median_ms": 2.0},
+            {**row, "variant": "ours: torch", "ours": True, "median_ms": 1.0},
+            {**row, "variant": "ours: triton", "ours": True, "graph": True, "median_ms": 0.1},  # graphs: not eager
+            {**row, "variant": "ours: cuda", "ours": True, "mode": "check", "error": "x"}]
+    assert bench_suite.case_result(rows, "c", 1) == ("ours: torch fastest of ours, forward 1.000 ms "
+                                                     "(0.50x base F.linear); 1 failure(s)")
+    assert bench_suite.case_result(rows[:1], "c") == "no variant of ours timed"

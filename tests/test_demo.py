@@ -220,3 +220,26 @@ def test_demo_refuses_an_output_folder_it_cannot_create_before_running(tmp_path,
     assert cli.main(["demo", "--smoke", "--out", str(out)]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("flix-kernels demo: error: argument --out: ") and "cannot be created" in line
+
+
+def test_a_log_gets_one_line_per_finished_pretraining_and_run(tmp_path):
+    """``flix-kernels demo > log`` (here a pipe: not a terminal) prints no progress bar, which a
+    file would only get at the end, but one line per finished part: the seed's pretraining and
+    each run, with its time and exact match, before the tables."""
+    import re
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "flix_kernels", "demo", "--smoke", "--data", "synthetic",
+                           "--seeds", "1", "--methods", "lora", "flix", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    took = r" in \d+\.\d s: "
+    assert re.fullmatch(r"done seed 0: pretraining the base model" + took
+                        + r"copy exact match \d+\.\d%, final loss \d+\.\d{3}", lines[0]), proc.stdout[:500]
+    for line, label in zip(lines[1:3], ("LoRA (one shared adapter)", "FLix (language + task)")):
+        assert re.fullmatch(rf"done seed 0: {re.escape(label)}{took}exact match seen \d+\.\d%, held-out \d+\.\d%",
+                            line), line
+    assert not [line for line in lines[3:] if line.startswith("done ")], proc.stdout
+    assert not re.search(r"\d+/\d+ steps, ", proc.stdout), "a progress bar in the log"

@@ -230,3 +230,99 @@ def test_with_transformers_trainer(seed, tmp_path):
             assert torch.equal(layer.lora_B[:, rows], before[name][1][:, rows]), (name, value)
         k = space.index("language", "fr")
         assert not torch.equal(layer.lora_A[offs[k]:offs[k + 1]], before[name][0][offs[k]:offs[k + 1]])
+
+
+def _hooks(model) -> list[int]:
+    """Post-accumulate-grad hooks on every lora_A / lora_B (the dict torch keeps per tensor)."""
+    return [len(p._post_accumulate_grad_hooks or {}) for m in model if isinstance(m, fk.FLixLinear)
+            for p in (m.lora_A, m.lora_B)]
+
+
+def test_rebuilding_the_optimizer_leaves_no_hooks_or_gradients_behind(seed):
+    """A learning-rate search builds the optimizer over one model again and again: a dropped
+    optimizer's hooks must go with it (they once piled up, slowing backward 7-15x after 300
+    rebuilds, and kept the views' gradient slices, so the whole adapter gradient, alive). The
+    step's cost is counted in ops, not timed (other load on the machine would make times flaky)."""
+    import gc
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        """Counts the aten ops run (backward's hooks included): the step's cost, as a number."""
+
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    model = _flix_model(seed)
+    ids, x = torch.tensor([[0, 4], [1, 5]]), torch.randn(2, 3, DIMS[0], dtype=torch.float64)
+
+    def train_step(opt):
+        _loss(_routed(model, x, ids)).backward()
+        opt.step()
+
+    def step_ops(opt):
+        train_step(opt)  # the first step also creates the optimizer state: count a later one
+        opt.zero_grad()
+        with CountOps() as count:
+            train_step(opt)
+            opt.zero_grad()
+        return count.ops
+
+    baseline = _hooks(model)
+    opt = fk.per_feature_optimizer(torch.optim.AdamW, model, lr=1e-3)
+    with_one = _hooks(model)
+    assert [h - b for h, b in zip(with_one, baseline)] == [1] * len(baseline)
+    first_ops = step_ops(opt)
+    del opt
+    for i in range(300):
+        opt = fk.per_feature_optimizer(torch.optim.AdamW, model, lr=1e-3)
+        if i % 100 == 0:  # some of the dropped ones have stepped (their views held gradients)
+            train_step(opt)
+        del opt
+        gc.collect(0)  # the young generation each time; a full collection is slow with torch loaded
+    gc.collect()
+    assert _hooks(model) == baseline
+    opt = fk.per_feature_optimizer(torch.optim.AdamW, model, lr=1e-3)
+    assert _hooks(model) == with_one
+    # backward + step run as many ops as with the first optimizer (each stale hook ran its own)
+    assert step_ops(opt) == first_ops
+    # after zero_grad nothing keeps the layers' gradients alive (a stale view's .grad would)
+    train_step(opt)
+    grads = [weakref.ref(p.grad) for m in model if isinstance(m, fk.FLixLinear) for p in (m.lora_A, m.lora_B)]
+    opt.zero_grad()
+    gc.collect()
+    assert [g() for g in grads] == [None] * len(grads)
+
+
+def test_close_removes_the_hooks_and_keeps_the_state(seed):
+    model = _flix_model(seed)
+    ids, x = torch.tensor([[0, 4], [1, 5]]), torch.randn(2, 3, DIMS[0], dtype=torch.float64)
+    baseline = _hooks(model)
+    opt = fk.per_feature_optimizer(torch.optim.AdamW, model, lr=1e-2)
+    _loss(_routed(model, x, ids)).backward()
+    opt.step()
+    opt.close()
+    assert _hooks(model) == baseline
+    opt.close()  # idempotent
+    views = [v for _, a, b in opt._flix_slices.views for v in (*a, *b)]
+    _loss(_routed(model, x, ids)).backward()  # no hook hands the views their slices any more
+    assert all(v.grad is None for v in views)
+    with pytest.raises(RuntimeError, match="closed.*per_feature_optimizer.*state_dict"):
+        opt.step()
+    opt.zero_grad()
+    # its state moves to a new optimizer over the same model, which steps as before
+    state = opt.state_dict()
+    assert len(state["state"]) > 0 and all(int(s["step"]) == 1 for s in state["state"].values())
+    fresh = fk.per_feature_optimizer(torch.optim.AdamW, model, lr=1e-2)
+    fresh.load_state_dict(state)
+    _loss(_routed(model, x, ids)).backward()
+    fresh.step()
+    assert {int(s["step"]) for s in fresh.state_dict()["state"].values()} == {2}
+    fresh.close()
+    assert _hooks(model) == baseline

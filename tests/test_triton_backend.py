@@ -103,3 +103,48 @@ def test_fused_base_gemm_falls_back_to_pointers_where_tma_cannot_address(seed, i
         check_against_oracle(x, A, Bm, routing, ids, routing.space, 0.75, backend="triton", weight=W, bias=b)
     assert rec.counts[("triton", "fused_linear_tma_kernel")] == 0, dict(rec.counts)
     assert rec.counts[("triton", "expand_kernel")] == 2, dict(rec.counts)
+
+
+@pytest.mark.skipif(not launch.interpreting(), reason="the bfloat16 refusal is the interpreter's (a GPU runs bf16)")
+def test_interpreter_refuses_bfloat16(seed):
+    """Triton's interpreter computes a bfloat16 tl.dot wrongly (triton-lang/triton issue 11584:
+    errors of ~1e10, without a word): bf16 is refused, naming why and what to use instead, by the
+    backend and by the launch door (for direct launcher users), not computed wrongly."""
+    import triton
+    import triton.language as tl
+
+    from flix_kernels import _launch
+
+    gen = torch.Generator().manual_seed(seed)
+    routing, _, x, A, Bm = _case(gen, _space(), 2, (2, 3), 16, 8, torch.float32)
+    W, b = _base(gen, 16, 8, torch.float32)
+    where = r"Triton's interpreter \(TRITON_INTERPRET=1\).*issue 11584.*float16 or float32.*CUDA GPU"
+    why = "bfloat16 cannot run in " + where
+    door = "is a torch.bfloat16 tensor, which cannot run in " + where
+    for xd, ad in ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)):
+        with pytest.raises(TypeError, match=why + r".*; use backend='torch'"):
+            fk.flix_delta(x.to(xd), A.to(ad), Bm.to(ad), routing, scaling=1.0, backend="triton")
+    with pytest.raises(TypeError, match=why):  # "auto" would pick "torch" on a CPU
+        fk.flix_linear(x.bfloat16(), W.bfloat16(), b.bfloat16(), A.bfloat16(), Bm.bfloat16(), routing, scaling=1.0,
+                       backend="triton")
+    # autocast to bf16 over float32 inputs: the kernels' bf16 operands reach the launch door
+    with pytest.raises(TypeError, match="_kernel: argument 0 " + door):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fk.flix_linear(x, W, b, A, Bm, routing, scaling=1.0, backend="triton")
+    fk.flix_delta(x.half(), A.half(), Bm.half(), routing, scaling=1.0, backend="triton")  # float16 still runs
+
+    @triton.jit
+    def copy_kernel(X, Y, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(Y + offs, tl.load(X + offs))
+
+    src, dst = torch.arange(8, dtype=torch.float32), torch.zeros(8, dtype=torch.float32)
+    _launch.launch_triton(copy_kernel, (1,), src, dst, 8)
+    assert torch.equal(dst, src)
+    with pytest.raises(TypeError, match="copy_kernel: argument 1 " + door):
+        _launch.launch_triton(copy_kernel, (1,), src, dst.bfloat16(), 8)
+    with pytest.raises(TypeError, match=r"copy_kernel: 'Y' is a torch.bfloat16 tensor.*backend='torch'"):
+        _launch.launch_triton(copy_kernel, (1,), src, Y=dst.bfloat16(), N=8)
+    with _launch.recording(run=False) as rec:  # a recording that runs nothing has nothing to refuse
+        _launch.launch_triton(copy_kernel, (1,), src.bfloat16(), dst.bfloat16(), 8)
+    assert rec.total == 1

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._launch import INTERPRETER_BF16
 from .kernel_ops import KernelOps
 
 try:  # Triton is optional (no wheels for some platforms); the backend reports why it is off.
@@ -48,6 +49,8 @@ def supports(x: Tensor, lora_A: Tensor) -> Optional[str]:
     for name, t in (("x", x), ("lora_A/lora_B", lora_A)):
         if t.dtype not in launch.SUPPORTED_DTYPES:
             return f"{name} dtype {t.dtype} is not supported by the Triton kernels (float32, float16, bfloat16)"
+        if t.dtype == torch.bfloat16 and launch.interpreting():  # the interpreter's bf16 dots are wrong
+            return f"{name} dtype torch.bfloat16 cannot run in {INTERPRETER_BF16}"
     return None
 
 

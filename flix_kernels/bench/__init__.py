@@ -19,13 +19,15 @@ from .suite import Config, parts, run
 __all__ = ["Case", "Config", "SHAPE_SETS", "bench", "run"]
 
 
-def bench(cfg: Config, out_dir: Path, *, show_progress: bool = True) -> dict:
+def bench(cfg: Config, out_dir: Path, *, show_progress: bool = True, case_lines: bool = False) -> dict:
     """Run the suite, write ``results.json``, ``results.md`` and the plots to ``out_dir``, print
-    the tables; returns the record (``record["failures"]`` lists anything wrong)."""
+    the tables; returns the record (``record["failures"]`` lists anything wrong). ``case_lines``
+    (for a log; the command sets it when stdout is not a terminal): no progress line, one line
+    per finished case instead (see :class:`~flix_kernels._progress.Progress`)."""
     from . import report
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    with Progress(show_progress, total=parts(cfg), unit="cases") as progress:
+    with Progress(show_progress, total=parts(cfg), unit="cases", lines=case_lines) as progress:
         record = run(cfg, progress=progress, checkpoint=lambda rec: report.write_json(out_dir / "results.json", rec))
     report.annotate(record)
     report.write_json(out_dir / "results.json", record)

@@ -11,6 +11,7 @@ memory of one forward+backward is recorded.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -137,8 +138,9 @@ def parts(cfg: Config) -> int:
 def run(cfg: Config, progress=None, checkpoint=None) -> dict:
     """Run the suite; returns the results record (see :mod:`.report` for its outputs).
     ``progress`` (a :class:`flix_kernels._progress.Progress`) is told each step (``say``) and
-    ticked after each of the :func:`parts`; ``checkpoint(record)`` is called after every case,
-    so a run cut short keeps what it measured."""
+    ticked after each of the :func:`parts`, and told each finished (``finished``: name, time and
+    key number); ``checkpoint(record)`` is called after every case, so a run cut short keeps
+    what it measured."""
     device = resolve_device(cfg.device)
     cuda = device.type == "cuda"
     dtype = cfg.dtype or (torch.bfloat16 if cuda else torch.float32)
@@ -164,6 +166,7 @@ def run(cfg: Config, progress=None, checkpoint=None) -> dict:
     cpu_gen = torch.Generator().manual_seed(20241125)
     gen = torch.Generator(device).manual_seed(7)
     for case in cases:
+        started, failed = time.perf_counter(), len(record["failures"])
         space = case.space()
         routing = make_routing(case, space, cpu_gen, device)
         rotations = 2 if not cuda or case.tokens * case.d_in > 2**24 else 4
@@ -191,45 +194,54 @@ def run(cfg: Config, progress=None, checkpoint=None) -> dict:
         if checkpoint:
             checkpoint(record)
         if progress:
+            progress.finished(case.label, time.perf_counter() - started,
+                              case_result(record["rows"], case.label, len(record["failures"]) - failed))
             progress.tick()
     if cfg.overhead:
         from .overhead import run_overhead
 
         if progress:
             progress.say("host overhead at tiny shapes")
+        started = time.perf_counter()
         record["overhead"] = run_overhead(device, rep_ms=max(rep / 4, 20.0), progress=progress)
         record["failures"] += record["overhead"].get("failures", [])
         if checkpoint:
             checkpoint(record)
         if progress:
+            progress.finished("host overhead", time.perf_counter() - started, part_result(record["overhead"]))
             progress.tick()
     if cfg.serving:
         from .serving import run_serving
 
         if progress:
             progress.say("serving: a decode step of a stack of layers, one feature set per request")
+        started = time.perf_counter()
         record["serving"] = run_serving(device, dtype, backends, quick=cfg.quick, timer=timer, progress=progress)
         record["failures"] += record["serving"]["failures"]
         if checkpoint:
             checkpoint(record)
         if progress:
+            progress.finished("serving", time.perf_counter() - started, part_result(record["serving"]))
             progress.tick()
     if cfg.quantized:
         from .quantized import run_quantized
 
         if progress:
             progress.say("quantized base: a training step over an NF4 base, against PEFT LoRA over it")
+        started = time.perf_counter()
         record["quantized"] = run_quantized(device, dtype, quick=cfg.quick)
         record["failures"] += record["quantized"].get("failures", [])
         if checkpoint:
             checkpoint(record)
         if progress:
+            progress.finished("quantized base", time.perf_counter() - started, part_result(record["quantized"]))
             progress.tick()
     if cfg.e2e:
         from .e2e import run_e2e
 
         if progress:
             progress.say("end-to-end training step")
+        started = time.perf_counter()
         record["e2e"] = run_e2e(device, dtype, backends, quick=cfg.quick, timer=timer)
         if cuda and not cfg.quick:  # the GPU-bound step beside the host-bound one
             if progress:
@@ -237,6 +249,7 @@ def run(cfg: Config, progress=None, checkpoint=None) -> dict:
             record["e2e_gpu_bound"] = run_e2e(device, dtype, backends, quick=cfg.quick, timer=timer, size="slice")
         record["failures"] += [f for k in E2E_KEYS for f in record.get(k, {}).get("failures", [])]
         if progress:
+            progress.finished("end-to-end training step", time.perf_counter() - started, part_result(record["e2e"]))
             progress.tick()
     if "triton" in backends:  # which Triton paths these numbers are of
         from ..backends import triton_backend
@@ -248,6 +261,36 @@ def run(cfg: Config, progress=None, checkpoint=None) -> dict:
         record["cuda"] = cuda_backend.settings()
     record["host_load"]["end"] = load_average()
     return record
+
+
+def case_result(rows: list[dict], label: str, failures: int = 0) -> str:
+    """The key number of case ``label`` for its line in a log: our fastest variant's eager
+    forward+backward (forward where a variant has no backward) and its ratio to the base layer's."""
+    def best(mode, ours):
+        timed = [r for r in rows if r["case"] == label and r["mode"] == mode and not r.get("graph")
+                 and "median_ms" in r and (r["ours"] if ours else r["variant"] == "base F.linear")]
+        return min(timed, key=lambda r: r["median_ms"], default=None)
+
+    failed = f"; {failures} failure(s)" if failures else ""
+    for mode in ("forward+backward", "forward"):
+        ours, base = best(mode, True), best(mode, False)
+        if ours is not None:
+            ratio = f" ({ours['median_ms'] / base['median_ms']:.2f}x base F.linear)" if base else ""
+            return f"{ours['variant']} fastest of ours, {mode} {ours['median_ms']:.3f} ms{ratio}{failed}"
+    return "no variant of ours timed" + failed
+
+
+def part_result(part: dict) -> str:
+    """The line of a finished mode (overhead, serving, quantized, end-to-end) in a log: skipped
+    and why, else our fastest training step where the mode times steps, and its failures."""
+    if isinstance(part.get("skipped"), str):
+        return f"skipped ({part['skipped']})"
+    rows = part.get("rows") if isinstance(part.get("rows"), dict) else {}  # e2e: {variant: row}
+    steps = {n: r["step_ms"] for n, r in rows.items() if n.startswith("ours") and "step_ms" in r}
+    out = [f"{min(steps, key=steps.get)} step {min(steps.values()):.1f} ms"] if steps else []
+    if part.get("failures"):
+        out.append(f"{len(part['failures'])} failure(s)")
+    return "; ".join(out) or "ok"
 
 
 def _breakdown(case: Case, ctx: Context, s: Inputs, dtype, device, timer: Timer, record: dict) -> None:

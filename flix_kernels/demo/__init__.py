@@ -228,9 +228,11 @@ def _data_defaults(kw: dict) -> dict:
 
 
 def run(config: DemoConfig, out_dir: str | Path | None = None, *, show_progress: bool = False,
-        console: bool = False) -> dict:
+        console: bool = False, case_lines: bool = False) -> dict:
     """Run every seed and method; returns the record (and writes results.json, results.md and
-    curves.png to ``out_dir`` when given)."""
+    curves.png to ``out_dir`` when given). ``case_lines`` (for a log; the command sets it when
+    stdout is not a terminal): no progress bar, one line per finished pretraining or run (name,
+    time, exact match) instead."""
     from . import report
 
     cfg = config
@@ -241,11 +243,11 @@ def run(config: DemoConfig, out_dir: str | Path | None = None, *, show_progress:
     workers = cfg.workers or (min(len(cfg.seeds), os.cpu_count() or 1) if device.type == "cpu" else 1)
     per_seed = cfg.pretrain_steps + len(cfg.runs()) * cfg.steps
     t0 = time.perf_counter()
-    with Progress(show_progress, total=per_seed * len(cfg.seeds)) as prog:
+    with Progress(show_progress, total=per_seed * len(cfg.seeds), lines=case_lines) as prog:
         if workers > 1 and len(cfg.seeds) > 1:
             seeds = _parallel(cfg, workers, prog)
         else:
-            seeds = [_seed(seed, cfg, prog.tick, prog.say) for seed in cfg.seeds]
+            seeds = [_seed(seed, cfg, prog.tick, prog.say, prog.finished) for seed in cfg.seeds]
     record = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
               "design": report.design(cfg), "seeds": seeds, "wall_seconds": time.perf_counter() - t0,
               "provenance": {**report.provenance(device), "torch_threads": cfg.threads or torch.get_num_threads(),
@@ -259,19 +261,20 @@ def run(config: DemoConfig, out_dir: str | Path | None = None, *, show_progress:
     return record
 
 
-def _seed(seed: int, cfg: DemoConfig, tick, say) -> dict:
+def _seed(seed: int, cfg: DemoConfig, tick, say, done) -> dict:
     old = torch.get_num_threads()
     if torch.device(cfg.device).type == "cpu" and cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return run_seed(seed, cfg, torch.device(cfg.device), tick=tick, say=say)
+        return run_seed(seed, cfg, torch.device(cfg.device), tick=tick, say=say, done=done)
     finally:
         torch.set_num_threads(old)
 
 
 def _worker(seed: int, cfg: DemoConfig, queue) -> dict:
     # One process per seed: its own interpreter and RNGs, so results equal a sequential run.
-    return _seed(seed, cfg, lambda: queue.put(1), lambda s: queue.put(s))
+    return _seed(seed, cfg, lambda: queue.put(1), lambda s: queue.put(s),
+                 lambda name, seconds, result: queue.put((name, seconds, result)))
 
 
 def _parallel(cfg: DemoConfig, workers: int, prog) -> list[dict]:
@@ -280,10 +283,20 @@ def _parallel(cfg: DemoConfig, workers: int, prog) -> list[dict]:
     with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         queue = manager.Queue()
         futures = [pool.submit(_worker, seed, cfg, queue) for seed in cfg.seeds]
+
+        def relay(msg):
+            if msg == 1:
+                prog.tick()
+            elif isinstance(msg, tuple):  # a finished part: (name, seconds, result)
+                prog.finished(*msg)
+            else:
+                prog.say(msg)
+
         while not all(f.done() for f in futures):
             try:
-                msg = queue.get(timeout=0.2)
+                relay(queue.get(timeout=0.2))
             except queue_mod.Empty:
                 continue
-            prog.tick() if msg == 1 else prog.say(msg)
+        while not queue.empty():  # put before its worker ended, after the loop's last look: the last lines
+            relay(queue.get())
         return [f.result() for f in futures]

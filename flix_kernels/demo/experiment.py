@@ -293,21 +293,35 @@ def run_label(key: str) -> str:
     return LABELS[method] + (f" [{spec}]" if spec else "")
 
 
-def run_seed(seed: int, cfg, device, tick=lambda: None, say=lambda s: None) -> dict:
+def run_seed(seed: int, cfg, device, tick=lambda: None, say=lambda s: None,
+             done=lambda name, seconds, result: None) -> dict:
+    """One seed: pretrain its base, then train and evaluate every run on it. ``tick`` after each
+    training step, ``say`` the part begun, ``done(name, seconds, result)`` each part finished
+    (the pretraining, each run) with its key number, for a log."""
     bench = benchmark_for(cfg, seed)
     eval_sets = bench.eval_sets(cfg.eval_per_pair)
     if not cfg.held_out_eval:  # never evaluated, so nothing chosen from this run has seen them
         eval_sets = {p: eval_sets[p] for p in bench.seen}
     say(f"seed {seed}: pretraining the base model")
     base_state, base_stats = pretrain(bench, cfg, seed, device, tick)
+    done(f"seed {seed}: pretraining the base model", base_stats["seconds"],
+         f"copy exact match {base_stats['copy_exact_match']:.1%}, final loss {base_stats['final_loss']:.3f}")
     out = {"seed": seed, "held_out_pairs": [f"{l}/{t}" for l, t in bench.held_out], "base": base_stats, "methods": {}}
     runs = cfg.runs()
     order = list(dict.fromkeys(m for m, _, _ in runs))
     for name, spec, vcfg in sorted(runs, key=lambda r: order.index(r[0])):  # grouped by method
         key = run_key(name, spec)
         say(f"seed {seed}: {run_label(key)}")
-        out["methods"][key] = train_method(name, base_state, bench, vcfg, seed, eval_sets, device, tick)
+        out["methods"][key] = result = train_method(name, base_state, bench, vcfg, seed, eval_sets, device, tick)
+        done(f"seed {seed}: {run_label(key)}", result["seconds"], _exact_match(result["final"]))
     return out
+
+
+def _exact_match(final: dict) -> str:
+    """A run's final exact match, for a log line (held-out absent under ``held_out_eval=False``)."""
+    parts = [f"{what} {final[key]:.1%}" for key, what in (("seen", "exact match seen"), ("held_out", "held-out"))
+             if final.get(key) is not None]
+    return ", ".join(parts) or "no exact match measured"
 
 
 __all__ = ["DATA", "LABELS", "METHODS", "Method", "benchmark_for", "build_model", "evaluate", "make_method",

@@ -9,7 +9,7 @@ for ``get_peft_model``, training, ``save_pretrained``, ``PeftModel.from_pretrain
 config=FLixLoraConfig.from_pretrained(path))`` (or :func:`load_flix_peft`),
 ``disable_adapter()``, ``unmerge_adapter()`` and ``unload()``.
 
-What released PEFT (0.21.2, where this is tested) does and does not do here:
+What released PEFT (0.21.2 and 0.22.0, where this is tested) does and does not do here:
 
 * ``_register_custom_module`` is private and documented as experimental; its mapping is not
   serialised. ``FLixLoraConfig`` registers it again whenever it is constructed (also in

@@ -107,7 +107,16 @@ def _dispatch(backend, x, weight, bias, lora_A, lora_B, routing, scaling, dropou
     """The prepared call for these inputs: looked up by signature, else validated and prepared."""
     try:
         key = _signature(backend, x, weight, bias, lora_A, lora_B, scaling, dropout_p, generator)
-        call = routing.calls.get(key)
+        calls = routing.calls
+        call = calls.get(key)
+        # routing.calls is an LRU. Refreshing a hit hashes the signature again (~0.5 us), so it is
+        # done only once the LRU is half full: before that nothing can be evicted soon, and a
+        # routing's usual handful of signatures never pays it.
+        if call is not None and len(calls) > routing.cache_limit >> 1:
+            try:
+                calls.move_to_end(key)
+            except KeyError:  # dropped meanwhile by another thread using this routing: call is still good
+                pass
     except (AttributeError, TypeError):  # not tensors, not a Routing, unhashable: validation says what
         key = call = None
     if call is None:
@@ -115,7 +124,7 @@ def _dispatch(backend, x, weight, bias, lora_A, lora_B, routing, scaling, dropou
                   generator=generator)
         call = get_backend(backend, x.device, x, lora_A).prepare(routing, x, weight, lora_A, scaling)
         if key is not None:
-            routing.calls[key] = call
+            routing._lru_put(routing.calls, key, call)  # bounded: drops the least recently used call
     return call
 
 

@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import math
 import sys
+from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
-from typing import Callable, Hashable, Sequence
+from typing import Callable, Hashable, Mapping, Sequence
 
 import torch
 
 from .features import FeatureSpace
 
 __all__ = ["KernelMetadata", "Routing", "TokenLayout"]
+
+_UNSET = object()  # a lazily computed attribute not computed yet (None is a value)
 
 
 @dataclass(frozen=True)
@@ -147,8 +150,15 @@ class Routing:
         generator: CPU ``torch.Generator`` for the feature dropout draw.
 
     Validation happens here, on the host, once per batch (ids on a GPU are copied to the
-    host once). Invalid ids raise ``ValueError`` naming the example.
+    host once). Invalid ids raise ``ValueError`` naming the example. ``feature_ids`` may also
+    be a list of one ``{group: value}`` dict per example (encoded with ``space``).
+
+    What the routing builds per token layout or call signature (layouts, backend plans, the
+    validated calls of :mod:`flix_kernels.ops`) is kept in LRU caches of ``cache_limit``
+    entries each, so a long-lived routing fed ever new shapes holds a bounded amount.
     """
+
+    cache_limit = 64  # entries per LRU cache (_layouts, _cache, calls); a few layers x shapes in flight
 
     def __init__(
         self,
@@ -161,7 +171,20 @@ class Routing:
     ):
         if not isinstance(space, FeatureSpace):
             raise TypeError(f"space must be a FeatureSpace, got {type(space).__name__}")
-        ids = feature_ids if isinstance(feature_ids, torch.Tensor) else torch.as_tensor(feature_ids)
+        if isinstance(feature_ids, Mapping):
+            raise ValueError("feature_ids is a single {group: value} dict; pass a list of one dict per example "
+                             "(for a batch of one, [that dict]) or (B, num_groups) ids from FeatureSpace.encode")
+        if isinstance(feature_ids, (list, tuple)) and any(isinstance(e, Mapping) for e in feature_ids):
+            feature_ids = space.encode(feature_ids)  # raises naming an example that is not a dict
+        if isinstance(feature_ids, torch.Tensor):
+            ids = feature_ids
+        else:
+            try:
+                ids = torch.as_tensor(feature_ids)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise ValueError(f"feature_ids must be (B, {space.num_groups}) integer ids (FeatureSpace.encode) or a "
+                                 f"list of one {{group: value}} dict per example; could not read "
+                                 f"{type(feature_ids).__name__}: {e}") from None
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise ValueError(f"feature_ids must be an integer tensor, got dtype {ids.dtype}")
         if ids.dim() == 1 and ids.numel() == 0:
@@ -191,12 +214,23 @@ class Routing:
         self.cu_seqlens = self._validate_cu_seqlens(cu_seqlens, self.num_examples)
         self._packed_tokens = None if self.cu_seqlens is None else int(self.cu_seqlens[-1])
         self._build_slots()
-        self._layouts: dict[tuple, TokenLayout] = {}
-        self._cache: dict[Hashable, object] = {}
+        # LRUs (see _lru_put): a routing fed ever new token shapes must not keep a plan per shape.
+        self._layouts: OrderedDict[tuple, TokenLayout] = OrderedDict()
+        self._cache: OrderedDict[Hashable, object] = OrderedDict()
+        # Bounded by the devices, not by shapes: plain dicts.
         self._kernel_meta: dict[str, KernelMetadata] = {}  # by device string ("cuda:0"), see kernel_metadata
         self._slot_tables: dict[str, tuple] = {}  # by device string, see slot_tables
-        # flix_kernels.ops: the validated call of each (layer shapes, dtypes, devices, options) seen
-        self.calls: dict[Hashable, Callable] = {}
+        # flix_kernels.ops: the validated call of each (layer shapes, dtypes, devices, options) seen (LRU)
+        self.calls: OrderedDict[Hashable, Callable] = OrderedDict()
+        self._uniform = _UNSET  # see uniform_features
+
+    def _lru_put(self, cache: OrderedDict, key: Hashable, value):
+        """Store ``value`` as the newest entry of ``cache``, dropping the least recently used one
+        past :attr:`cache_limit` (a hit is refreshed by its reader with ``move_to_end``)."""
+        cache[key] = value
+        if len(cache) > self.cache_limit:
+            cache.popitem(last=False)
+        return value
 
     # -- validation -------------------------------------------------------------------------
     @staticmethod
@@ -210,7 +244,8 @@ class Routing:
                 f"example {b}: feature id {int(ids[b, g])} in column {g} is invalid "
                 f"(valid ids are -1 for 'absent' and 0..{space.num_features - 1})"
             )
-        group_of = torch.tensor(space.feature_group, dtype=torch.long)
+        # The space's cached table (read only here): not rebuilt per routing, it has a row per feature.
+        group_of = space._tensor("feature_group")
         col = torch.arange(space.num_groups).expand_as(ids)
         wrong = (ids >= 0) & (group_of[ids.clamp(min=0)] != col)
         if bool(wrong.any()):
@@ -248,8 +283,8 @@ class Routing:
     def _build_slots(self) -> None:
         space, ids = self.space, self.feature_ids
         B, G = ids.shape
-        ranks = torch.tensor(space.ranks, dtype=torch.long)
-        offs = torch.tensor(space.rank_offsets[:-1], dtype=torch.long)
+        ranks = space._tensor("ranks")  # cached by the space, only indexed here (the results are copies)
+        offs = space._tensor("rank_offsets")
         present = ids >= 0
         safe = ids.clamp(min=0)
         r = torch.where(present, ranks[safe], 0)  # (B, G) rank each column contributes
@@ -328,13 +363,17 @@ class Routing:
         key = ("kernel_layout", self._device_key(device), kind, seq_len)
         meta = self._cache.get(key)
         if meta is None:
-            meta = self._cache[key] = self.kernel_metadata(device).for_layout(kind, seq_len)
+            return self._lru_put(self._cache, key, self.kernel_metadata(device).for_layout(kind, seq_len))
+        try:
+            self._cache.move_to_end(key)
+        except KeyError:  # dropped meanwhile by another thread using this routing: meta is still right
+            pass
         return meta
 
     def _build_kernel_metadata(self, device: torch.device) -> KernelMetadata:
         space, ids = self.space, self.feature_ids
         F = space.num_features
-        ranks = torch.tensor(space.ranks, dtype=torch.long)
+        ranks = space._tensor("ranks")  # cached by the space: only indexed or copied (.to int32) here
         present = ids >= 0
         r = torch.where(present, ranks[ids.clamp(min=0)], 0)
         slot_start = r.cumsum(1) - r  # (B, G) where each column's slots start
@@ -358,11 +397,11 @@ class Routing:
             pair_feature=feat.to(**i32),
             feature_pair_start=start.to(**i32),
             feature_rank=ranks.to(**i32),
-            rank_offsets=torch.tensor(space.rank_offsets, **i32),
+            rank_offsets=space._tensor("rank_offsets").to(**i32),  # int64 -> int32: a copy, never the cache
             cu_seqlens=None if self.cu_seqlens is None else self.cu_seqlens.to(**i32),
             max_length=max_length,
             max_pair_rank=int(ranks[feat].max()) if feat.numel() else 0,
-            max_feature_rank=int(ranks.max()) if F else 0,
+            max_feature_rank=max(space.group_ranks.values()),
             present_features=(start[1:] > start[:-1]).nonzero().flatten().to(**i32),
         )
         # Sizes that follow the batch's feature sets (slots, pairs, present features) may be 0 or 1.
@@ -399,24 +438,38 @@ class Routing:
     @property
     def uniform_features(self) -> tuple[int, ...] | None:
         """The feature set shared by every example, or None when examples differ (or B == 0)."""
-        if "uniform" not in self._cache:
+        # A plain attribute, not an LRU entry: layers read it on every call (FLixLinear's merge check).
+        uniform = self._uniform
+        if uniform is _UNSET:
             ids = self.feature_ids
             same = self.num_examples > 0 and bool((ids == ids[:1]).all())
-            self._cache["uniform"] = tuple(self.features_of(0)) if same else None
-        return self._cache["uniform"]
+            uniform = self._uniform = tuple(self.features_of(0)) if same else None
+        return uniform
 
     def classify(self, token_shape: Sequence[int]) -> tuple[str, int, int]:
         """``(kind, num_tokens, seq_len)`` of a layer input's token dimensions, host ints only.
 
         ``(B, L)`` means L tokens per example ("batched", seq_len L), ``(B,)`` one token per
         example, and ``(T,)`` or ``(1, T)`` packed tokens split by ``cu_seqlens`` ("packed",
-        seq_len 0). Raises ``ValueError`` for a shape the routing cannot map. Pure Python, so
-        a compiled graph checks it with no tensor work."""
+        seq_len 0). A packed routing takes batched inputs of one token per example only
+        (``(B,)``, ``(B, 1)``: decode after a packed prefill), or ``(1, T)`` for B == 1, where
+        both readings agree. Raises ``ValueError`` for a shape the routing cannot map. Pure
+        Python, so a compiled graph checks it with no tensor work."""
         shape = tuple(int(s) for s in token_shape)
         B = self.num_examples
         T_packed = self._packed_tokens
         if len(shape) == 2 and shape[0] == B:
-            return "batched", B * shape[1], shape[1]
+            L = shape[1]
+            if T_packed is not None and L > 1 and B and not (B == 1 and L == T_packed):
+                # L tokens per example would silently override the example lengths cu_seqlens gives.
+                raise ValueError(
+                    f"layer input with token dimensions {shape} is batched (B={B}, L={L}) but the routing is packed "
+                    f"(cu_seqlens, T={T_packed} tokens), whose example lengths it would ignore: expected packed "
+                    f"(T={T_packed}, in) / (1, T={T_packed}, in), or one token per example (B={B}, in) / "
+                    f"(B={B}, 1, in) to decode after a packed prefill; for (B, L, in) inputs build the Routing "
+                    "without cu_seqlens"
+                )
+            return "batched", B * L, L
         if T_packed is not None and (len(shape) == 1 or (len(shape) == 2 and shape[0] == 1)) and shape[-1] == T_packed:
             return "packed", T_packed, 0
         if len(shape) == 1 and shape[0] == B:  # one token per example, e.g. decode after packed prefill
@@ -437,6 +490,10 @@ class Routing:
         key = tuple(int(s) for s in token_shape)
         lay = self._layouts.get(key)
         if lay is not None:
+            try:
+                self._layouts.move_to_end(key)  # LRU: recently used layouts stay
+            except KeyError:  # dropped meanwhile by another thread using this routing
+                pass
             return lay
         kind, T, L = self.classify(key)
         if kind == "batched":
@@ -444,8 +501,7 @@ class Routing:
         else:
             cu = self.cu_seqlens
             lay = TokenLayout("packed", T, cu[1:] - cu[:-1], cu.clone())
-        self._layouts[key] = lay
-        return lay
+        return self._lru_put(self._layouts, key, lay)
 
     @staticmethod
     def _batched(B: int, L: int) -> TokenLayout:
@@ -457,13 +513,19 @@ class Routing:
         """Memoise per-routing metadata (device tensors, plans) under ``key``.
 
         Backends use this so that a batch's metadata is built and copied to the device once,
-        whatever the number of layers.
+        whatever the number of layers. An LRU of :attr:`cache_limit` entries: an entry not
+        used for that many others is dropped (and built again if asked for).
         """
+        cache = self._cache
         try:
-            return self._cache[key]
+            value = cache[key]
         except KeyError:
-            value = self._cache[key] = build()
-            return value
+            return self._lru_put(cache, key, build())
+        try:
+            cache.move_to_end(key)
+        except KeyError:  # dropped meanwhile by another thread using this routing: value is still right
+            pass
+        return value
 
     def __repr__(self) -> str:
         packed = "" if self.cu_seqlens is None else f", packed T={int(self.cu_seqlens[-1])}"

@@ -1,4 +1,7 @@
+import copy
 import json
+import pickle
+import time
 
 import pytest
 import torch
@@ -84,3 +87,84 @@ def test_invalid_spaces_raise(groups, rank, match):
 def test_from_dict_rejects_garbage():
     with pytest.raises(ValueError, match="groups"):
         FeatureSpace.from_dict({"rank": 2})
+
+
+# -- big spaces (a feature per user or document): linear-time construction, cached derived values --
+def _big(n, prefix="u"):
+    return FeatureSpace({"user": [f"{prefix}{i}" for i in range(n)], "lang": ["en", "fr"]}, {"user": 2, "lang": 4})
+
+
+def test_ten_thousand_values_build_fast():
+    values = [f"v{i}" for i in range(10_000)]
+    start = time.perf_counter()
+    s = FeatureSpace({"doc": values}, 3)
+    assert time.perf_counter() - start < 1.0  # was 16 s (a quadratic duplicate check)
+    assert s.num_features == 10_000 and s.index("doc", "v9999") == 9999 and s.total_rank == 30_000
+
+
+def test_million_value_space_builds_in_seconds_with_the_same_attributes():
+    n = 1_000_000
+    values = [f"u{i}" for i in range(n)]
+    start = time.perf_counter()
+    s = FeatureSpace({"user": values, "lang": ["en", "fr"]}, {"user": 2, "lang": 4})
+    elapsed = time.perf_counter() - start
+    assert elapsed < 5.0, elapsed  # generous for a loaded CI machine; under a second on an idle one
+    assert s.num_features == n + 2 and s.group_offsets == [0, n, n + 2]
+    assert isinstance(s.ranks, list) and s.ranks[n - 1:] == [2, 4, 4] and len(s.ranks) == n + 2
+    assert isinstance(s.rank_offsets, list) and s.rank_offsets[-4:] == [2 * n - 2, 2 * n, 2 * n + 4, 2 * n + 8]
+    assert s.feature_group[n - 1:] == [0, 1, 1] and s.feature_names[n - 1:] == [("user", f"u{n - 1}"), ("lang", "en"),
+                                                                                   ("lang", "fr")]
+    assert s.index("user", "u123456") == 123456 and s.index("lang", "fr") == n + 1
+    assert s.encode([{"user": f"u{n - 1}", "lang": "en"}]).tolist() == [[n - 1, n]]
+
+
+def test_duplicates_in_a_big_group_are_named_and_errors_stay_short():
+    with pytest.raises(ValueError, match=r"group 'user' lists features more than once: \['u5', 'u7'\]"):
+        FeatureSpace({"user": [f"u{i}" for i in range(50_000)] + ["u7", "u5"]}, 2)
+    s = _big(100_000)
+    with pytest.raises(ValueError, match=r"unknown feature 'nobody' in group 'user'.*\.\.\. \(100000 in all\)") as e:
+        s.index("user", "nobody")
+    assert len(str(e.value)) < 1000  # not a hundred thousand names
+    other = FeatureSpace({"user": [f"u{i}" for i in range(99_999)] + ["x"], "lang": ["en", "fr"]},
+                         {"user": 2, "lang": 4})
+    diff = s.describe_difference(other)
+    assert "first at position 99999 ('u99999' vs 'x')" in diff and len(diff) < 1000
+
+
+def test_equality_and_hash_of_big_spaces_are_cached():
+    a, b, c = _big(100_000), _big(100_000), _big(100_000, prefix="w")
+    assert a == b and hash(a) == hash(b) and a != c and not (a == c)
+    start = time.perf_counter()
+    for _ in range(2000):  # layers compare their space with the routing's on every call
+        assert a == b and b == a and a != c and hash(a) == hash(b)
+    assert time.perf_counter() - start < 2.0  # was O(features) per comparison: two 100k-tuples each time
+    small, twin = make_space(), make_space()
+    assert small == twin  # remembered (weakly): copies and pickles must not carry the weak reference
+    assert copy.deepcopy(small) == twin and pickle.loads(pickle.dumps(small)) == twin
+
+
+def record_tensor_builds(monkeypatch) -> list:
+    """The lengths of the sequences ``torch.tensor`` is given from now on (in this test)."""
+    sizes, real = [], torch.tensor
+
+    def tensor(data, *args, **kwargs):
+        sizes.append(len(data) if hasattr(data, "__len__") else 1)
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", tensor)
+    return sizes
+
+
+def test_rank_rows_uses_cached_tensors_that_writes_cannot_corrupt(monkeypatch):
+    s = FeatureSpace({"a": [f"x{i}" for i in range(200_000)], "b": ["y", "z"]}, {"a": 2, "b": 3})
+    expected = [400_003, 400_004, 400_005, 2, 3]
+    rows, owners = s.rank_rows([200_001, 1])
+    assert rows.tolist() == expected and owners.tolist() == [200_001] * 3 + [1, 1]
+    built = record_tensor_builds(monkeypatch)
+    for _ in range(20):
+        assert s.rank_rows([200_001, 1])[0].tolist() == expected
+    assert max(built, default=0) < 100  # was torch.tensor(self.ranks), 200k long, on every call
+    rows.fill_(-1)  # the results are the caller's own tensors
+    s._tensor("ranks").fill_(99)  # a stray in-place write to the cache is caught (version counter)
+    s._tensor("rank_offsets").zero_()
+    assert s.rank_rows([200_001, 1])[0].tolist() == expected

@@ -347,3 +347,84 @@ def test_one_node_training_path_matches_oracle(seed, monkeypatch, shape, strateg
     want = torch.autograd.grad(ref, ref_leaves[:len(wrt)], g)
     for a, w in zip(got, want):
         assert_close(a, w)
+
+
+def test_per_routing_caches_stay_bounded_lrus_that_keep_hot_entries(monkeypatch):
+    """One long-lived routing fed 1,000 token lengths: its layouts, plans and validated calls stay
+    within cache_limit, a shape used every step is planned and validated once, results stay right."""
+    gen = torch.Generator().manual_seed(0)
+    space = fk.FeatureSpace({"language": ["a", "b", "c"], "task": ["x", "y"]}, {"language": 2, "task": 3})
+    ids = torch.tensor([[0, 3], [2, -1]])
+    routing = fk.Routing(ids, space)
+    A, Bm = random_adapters(space, 4, 3, gen, torch.float64)
+    plans, prepared = [], []
+    build_plan, prepare = torch_backend._build_plan, torch_backend.prepare
+    monkeypatch.setattr(torch_backend, "_build_plan", lambda r, lay, d: plans.append(lay.key) or build_plan(r, lay, d))
+    monkeypatch.setattr(torch_backend, "prepare", lambda r, x, *a: prepared.append(tuple(x.shape)) or prepare(r, x, *a))
+    hot = torch.randn(2, 4, generator=gen, dtype=torch.float64)  # one token per example, every step
+    hot_out = fk.flix_delta(hot, A, Bm, routing, scaling=0.5, backend="torch")
+    assert_close(hot_out, flix_delta_reference(hot, A, Bm, ids, space.rank_offsets, 0.5))
+    limit = routing.cache_limit
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: a thread pool on a busy machine only makes them 50x slower
+    try:
+        for L in range(2, 1002):
+            x = torch.randn(2, L, 4, generator=gen, dtype=torch.float64)
+            out = fk.flix_delta(x, A, Bm, routing, scaling=0.5, backend="torch")
+            if L % 97 == 0 or L < 5:
+                assert_close(out, flix_delta_reference(x, A, Bm, ids, space.rank_offsets, 0.5))
+            assert torch.equal(fk.flix_delta(hot, A, Bm, routing, scaling=0.5, backend="torch"), hot_out)
+            sizes = len(routing._layouts), len(routing._cache), len(routing.calls)
+            assert max(sizes) <= limit, (L, sizes)
+    finally:
+        torch.set_num_threads(threads)
+    assert min(sizes) >= limit - 1  # full, not emptied
+    assert plans.count(("batched", 2, 2)) == 1 and prepared.count((2, 4)) == 1  # the hot entries survived
+    x = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64)  # evicted long ago: built again, still right
+    assert_close(fk.flix_delta(x, A, Bm, routing, scaling=0.5, backend="torch"),
+                 flix_delta_reference(x, A, Bm, ids, space.rank_offsets, 0.5))
+    assert plans.count(("batched", 2, 6)) == 2
+
+
+def test_packed_routing_with_a_batched_input_is_refused():
+    gen = torch.Generator().manual_seed(0)
+    space = fk.FeatureSpace({"language": ["a", "b", "c"]}, 2)
+    ids = torch.tensor([[0], [2], [1]])
+    routing = fk.Routing(ids, space, cu_seqlens=[0, 2, 2, 7])
+    A, Bm = random_adapters(space, 4, 3, gen, torch.float64)
+    W = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    x = torch.randn(3, 5, 4, generator=gen, dtype=torch.float64)
+    match = r"\(3, 5\) is batched \(B=3, L=5\) but the routing is packed \(cu_seqlens, T=7 tokens\)"
+    with pytest.raises(ValueError, match=match):  # was: cu_seqlens silently ignored
+        fk.flix_delta(x, A, Bm, routing, scaling=1.0, backend="torch")
+    with pytest.raises(ValueError, match=match):
+        fk.flix_linear(x, W, None, A, Bm, routing, scaling=1.0, backend="torch")
+    for shape, cu in [((7, 4), routing.cu_seqlens), ((1, 7, 4), routing.cu_seqlens), ((3, 4), None), ((3, 1, 4), None)]:
+        x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+        assert_close(fk.flix_delta(x, A, Bm, routing, scaling=1.0, backend="torch"),
+                     flix_delta_reference(x, A, Bm, ids, space.rank_offsets, 1.0, cu_seqlens=cu))
+
+
+def test_triton_plan_memo_is_bounded_and_drops_its_oldest_plans(monkeypatch):
+    pytest.importorskip("triton")
+    from flix_kernels.triton import shrink, tuning
+
+    def plan(T):
+        return shrink._shrink_plan(T, 64, 16, 2, False, False, False, torch.float32, torch.device("cpu"))
+
+    saved = dict(tuning.PLANS)
+    try:
+        tuning.PLANS.clear()
+        expected = {T: plan(T) for T in range(1, 41)}  # unbounded: what each shape's plan is
+        tuning.PLANS.clear()
+        monkeypatch.setattr(tuning, "MAX_PLANS", 8)
+        made = 0
+        for _ in range(3):
+            for T in range(1, 41):
+                assert plan(T) == expected[T] and plan(T) is tuning.PLANS[next(reversed(tuning.PLANS))]
+                made += 1
+                assert len(tuning.PLANS) == min(made, 8)  # once full: one out, one in (not emptied)
+        assert [key[1] for key in tuning.PLANS] == list(range(33, 41))  # the newest shapes' plans
+    finally:
+        tuning.PLANS.clear()
+        tuning.PLANS.update(saved)

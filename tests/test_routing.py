@@ -1,3 +1,5 @@
+import time
+
 import pytest
 import torch
 
@@ -54,14 +56,15 @@ def test_invalid_ids_name_the_example():
 def test_layouts_batched_single_token_and_packed():
     s = space()
     r = fk.Routing(s.encode([{"language": "fr"}, {"task": "qa"}, {}]), s, cu_seqlens=[0, 2, 2, 7])
-    lay = r.layout((3, 5))
+    lay = fk.Routing(r.feature_ids, s).layout((3, 5))
     assert lay.kind == "batched" and lay.num_tokens == 15 and lay.lengths.tolist() == [5, 5, 5]
-    assert r.layout((3, 1)).num_tokens == 3  # decode after prefill, same routing
+    decode = r.layout((3, 1))  # decode after prefill, same routing
+    assert decode.kind == "batched" and decode.num_tokens == 3 and decode.lengths.tolist() == [1, 1, 1]
     packed = r.layout((7,))
     assert packed.kind == "packed" and packed.lengths.tolist() == [2, 0, 5]
     assert packed.token_example().tolist() == [0, 0, 2, 2, 2, 2, 2]
     assert r.layout((1, 7)).key == packed.key
-    assert r.layout((3, 5)) is lay  # cached
+    assert r.layout((3, 1)) is decode  # cached
     with pytest.raises(ValueError, match=r"token dimensions \(4, 5\) .* 3 examples"):
         r.layout((4, 5))
     with pytest.raises(ValueError, match=r"packed \(T=7, in\)"):
@@ -162,3 +165,82 @@ def test_kernel_metadata_is_built_once_per_device_and_packed_length_bucketed():
     assert meta.device.type == "meta" and r.kernel_metadata(torch.device("cpu")) is cpu
     assert cpu.max_length == 8  # longest example 7, rounded up to a power of two
     assert cpu.cu_seqlens.tolist() == [0, 5, 12] and cpu.cu_seqlens.dtype == torch.int32
+
+
+def test_routing_accepts_a_list_of_feature_dicts():
+    s = space()
+    examples = [{"language": "fr", "task": "mt"}, {}, {"domain": "web", "language": "sw"}]
+    r = fk.Routing(examples, s)
+    assert torch.equal(r.feature_ids, s.encode(examples)) and r.features_of(2) == [2, 5]
+    assert torch.equal(fk.Routing(tuple(examples), s).feature_ids, r.feature_ids)
+    with pytest.raises(ValueError, match=r"single \{group: value\} dict; pass a list of one dict per example"):
+        fk.Routing({"language": "fr"}, s)
+    with pytest.raises(ValueError, match=r"example 1: expected a dict group -> value, got list"):
+        fk.Routing([{"language": "fr"}, [0, 3, 5]], s)
+    with pytest.raises(ValueError, match=r"example 0: unknown feature 'de' in group 'language'"):
+        fk.Routing([{"language": "de"}], s)
+    with pytest.raises(ValueError, match=r"feature_ids must be \(B, 3\) integer ids .* could not read list"):
+        fk.Routing(["fr", "qa"], s)
+
+
+def test_packed_routing_refuses_inputs_of_several_tokens_per_example():
+    s = space()
+    r = fk.Routing(s.encode([{"language": "fr"}, {"task": "qa"}, {}]), s, cu_seqlens=[0, 2, 2, 7])
+    for shape in [(3, 5), (3, 7), (3, 2)]:  # (B, L): L tokens per example would override cu_seqlens
+        with pytest.raises(ValueError, match=r"is batched \(B=3, L=\d\) but the routing is packed \(cu_seqlens, T=7"):
+            r.classify(shape)
+    assert r.classify((7,)) == ("packed", 7, 0) and r.classify((1, 7)) == ("packed", 7, 0)
+    assert r.classify((3,)) == ("batched", 3, 1) and r.classify((3, 1)) == ("batched", 3, 1)  # decode
+    assert r.classify((3, 0)) == ("batched", 0, 0)  # no tokens: nothing to misread
+    one = fk.Routing([[0, 3, 5]], s, cu_seqlens=[0, 4])
+    assert one.classify((1, 4)) == ("batched", 4, 4)  # B == 1, L == T: both readings agree
+    assert one.classify((1, 1)) == ("batched", 1, 1) and one.classify((4,)) == ("packed", 4, 0)
+    with pytest.raises(ValueError, match=r"\(1, 3\) is batched \(B=1, L=3\) but the routing is packed"):
+        one.classify((1, 3))
+    empty = fk.Routing(torch.zeros(0, 3, dtype=torch.long), s, cu_seqlens=[0])
+    assert empty.classify((0, 5)) == ("batched", 0, 5)  # no examples, no tokens: nothing to misread
+    # An unpacked routing still takes (B, L).
+    assert fk.Routing(r.feature_ids, s).classify((3, 5)) == ("batched", 15, 5)
+
+
+def test_routing_on_a_million_feature_space_is_cheap(monkeypatch):
+    n = 1_000_000
+    s = fk.FeatureSpace({"user": [f"u{i}" for i in range(n)], "lang": ["en", "fr"]}, {"user": 2, "lang": 4})
+    examples = [{"user": "u3", "lang": "fr"}, {"user": f"u{n - 1}"}, {"lang": "en"}, {}]
+    fk.Routing(examples, s)  # the space's tensors are built here, once
+    built = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda data, *a, **k: built.append(len(data)) or real(data, *a, **k))
+    start = time.perf_counter()
+    for _ in range(20):
+        r = fk.Routing(examples, s)
+    elapsed = time.perf_counter() - start
+    assert max(built, default=0) < 1000  # was torch.tensor of the space's million-long lists, per routing
+    assert elapsed < 2.0, elapsed  # generous (about 1 ms each on an idle machine; 0.4 s each before)
+    fr = list(range(2 * n + 4, 2 * n + 8))
+    assert r.slot_rank_index.tolist() == [[6, 7, *fr], [2 * n - 2, 2 * n - 1, 0, 0, 0, 0],
+                                          [2 * n, 2 * n + 1, 2 * n + 2, 2 * n + 3, 0, 0], [0] * 6]
+    with pytest.raises(ValueError, match=rf"example 0: column 1 is group 'lang' but holds feature 7 \(user='u7'\)"):
+        fk.Routing([[0, 7]], s)
+    meta = r.kernel_metadata(torch.device("cpu"))
+    assert meta.max_feature_rank == 4 and meta.rank_offsets[-1] == 2 * n + 8 and meta.feature_rank.numel() == n + 2
+    assert meta.present_features.tolist() == [3, n - 1, n, n + 1]
+
+
+def test_per_shape_caches_are_lrus():
+    s = space()
+    r = fk.Routing(s.encode([{"language": "fr"}, {"task": "qa"}]), s)
+    r.cache_limit = 3
+    built = []
+    for k in "abc":
+        r.cached(k, lambda k=k: built.append(k) or k.upper())
+    assert r.cached("a", lambda: built.append("a!")) == "A"  # a hit: "a" is now the most recent
+    r.cached("d", lambda: built.append("d") or "D")  # evicts the least recently used: "b", not "a"
+    assert "a" in r._cache and "b" not in r._cache and len(r._cache) == 3 and built == ["a", "b", "c", "d"]
+    assert r.cached("b", lambda: built.append("b") or "B2") == "B2"  # dropped entries are built again
+    first = r.layout((2, 1))
+    r.layout((2, 2)), r.layout((2, 3))
+    assert r.layout((2, 1)) is first  # a hit refreshes it
+    r.layout((2, 4))
+    assert list(r._layouts) == [(2, 3), (2, 1), (2, 4)] and r.layout((2, 1)) is first
+    assert fk.Routing(s.encode([{}]), s).cache_limit == fk.Routing.cache_limit == 64

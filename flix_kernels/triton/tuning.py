@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import OrderedDict
 
 import torch
 import triton.language as tl
@@ -149,14 +150,18 @@ def blocks(cfg: dict, *names: str) -> dict:
 
 # Launch plans of every family by everything they depend on (shapes, flags, dtypes, the
 # precision setting and the tests' OVERRIDES), so a repeated call only assembles its arguments.
-PLANS: dict[tuple, tuple] = {}
-MAX_PLANS = 4096  # cleared when full (batch shapes that keep changing)
+# Read with PLANS.get (a plain dict lookup) on every launch; mutate in place, never rebind (the
+# families import the object).
+PLANS: OrderedDict[tuple, tuple] = OrderedDict()
+MAX_PLANS = 4096  # bound for batch shapes that keep changing
 
 
 def remember(key: tuple, plan: tuple) -> tuple:
-    if len(PLANS) >= MAX_PLANS:
-        PLANS.clear()
+    """Memoise ``plan``; past MAX_PLANS the oldest plans go first (O(1) each), so a full memo
+    is not emptied at once and every layer's current plan rebuilt together."""
     PLANS[key] = plan
+    while len(PLANS) > MAX_PLANS:
+        PLANS.popitem(last=False)
     return plan
 
 

@@ -19,6 +19,7 @@ import numbers
 import torch
 
 from .backends import get_backend, torch_backend
+from .features import FeatureSpace
 from .routing import Routing
 
 __all__ = ["flix_linear", "flix_delta"]
@@ -82,6 +83,19 @@ def _validate(x, lora_A, lora_B, routing, scaling, dropout_p, weight=None, bias=
     routing.classify(x.shape[:-1])  # raises if the token dimensions do not match the routing
 
 
+def _check_space(routing, space) -> None:
+    """Raise unless ``routing`` was built from ``space`` (equal groups, values in the same order,
+    ranks): the space the caller's lora_A / lora_B are laid out in. A routing of a space whose
+    values are ordered otherwise would give each example another feature's rank rows."""
+    if not isinstance(routing, Routing) or routing.space is space:
+        return  # not a Routing: validation says so
+    if not isinstance(space, FeatureSpace):
+        raise TypeError(f"space must be a FeatureSpace or None, got {type(space).__name__}")
+    if routing.space != space:  # FeatureSpace compares by cached hash, then once by value
+        raise ValueError("the routing's FeatureSpace differs from the adapters' (space=): "
+                         + routing.space.describe_difference(space))
+
+
 def _tensor_key(t):
     return None if t is None else (t.shape, t.dtype, t.device)
 
@@ -129,7 +143,7 @@ def _dispatch(backend, x, weight, bias, lora_A, lora_B, routing, scaling, dropou
 
 
 def flix_delta(x, lora_A, lora_B, routing, *, scaling, dropout_p: float = 0.0, backend: str = "auto",
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, space: FeatureSpace | None = None) -> torch.Tensor:
     """The low-rank FLix update ``sum_{k in S(x)} s_k B_k A_k drop(x)`` for every token.
 
     Args:
@@ -142,10 +156,15 @@ def flix_delta(x, lora_A, lora_B, routing, *, scaling, dropout_p: float = 0.0, b
         dropout_p: dropout on the low-rank input (pass 0 at inference).
         backend: "torch", "triton", "cuda" or "auto".
         generator: RNG for the dropout mask.
+        space: the :class:`~flix_kernels.FeatureSpace` lora_A / lora_B are laid out in; when
+            given, a routing of another space raises (the ops alone cannot tell: without it the
+            routing's space is taken as the adapters' layout).
 
     Returns ``x.shape[:-1] + (out,)`` in x's dtype, differentiable in x, lora_A, lora_B. The
     low-rank path computes in lora_A's dtype.
     """
+    if space is not None:
+        _check_space(routing, space)
     if torch.compiler.is_compiling():
         _validate(x, lora_A, lora_B, routing, scaling, dropout_p, generator=generator)
         impl = get_backend(backend, x.device, x, lora_A)
@@ -155,12 +174,15 @@ def flix_delta(x, lora_A, lora_B, routing, *, scaling, dropout_p: float = 0.0, b
 
 
 def flix_linear(x, weight, bias, lora_A, lora_B, routing, *, scaling, dropout_p: float = 0.0,
-                backend: str = "auto", generator: torch.Generator | None = None) -> torch.Tensor:
+                backend: str = "auto", generator: torch.Generator | None = None,
+                space: FeatureSpace | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias) + flix_delta(x, lora_A, lora_B, routing, ...)``.
 
     ``weight`` is ``(out, in)`` in x's dtype, ``bias`` ``(out,)`` or None. Differentiable in
     x, lora_A, lora_B, and in weight/bias when they require grad. See :func:`flix_delta`.
     """
+    if space is not None:
+        _check_space(routing, space)
     if torch.compiler.is_compiling():
         _validate(x, lora_A, lora_B, routing, scaling, dropout_p, weight, bias, with_base=True, generator=generator)
         impl = get_backend(backend, x.device, x, lora_A)

@@ -657,7 +657,17 @@ def test_every_entry_point_refuses_a_routing_of_another_space(seed):
                  lambda: fk.use_routing(model, other).__enter__()):
         with pytest.raises(ValueError, match="values of group 'language' differ"):
             call()
+    # the ops take the adapters' space to check it (alone they cannot tell)
+    layer = model.fc1
+    args = (x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, other)
+    with pytest.raises(ValueError, match="differs from the adapters' \\(space=\\): values of group 'language'"):
+        fk.flix_linear(*args, scaling=layer.scaling, space=space)
+    with pytest.raises(ValueError, match="differs from the adapters'"):
+        fk.flix_delta(x, layer.lora_A, layer.lora_B, other, scaling=layer.scaling, space=space)
+    with pytest.raises(TypeError, match="space must be a FeatureSpace"):
+        fk.flix_delta(x, layer.lora_A, layer.lora_B, other, scaling=layer.scaling, space="language")
     # an equal space built separately is accepted (compared once, then remembered)
+    fk.flix_delta(x, layer.lora_A, layer.lora_B, other, scaling=layer.scaling, space=reordered)
     same = fk.Routing(make_space().encode([{"language": "sw"}, {"task": "qa"}]), make_space())
     torch.testing.assert_close(model.fc1(x, routing=same), model.fc1(x, routing=fk.Routing(same.feature_ids, space)))
 

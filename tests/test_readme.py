@@ -248,7 +248,7 @@ def test_the_readme_featurespace_row_names_only_real_attributes():
 def test_the_api_table_check_catches_each_kind_of_drift():
     """The checker itself: a wrong name, a missing or extra parameter, a wrong order, a missing
     keyword-only marker, a wrong or missing default, a wrong method signature are all reported."""
-    good = 'flix_delta(x, lora_A, lora_B, routing, *, scaling, dropout_p=0.0, backend="auto", generator=None)'
+    good = 'flix_delta(x, lora_A, lora_B, routing, *, scaling, dropout_p=0.0, backend="auto", generator=None, space=None)'
     assert _signature_problems(good) == []
     assert _signature_problems("flix_kernels.ofa.factorize(weight, k) -> (coords, primitive)") == []
     assert _signature_problems("FLixLinear.from_linear(linear, space, *, alpha=8.0, ...)") == []
@@ -258,13 +258,13 @@ def test_the_api_table_check_catches_each_kind_of_drift():
     wrong = {
         "flix_delt(x)": "has no attribute 'flix_delt'",
         'flix_delta(x, lora_A, lora_B, routing, *, scaling, dropout_p=0.0, backend="auto")': "the code's parameters",
-        'flix_delta(x, lora_B, lora_A, routing, *, scaling, dropout_p=0.0, backend="auto", generator=None)':
+        'flix_delta(x, lora_B, lora_A, routing, *, scaling, dropout_p=0.0, backend="auto", generator=None, space=None)':
             "the code's parameters",
-        'flix_delta(x, lora_A, lora_B, routing, scaling, dropout_p=0.0, backend="auto", generator=None)':
+        'flix_delta(x, lora_A, lora_B, routing, scaling, dropout_p=0.0, backend="auto", generator=None, space=None)':
             "the code's parameters",
-        'flix_delta(x, lora_A, lora_B, routing, *, scaling, dropout_p=0.1, backend="auto", generator=None)':
+        'flix_delta(x, lora_A, lora_B, routing, *, scaling, dropout_p=0.1, backend="auto", generator=None, space=None)':
             "dropout_p: documented default 0.1, the code's is 0.0",
-        'flix_delta(x, lora_A, lora_B, routing, *, scaling, dropout_p, backend="auto", generator=None)':
+        'flix_delta(x, lora_A, lora_B, routing, *, scaling, dropout_p, backend="auto", generator=None, space=None)':
             "dropout_p: documented default \\(none\\)",
         "FLixLinear.from_linear(linear, space, *, alpha, ...)": "alpha: documented default \\(none\\)",
         "ofa.factorize(weight, k, ...)": "'...' says more parameters follow",

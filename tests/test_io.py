@@ -75,15 +75,19 @@ def test_adapter_and_peft_files_are_readable_by_others_under_the_usual_umask(tmp
         assert _mode(p) == 0o644, p
 
 
-def test_a_failed_write_leaves_nothing_behind(tmp_path):
-    def boom(tmp):
-        with open(tmp, "w") as f:
-            f.write("partial")
-        raise RuntimeError("disk full")
+def _failing_writer(tmp):
+    with open(tmp, "w") as f:
+        f.write("partial")
+    raise RuntimeError("disk full")
 
+
+@pytest.mark.parametrize("commit", [
+    lambda folder, writers: _io.atomic_write_files({os.path.join(folder, n): w for n, w in writers.items()}),
+    lambda folder, writers: _io.commit_staged(folder, writers, prefix=PREFIX)], ids=["atomic_write_files", "commit_staged"])
+def test_a_failed_write_leaves_the_old_files_and_nothing_else(tmp_path, commit):
     (tmp_path / "keep.txt").write_text("previous")
     with pytest.raises(RuntimeError, match="disk full"):
-        _io.atomic_write_files({str(tmp_path / "keep.txt"): _io.text_writer("new"), str(tmp_path / "x.txt"): boom})
+        commit(str(tmp_path), {"keep.txt": _io.text_writer("new"), "x.txt": _failing_writer})
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
     assert (tmp_path / "keep.txt").read_text() == "previous"
 
@@ -117,19 +121,6 @@ def test_commit_staged_writes_everything_inside_its_staging_folder(tmp_path):
     assert [(d, n.startswith(PREFIX), names) for d, n, names in seen] == [(str(tmp_path), True, ["a.bin"])] * 2
     assert (tmp_path / "a.bin").read_text() == "A" and (tmp_path / "b.bin").read_text() == "B"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]
-
-
-def test_a_failed_commit_leaves_the_old_files_and_no_staging_folder(tmp_path):
-    def boom(tmp):
-        with open(tmp, "w") as f:
-            f.write("partial")
-        raise RuntimeError("disk full")
-
-    (tmp_path / "keep.txt").write_text("previous")
-    with pytest.raises(RuntimeError, match="disk full"):
-        _io.commit_staged(str(tmp_path), {"keep.txt": _io.text_writer("new"), "x.txt": boom}, prefix=PREFIX)
-    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
-    assert (tmp_path / "keep.txt").read_text() == "previous"
 
 
 def test_commit_staged_refuses_paths_and_the_lock_name(tmp_path):

@@ -132,6 +132,13 @@ def test_use_routing_belongs_to_its_thread_and_set_routing_to_every_thread(seed)
     fk.set_routing(model, None)
 
 
+def _no_grad(fn):
+    def call(*args, **kwargs):
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+    return call
+
+
 def test_asyncio_tasks_keep_their_own_routing_across_awaits(seed):
     model, space = _mlp(seed)
     fk.accept_feature_ids(model)
@@ -148,9 +155,9 @@ def test_asyncio_tasks_keep_their_own_routing_across_awaits(seed):
                 with torch.no_grad():
                     outs.append(model(x))
                     outs.append(model(x, feature_ids=feats[i]))  # the hook's routing, nested in the block
-        # and from a worker thread, which runs with a copy of this task's context
-        with torch.no_grad():
-            outs.append(await asyncio.to_thread(model, x, feature_ids=feats[i]))
+        # and from a worker thread, which runs with a copy of this task's context (grad mode is
+        # per thread: a no_grad block spanning an await would leak into the other tasks)
+        outs.append(await asyncio.to_thread(_no_grad(model), x, feature_ids=feats[i]))
         return outs
 
     async def main():
@@ -158,6 +165,7 @@ def test_asyncio_tasks_keep_their_own_routing_across_awaits(seed):
 
     for i, outs in enumerate(asyncio.run(main())):
         assert all(torch.equal(o, want[i]) for o in outs), f"task {i} saw another task's features"
+    assert torch.is_grad_enabled()
 
 
 def test_generate_from_many_threads_is_exact(seed):

@@ -207,8 +207,9 @@ def _update(p: Plan, x2d, lora_A, lora_B, scaling, dropout_p, generator, h_hook,
     if dropout_p > 0:
         xl = xl * dropout_mask(xl.shape, dropout_p, generator, x2d.device).to(wdt) * (1.0 / (1.0 - dropout_p))
     if p.strategy == "dense":
-        a = lora_A.index_select(0, p.rank_index).to(wdt)
-        bt = lora_B.index_select(1, p.rank_index).t().to(wdt)
+        a, bt = lora_A.index_select(0, p.rank_index), lora_B.index_select(1, p.rank_index).t()
+        if wdt != cdt:  # (a no-op .to still costs a dispatch on the host path)
+            a, bt = a.to(wdt), bt.to(wdt)
         xa = xl if p.active_tokens is None else xl.index_select(0, p.active_tokens)
         h = torch.mm(xa, a.t()) * p.scale(scaling, wdt)
         if h_hook is not None:
@@ -227,8 +228,10 @@ def _update(p: Plan, x2d, lora_A, lora_B, scaling, dropout_p, generator, h_hook,
         s = p.scale(scaling, wdt)
         fold = (h_hook is None and base is not None and p.dest is None and p.active_tokens is None
                 and base.dtype == wdt)
-        a = lora_A.index_select(0, p.chunk_index).view(N, R, in_f).to(wdt)
-        b = lora_B.index_select(1, p.chunk_index).view(out_f, N, R).permute(1, 2, 0).to(wdt)
+        a = lora_A.index_select(0, p.chunk_index).view(N, R, in_f)
+        b = lora_B.index_select(1, p.chunk_index).view(out_f, N, R).permute(1, 2, 0)
+        if wdt != cdt:
+            a, b = a.to(wdt), b.to(wdt)
         h = torch.bmm(xc, a.transpose(1, 2)) * s
         if h_hook is not None:
             h = h_hook(h)
@@ -298,9 +301,11 @@ def _grouped_linear(x, weight, bias, lora_A, lora_B, index, scale):
     N, _, R = scale.shape
     out_f, wdt = weight.shape[0], scale.dtype
     x3 = x.reshape(N, -1, x.shape[-1])
-    a = lora_A.index_select(0, index).view(N, R, -1).to(wdt)
-    b = lora_B.index_select(1, index).view(out_f, N, R).permute(1, 2, 0).to(wdt)  # (N, R, out): a column gather
+    a = lora_A.index_select(0, index).view(N, R, -1)
+    b = lora_B.index_select(1, index).view(out_f, N, R).permute(1, 2, 0)  # (N, R, out): a column gather
     # is the fast one on a CPU; the backward adds whole rows of B's transpose, the fast scatter
+    if lora_A.dtype != wdt:
+        a, b = a.to(wdt), b.to(wdt)
     h = torch.bmm(x3 if x3.dtype == wdt else x3.to(wdt), a.transpose(1, 2)).mul_(scale)
     base = F.linear(x3, weight, bias)
     y = torch.baddbmm(base, h, b) if base.dtype == wdt else (base + torch.bmm(h, b)).to(base.dtype)

@@ -219,9 +219,9 @@ def headline_launches(active: int, examples: int = 8, seq_len: int = 1024):
     routing = fk.Routing(ids, space)
     meta = routing.layer_metadata(torch.device("cpu"), (examples, seq_len))
     bf, T = torch.bfloat16, examples * seq_len
-    x, dy = torch.zeros(T, 4096, dtype=bf), torch.zeros(T, 4096, dtype=bf)
-    W = torch.zeros(4096, 4096, dtype=bf)
-    A, B = torch.zeros(space.total_rank, 4096, dtype=bf), torch.zeros(4096, space.total_rank, dtype=bf)
+    x, dy = torch.empty(T, 4096, dtype=bf), torch.empty(T, 4096, dtype=bf)
+    W = torch.empty(4096, 4096, dtype=bf)
+    A, B = torch.empty(space.total_rank, 4096, dtype=bf), torch.empty(4096, space.total_rank, dtype=bf)
     seed = torch.zeros(1, dtype=torch.int64)
     ops = triton_backend.ops
     overrides = triton_backend.launch.OVERRIDES

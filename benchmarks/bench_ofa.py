@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from flix_kernels._io import atomic_write_files, json_writer, text_writer  # noqa: E402
+from benchmarks.results_files import write_results  # noqa: E402
 from flix_kernels.backends import unavailable_reason  # noqa: E402
 from flix_kernels.bench.timing import Timer, floor_ms, measured_peaks, peak_memory_mib, provenance  # noqa: E402
 from flix_kernels.ofa.kernel import factorized_embedding, tied_logits  # noqa: E402
@@ -246,8 +246,7 @@ def main(argv=None) -> dict:
     print(md)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        atomic_write_files({os.path.join(args.out, "ofa.json"): json_writer(record),
-                            os.path.join(args.out, "ofa.md"): text_writer(md)})
+        write_results(args.out, {"ofa.json": record, "ofa.md": md})
     return record
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import flix_kernels as fk  # noqa: E402
-from flix_kernels._io import atomic_write_json, atomic_write_text  # noqa: E402
+from benchmarks.results_files import write_results  # noqa: E402
 from flix_kernels.backends import torch_backend  # noqa: E402
 from flix_kernels.bench import report  # noqa: E402
 from flix_kernels.bench.timing import Timer, measured_peaks  # noqa: E402
@@ -185,7 +185,6 @@ def main():
     meta = {"device": f"cpu ({platform.machine()}, {os.cpu_count()} cores)", "torch": torch.__version__,
             "python": platform.python_version(), "flix_kernels": fk.__version__, "commit": commit,
             "threads": torch.get_num_threads(), "measured_gemm_gflops": rate / 1e9, "quick": args.quick}
-    atomic_write_json(os.path.join(args.out, "torch_backend.json"), {"meta": meta, "results": results})
     lines = [f"# backend 'torch' on {meta['device']}", "",
              f"torch {meta['torch']}, commit {commit}, measured GEMM rate {rate / 1e9:.1f} GFLOP/s, {meta['threads']} threads.", "",
              f"**{report.CPU_CAVEAT}**", "",
@@ -201,7 +200,8 @@ def main():
         lines += [f"| {r['variant']} | {r['pass']} | {r['median_ms']:.3f} | {r['p20_ms']:.3f}-{r['p80_ms']:.3f} | "
                   f"{100 * r['spread']:.0f}% | {_x_base(r)} |" for r in res["rows"]]
         lines.append("")
-    atomic_write_text(os.path.join(args.out, "torch_backend.md"), "\n".join(lines))
+    write_results(args.out, {"torch_backend.json": {"meta": meta, "results": results},
+                             "torch_backend.md": "\n".join(lines)})
     print(f"\nwrote {args.out}/torch_backend.json and .md")
 
 

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench_ofa import GPU_CASES, SMOKE_CASES, make_ids, make_tables, rel_err  # noqa: E402
 
-from flix_kernels._io import atomic_write_files, json_writer, text_writer  # noqa: E402
+from benchmarks.results_files import write_results  # noqa: E402
 from flix_kernels.backends import unavailable_reason  # noqa: E402
 from flix_kernels.bench.timing import Timer, provenance  # noqa: E402
 from flix_kernels.ofa import kernel as ok  # noqa: E402
@@ -99,8 +99,7 @@ def main(argv=None):
                      f"{b['config']} | {r['torch_ms']:.3f} |" if b else f"| {r['case']['name']} | {r['role']} | "
                      f"{r['default_ms']:.3f} | - | - | {r['torch_ms']:.3f} |")
     os.makedirs(args.out, exist_ok=True)
-    atomic_write_files({os.path.join(args.out, "tune_ofa.json"): json_writer(record),
-                        os.path.join(args.out, "tune_ofa.md"): text_writer("\n".join(lines) + "\n")})
+    write_results(args.out, {"tune_ofa.json": record, "tune_ofa.md": "\n".join(lines) + "\n"})
 
 
 if __name__ == "__main__":

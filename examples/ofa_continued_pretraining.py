@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import random
 import statistics
@@ -47,7 +48,6 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from flix_kernels import ofa
-from flix_kernels._io import atomic_write_files, json_writer, text_writer
 
 LANGS = ("src", "new1", "new2")
 LETTERS = {"src": "abcdefghij", "new1": "klmnopqrst", "new2": "aeiouvwxyz"}
@@ -291,10 +291,10 @@ def main() -> None:
     md = summarize(runs, args) + f"\nTotal wall time {time.perf_counter() - t0:.0f} s.\n"
     print(md)
     os.makedirs(args.out, exist_ok=True)
-    atomic_write_files({
-        os.path.join(args.out, "results.json"): json_writer({"args": vars(args), "runs": runs}),
-        os.path.join(args.out, "results.md"): text_writer(md),
-    })
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"args": vars(args), "runs": runs}, f, indent=2)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md)
 
 
 if __name__ == "__main__":

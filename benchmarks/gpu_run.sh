@@ -1,18 +1,52 @@
 #!/usr/bin/env bash
 # On a lent GPU machine (see the device tool), one step per call so each fits the tool's
-# 10-minute limit:  bash benchmarks/gpu_run.sh install|test|sanitize|bench|overhead|kernels|decode|ofa|integrations|all
+# 10-minute limit. The first call of a lent GPU is always
+#   FLIX_COMMIT=<commit> bash benchmarks/gpu_run.sh verify      (--dry-run: the CPU check CI runs)
+# (benchmarks/gpu_verify.py: every kernel path's tests, the headline, decode and training
+# timings and the sanitizers in 9 minutes, build included; 4 files back; then
+# `python benchmarks/gpu_import.py <folder>` here files them under benchmarks/results/).
+# The other steps go deeper into one area, each on its own:
+#   bash benchmarks/gpu_run.sh install|test|sanitize|bench|overhead|kernels|decode|ofa|integrations|all
 # install builds the CUDA extension there (FLIX_CUDA=1: a failed build is an error; FLIX_CUDA=0
 # skips it, e.g. for the ofa step, which does not use it).
-# Full logs go to $OUT (default /tmp/flix_out); copy $OUT/suite/* into
-# benchmarks/results/<device>/ and commit them.
+# Wheels for packages the GPU image lacks (bitsandbytes, torchao, liger-kernel, num2words), fetched
+# here by `bash benchmarks/gpu_run.sh wheels` into the git-ignored .whl/, are installed first
+# when the call carries .whl. Logs go to $OUT (default /tmp/flix_out); a step that leaves more
+# files than the tool returns (8) is packed into $OUT/<step>.tar.gz.
 set -u -o pipefail
 OUT=${OUT:-/tmp/flix_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 step=${1:-all}
 status=0
+# The optional integrations' wheels (see `wheels`): pinned, for Python 3.12 on x86-64 Linux (num2words needs
+# docopt only for its command line, which has no wheel).
+WHEELS="bitsandbytes==0.50.2 torchao==0.18.0 liger-kernel==0.8.5 num2words==0.5.14"
+
+wheels() {  # run HERE (a machine with network), not on the GPU machine
+  rm -rf .whl && mkdir -p .whl
+  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform any -d .whl $WHEELS && ls -la .whl
+}
+carried_wheels() {  # on the GPU machine: the carried .whl/, if any, into /tmp/site
+  if ls .whl/*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} && echo "installed carried wheels: $(ls .whl | tr '\n' ' ')"
+  fi
+}
+pack_out() {  # the device tool returns at most 8 files from $OUT
+  local n
+  n=$(find "$OUT" -type f | wc -l)
+  if [ "$n" -gt 8 ]; then
+    tar -czf "/tmp/$step.tar.gz" -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv "/tmp/$step.tar.gz" "$OUT/"
+    echo "packed $n files into \$OUT/$step.tar.gz"
+  fi
+}
 
 install() {
+  carried_wheels
   FLIX_CUDA=${FLIX_CUDA:-1} FLIX_CUDA_ARCHS=${FLIX_CUDA_ARCHS:-90} python -m pip install -v --no-deps --no-build-isolation -e . \
     > "$OUT/install.log" 2>&1 || { tail -60 "$OUT/install.log"; return 1; }
   python -m flix_kernels info | tee "$OUT/info.log"
@@ -109,6 +143,8 @@ ofa() {  # OFA: its tests on CUDA (bf16, CUDA graphs, torch.compile), then bench
 }
 
 case "$step" in
+  wheels) wheels || status=1; exit $status ;;
+  verify) carried_wheels; python3 benchmarks/gpu_verify.py "${@:2}" || status=1; exit $status ;;
   install) install || status=1 ;;
   test) install && run_tests || status=1 ;;
   sanitize) install && sanitize || status=1 ;;
@@ -119,6 +155,8 @@ case "$step" in
   ofa) install && ofa || status=1 ;;
   integrations) install && integrations || status=1 ;;
   all) install && { run_tests || status=1; sanitize || status=1; bench || status=1; } ;;
-  *) echo "usage: $0 install|test|sanitize|bench|overhead|kernels|decode|ofa|integrations|all"; exit 2 ;;
+  *) echo "usage: $0 verify [--dry-run]|wheels|install|test|sanitize|bench|overhead|kernels|decode|ofa|integrations|all"
+     exit 2 ;;
 esac
+pack_out
 exit $status

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from ._info import info
+from .bench.variants import COMPARED_VARIANTS
 from .demo import VARIABLE as DEMO_VARIABLE
 from .demo.experiment import DATA as DEMO_DATA, LABELS as DEMO_METHODS, METHODS as DEFAULT_DEMO_METHODS
 
@@ -128,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the quantized-base mode alone (a training step over a bitsandbytes NF4 base against the "
                         "full-precision base and PEFT LoRA over NF4: step time, stored bytes, peak GPU memory; needs "
                         "the quant extra; part of --quick)")
+    b.add_argument("--e2e-only", action="store_true",
+                   help="the end-to-end training steps alone (the 110M Llama; on a GPU also the GPU-bound slice)")
+    b.add_argument("--compare", nargs="+", choices=tuple(COMPARED_VARIANTS), default=None, metavar="VARIANT",
+                   help="the variants to time beside base F.linear and ours: "
+                        f"{', '.join(COMPARED_VARIANTS)} (default: all)")
     b.add_argument("--backends", nargs="+", choices=("torch", "triton", "cuda"), default=None,
                    help="our backends to time (default: every one available on the device)")
     b.add_argument("--rep-ms", type=positive_arg(float), default=None, metavar="MS",
@@ -208,7 +214,8 @@ def _bench(args) -> int:
                               f"available here: {', '.join(available_backends(device))}")
     out = args.out or Path(f"flix-bench-{device.type}")
     check_out_folder(args.parser, out)
-    only_modes = (args.overhead or args.serving or args.quantized) and not args.quick and args.shapes is None
+    only_modes = (args.overhead or args.serving or args.quantized or args.e2e_only) and not args.quick \
+        and args.shapes is None
     if device.type == "cpu" and not only_modes:
         why = {b: unavailable_reason(b, "cpu") for b in ("triton", "cuda")}
         print("CPU run: timing the torch backend and the plain-PyTorch/PEFT variants; "
@@ -216,7 +223,7 @@ def _bench(args) -> int:
     shapes = args.shapes or ([] if only_modes else ["headline", "decode"] if args.quick else ["all"])
     shapes = SHAPE_SETS if "all" in shapes else tuple(shapes)
     cfg = Config(device=device, shapes=shapes, quick=args.quick, compile_torch=args.compile_torch,
-                 e2e=args.e2e and not only_modes, overhead=args.overhead or args.quick,
+                 e2e=args.e2e_only or (args.e2e and not only_modes), compare=args.compare, overhead=args.overhead or args.quick,
                  serving=args.serving or args.quick, quantized=args.quantized or args.quick, backends=backends,
                  rep_ms=args.rep_ms)
     # A live progress line shows nothing in a file until the end: a log gets a line per case.

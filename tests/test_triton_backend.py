@@ -60,6 +60,48 @@ def test_autotune_picks_a_config_per_shape_class_and_stays_exact(seed, monkeypat
     assert tuning._TUNED == tuned_once
 
 
+def test_autotuning_leaves_out_a_base_path_that_cannot_launch(seed, monkeypatch):
+    """A fused base GEMM that fails to launch (as a tile over the device's shared memory does)
+    is left out of the choice with a warning, and the layer runs cuBLAS + expand exactly."""
+    import triton
+
+    from flix_kernels.triton import tuning
+
+    monkeypatch.setattr(tuning, "AUTOTUNE", True)
+    monkeypatch.setattr(tuning, "_TUNED", {})
+    expand = launch.expand
+
+    def expand_without_mode_2(*args, mode, **kwargs):
+        if mode == 2:
+            raise triton.runtime.errors.OutOfResources(294936, 232448, "shared memory")
+        return expand(*args, mode=mode, **kwargs)
+
+    monkeypatch.setattr(launch, "expand", expand_without_mode_2)
+    gen = torch.Generator().manual_seed(seed)
+    routing, ids, x, A, Bm = _case(gen, _space(), 2, (2, 9), 20, 18, torch.float32)
+    W, b = _base(gen, 20, 18, torch.float32)
+    with forced_paths("triton", {}), pytest.warns(RuntimeWarning, match="option 'fused' failed and is not used"):
+        check_against_oracle(x, A, Bm, routing, ids, routing.space, 0.5, backend="triton", weight=W, bias=b)
+    assert {v for k, v in tuning._TUNED.items() if k[0] == "choice"} == {"cublas"}
+
+
+def test_choose_raises_when_every_option_fails(monkeypatch):
+    from flix_kernels.triton import tuning
+
+    monkeypatch.setattr(tuning, "AUTOTUNE", True)
+    monkeypatch.setattr(tuning, "_TUNED", {})
+
+    def fails(message):
+        def run():
+            raise RuntimeError(message)
+        return run
+
+    with pytest.raises(RuntimeError, match="first"):
+        tuning.choose(("k",), {"a": fails("first"), "b": fails("second")}, torch.device("cpu"))
+    with pytest.warns(RuntimeWarning, match="option 'a' failed"):
+        assert tuning.choose(("k",), {"a": fails("first"), "b": lambda: None}, torch.device("cpu")) == "b"
+
+
 TMA_LAYOUTS = {"batched": dict(B=3, shape=(3, 7)), "single_token": dict(B=5, shape=(5,)),
                "packed": dict(B=4, shape=(13,), cu=[0, 4, 4, 11, 13])}
 
@@ -148,3 +190,19 @@ def test_interpreter_refuses_bfloat16(seed):
     with _launch.recording(run=False) as rec:  # a recording that runs nothing has nothing to refuse
         _launch.launch_triton(copy_kernel, (1,), src.bfloat16(), dst.bfloat16(), 8)
     assert rec.total == 1
+
+
+@pytest.mark.parametrize("triton_version,numpy_version,refused", [
+    ("3.6.0", "2.4.1", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.1", False), ("3.10.0", "2.5.0", False)])
+def test_interpreter_refused_where_triton_cannot_run_under_numpy(monkeypatch, triton_version, numpy_version, refused):
+    """Triton < 3.7's interpreter fails every kernel under NumPy >= 2.4: the backend says so
+    (and the interpreter tests skip with that reason) instead of failing inside Triton."""
+    import numpy
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    why = launch.interpreter_unavailable_reason()
+    assert (why is not None) == refused
+    if refused:
+        assert "numpy<2.4" in why and triton_version in why

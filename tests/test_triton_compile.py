@@ -18,6 +18,8 @@ import sys
 import pytest
 
 ARCHS = [80, 90]
+# Tensor dtypes of the check: (torch dtype, whether fp32 dots may use tf32).
+SASS_DTYPES = {"bf16": ("bfloat16", False), "fp32": ("float32", False), "tf32": ("float32", True)}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -31,16 +33,20 @@ def test_every_kernel_variant_compiles_for(arch):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def test_gemm_kernels_use_hopper_mma_and_do_not_spill():
-    """Each GEMM-class kernel, as launched at the headline shape on sm_90, uses warpgroup MMA
-    (HGMMA) and stores nothing to local memory (no register spills), and the TMA kernels load
-    through the Tensor Memory Accelerator (UTMALDG), except the known failures."""
+@pytest.mark.parametrize("dtype", list(SASS_DTYPES))
+def test_gemm_kernels_fit_hopper(dtype):
+    """Each GEMM-class kernel, as launched at the headline shape on sm_90 with ``dtype`` tensors,
+    fits the block's shared memory, stores nothing to local memory (no register spills), uses
+    warpgroup MMA (HGMMA) where its dots can (not IEEE fp32, which Hopper's tensor cores do not
+    compute), and the TMA kernels load through the Tensor Memory Accelerator (UTMALDG), except
+    the known failures."""
     pytest.importorskip("triton")
     import json
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # About 30 ptxas compiles for sm_90 with a cold Triton cache: over 15 minutes on a slow 2-core machine.
-    proc = subprocess.run([sys.executable, __file__, "sass"], env=env, capture_output=True, text=True, timeout=2700)
+    # About 30 ptxas compiles for sm_90 per dtype: minutes with a cold Triton cache on a slow 2-core machine.
+    proc = subprocess.run([sys.executable, __file__, "sass", dtype], env=env, capture_output=True, text=True,
+                          timeout=2700)
     if proc.returncode == 77:
         pytest.skip(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -49,11 +55,10 @@ def test_gemm_kernels_use_hopper_mma_and_do_not_spill():
     assert kernels == GEMM_KERNELS, proc.stdout[-3000:]
     for r in rows:
         print(r)
-    failing = {r["name"] for r in rows if r["hgmma"] == 0 or r["spill_stores"] > 0
-               or (r["name"].split()[0] in TMA_KERNELS and r["tma_loads"] == 0)}
-    assert failing - set(SASS_KNOWN_FAILURES) == set(), f"new failures: {sorted(failing - set(SASS_KNOWN_FAILURES))}"
-    assert set(SASS_KNOWN_FAILURES) - failing == set(), \
-        f"now passing, remove from SASS_KNOWN_FAILURES: {sorted(set(SASS_KNOWN_FAILURES) - failing)}"
+    failing = {r["name"] for r in sass_failures(rows, dtype)}
+    known = {n for n in SASS_KNOWN_FAILURES if n.startswith(dtype + " ")}
+    assert failing - known == set(), f"new failures: {sorted(failing - known)}"
+    assert known - failing == set(), f"now passing, remove from SASS_KNOWN_FAILURES: {sorted(known - failing)}"
 
 
 # ---- the subprocess ----------------------------------------------------------------------
@@ -179,6 +184,16 @@ TMA_KERNELS = {"fused_linear_tma_kernel"}
 # Variants that fail the check today, each with what it shows; the test also fails when one of
 # them starts passing, so the list stays true.
 SASS_KNOWN_FAILURES: dict[str, str] = {}
+# Shared memory a block may opt into on sm_90 (cudaDevAttrMaxSharedMemoryPerBlockOptin on an H100/H200).
+SM90_SHARED_BYTES = 232448
+
+
+def sass_failures(rows: list[dict], dtype: str) -> list[dict]:
+    """The rows that break a rule of :func:`test_gemm_kernels_fit_hopper` (names prefixed ``dtype``)."""
+    mma = dtype != "fp32"
+    return [dict(r, name=f"{dtype} {r['name']}") for r in rows
+            if r["spill_stores"] > 0 or r["shared"] > SM90_SHARED_BYTES or (mma and r["hgmma"] == 0)
+            or (r["name"].split()[0] in TMA_KERNELS and r["tma_loads"] == 0)]
 _TYPES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32", "torch.int32": "i32",
           "torch.int64": "i64", "torch.int8": "i8"}
 
@@ -201,9 +216,9 @@ def _skip_dense_gemms():
     return SkipDenseGemms()
 
 
-def headline_launches(active: int, examples: int = 8, seq_len: int = 1024):
+def headline_launches(active: int, examples: int = 8, seq_len: int = 1024, dtype: str = "bf16"):
     """The :class:`flix_kernels._launch.Launch` list of a headline-width forward+backward (and of
-    a backward that needs dA alone)."""
+    a backward that needs dA alone), every tensor in ``dtype`` (a key of :data:`SASS_DTYPES`)."""
     import torch
 
     import flix_kernels as fk
@@ -218,7 +233,8 @@ def headline_launches(active: int, examples: int = 8, seq_len: int = 1024):
     ids = torch.stack([torch.randint(g * per, (g + 1) * per, (examples,), generator=gen) for g in range(active)], 1)
     routing = fk.Routing(ids, space)
     meta = routing.layer_metadata(torch.device("cpu"), (examples, seq_len))
-    bf, T = torch.bfloat16, examples * seq_len
+    bf, T = getattr(torch, SASS_DTYPES[dtype][0]), examples * seq_len
+    torch.backends.cuda.matmul.allow_tf32 = SASS_DTYPES[dtype][1]  # fp32 dots in tf32 or IEEE fp32
     x, dy = torch.empty(T, 4096, dtype=bf), torch.empty(T, 4096, dtype=bf)
     W = torch.empty(4096, 4096, dtype=bf)
     A, B = torch.empty(space.total_rank, 4096, dtype=bf), torch.empty(4096, space.total_rank, dtype=bf)
@@ -296,7 +312,7 @@ def sass_facts(cubin: bytes) -> dict:
             "registers": int(regs.group(1)) if regs else -1}
 
 
-def sass_main() -> int:
+def sass_main(dtype: str) -> int:
     import json
 
     import triton
@@ -306,9 +322,11 @@ def sass_main() -> int:
     seen = set()
     # The headline, and decode (8 examples x 8 tokens), where only the weight gradients have
     # 64-row tiles (the shrink and expand take 16-token tiles: memory-bound, no warpgroup MMA).
+    # And 128 slots in the one-pass dy kernel (2 examples, so its workspace fits in fp32 too).
     for active, examples, seq_len, kernels in ((2, 8, 1024, GEMM_KERNELS), (4, 8, 1024, GEMM_KERNELS),
-                                               (2, 8, 8, {"rank_grad_kernel", "rank_grad_pair_kernel"})):
-        for launch in headline_launches(active, examples, seq_len):
+                                               (2, 8, 8, {"rank_grad_kernel", "rank_grad_pair_kernel"}),
+                                               (8, 2, 1024, {"dy_pass_kernel"})):
+        for launch in headline_launches(active, examples, seq_len, dtype):
             if launch.name not in kernels:
                 continue
             sig, constexprs, attrs, options = specialization(launch)
@@ -351,4 +369,4 @@ def main(arch: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(sass_main() if sys.argv[1] == "sass" else main(int(sys.argv[1])))
+    sys.exit(sass_main(sys.argv[2]) if sys.argv[1] == "sass" else main(int(sys.argv[1])))

@@ -38,7 +38,7 @@ def unavailable_reason(device) -> Optional[str]:
     if dev is not None and dev.type == "cuda":
         return None
     if launch.interpreting():
-        return None
+        return launch.interpreter_unavailable_reason()
     if dev is None and torch.cuda.is_available():
         return None
     return "the Triton kernels need a CUDA device (or TRITON_INTERPRET=1 to run them on CPU tensors, slowly)"

@@ -47,6 +47,7 @@ class Config:
     quantized: bool = False  # the quantized-base mode (see .quantized); --quick runs it too
     rep_ms: float | None = None
     backends: list[str] | None = None  # default: every available one
+    compare: tuple[str, ...] | None = None  # comparison variants beside base and ours (default: all)
     cases: list[Case] | None = None  # explicit cases (tests); overrides shapes
     dtype: torch.dtype | None = None
     log: list[str] = field(default_factory=list)
@@ -172,7 +173,8 @@ def run(cfg: Config, progress=None, checkpoint=None) -> dict:
         rotations = 2 if not cuda or case.tokens * case.d_in > 2**24 else 4
         inputs = make_inputs(case, space, dtype, device, gen, rotations)
         ctx = Context(case, routing, device, {})
-        vs, skipped = variants(device, dtype, case, compile_torch=compile_torch, backends=backends)
+        vs, skipped = variants(device, dtype, case, compile_torch=compile_torch, backends=backends,
+                               compare=cfg.compare)
         record["skipped"].update(skipped)
         flops, nbytes, peaks = case.flops(), case.bytes(elem), record["peaks"]
         record["cases"].append({**case.as_dict(), "floors_ms": {m: floor_ms(flops[m], nbytes[m], peaks) for m in MODES},

@@ -191,9 +191,16 @@ def _ours(backend: str, compiled: bool = False):
     return prepare
 
 
-def variants(device: torch.device, dtype, case: Case, *, compile_torch: bool,
-             backends: list[str]) -> tuple[list[Variant], dict[str, str]]:
-    """The variants that can run here, and ``{name: why not}`` for those that cannot."""
+# The comparison variants by the short name ``flix-kernels bench --compare`` takes (base always runs).
+COMPARED_VARIANTS = {"loop": "torch loop", "dense": "torch dense-masked", "peft": "PEFT LoRA (r=active rank)",
+                     "grouped_mm": "torch._grouped_mm", "compile": "torch backend + compile"}
+
+
+def variants(device: torch.device, dtype, case: Case, *, compile_torch: bool, backends: list[str],
+             compare: tuple[str, ...] | None = None) -> tuple[list[Variant], dict[str, str]]:
+    """The variants that can run here, and ``{name: why not}`` for those that cannot;
+    ``compare``: the keys of :data:`COMPARED_VARIANTS` to time beside base and ours (default all)."""
+    wanted = set(COMPARED_VARIANTS.values() if compare is None else (COMPARED_VARIANTS[k] for k in compare))
     out = [Variant("base F.linear", "base", _base), Variant("torch loop", "flix", _loop),
            Variant("torch dense-masked", "flix", _dense)]
     skipped = {}
@@ -213,6 +220,8 @@ def variants(device: torch.device, dtype, case: Case, *, compile_torch: bool,
     else:
         skipped["torch backend + compile"] = ("timed on the headline and decode shapes of GPU runs (or with --compile): "
                                               "each shape compiles anew")
+    out = [v for v in out if v.problem == "base" or v.name in wanted]
+    skipped = {name: why for name, why in skipped.items() if name in wanted}
     for b in ("torch", "triton", "cuda"):
         if b in backends:
             out.append(Variant(f"ours: {b}", "flix", _ours(b), ours=True))

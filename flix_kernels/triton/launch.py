@@ -12,9 +12,10 @@ from __future__ import annotations
 from .common import keep_mask
 from .expand import expand, has_tma
 from .shrink import shrink
-from .tuning import OVERRIDES, SUPPORTED_DTYPES, autotuning, choose, interpreting, precision, tl_dtype, tuned_configs
+from .tuning import (OVERRIDES, SUPPORTED_DTYPES, autotuning, choose, interpreter_unavailable_reason, interpreting,
+                     precision, tl_dtype, tuned_configs)
 from .weight_grad import USE_DY_PASS, WORKSPACE_BYTES, dy_pass, weight_grad, weight_grad_pair
 
 __all__ = ["OVERRIDES", "SUPPORTED_DTYPES", "USE_DY_PASS", "WORKSPACE_BYTES", "autotuning", "choose", "dy_pass", "expand", "has_tma",
-           "interpreting", "keep_mask", "precision", "shrink", "tl_dtype", "tuned_configs", "weight_grad",
+           "interpreter_unavailable_reason", "interpreting", "keep_mask", "precision", "shrink", "tl_dtype", "tuned_configs", "weight_grad",
            "weight_grad_pair"]

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .._launch import DECODE_TOKENS, cdiv, launch_triton, num_sms
 from .common import _keep, _token_range, _token_tile
-from .tuning import (PLANS, autotuning, blocks, bucket, finish, launch_opts, or_, overrides_key, pow2,
+from .tuning import (PLANS, autotuning, blocks, bucket, dot_kind, finish, launch_opts, or_, overrides_key, pow2,
                      precision, remember, search_steps, tl_dtype, tuned)
 
 
@@ -70,8 +70,12 @@ def config(T: int, K: int, R: int, device: torch.device, compute_dtype: torch.dt
     decode = T <= DECODE_TOKENS
     # Prefill tiles: 8 warps and 128-byte K steps keep every variant (dropout, up to 64 rank
     # slots, fp32) free of register spills on sm_90 (tests/test_triton_compile.py reads the SASS).
+    # IEEE fp32 dots run on FMA units with their operands in registers: 32 x 32 tiles (Triton 3.6
+    # caps these kernels at 128 registers and spilled 64 x 32 with dropout).
     block_k = 128 if decode else 128 // max(compute_dtype.itemsize, 2)
-    cfg = dict(BLOCK_T=16 if decode else 64, BLOCK_R=pow2(R, hi=64), BLOCK_K=block_k, num_warps=4 if decode else 8)
+    ieee = not decode and dot_kind(compute_dtype) == "ieee"
+    cfg = dict(BLOCK_T=16 if decode else 32 if ieee else 64, BLOCK_R=pow2(R, hi=32 if ieee else 64), BLOCK_K=block_k,
+               num_warps=4 if decode else 8)
     # Decode reads A_S once per example: split K so every SM streams a part of it.
     tiles = cdiv(T, cfg["BLOCK_T"]) * cdiv(R, cfg["BLOCK_R"])
     sms = num_sms(device) if sms is None else sms

@@ -82,7 +82,7 @@ def _shrink(name, b: Batch, rows: int, cols: int, sms: int) -> list[Launch]:
 def _expand(name, b: Batch, rows: int, cols: int) -> Launch:
     """``Y (T, cols) += H M_S`` in place (mode 1), M with ``rows`` used rows."""
     T, R, ey, ea = b.tokens, b.slots, b.dtype.itemsize, b.adapter_dtype.itemsize
-    cfg = expand.config(T, cols, 0, R, torch.device("cuda"))
+    cfg = expand.config(T, cols, 0, R, torch.device("cuda"), b.adapter_dtype)
     tiles_t, tiles_n = cdiv(T, cfg["BLOCK_T"]), cdiv(cols, cfg["BLOCK_N"])
     return Launch(f"{name} (expand)", 2.0 * T * cols * R,
                   T * R * 4 + rows * cols * ea + 2 * T * cols * ey,
@@ -93,7 +93,7 @@ def _fused(name, b: Batch, rows: int, k_in: int, cols: int, sms: int) -> Launch:
     """``Y (T, cols) = X2 (T, k_in) W^T + H M_S`` in one GEMM tile (the fused base GEMM, mode 2
     or its TMA kernel), M with ``rows`` used rows; the base weight in the activations' dtype."""
     T, R, ex, ea = b.tokens, b.slots, b.dtype.itemsize, b.adapter_dtype.itemsize
-    cfg = expand.config(T, cols, k_in, R, torch.device("cuda"), sms=sms)
+    cfg = expand.config(T, cols, k_in, R, torch.device("cuda"), b.dtype, sms=sms)
     tiles_t, tiles_n = cdiv(T, cfg["BLOCK_T"]), cdiv(cols, cfg["BLOCK_N"])
     streamed = T * k_in * ex * tiles_n  # X2 once per column tile (L2 serves most of it)
     return Launch(f"{name} (fused GEMM)", 2.0 * T * k_in * cols + 2.0 * T * cols * R,
@@ -133,7 +133,7 @@ def _dy_pass(b: Batch, used: int, sms: int) -> tuple[list[Launch], Launch] | Non
     """``(g and dB's partials from one read of dy [+ g's split sum], dB's reduce)``, or None
     where the launcher takes the two passes (see :func:`.weight_grad.dy_pass_plan`)."""
     T, N, R, ex, ea = b.tokens, b.out_features, b.slots, b.dtype.itemsize, b.adapter_dtype.itemsize
-    cfg = weight_grad.dy_pass_config(R, torch.device("cuda"), sms=sms)
+    cfg = weight_grad.dy_pass_config(R, torch.device("cuda"), b.adapter_dtype, sms=sms)
     plan = weight_grad.dy_pass_plan(T, N, R, b.examples, b.seq_len, cfg)
     if plan is None:
         return None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -45,6 +46,23 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def interpreter_unavailable_reason() -> str | None:
+    """Why Triton's interpreter cannot run the kernels here: before Triton 3.7 it converts
+    one-element arrays to Python scalars in a way NumPy 2.4 removed, so every kernel fails
+    ("only 0-dimensional arrays can be converted to Python scalars")."""
+    import numpy
+    import triton
+
+    def version(text: str) -> tuple[int, int]:
+        major, minor = (text.split(".") + ["0"])[:2]
+        return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) fails under NumPy "
+                f"{numpy.__version__} (NumPy 2.4 removed a conversion it uses): install 'numpy<2.4' or Triton >= 3.7")
+    return None
+
+
 def tl_dtype(dtype: torch.dtype):
     return _TL_DTYPES[dtype]
 
@@ -55,6 +73,13 @@ def precision(dtype: torch.dtype) -> str:
     if dtype is torch.float32 and torch._C._get_cublas_allow_tf32():
         return "tf32"
     return "ieee"
+
+
+def dot_kind(dtype: torch.dtype) -> str:
+    """What a dot of ``dtype`` operands costs in registers and shared memory, which launch
+    configurations size their tiles by: "16-bit" (bf16/fp16 on the tensor cores), "tf32"
+    (fp32 operands, tensor cores), "ieee" (fp32 by FMA: the operand tiles live in registers)."""
+    return "16-bit" if dtype.itemsize == 2 else precision(dtype)
 
 
 def pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
@@ -122,12 +147,25 @@ def tuned_configs() -> list[dict]:
 
 def choose(key: tuple, options: dict, device: torch.device) -> str:
     """With autotuning on, the fastest of ``options`` (name -> side-effect-free callable) for
-    this shape class, timed once per process; else the first option."""
+    this shape class, timed once per process; else the first option. An option that fails to
+    launch (say a tile over the device's shared memory) is left out with a warning; if every
+    option fails, the first one's error is raised."""
     if not AUTOTUNE or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return next(iter(options))
     key = ("choice", device.type) + key
     if key not in _TUNED:
-        _TUNED[key] = min(options, key=lambda name: _time_ms(options[name], device))
+        times, errors = {}, {}
+        for name, fn in options.items():
+            try:
+                times[name] = _time_ms(fn, device)
+            except Exception as exc:
+                errors[name] = exc
+        if not times:
+            raise next(iter(errors.values()))
+        for name, exc in errors.items():
+            warnings.warn(f"autotuning {key}: option {name!r} failed and is not used "
+                          f"({type(exc).__name__}: {exc})", RuntimeWarning, stacklevel=2)
+        _TUNED[key] = min(times, key=times.get)
     return _TUNED[key]
 
 

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .._launch import DECODE_TOKENS, cdiv, launch_triton, num_sms
 from .common import _keep, _token_range
-from .tuning import (OVERRIDES, PLANS, autotuning, blocks, bucket, finish, launch_opts, or_, overrides_key, pow2,
+from .tuning import (OVERRIDES, PLANS, autotuning, blocks, bucket, dot_kind, finish, launch_opts, or_, overrides_key, pow2,
                      precision, remember, tl_dtype, tuned)
 
 # Workspace budget for the split weight-gradient reduction (bytes of fp32 partial tiles).
@@ -381,15 +381,21 @@ def weight_grad_pair(H, dY, dB, stride_br, stride_bn, Gm, X, dA, stride_ar, stri
                   or_(cu, meta.pair_example), or_(seed, meta.pair_example), seq_len, float(p_drop), **constexprs)
 
 
-def dy_pass_config(S: int, device: torch.device, *, sms: int | None = None) -> dict:
-    """Launch configuration of :func:`dy_pass` for ``S`` rank slots per example; ``sms`` as in
-    :func:`.shrink.config`. ``OVERRIDES["dy_pass"]`` replaces entries (``off=True``: the two-pass
-    path)."""
+# (tokens, columns) of the one-pass dy kernel's tile by dot kind (see tuning.dot_kind), for up to
+# 32 / 64 / 128 slots: the largest that do not spill on sm_90 (tests/test_triton_compile.py).
+DY_PASS_TILES = {"16-bit": ((256, 64), (128, 64), (64, 64)), "tf32": ((128, 64), (64, 64), (32, 64)),
+                 "ieee": ((128, 64), (64, 32), (16, 32))}
+
+
+def dy_pass_config(S: int, device: torch.device, dtype: torch.dtype, *, sms: int | None = None) -> dict:
+    """Launch configuration of :func:`dy_pass` for ``S`` rank slots per example and ``dtype``
+    operands (the adapters'); ``sms`` as in :func:`.shrink.config`. ``OVERRIDES["dy_pass"]``
+    replaces entries (``off=True``: the two-pass path)."""
     bs = pow2(S)
-    # All of an example's slots in one block: up to 32 with 256-token tiles, 128 with 64.
-    cfg = dict(BLOCK_S=bs, BLOCK_T=256 if bs <= 32 else 128 if bs <= 64 else 64, BLOCK_N=64, num_warps=8,
-               max_slots=128, min_tokens=DECODE_TOKENS + 1, target_programs=num_sms(device) if sms is None else sms,
-               off=not USE_DY_PASS)
+    # All of an example's slots in one block (up to 128).
+    tokens, columns = DY_PASS_TILES[dot_kind(dtype)][0 if bs <= 32 else 1 if bs <= 64 else 2]
+    cfg = dict(BLOCK_S=bs, BLOCK_T=tokens, BLOCK_N=columns, num_warps=8, max_slots=128, min_tokens=DECODE_TOKENS + 1,
+               target_programs=num_sms(device) if sms is None else sms, off=not USE_DY_PASS)
     return finish("dy_pass", cfg, device)
 
 
@@ -423,7 +429,7 @@ def dy_pass(dY, Mb, stride_mr, stride_mn, H, dB, stride_gr, stride_gn, meta, seq
            precision(compute_dtype), overrides_key("dy_pass"))
     plan = PLANS.get(key)
     if plan is None:
-        cfg = dy_pass_config(S, dY.device)
+        cfg = dy_pass_config(S, dY.device, compute_dtype)
         shape = dy_pass_plan(T, N, S, B, max_len, cfg)
         plan = remember(key, None if shape is None else (shape, dict(
             IS_PACKED=cu is not None, HAS_SCALE_TENSOR=scaling is not None, COMPUTE_DTYPE=tl_dtype(compute_dtype),

@@ -131,9 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the quant extra; part of --quick)")
     b.add_argument("--e2e-only", action="store_true",
                    help="the end-to-end training steps alone (the 110M Llama; on a GPU also the GPU-bound slice)")
-    b.add_argument("--compare", nargs="+", choices=tuple(COMPARED_VARIANTS), default=None, metavar="VARIANT",
+    b.add_argument("--compare", nargs="*", choices=tuple(COMPARED_VARIANTS), default=None, metavar="VARIANT",
                    help="the variants to time beside base F.linear and ours: "
-                        f"{', '.join(COMPARED_VARIANTS)} (default: all)")
+                        f"{', '.join(COMPARED_VARIANTS)} (default: all; none after --compare: base and ours alone)")
     b.add_argument("--backends", nargs="+", choices=("torch", "triton", "cuda"), default=None,
                    help="our backends to time (default: every one available on the device)")
     b.add_argument("--rep-ms", type=positive_arg(float), default=None, metavar="MS",
@@ -223,7 +223,7 @@ def _bench(args) -> int:
     shapes = args.shapes or ([] if only_modes else ["headline", "decode"] if args.quick else ["all"])
     shapes = SHAPE_SETS if "all" in shapes else tuple(shapes)
     cfg = Config(device=device, shapes=shapes, quick=args.quick, compile_torch=args.compile_torch,
-                 e2e=args.e2e_only or (args.e2e and not only_modes), compare=args.compare, overhead=args.overhead or args.quick,
+                 e2e=args.e2e_only or (args.e2e and not only_modes), compare=None if args.compare is None else tuple(args.compare), overhead=args.overhead or args.quick,
                  serving=args.serving or args.quick, quantized=args.quantized or args.quick, backends=backends,
                  rep_ms=args.rep_ms)
     # A live progress line shows nothing in a file until the end: a log gets a line per case.

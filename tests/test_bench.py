@@ -579,3 +579,25 @@ def test_training_step_target_against_peft_lora():
     assert report._training_step_target(e2e(12.0, 10.0))["verdict"] == "not met"
     assert report._training_step_target(e2e(10.1, 10.0, spread=0.2))["verdict"] == report.INCONCLUSIVE
     assert report._training_step_target({"rows": {"ours: torch": {"step_ms": 1.0}}}) is None
+
+
+def test_compare_keeps_base_and_ours_and_the_named_variants():
+    from flix_kernels.bench.variants import COMPARED_VARIANTS, variants
+
+    vs, skipped = variants(torch.device("cpu"), torch.float32, TINY[0], compile_torch=True, backends=["torch"],
+                           compare=("peft",))
+    assert [v.name for v in vs] == ["base F.linear", COMPARED_VARIANTS["peft"], "ours: torch"]
+    assert COMPARED_VARIANTS["compile"] not in skipped  # not asked for, so not reported as skipped either
+    every, _ = variants(torch.device("cpu"), torch.float32, TINY[0], compile_torch=False, backends=["torch"])
+    assert {COMPARED_VARIANTS[k] for k in ("loop", "dense", "peft")} <= {v.name for v in every}
+    args = cli.build_parser().parse_args(["bench", "--e2e-only", "--compare", "peft", "loop"])
+    assert args.e2e_only and args.compare == ["peft", "loop"]
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["bench", "--compare", "nothing-like-this"])
+
+
+def test_the_readme_states_every_target():
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for name, goal in report.TARGETS.items():
+        sign = ">=" if name.startswith("torch loop") else "<="
+        assert f"| {name} | {sign} {goal:g} |" in text, name

@@ -165,3 +165,23 @@ def test_decisions_follow_the_measurements_beyond_their_noise():
     assert paths["FLIX_TRITON_TMA=1 (TMA) beats the pointer kernel for the fused base GEMM"] == "inconclusive"
     assert paths["FLIX_TRITON_DY_PASS=1 (one pass over dy) beats two passes"] == "no"
     assert "not measured" in paths.values()
+
+
+def test_the_readme_shows_the_plan():
+    text = (ROOT / "README.md").read_text()
+    for part in verify.plan(0, "90"):
+        assert f"| {part.name} | {part.budget_s:g} s |" in text, part.name
+
+
+def test_a_cut_bench_run_still_gives_its_targets(tmp_path):
+    """A bench step cut at its deadline leaves the checkpoint of its finished cases: the verify
+    summary reads the targets and timings from it."""
+    rows = [_row("headline", "base F.linear", m, 1.0, ours=False) for m in ("forward", "forward+backward")]
+    rows += [_row("headline", "ours: triton", m, 1.05) for m in ("forward", "forward+backward")]
+    rec = {"device": {"type": "cuda", "name": "NVIDIA H100"}, "rows": rows, "cases": [{"label": "headline", "floors_ms": {}}],
+           "failures": []}
+    (tmp_path / "results" / "headline").mkdir(parents=True)
+    (tmp_path / "results" / "headline" / "results.json").write_text(json.dumps(rec))
+    got = verify.outcome(verify.bench_step("headline"), tmp_path)
+    assert got["targets"]["headline forward+backward / base"]["verdict"] == "met"
+    assert got["headline_ms"]["headline | forward"]["ours: triton"]["ms"] == 1.05

@@ -22,37 +22,55 @@ ARCHS = [80, 90]
 SASS_DTYPES = {"bf16": ("bfloat16", False), "fp32": ("float32", False), "tf32": ("float32", True)}
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_every_kernel_variant_compiles_for(arch):
+@pytest.fixture(scope="module")
+def compiles(tmp_path_factory):
+    """Every compile subprocess of this module, started together (the machine's cores compile in
+    parallel): ``{"80" | "90" | "sass bf16" | ...: (Popen, output file)}``, each read by its test."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, __file__, str(arch)], env=env, capture_output=True, text=True, timeout=900)
-    print(proc.stdout[-4000:])
+    logs = tmp_path_factory.mktemp("compiles")
+    jobs = {}
+    for job in [str(a) for a in ARCHS] + [f"sass {d}" for d in SASS_DTYPES]:
+        out = open(logs / job.replace(" ", "_"), "w+")  # a file, not a pipe: no job blocks on a full pipe
+        jobs[job] = (subprocess.Popen([sys.executable, __file__, *job.split()], env=env, stdout=out,
+                                      stderr=subprocess.STDOUT, text=True), out)
+    yield jobs
+    for proc, out in jobs.values():
+        proc.kill()
+        proc.wait()
+        out.close()
+
+
+def _finished(job) -> str:
+    proc, out = job
+    # About 30 ptxas compiles per job: minutes with a cold Triton cache on a slow 2-core machine.
+    proc.wait(timeout=2700)
+    out.seek(0)
+    text = out.read()
     if proc.returncode == 77:
-        pytest.skip(proc.stdout.strip().splitlines()[-1])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        pytest.skip(text.strip().splitlines()[-1])
+    assert proc.returncode == 0, text[-6000:]
+    return text
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_kernel_variant_compiles_for(arch, compiles):
+    print(_finished(compiles[str(arch)])[-4000:])
 
 
 @pytest.mark.parametrize("dtype", list(SASS_DTYPES))
-def test_gemm_kernels_fit_hopper(dtype):
+def test_gemm_kernels_fit_hopper(dtype, compiles):
     """Each GEMM-class kernel, as launched at the headline shape on sm_90 with ``dtype`` tensors,
     fits the block's shared memory, stores nothing to local memory (no register spills), uses
     warpgroup MMA (HGMMA) where its dots can (not IEEE fp32, which Hopper's tensor cores do not
     compute), and the TMA kernels load through the Tensor Memory Accelerator (UTMALDG), except
     the known failures."""
-    pytest.importorskip("triton")
     import json
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # About 30 ptxas compiles for sm_90 per dtype: minutes with a cold Triton cache on a slow 2-core machine.
-    proc = subprocess.run([sys.executable, __file__, "sass", dtype], env=env, capture_output=True, text=True,
-                          timeout=2700)
-    if proc.returncode == 77:
-        pytest.skip(proc.stdout.strip().splitlines()[-1])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [json.loads(line[5:]) for line in proc.stdout.splitlines() if line.startswith("SASS ")]
+    out = _finished(compiles[f"sass {dtype}"])
+    rows = [json.loads(line[5:]) for line in out.splitlines() if line.startswith("SASS ")]
     kernels = {r["name"].split()[0] for r in rows}
-    assert kernels == GEMM_KERNELS, proc.stdout[-3000:]
+    assert kernels == GEMM_KERNELS, out[-3000:]
     for r in rows:
         print(r)
     failing = {r["name"] for r in sass_failures(rows, dtype)}

@@ -245,10 +245,14 @@ def run(cfg: Config, progress=None, checkpoint=None) -> dict:
             progress.say("end-to-end training step")
         started = time.perf_counter()
         record["e2e"] = run_e2e(device, dtype, backends, quick=cfg.quick, timer=timer)
+        if checkpoint:
+            checkpoint(record)
         if cuda and not cfg.quick:  # the GPU-bound step beside the host-bound one
             if progress:
                 progress.say("end-to-end training step, GPU-bound (two Llama-7B-wide layers)")
             record["e2e_gpu_bound"] = run_e2e(device, dtype, backends, quick=cfg.quick, timer=timer, size="slice")
+            if checkpoint:
+                checkpoint(record)
         record["failures"] += [f for k in E2E_KEYS for f in record.get(k, {}).get("failures", [])]
         if progress:
             progress.finished("end-to-end training step", time.perf_counter() - started, part_result(record["e2e"]))

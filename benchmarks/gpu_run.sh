@@ -6,7 +6,7 @@
 # timings and the sanitizers in 9 minutes, build included; 4 files back; then
 # `python benchmarks/gpu_import.py <folder>` here files them under benchmarks/results/).
 # The other steps go deeper into one area, each on its own:
-#   bash benchmarks/gpu_run.sh install|test|sanitize|bench|overhead|kernels|decode|ofa|integrations|all
+#   bash benchmarks/gpu_run.sh install|test|sanitize|bench|overhead|kernels|decode|ofa|integrations
 # install builds the CUDA extension there (FLIX_CUDA=1: a failed build is an error; FLIX_CUDA=0
 # skips it, e.g. for the ofa step, which does not use it).
 # Wheels for packages the GPU image lacks (bitsandbytes, torchao, liger-kernel, num2words), fetched
@@ -17,7 +17,7 @@ set -u -o pipefail
 OUT=${OUT:-/tmp/flix_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-step=${1:-all}
+step=${1:-}
 status=0
 # The optional integrations' wheels (see `wheels`): pinned, for Python 3.12 on x86-64 Linux (num2words needs
 # docopt only for its command line, which has no wheel).
@@ -51,8 +51,10 @@ install() {
     > "$OUT/install.log" 2>&1 || { tail -60 "$OUT/install.log"; return 1; }
   python -m flix_kernels info | tee "$OUT/info.log"
 }
-run_tests() {  # the whole suite on CUDA: both kernel backends, bf16, CUDA graphs, large shapes, compile checks
-  python -m pytest -q -p no:cacheprovider -rs ${TEST_ARGS:-tests} 2>&1 | tee "$OUT/pytest.log" | tail -40
+run_tests() {  # the suite on CUDA (both kernel backends, bf16, CUDA graphs, large shapes) on 8 workers; the
+  # ahead-of-time compile checks need no GPU (CI runs them), so they are left out
+  python -m pytest -q -p no:cacheprovider -rs -n 8 ${TEST_ARGS:-tests --ignore=tests/test_triton_compile.py} 2>&1 \
+    | tee "$OUT/pytest.log" | tail -40
 }
 sanitize() {  # memcheck (both backends) and racecheck (CUDA kernels) on small cases of every path
   if ! command -v compute-sanitizer > /dev/null; then echo "compute-sanitizer not found" | tee "$OUT/sanitize.log"; return 0; fi
@@ -144,7 +146,7 @@ ofa() {  # OFA: its tests on CUDA (bf16, CUDA graphs, torch.compile), then bench
 
 case "$step" in
   wheels) wheels || status=1; exit $status ;;
-  verify) carried_wheels; python3 benchmarks/gpu_verify.py "${@:2}" || status=1; exit $status ;;
+  verify) carried_wheels; "${PYTHON:-python3}" benchmarks/gpu_verify.py "${@:2}" || status=1; exit $status ;;
   install) install || status=1 ;;
   test) install && run_tests || status=1 ;;
   sanitize) install && sanitize || status=1 ;;
@@ -154,8 +156,7 @@ case "$step" in
   decode) install && decode || status=1 ;;
   ofa) install && ofa || status=1 ;;
   integrations) install && integrations || status=1 ;;
-  all) install && { run_tests || status=1; sanitize || status=1; bench || status=1; } ;;
-  *) echo "usage: $0 verify [--dry-run]|wheels|install|test|sanitize|bench|overhead|kernels|decode|ofa|integrations|all"
+  *) echo "usage: $0 verify [--dry-run]|wheels|install|test|sanitize|bench|overhead|kernels|decode|ofa|integrations"
      exit 2 ;;
 esac
 pack_out

@@ -66,7 +66,8 @@ class Part:
 
 def pytest_step(name: str, *args: str, workers: int = 0) -> Step:
     parallel = ["-n", str(workers)] if workers else []
-    return Step(name, [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfE", "--tb=short",
+    # -v: one line per test as it ends, so a step cut at its deadline still says what ran.
+    return Step(name, [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rfE", "--tb=short",
                        "--durations=15", *parallel, *args], "pytest")
 
 
@@ -177,7 +178,10 @@ def run_plan(parts: list[Part], work: Path, say, total_s: float = TOTAL_S) -> li
                 got["fallback"] = run_step(retry, work, max(deadline - time.monotonic(), 30), env)
             got["step"] = step.name
             got["status"] = "cut" if got["cut"] else "passed" if got["rc"] == 0 else "failed"
-            got.update(outcome(step, work))
+            try:  # a log or result this script cannot read must not cost the rest of the run
+                got.update(outcome(step, work))
+            except Exception as exc:
+                got["outcome_error"] = f"{type(exc).__name__}: {exc}"
             rec["steps"].append(got)
             say(f"{part.name}/{step.name}: {got['status']} in {got['seconds']} s"
                 + (f" ({got['tests']})" if got.get("tests") else ""))
@@ -192,10 +196,18 @@ def outcome(step: Step, work: Path) -> dict:
     """What a finished (or cut) step says: pytest's counts from its log, the bench's targets."""
     if step.kind == "pytest":
         text = (work / "logs" / f"{step.name}.log").read_text(errors="replace")
-        counts = re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|deselected)", text.splitlines()[-1]
-                            if text.strip() else "")
-        failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", text, re.M)
-        return {"tests": ", ".join(f"{n} {k}" for n, k in counts), "failed_tests": failed[:50]}
+        last = text.strip().splitlines()[-1] if text.strip() else ""
+        counts = re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|deselected)", last)
+        if counts:
+            tests = ", ".join(f"{n} {k}" for n, k in counts)
+        else:  # cut before pytest's summary: count the per-test lines
+            ended = re.findall(r" (PASSED|FAILED|SKIPPED|ERROR|XFAIL)\b", text)
+            tests = ", ".join(f"{ended.count(k)} {k.lower()}" for k in ("PASSED", "FAILED", "SKIPPED", "ERROR")
+                              if k in ended) + " before the cut"
+        # "FAILED id" (the -rfE summary, and xdist's "[gw0] [ 10%] FAILED id"), or "id FAILED [ 10%]"
+        failed = sorted(set(re.findall(r"^(?:\[gw\d+\] \[ *\d+%\] )?(?:FAILED|ERROR) (\S+::\S+)", text, re.M)
+                            + re.findall(r"^(\S+::\S+) (?:FAILED|ERROR)\b", text, re.M)))
+        return {"tests": tests, "failed_tests": failed[:50]}
     if step.kind == "bench":
         path = work / "results" / step.name / "results.json"
         if not path.exists():
@@ -459,8 +471,12 @@ def main(argv: list[str] | None = None) -> int:
     say(f"{'dry run' if args.dry_run else 'verify'}: {len(parts)} parts, {sum(p.budget_s for p in parts):.0f} s "
         f"budgeted of {TOTAL_S} s, sm_{arch}, {workers or 'no'} test workers")
     records = dry_run(parts, work, say) if args.dry_run else run_plan(parts, work, say)
+    try:
+        decisions = decide(records)
+    except Exception as exc:  # keep what was measured even if the decisions cannot be made
+        decisions = {"AUTO_TABLE": None, "paths": {}, "error": f"{type(exc).__name__}: {exc}"}
     summary = {"dry_run": args.dry_run, "provenance": provenance(), "total_budget_s": TOTAL_S,
-               "seconds": round(time.monotonic() - started, 1), "parts": records, "decisions": decide(records)}
+               "seconds": round(time.monotonic() - started, 1), "parts": records, "decisions": decisions}
     say("decisions: " + json.dumps(summary["decisions"]))
     log.close()
     files = pack(work, out, summary)

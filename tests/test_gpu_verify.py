@@ -6,6 +6,8 @@ the results layout; the budgets cut a slow step without starving the parts after
 import importlib.util
 import io
 import json
+import os
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -29,8 +31,11 @@ gpu_import = _load("gpu_import")
 
 @pytest.fixture(scope="module")
 def dry_run_out(tmp_path_factory):
+    """``gpu_run.sh verify --dry-run``'s output folder (the way the GPU run is started)."""
     out = tmp_path_factory.mktemp("verify_out")
-    assert verify.main(["--dry-run", "--out", str(out)]) == 0, (out / verify.LOG).read_text()
+    proc = subprocess.run(["bash", "benchmarks/gpu_run.sh", "verify", "--dry-run"], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "OUT": str(out), "PYTHON": sys.executable}, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
 
@@ -185,3 +190,18 @@ def test_a_cut_bench_run_still_gives_its_targets(tmp_path):
     got = verify.outcome(verify.bench_step("headline"), tmp_path)
     assert got["targets"]["headline forward+backward / base"]["verdict"] == "met"
     assert got["headline_ms"]["headline | forward"]["ours: triton"]["ms"] == 1.05
+
+
+@pytest.mark.parametrize("log,tests,failed", [
+    ("tests/a.py::t[1] PASSED [ 50%]\ntests/a.py::t[2] FAILED [100%]\nFAILED tests/a.py::t[2] - boom\n"
+     "1 failed, 1 passed in 3.2s\n", "1 failed, 1 passed", ["tests/a.py::t[2]"]),
+    ("[gw0] [ 50%] PASSED tests/a.py::t[1]\n[gw1] [100%] FAILED tests/a.py::t[2]\n"
+     "[verify] cut at its deadline after 70 s\n", "1 passed, 1 failed before the cut", ["tests/a.py::t[2]"]),
+    ("tests/a.py::t[1] SKIPPED (no GPU) [ 50%]\ntests/a.py::t[2] ERROR [100%]\n",
+     "1 skipped, 1 error before the cut", ["tests/a.py::t[2]"]),
+])
+def test_test_counts_come_from_the_log_even_when_cut(tmp_path, log, tests, failed):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "t.log").write_text(log)
+    got = verify.outcome(verify.pytest_step("t", "tests"), tmp_path)
+    assert got == {"tests": tests, "failed_tests": failed}

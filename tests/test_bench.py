@@ -302,9 +302,9 @@ def test_a_recorded_gpu_run_keeps_its_schema_and_verdicts():
     path = RESULTS / "h200" / "sweep" / "results.json"
     old = json.loads(path.read_text())
     rec = report.annotate(json.loads(path.read_text()))
-    for name, t in old["summary"]["targets"].items():  # the old fields, unchanged in meaning
+    for name, t in old["summary"]["targets"].items():  # the old fields, unchanged in meaning (issue 31 set new goals)
         new = rec["summary"]["targets"][name]
-        assert set(t) <= set(new) and new["met"] == t["met"] and new["target"] == t["target"]
+        assert set(t) <= set(new) and new["target"] == report.TARGETS.get(name, t["target"])
         if not isinstance(t["measured"], list):
             assert new["measured"] == pytest.approx(t["measured"])
     assert {rec["summary"]["targets"][n]["verdict"] for n in old["summary"]["targets"]} == {"not met"}  # far beyond spreads
@@ -313,7 +313,7 @@ def test_a_recorded_gpu_run_keeps_its_schema_and_verdicts():
     assert len(auto) == 2 and {t["verdict"] for t in auto.values()} == {"met"}, auto
     for r_old, r_new in zip(old["rows"], rec["rows"]):
         assert {k: r_new[k] for k in r_old} == r_old
-    assert set(old["summary"]["ratios"]) == set(rec["summary"]["ratios"])
+    assert set(old["summary"]["ratios"]) <= set(rec["summary"]["ratios"])  # and now backward's
     assert report.markdown(rec).startswith("# flix-kernels bench")
 
 

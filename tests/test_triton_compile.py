@@ -18,8 +18,10 @@ import sys
 import pytest
 
 ARCHS = [80, 90]
-# Tensor dtypes of the check: (torch dtype, whether fp32 dots may use tf32).
-SASS_DTYPES = {"bf16": ("bfloat16", False), "fp32": ("float32", False), "tf32": ("float32", True)}
+# Tensor dtypes of the check: (activations and base weight, adapters, whether fp32 dots may use tf32);
+# "bf16+fp32": fp32 adapters on a bf16 model (adapter_dtype=torch.float32).
+SASS_DTYPES = {"bf16": ("bfloat16", "bfloat16", False), "fp32": ("float32", "float32", False),
+               "tf32": ("float32", "float32", True), "bf16+fp32": ("bfloat16", "float32", False)}
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +210,7 @@ SM90_SHARED_BYTES = 232448
 
 def sass_failures(rows: list[dict], dtype: str) -> list[dict]:
     """The rows that break a rule of :func:`test_gemm_kernels_fit_hopper` (names prefixed ``dtype``)."""
-    mma = dtype != "fp32"
+    mma = SASS_DTYPES[dtype][1] != "float32" or SASS_DTYPES[dtype][2]
     return [dict(r, name=f"{dtype} {r['name']}") for r in rows
             if r["spill_stores"] > 0 or r["shared"] > SM90_SHARED_BYTES or (mma and r["hgmma"] == 0)
             or (r["name"].split()[0] in TMA_KERNELS and r["tma_loads"] == 0)]
@@ -251,11 +253,13 @@ def headline_launches(active: int, examples: int = 8, seq_len: int = 1024, dtype
     ids = torch.stack([torch.randint(g * per, (g + 1) * per, (examples,), generator=gen) for g in range(active)], 1)
     routing = fk.Routing(ids, space)
     meta = routing.layer_metadata(torch.device("cpu"), (examples, seq_len))
-    bf, T = getattr(torch, SASS_DTYPES[dtype][0]), examples * seq_len
-    torch.backends.cuda.matmul.allow_tf32 = SASS_DTYPES[dtype][1]  # fp32 dots in tf32 or IEEE fp32
+    bf, adapter_dtype, tf32 = SASS_DTYPES[dtype]
+    bf, adapter_dtype, T = getattr(torch, bf), getattr(torch, adapter_dtype), examples * seq_len
+    torch.backends.cuda.matmul.allow_tf32 = tf32  # fp32 dots in tf32 or IEEE fp32
     x, dy = torch.empty(T, 4096, dtype=bf), torch.empty(T, 4096, dtype=bf)
     W = torch.empty(4096, 4096, dtype=bf)
-    A, B = torch.empty(space.total_rank, 4096, dtype=bf), torch.empty(4096, space.total_rank, dtype=bf)
+    A = torch.empty(space.total_rank, 4096, dtype=adapter_dtype)
+    B = torch.empty(4096, space.total_rank, dtype=adapter_dtype)
     seed = torch.zeros(1, dtype=torch.int64)
     ops = triton_backend.ops
     overrides = triton_backend.launch.OVERRIDES

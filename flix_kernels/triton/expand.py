@@ -166,12 +166,12 @@ def fused_linear_tma_kernel(
         Y_desc.store([t0, n0], acc.to(OUT_DTYPE))
 
 
-def config(T: int, N: int, K2: int, R: int, device: torch.device, dtype: torch.dtype, *,
+def config(T: int, N: int, K2: int, R: int, device: torch.device, dtype: torch.dtype, compute_dtype: torch.dtype, *,
            sms: int | None = None) -> dict:
     """Untuned launch configuration for one shape (see :mod:`.tuning`); ``K2 > 0``: the fused
     base GEMM (mode 2), through TMA on a persistent grid where the device has TMA (``TMA``);
-    ``dtype``: the GEMM operands' (the base's when ``K2 > 0``, else the adapters'); ``sms`` as
-    in :func:`.shrink.config`."""
+    ``dtype``: the base GEMM's operands (the update's when ``K2 == 0``), ``compute_dtype``: the
+    update's; ``sms`` as in :func:`.shrink.config`."""
     decode = T <= DECODE_TOKENS
     if decode:
         cfg = dict(BLOCK_T=16, BLOCK_N=64, BLOCK_R=pow2(R, hi=64), BLOCK_K=64, GROUP_T=1, num_warps=4)
@@ -179,19 +179,21 @@ def config(T: int, N: int, K2: int, R: int, device: torch.device, dtype: torch.d
         # A GEMM tile (the update seeds its accumulator), grouped for L2 reuse of W; slot blocks of
         # at most 32 keep the dropout variant free of spills at 64 slots on sm_90. With TMA: one
         # program per SM, 4 stages of (x, W) boxes in shared memory. 128-byte K steps (64 bf16 or
-        # fp16, 32 tf32) keep 4 stages and the output box under sm_90's 227 KiB. IEEE fp32 dots run
-        # on FMA units with their operands in registers: 64 x 128 x 16 is the largest tile that
-        # does not spill. 128 x 256 tiles spill on sm_90 (a tile straddling examples needs a
-        # second accumulator) and 4 stages of them exceed shared memory.
-        tile_t, block_k = {"16-bit": (128, 64), "tf32": (128, 32), "ieee": (64, 16)}[dot_kind(dtype)]
-        cfg = dict(BLOCK_T=tile_t, BLOCK_N=128, BLOCK_R=pow2(R, hi=32), BLOCK_K=block_k, GROUP_T=8, num_warps=8,
-                   TMA=has_tma(device), PROGRAMS=num_sms(device) if sms is None else sms, TMA_STAGES=4)
+        # fp16, 32 tf32) keep 4 stages and the output box under sm_90's 227 KiB. IEEE fp32 dots
+        # (the base's or the update's) run on FMA units with their operands in registers: 64-token
+        # tiles, and 16-wide K steps for an fp32 base, are the largest that do not spill. 128 x 256
+        # tiles spill on sm_90 (a tile straddling examples needs a second accumulator) and 4
+        # stages of them exceed shared memory.
+        ieee = "ieee" in (dot_kind(dtype), dot_kind(compute_dtype))
+        block_k = {"16-bit": 64, "tf32": 32, "ieee": 16}[dot_kind(dtype)]
+        cfg = dict(BLOCK_T=64 if ieee else 128, BLOCK_N=128, BLOCK_R=pow2(R, hi=32), BLOCK_K=block_k, GROUP_T=8,
+                   num_warps=8, TMA=has_tma(device), PROGRAMS=num_sms(device) if sms is None else sms, TMA_STAGES=4)
     else:
         # 64 x 64 tiles with 8 warps for the in-place update: with 4 warps, up to 64 rank slots
         # and dropout reach 255 registers per thread and spill on sm_90 (test_triton_compile.py);
         # IEEE fp32 (FMA dots) takes slot blocks of 32.
-        cfg = dict(BLOCK_T=64, BLOCK_N=64, BLOCK_R=pow2(R, hi=32 if dot_kind(dtype) == "ieee" else 64), BLOCK_K=64,
-                   GROUP_T=1, num_warps=8)
+        ieee = dot_kind(compute_dtype) == "ieee"
+        cfg = dict(BLOCK_T=64, BLOCK_N=64, BLOCK_R=pow2(R, hi=32 if ieee else 64), BLOCK_K=64, GROUP_T=1, num_warps=8)
     return finish("expand", cfg, device)
 
 
@@ -228,14 +230,16 @@ def expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, 
 
         key = (T <= DECODE_TOKENS, bucket(T), bucket(N), bucket(K2), bucket(R), Y.dtype, M.dtype, mode,
                seed is not None)
-        cfg = tuned("expand", config(T, N, K2, R, Y.device, base_dtype), candidates, key, lambda c: run(c, Y.clone()), Y.device)
+        cfg = tuned("expand", config(T, N, K2, R, Y.device, base_dtype, compute_dtype), candidates, key,
+                    lambda c: run(c, Y.clone()), Y.device)
         run(cfg)  # the tuning runs on a scratch copy: mode 1 accumulates
         return Y
     key = ("expand", T, N, K2, R, B, flags, compute_dtype, base_dtype, Y.device, precision(compute_dtype),
            precision(base_dtype), overrides_key("expand"))
     plan = PLANS.get(key)
     if plan is None:
-        plan = remember(key, _plan(config(T, N, K2, R, Y.device, base_dtype), T, N, B, flags, compute_dtype, base_dtype))
+        plan = remember(key, _plan(config(T, N, K2, R, Y.device, base_dtype, compute_dtype), T, N, B, flags,
+                                   compute_dtype, base_dtype))
     _launch_expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, mode, X2, W2, stride_wn,
                    stride_wk, bias, seed, p_drop, plan)
     return Y

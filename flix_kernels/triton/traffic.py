@@ -82,7 +82,7 @@ def _shrink(name, b: Batch, rows: int, cols: int, sms: int) -> list[Launch]:
 def _expand(name, b: Batch, rows: int, cols: int) -> Launch:
     """``Y (T, cols) += H M_S`` in place (mode 1), M with ``rows`` used rows."""
     T, R, ey, ea = b.tokens, b.slots, b.dtype.itemsize, b.adapter_dtype.itemsize
-    cfg = expand.config(T, cols, 0, R, torch.device("cuda"), b.adapter_dtype)
+    cfg = expand.config(T, cols, 0, R, torch.device("cuda"), b.adapter_dtype, b.adapter_dtype)
     tiles_t, tiles_n = cdiv(T, cfg["BLOCK_T"]), cdiv(cols, cfg["BLOCK_N"])
     return Launch(f"{name} (expand)", 2.0 * T * cols * R,
                   T * R * 4 + rows * cols * ea + 2 * T * cols * ey,
@@ -93,7 +93,7 @@ def _fused(name, b: Batch, rows: int, k_in: int, cols: int, sms: int) -> Launch:
     """``Y (T, cols) = X2 (T, k_in) W^T + H M_S`` in one GEMM tile (the fused base GEMM, mode 2
     or its TMA kernel), M with ``rows`` used rows; the base weight in the activations' dtype."""
     T, R, ex, ea = b.tokens, b.slots, b.dtype.itemsize, b.adapter_dtype.itemsize
-    cfg = expand.config(T, cols, k_in, R, torch.device("cuda"), b.dtype, sms=sms)
+    cfg = expand.config(T, cols, k_in, R, torch.device("cuda"), b.dtype, b.adapter_dtype, sms=sms)
     tiles_t, tiles_n = cdiv(T, cfg["BLOCK_T"]), cdiv(cols, cfg["BLOCK_N"])
     streamed = T * k_in * ex * tiles_n  # X2 once per column tile (L2 serves most of it)
     return Launch(f"{name} (fused GEMM)", 2.0 * T * k_in * cols + 2.0 * T * cols * R,

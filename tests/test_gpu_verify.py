@@ -205,3 +205,23 @@ def test_test_counts_come_from_the_log_even_when_cut(tmp_path, log, tests, faile
     (tmp_path / "logs" / "t.log").write_text(log)
     got = verify.outcome(verify.pytest_step("t", "tests"), tmp_path)
     assert got == {"tests": tests, "failed_tests": failed}
+
+
+def test_real_steps_are_run_and_read_back(tmp_path):
+    """The glue on real outputs: a pytest step and a bench step (decode shapes on this CPU, base and
+    the torch backend alone) run through run_plan, and their counts, targets and timings are read."""
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "results").mkdir()
+    parts = [verify.Part("tests", 120, "one real test selection", [
+                 verify.pytest_step("names", "tests/test_gpu_verify.py", "-k", "device_names or plan_fits")]),
+             verify.Part("bench", 300, "a real bench run", [
+                 verify.bench_step("decode", "--shapes", "decode", "--no-e2e", "--device", "cpu", "--backends", "torch",
+                                   "--rep-ms", "5", "--compare")])]
+    records = verify.run_plan(parts, tmp_path, lambda msg: None, total_s=1000)
+    (tests,), (bench,) = (r["steps"] for r in records)
+    assert tests["status"] == "passed" and tests["tests"].startswith("2 passed"), tests
+    assert bench["status"] == "passed", (tmp_path / "logs" / "decode.log").read_text()[-3000:]
+    assert bench["cases"] == ["decode T=1", "decode T=8", "decode T=64"]
+    assert "decode T=8 forward / base" in bench["targets"]
+    assert set(bench["headline_ms"]["decode T=8 | forward"]) == {"base F.linear", "ours: torch"}
+    assert verify.decide(records)["AUTO_TABLE"]["decode"][0] == "torch"

@@ -7,11 +7,12 @@ import platform
 
 def info() -> dict:
     """Versions, the device, which backends can run here (and why not), how "auto" chooses, the
-    CUDA extension's build (status, target archs, CUDA runtime, compiler) and the Triton settings."""
+    CUDA extension's build (status, target archs, CUDA runtime, compiler), the kernel switches
+    (:mod:`flix_kernels.settings`) and the Triton settings."""
     import torch
 
     import flix_kernels
-    from flix_kernels import cuda as cuda_bridge
+    from flix_kernels import cuda as cuda_bridge, settings
     from flix_kernels.backends import AUTO_TABLE, BACKENDS, triton_backend, unavailable_reason
 
     try:
@@ -38,6 +39,7 @@ def info() -> dict:
             "build": cuda_bridge.build_info(),
         },
     }
+    out["switches"] = {name: s["value"] for name, s in settings.kernel_switches().items()}
     if triton_backend.launch is not None:
         launch = triton_backend.launch
         out["triton_settings"] = {"fuse_base (FLIX_FUSE_BASE)": triton_backend.FUSE_BASE,

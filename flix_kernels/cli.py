@@ -29,6 +29,8 @@ def _print_info() -> int:
               f"{b.get('compiler')} ({b.get('flags')}), driver {b.get('driver') or 'none'}")
     else:
         print(f"CUDA extension: not loaded: {ext['error']}")
+    print("switches: " + ", ".join(f"{k}={int(v)}" for k, v in d["switches"].items())
+          + " (the README's 'Environment variables' says what each does)")
     if "triton_settings" in d:
         print("triton settings: " + ", ".join(f"{k} {'on' if v else 'off'}" for k, v in d["triton_settings"].items()))
     return 0

@@ -7,12 +7,12 @@ Specific to this backend: the base GEMM can run inside the expand kernel's tile
 and, with ``FLIX_TRITON_AUTOTUNE=1``, chosen per shape class by timing both paths once.
 """
 
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from .. import settings
 from .._launch import INTERPRETER_BF16
 from .kernel_ops import KernelOps
 
@@ -28,7 +28,7 @@ except Exception as exc:  # pragma: no cover - depends on the install
 
 # Default for the fused base GEMM. Off until measured per shape on a GPU: cuBLAS + in-place
 # expand is the safe default. FLIX_FUSE_BASE=1 turns it on.
-FUSE_BASE = os.environ.get("FLIX_FUSE_BASE", "0") == "1"
+FUSE_BASE = settings.value("FLIX_FUSE_BASE")
 
 
 def unavailable_reason(device) -> Optional[str]:

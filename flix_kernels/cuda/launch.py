@@ -26,11 +26,10 @@ int32 buffer per stream (:func:`_counters`). ``OVERRIDES`` (tests) forces any ch
 
 from __future__ import annotations
 
-import os
 
 import torch
 
-from .. import _launch
+from .. import _launch, settings
 from .._launch import DECODE_TOKENS, call_extension, num_sms
 from . import _C, host_path_timing, unavailable_reason
 
@@ -398,7 +397,7 @@ def decode_splits(T: int, K: int, N: int, itemsize: int, sms: int) -> int:
 def decode_enabled() -> bool:
     """``FLIX_CUDA_DECODE=0`` turns the decode path off (the general kernels and cuBLAS then run);
     read when a call is prepared (once per routing and call signature)."""
-    return os.environ.get("FLIX_CUDA_DECODE", "1") != "0"
+    return settings.value("FLIX_CUDA_DECODE")
 
 
 def decode_plan(meta, T: int, K: int, N: int, R_total: int, act_dtype, adapter_dtype,

@@ -10,18 +10,18 @@ persistent grid.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import settings
 from .._launch import DECODE_TOKENS, cdiv, launch_triton, num_sms
 from .common import _keep, _token_range, _token_tile
 from .tuning import (PLANS, autotuning, blocks, bucket, dot_kind, finish, launch_opts, or_, overrides_key, pow2,
                      precision, remember, search_steps, tl_dtype, tuned)
 
-USE_TMA = os.environ.get("FLIX_TRITON_TMA", "1") != "0"
+USE_TMA = settings.value("FLIX_TRITON_TMA")
 try:  # host-side TMA descriptors (Triton 3.4 and later)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - depends on the Triton version

@@ -25,11 +25,12 @@ from collections import OrderedDict
 import torch
 import triton.language as tl
 
+from .. import settings
 from .._launch import next_pow2
 
 # Test/tuning hook: {"shrink": {...}, "expand": {...}, "rank_outer": {...}} entries override the configs.
 OVERRIDES: dict[str, dict] = {}
-AUTOTUNE = os.environ.get("FLIX_TRITON_AUTOTUNE", "0") == "1"
+AUTOTUNE = settings.value("FLIX_TRITON_AUTOTUNE")
 _TUNED: dict[tuple, dict] = {}
 
 

@@ -16,12 +16,12 @@ atomics (``csrc/weight_grad.cu`` is the CUDA counterpart).
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import settings
 from .._launch import DECODE_TOKENS, cdiv, launch_triton, num_sms
 from .common import _keep, _token_range
 from .tuning import (OVERRIDES, PLANS, autotuning, blocks, bucket, dot_kind, finish, launch_opts, or_, overrides_key, pow2,
@@ -30,7 +30,7 @@ from .tuning import (OVERRIDES, PLANS, autotuning, blocks, bucket, dot_kind, fin
 # Workspace budget for the split weight-gradient reduction (bytes of fp32 partial tiles).
 WORKSPACE_BYTES = 256 << 20
 # FLIX_TRITON_DY_PASS=0: g and dB by two passes over dy everywhere (to compare the one-pass path).
-USE_DY_PASS = os.environ.get("FLIX_TRITON_DY_PASS", "1") != "0"
+USE_DY_PASS = settings.value("FLIX_TRITON_DY_PASS")
 
 
 @triton.jit

@@ -116,6 +116,23 @@ PYBIND11_MODULE(_C, m) {
 
   m.attr("MAX_SPLIT_TILES") = flix::kMaxSplitTiles;
   m.attr("DECODE_TOKENS") = flix::kDecodeTokens;
+  // The constants the Python side plans launches with, from their one definition in flix.h.
+  auto shapes = [](const flix::BlockShape* s, int n) {
+    py::list out;
+    for (int i = 0; i < n; ++i) out.append(py::make_tuple(s[i].rows, s[i].cols, s[i].k));
+    return out;
+  };
+  py::dict tiles;
+  tiles["shrink"] = shapes(flix::kShrinkBlock, 2);
+  tiles["expand"] = shapes(flix::kExpandBlock, 2);
+  tiles["weight_grad"] = shapes(flix::kWeightGradBlock, 2);
+  tiles["decode"] = shapes(&flix::kDecodeBlock, 1);
+  m.attr("TILES") = tiles;
+  py::dict dtypes;
+  dtypes["float32"] = static_cast<int>(flix::DType::f32);
+  dtypes["float16"] = static_cast<int>(flix::DType::f16);
+  dtypes["bfloat16"] = static_cast<int>(flix::DType::bf16);
+  m.attr("DTYPE_CODES") = dtypes;
 
   // The decode path's fixed arguments, packed once per routing and layer shape (flix_kernels.cuda.launch.
   // DecodePlan): each call then passes only the tensors' pointers and row strides, positionally.

@@ -23,8 +23,8 @@
 namespace flix {
 namespace {
 
-constexpr int kBN = 64;  // output columns per block
-constexpr int kBK = 32;  // K per pipeline stage
+constexpr int kBN = kDecodeBlock.cols;  // output columns per block
+constexpr int kBK = kDecodeBlock.k;     // K per pipeline stage
 
 template <typename TA>
 constexpr int stages() { return sizeof(TA) == 4 ? 2 : 4; }  // keeps every ring under 48 KiB of static smem

@@ -115,9 +115,9 @@ void expand(const Matrix& h, const Matrix& m, const Matrix& y, bool accumulate, 
     using TA = typename decltype(act)::type;
     using TC = typename decltype(compute)::type;
     if (tile == Tile::small) {
-      launch<TA, TC, 16, 64, 32>(h, m, y, accumulate, routing, dropout, as_stream(stream));
+      launch<TA, TC, kExpandBlock[0].rows, kExpandBlock[0].cols, kExpandBlock[0].k>(h, m, y, accumulate, routing, dropout, as_stream(stream));
     } else {
-      launch<TA, TC, 64, 128, 32>(h, m, y, accumulate, routing, dropout, as_stream(stream));
+      launch<TA, TC, kExpandBlock[1].rows, kExpandBlock[1].cols, kExpandBlock[1].k>(h, m, y, accumulate, routing, dropout, as_stream(stream));
     }
   });
 }

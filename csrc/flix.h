@@ -56,6 +56,16 @@ struct Dropout {
 
 enum class Tile : int { small = 0, large = 1 };  // 16-row tiles (decode, rank <= 16) or 64-row tiles
 
+// Block shapes of each kernel family by tile class (index: Tile), written once: the launchers
+// instantiate them and the extension reports them (_C.TILES) to the Python launch plans.
+struct BlockShape {
+  int rows, cols, k;  // token (or rank) rows, columns, K per step
+};
+constexpr BlockShape kShrinkBlock[2] = {{16, 64, 64}, {64, 64, 32}};        // rows: tokens, cols: rank slots
+constexpr BlockShape kExpandBlock[2] = {{16, 64, 32}, {64, 128, 32}};       // rows: tokens, k: rank slots
+constexpr BlockShape kWeightGradBlock[2] = {{16, 128, 32}, {64, 128, 32}};  // rows: rank rows, k: tokens
+constexpr BlockShape kDecodeBlock = {0, 64, 32};  // cols: output columns per block, k: K per pipeline stage
+
 // Kernels that split K over blocks sum the parts in the same launch: the last block of each output
 // tile to finish adds them in split order. They count arrivals in `counters`, int32 device memory of
 // at least kMaxSplitTiles entries that must be zero before a launch and is zero again after it (one

@@ -133,9 +133,9 @@ void shrink(const Matrix& x, const Matrix& m, float* h, float* workspace, int* c
     using TA = typename decltype(act)::type;
     using TC = typename decltype(compute)::type;
     if (tile == Tile::small) {
-      launch<TA, TC, 16, 64, 64>(x, m, h, workspace, counters, splits, routing, scales, dropout, as_stream(stream));
+      launch<TA, TC, kShrinkBlock[0].rows, kShrinkBlock[0].cols, kShrinkBlock[0].k>(x, m, h, workspace, counters, splits, routing, scales, dropout, as_stream(stream));
     } else {
-      launch<TA, TC, 64, 64, 32>(x, m, h, workspace, counters, splits, routing, scales, dropout, as_stream(stream));
+      launch<TA, TC, kShrinkBlock[1].rows, kShrinkBlock[1].cols, kShrinkBlock[1].k>(x, m, h, workspace, counters, splits, routing, scales, dropout, as_stream(stream));
     }
   });
 }

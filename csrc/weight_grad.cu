@@ -226,9 +226,9 @@ void weight_grad(const Matrix& l, const Matrix& r, const Matrix& g, const Routin
     using TA = typename decltype(act)::type;
     using TC = typename decltype(compute)::type;
     if (tile == Tile::small) {
-      launch<TA, TC, 16, 128, 32>(op, g, routing, pairs, workspace, chunks, chunk, dropout, as_stream(stream));
+      launch<TA, TC, kWeightGradBlock[0].rows, kWeightGradBlock[0].cols, kWeightGradBlock[0].k>(op, g, routing, pairs, workspace, chunks, chunk, dropout, as_stream(stream));
     } else {
-      launch<TA, TC, 64, 128, 32>(op, g, routing, pairs, workspace, chunks, chunk, dropout, as_stream(stream));
+      launch<TA, TC, kWeightGradBlock[1].rows, kWeightGradBlock[1].cols, kWeightGradBlock[1].k>(op, g, routing, pairs, workspace, chunks, chunk, dropout, as_stream(stream));
     }
   });
 }

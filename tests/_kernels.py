@@ -15,7 +15,7 @@ SMALL_PATHS = {
     "triton": {
         "shrink": dict(BLOCK_T=16, BLOCK_R=16, BLOCK_K=16, splits=3),
         "expand": dict(BLOCK_T=16, BLOCK_N=16, BLOCK_R=16, BLOCK_K=16, GROUP_T=3),  # partial tile groups
-        "rank_outer": dict(BLOCK_T=16, BLOCK_N=16, BLOCK_S_MAX=16, target_programs=10**6, force_split=True),
+        "weight_grad": dict(BLOCK_T=16, BLOCK_N=16, BLOCK_S_MAX=16, target_programs=10**6, force_split=True),
         "dy_pass": dict(BLOCK_T=16, BLOCK_N=16, target_programs=10**6, min_tokens=0),  # g and dB in one pass
     },
     "cuda": {"tile": 0, "splits": 3, "grad_path": "split", "chunk": 16},
@@ -25,8 +25,8 @@ SMALL_PATHS = {
 FUSED_TMA_PATHS = {**SMALL_PATHS["triton"], "expand": dict(SMALL_PATHS["triton"]["expand"], TMA=True, PROGRAMS=5)}
 # Each weight-gradient path, forced ("owner" and "split" for dB too: the one-pass path off).
 GRAD_PATHS = {
-    "triton": {"owner": {"rank_outer": dict(BLOCK_T=16, BLOCK_N=16, force_owner=True), "dy_pass": dict(off=True)},
-               "split": {"rank_outer": dict(BLOCK_T=16, BLOCK_N=16, BLOCK_S_MAX=16, target_programs=10**6,
+    "triton": {"owner": {"weight_grad": dict(BLOCK_T=16, BLOCK_N=16, force_owner=True), "dy_pass": dict(off=True)},
+               "split": {"weight_grad": dict(BLOCK_T=16, BLOCK_N=16, BLOCK_S_MAX=16, target_programs=10**6,
                                             force_split=True), "dy_pass": dict(off=True)},
                # g and dB from one read of dy, with one column split and with several
                "dy_pass": {"dy_pass": dict(BLOCK_T=16, BLOCK_N=16, target_programs=1, min_tokens=0)},

@@ -434,3 +434,18 @@ def test_skipped_build_in_place_removes_a_stale_library(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert not stale.exists()
     assert json.loads((tree / "flix_kernels" / "_build.json").read_text())["cuda_extension"] == "skipped"
+
+
+@requires_extension
+def test_launch_plans_use_the_extensions_own_constants():
+    """Block shapes, dtype codes and the decode bound have one definition (csrc/flix.h); the
+    Python plans read them from the extension, so the two sides cannot drift."""
+    from flix_kernels import _launch
+
+    C = bridge._C
+    assert cuda_launch._SHRINK_TILE == dict(enumerate(C.TILES["shrink"]))
+    assert cuda_launch._GRAD_TILE == {i: s[0] for i, s in enumerate(C.TILES["weight_grad"])}
+    assert len({s[1:] for s in C.TILES["weight_grad"]}) == 1  # the plans take one column width and token step
+    assert (cuda_launch._DECODE_COLS, cuda_launch._DECODE_K_STEP) == C.TILES["decode"][0][1:]
+    assert {str(d).removeprefix("torch."): c for d, c in cuda_launch._DTYPE_CODE.items()} == C.DTYPE_CODES
+    assert C.DECODE_TOKENS == _launch.DECODE_TOKENS

@@ -53,7 +53,7 @@ def test_autotune_picks_a_config_per_shape_class_and_stays_exact(seed, monkeypat
     with forced_paths("triton", {}):
         check_against_oracle(x, A, Bm, routing, ids, routing.space, 0.5, backend="triton", weight=W, bias=b)
     kinds = {key[0] for key in tuning._TUNED}
-    assert kinds == {"shrink", "expand", "rank_outer", "choice"}  # choice: fused base GEMM or cuBLAS + expand
+    assert kinds == {"shrink", "expand", "weight_grad", "choice"}  # choice: fused base GEMM or cuBLAS + expand
     tuned_once = dict(tuning._TUNED)
     with forced_paths("triton", {}):  # same shape class: no new tuning
         fk.flix_linear(x, W, b, A, Bm, routing, scaling=0.5, backend="triton")

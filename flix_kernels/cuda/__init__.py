@@ -19,6 +19,8 @@ try:
     from .. import _C
 
     _LOAD_ERROR: Optional[str] = None
+    if not hasattr(_C, "TILES"):  # built from older sources: its kernels may not match this Python side
+        _C, _LOAD_ERROR = None, "it was built from an older checkout (it does not report its TILES)"
 except ImportError as exc:  # not built (no nvcc at install time, FLIX_CUDA=0) or not loadable
     _C = None
     _LOAD_ERROR = f"{type(exc).__name__}: {exc}"

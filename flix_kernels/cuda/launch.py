@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from .. import _launch, settings
-from .._launch import DECODE_TOKENS, call_extension, num_sms
+from .._launch import DECODE_TOKENS, call_extension, cdiv, num_sms
 from . import _C, host_path_timing, unavailable_reason
 
 __all__ = ["OVERRIDES", "SUPPORTED_PAIRS", "DecodePlan", "decode_enabled", "decode_plan", "decode_splits", "expand",
@@ -38,16 +38,20 @@ __all__ = ["OVERRIDES", "SUPPORTED_PAIRS", "DecodePlan", "decode_enabled", "deco
 
 OVERRIDES: dict = {}
 WORKSPACE_BYTES = 256 << 20  # the split weight gradient's fp32 partial tiles, at most
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# The extension's dtype codes and block shapes (csrc/flix.h, their one definition), so these plans
+# cannot drift from its kernels; nothing launches without the extension.
+_DTYPE_CODE = {getattr(torch, name): code for name, code in _C.DTYPE_CODES.items()} if _C is not None else {}
+_TILES = {family: [tuple(shape) for shape in shapes] for family, shapes in _C.TILES.items()} if _C is not None else {}
 # (activation dtype, adapter dtype) pairs the kernels are built for.
 SUPPORTED_PAIRS = {(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
                    (torch.float16, torch.float32), (torch.bfloat16, torch.float32)}
 _INT32_MAX = 2**31 - 1
-_SMALL, _LARGE = 0, 1
-# Tile sizes of csrc/ (rows, columns, K step) by kernel and tile class, for the launch plans.
-_SHRINK_TILE = {_SMALL: (16, 64, 64), _LARGE: (64, 64, 32)}
-_GRAD_TILE = {_SMALL: 16, _LARGE: 64}  # rank rows per block; 128 columns, 32 tokens per step
-_GRAD_COLS, _GRAD_TOKENS = 128, 32
+_SMALL, _LARGE = 0, 1  # flix::Tile
+if _C is not None:
+    _SHRINK_TILE = dict(enumerate(_TILES["shrink"]))  # (tokens, rank slots, K step) by tile class
+    _GRAD_TILE = {tile: shape[0] for tile, shape in enumerate(_TILES["weight_grad"])}  # rank rows per block
+    _GRAD_COLS, _GRAD_TOKENS = _TILES["weight_grad"][_LARGE][1:]  # the same for both tile classes
+    _DECODE_COLS, _DECODE_K_STEP = _TILES["decode"][0][1:]  # output columns per block, K per pipeline stage
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,21 +179,14 @@ def _counters(index: int, stream: int, device) -> torch.Tensor:
     return buf
 
 
-_SCALE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
 def _scales(scaling, scale) -> tuple:
     """``(scaling, (pointer, dtype code, scale))``: per-feature scales in their own dtype when it is
     one the kernels read (no conversion launch), else as float32 (returned to keep it alive)."""
     if scaling is None:
         return None, (0, 0, float(scale))
-    if scaling.dtype not in _SCALE_CODE or scaling.stride(0) != 1:
+    if scaling.dtype not in _DTYPE_CODE or scaling.stride(0) != 1:
         scaling = scaling.to(torch.float32).contiguous()
-    return scaling, (scaling.data_ptr(), _SCALE_CODE[scaling.dtype], float(scale))
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+    return scaling, (scaling.data_ptr(), _DTYPE_CODE[scaling.dtype], float(scale))
 
 
 def _rows_tile(rows: int) -> int:
@@ -215,8 +212,8 @@ def shrink_plan(T: int, K: int, R: int, sms: int) -> tuple[int, int]:
     few tokens split K until the blocks cover the GPU twice, as far as K allows."""
     tile = OVERRIDES.get("tile", _SMALL if T <= DECODE_TOKENS else _LARGE)
     rows, slots_per_block, k_step = _SHRINK_TILE[tile]
-    blocks = _cdiv(T, rows) * _cdiv(R, slots_per_block)
-    splits = OVERRIDES.get("splits", max(1, min(_cdiv(2 * sms, blocks), _cdiv(K, k_step))))
+    blocks = cdiv(T, rows) * cdiv(R, slots_per_block)
+    splits = OVERRIDES.get("splits", max(1, min(cdiv(2 * sms, blocks), cdiv(K, k_step))))
     return tile, splits
 
 
@@ -226,7 +223,7 @@ def grad_plan(T: int, N: int, B: int, Rs: int, P: int, present: int, max_pair_ra
     one block per present feature and column tile covers the GPU twice, or the split path's
     workspace would exceed WORKSPACE_BYTES, or a grid dimension 65535); else the split path with
     ``chunks`` chunks of ``chunk`` tokens per example (``chunks * chunk >= max_len``)."""
-    col_tiles = _cdiv(N, _GRAD_COLS)
+    col_tiles = cdiv(N, _GRAD_COLS)
     target = 2 * sms
     path = OVERRIDES.get("grad_path") or ("owner" if present * col_tiles >= target else "split")
     chunks = chunk = 0
@@ -237,18 +234,18 @@ def grad_plan(T: int, N: int, B: int, Rs: int, P: int, present: int, max_pair_ra
         if "chunk" in OVERRIDES:
             chunk = OVERRIDES["chunk"]
         else:
-            per_chunk = B * col_tiles * _cdiv(Rs, _GRAD_TILE[tile])
-            chunks = max(1, min(_cdiv(target, per_chunk), _cdiv(max_len, _GRAD_TOKENS)))
-            chunk = _cdiv(_cdiv(max_len, chunks), _GRAD_TOKENS) * _GRAD_TOKENS
-        chunks = _cdiv(max_len, chunk)
+            per_chunk = B * col_tiles * cdiv(Rs, _GRAD_TILE[tile])
+            chunks = max(1, min(cdiv(target, per_chunk), cdiv(max_len, _GRAD_TOKENS)))
+            chunk = cdiv(cdiv(max_len, chunks), _GRAD_TOKENS) * _GRAD_TOKENS
+        chunks = cdiv(max_len, chunk)
         budget = min(WORKSPACE_BYTES // (B * Rs * N * 4), 65535)
-        if col_tiles * _cdiv(Rs, _GRAD_TILE[tile]) > 65535:  # grid z of the split kernel
+        if col_tiles * cdiv(Rs, _GRAD_TILE[tile]) > 65535:  # grid z of the split kernel
             budget = 0
         if chunks > budget:  # fewer, longer chunks; none fit: the owner path needs no workspace
             chunks = budget
             if chunks >= 1:
-                chunk = _cdiv(_cdiv(max_len, chunks), _GRAD_TOKENS) * _GRAD_TOKENS
-                chunks = _cdiv(max_len, chunk)
+                chunk = cdiv(cdiv(max_len, chunks), _GRAD_TOKENS) * _GRAD_TOKENS
+                chunks = cdiv(max_len, chunk)
             else:
                 chunks, chunk, tile = 0, 0, _rows_tile(max_pair_rank)
     return OVERRIDES.get("tile", tile), chunks, chunk
@@ -375,7 +372,6 @@ def weight_grad(L, R, G, stride_gr, stride_gn, meta, seq_len, max_len, compute_d
 # ---------------------------------------------------------------------------------------------
 # The decode path: a whole layer in two launches and one call into the extension
 # ---------------------------------------------------------------------------------------------
-_DECODE_COLS, _DECODE_K_STEP = 64, 32  # csrc/decode.cu: columns per block, K per pipeline stage
 
 
 def decode_splits(T: int, K: int, N: int, itemsize: int, sms: int) -> int:
@@ -385,13 +381,13 @@ def decode_splits(T: int, K: int, N: int, itemsize: int, sms: int) -> int:
     if "decode_splits" in OVERRIDES:
         want = OVERRIDES["decode_splits"]
     else:
-        by_fill = _cdiv(4 * sms, _cdiv(N, _DECODE_COLS))
+        by_fill = cdiv(4 * sms, cdiv(N, _DECODE_COLS))
         by_bytes = max(1, K * itemsize // (32 * max(T, 1)))
-        want = max(1, min(by_fill, by_bytes, _cdiv(K, _DECODE_K_STEP), 64))
-    if _cdiv(N, _DECODE_COLS) > _C.MAX_SPLIT_TILES:
+        want = max(1, min(by_fill, by_bytes, cdiv(K, _DECODE_K_STEP), 64))
+    if cdiv(N, _DECODE_COLS) > _C.MAX_SPLIT_TILES:
         want = 1
-    per_split = max(_DECODE_K_STEP, _cdiv(_cdiv(K, want), _DECODE_K_STEP) * _DECODE_K_STEP)
-    return max(1, _cdiv(K, per_split))
+    per_split = max(_DECODE_K_STEP, cdiv(cdiv(K, want), _DECODE_K_STEP) * _DECODE_K_STEP)
+    return max(1, cdiv(K, per_split))
 
 
 def decode_enabled() -> bool:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._launch import cdiv, num_sms
+from .._launch import cdiv, next_pow2, num_sms
 from ..backends import BackendUnavailableError, unavailable_reason
 
 try:  # Triton is optional; backend "triton" then reports why it is off (unavailable_reason).
@@ -173,14 +173,14 @@ def _blocks(role: str, T: int, K: int, N: int, device: torch.device) -> dict:
     if role in _CONFIG_OVERRIDE:
         return dict(_CONFIG_OVERRIDE[role])
     small = device.type != "cuda"
-    pow2 = lambda n, hi: _tuning.pow2(n, hi=hi)  # noqa: E731
+    block = lambda n, hi: next_pow2(n, _tuning.DOT_MIN, hi)  # noqa: E731
     if small:
-        cfg = dict(BLOCK_T=pow2(T, 16), BLOCK_K=pow2(K, 32), BLOCK_N=pow2(N, 32))
+        cfg = dict(BLOCK_T=block(T, 16), BLOCK_K=block(K, 32), BLOCK_N=block(N, 32))
     elif role in ("lookup", "grad_gather"):
-        cfg = dict(BLOCK_T=128, BLOCK_K=64, BLOCK_N=pow2(N, 256), num_stages=3)
+        cfg = dict(BLOCK_T=128, BLOCK_K=64, BLOCK_N=block(N, 256), num_stages=3)
         cfg["num_warps"] = 8 if cfg["BLOCK_N"] == 256 else 4
     else:
-        cfg = dict(BLOCK_T=pow2(T, 64), BLOCK_K=pow2(K, 64), BLOCK_N=pow2(N, 128), num_warps=4)
+        cfg = dict(BLOCK_T=block(T, 64), BLOCK_K=block(K, 64), BLOCK_N=block(N, 128), num_warps=4)
     if role == "segment":
         cfg.pop("BLOCK_N")
     return cfg

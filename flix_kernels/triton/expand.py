@@ -16,9 +16,9 @@ import triton
 import triton.language as tl
 
 from .. import settings
-from .._launch import DECODE_TOKENS, cdiv, launch_triton, num_sms
+from .._launch import DECODE_TOKENS, cdiv, launch_triton, next_pow2, num_sms
 from .common import _keep, _token_range, _token_tile
-from .tuning import (PLANS, autotuning, blocks, bucket, dot_kind, finish, launch_opts, or_, overrides_key, pow2,
+from .tuning import (DOT_MIN, PLANS, autotuning, blocks, dot_kind, finish, launch_opts, or_, overrides_key,
                      precision, remember, search_steps, tl_dtype, tuned)
 
 USE_TMA = settings.value("FLIX_TRITON_TMA")
@@ -174,7 +174,7 @@ def config(T: int, N: int, K2: int, R: int, device: torch.device, dtype: torch.d
     update's; ``sms`` as in :func:`.shrink.config`."""
     decode = T <= DECODE_TOKENS
     if decode:
-        cfg = dict(BLOCK_T=16, BLOCK_N=64, BLOCK_R=pow2(R, hi=64), BLOCK_K=64, GROUP_T=1, num_warps=4)
+        cfg = dict(BLOCK_T=16, BLOCK_N=64, BLOCK_R=next_pow2(R, DOT_MIN, 64), BLOCK_K=64, GROUP_T=1, num_warps=4)
     elif K2 > 0:
         # A GEMM tile (the update seeds its accumulator), grouped for L2 reuse of W; slot blocks of
         # at most 32 keep the dropout variant free of spills at 64 slots on sm_90. With TMA: one
@@ -186,14 +186,14 @@ def config(T: int, N: int, K2: int, R: int, device: torch.device, dtype: torch.d
         # stages of them exceed shared memory.
         ieee = "ieee" in (dot_kind(dtype), dot_kind(compute_dtype))
         block_k = {"16-bit": 64, "tf32": 32, "ieee": 16}[dot_kind(dtype)]
-        cfg = dict(BLOCK_T=64 if ieee else 128, BLOCK_N=128, BLOCK_R=pow2(R, hi=32), BLOCK_K=block_k, GROUP_T=8,
+        cfg = dict(BLOCK_T=64 if ieee else 128, BLOCK_N=128, BLOCK_R=next_pow2(R, DOT_MIN, 32), BLOCK_K=block_k, GROUP_T=8,
                    num_warps=8, TMA=has_tma(device), PROGRAMS=num_sms(device) if sms is None else sms, TMA_STAGES=4)
     else:
         # 64 x 64 tiles with 8 warps for the in-place update: with 4 warps, up to 64 rank slots
         # and dropout reach 255 registers per thread and spill on sm_90 (test_triton_compile.py);
         # IEEE fp32 (FMA dots) takes slot blocks of 32.
         ieee = dot_kind(compute_dtype) == "ieee"
-        cfg = dict(BLOCK_T=64, BLOCK_N=64, BLOCK_R=pow2(R, hi=32 if ieee else 64), BLOCK_K=64, GROUP_T=1, num_warps=8)
+        cfg = dict(BLOCK_T=64, BLOCK_N=64, BLOCK_R=next_pow2(R, DOT_MIN, 32 if ieee else 64), BLOCK_K=64, GROUP_T=1, num_warps=8)
     return finish("expand", cfg, device)
 
 
@@ -228,7 +228,7 @@ def expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, 
                            stride_wn, stride_wk, bias, seed, p_drop,
                            _plan(cfg, T, N, B, flags, compute_dtype, base_dtype))
 
-        key = (T <= DECODE_TOKENS, bucket(T), bucket(N), bucket(K2), bucket(R), Y.dtype, M.dtype, mode,
+        key = (T <= DECODE_TOKENS, next_pow2(T), next_pow2(N), next_pow2(K2), next_pow2(R), Y.dtype, M.dtype, mode,
                seed is not None)
         cfg = tuned("expand", config(T, N, K2, R, Y.device, base_dtype, compute_dtype), candidates, key,
                     lambda c: run(c, Y.clone()), Y.device)

@@ -11,9 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._launch import DECODE_TOKENS, cdiv, launch_triton, num_sms
+from .._launch import DECODE_TOKENS, cdiv, launch_triton, next_pow2, num_sms
 from .common import _keep, _token_range, _token_tile
-from .tuning import (PLANS, autotuning, blocks, bucket, dot_kind, finish, launch_opts, or_, overrides_key, pow2,
+from .tuning import (DOT_MIN, PLANS, autotuning, blocks, dot_kind, finish, launch_opts, or_, overrides_key,
                      precision, remember, search_steps, tl_dtype, tuned)
 
 
@@ -74,7 +74,7 @@ def config(T: int, K: int, R: int, device: torch.device, compute_dtype: torch.dt
     # caps these kernels at 128 registers and spilled 64 x 32 with dropout).
     block_k = 128 if decode else 128 // max(compute_dtype.itemsize, 2)
     ieee = not decode and dot_kind(compute_dtype) == "ieee"
-    cfg = dict(BLOCK_T=16 if decode else 32 if ieee else 64, BLOCK_R=pow2(R, hi=32 if ieee else 64), BLOCK_K=block_k,
+    cfg = dict(BLOCK_T=16 if decode else 32 if ieee else 64, BLOCK_R=next_pow2(R, DOT_MIN, 32 if ieee else 64), BLOCK_K=block_k,
                num_warps=4 if decode else 8)
     # Decode reads A_S once per example: split K so every SM streams a part of it.
     tiles = cdiv(T, cfg["BLOCK_T"]) * cdiv(R, cfg["BLOCK_R"])
@@ -126,7 +126,7 @@ def shrink(X, M, stride_mr, stride_mk, slot_rank, slot_feature, cu, scaling, sca
                            seq_len, splits, k_per, (cdiv(T, cfg["BLOCK_T"]), cdiv(R, cfg["BLOCK_R"]), splits),
                            constexprs)
 
-        key = (T <= DECODE_TOKENS, bucket(T), bucket(K), bucket(R), X.dtype, M.dtype, seed is not None)
+        key = (T <= DECODE_TOKENS, next_pow2(T), next_pow2(K), next_pow2(R), X.dtype, M.dtype, seed is not None)
         run(tuned("shrink", config(T, K, R, X.device, compute_dtype), candidates, key, lambda c: run(c, torch.empty_like(H)),
                   X.device))
         return H

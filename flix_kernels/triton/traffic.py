@@ -19,6 +19,7 @@ import torch
 
 from .._launch import cdiv, next_pow2
 from . import expand, shrink, weight_grad
+from .tuning import DOT_MIN
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def _weight_grad(name, b: Batch, cols: int, sms: int) -> list[Launch]:
     floor = T * R * 4 + T * cols * er + grad
     flops = 2.0 * T * R * cols
     pairs = b.examples * b.active
-    block_s = min(pow2(R), cfg["BLOCK_S_MAX"])
+    block_s = min(next_pow2(R, DOT_MIN), cfg["BLOCK_S_MAX"])
     slot_blocks = cdiv(R, block_s)
     chunks = weight_grad.split_chunks(b.examples, tiles_n, b.seq_len, slot_blocks * block_s, cols, cfg)
     if weight_grad.owner_path(T, b.examples, pairs, b.present, tiles_n, cfg) or chunks < 1:
@@ -149,10 +150,6 @@ def _dy_pass(b: Batch, used: int, sms: int) -> tuple[list[Launch], Launch] | Non
         out.append(Launch("g (split sum)", splits * T * R, (splits + 1) * T * R * 4, (splits + 1) * T * R * 4))
     grad = b.num_features * b.rank * N * ea
     return out, Launch("dB (split reduce)", b.examples * b.active * tiles * b.rank * N, ws + grad, ws + grad)
-
-
-def pow2(n: int) -> int:
-    return next_pow2(n, 16)
 
 
 def layer(b: Batch, sms: int = 132, fused: bool = False) -> dict[str, list[Launch]]:

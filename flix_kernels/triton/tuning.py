@@ -26,9 +26,8 @@ import torch
 import triton.language as tl
 
 from .. import settings
-from .._launch import next_pow2
 
-# Test/tuning hook: {"shrink": {...}, "expand": {...}, "rank_outer": {...}} entries override the configs.
+# Test/tuning hook: {"shrink": {...}, "expand": {...}, "weight_grad": {...}} entries override the configs.
 OVERRIDES: dict[str, dict] = {}
 AUTOTUNE = settings.value("FLIX_TRITON_AUTOTUNE")
 _TUNED: dict[tuple, dict] = {}
@@ -38,6 +37,8 @@ def autotuning() -> bool:
     """Whether autotuning is on (read at every launch: tests switch it)."""
     return AUTOTUNE
 
+
+DOT_MIN = 16  # tl.dot's smallest block dimension: block sizes are powers of two from here
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 SUPPORTED_DTYPES = tuple(_TL_DTYPES)
@@ -81,10 +82,6 @@ def dot_kind(dtype: torch.dtype) -> str:
     configurations size their tiles by: "16-bit" (bf16/fp16 on the tensor cores), "tf32"
     (fp32 operands, tensor cores), "ieee" (fp32 by FMA: the operand tiles live in registers)."""
     return "16-bit" if dtype.itemsize == 2 else precision(dtype)
-
-
-def pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
-    return next_pow2(n, lo, hi)
 
 
 def finish(kind: str, cfg: dict, device: torch.device) -> dict:
@@ -173,10 +170,6 @@ def choose(key: tuple, options: dict, device: torch.device) -> str:
 def search_steps(num_examples: int) -> int:
     """Binary-lifting steps to find a token's example among ``num_examples`` (constexpr)."""
     return max(1, (max(num_examples, 1) - 1).bit_length())
-
-
-def bucket(n: int) -> int:
-    return next_pow2(n)
 
 
 def launch_opts(cfg: dict) -> dict:

@@ -22,10 +22,10 @@ import triton
 import triton.language as tl
 
 from .. import settings
-from .._launch import DECODE_TOKENS, cdiv, launch_triton, num_sms
+from .._launch import DECODE_TOKENS, cdiv, launch_triton, next_pow2, num_sms
 from .common import _keep, _token_range
-from .tuning import (OVERRIDES, PLANS, autotuning, blocks, bucket, dot_kind, finish, launch_opts, or_, overrides_key, pow2,
-                     precision, remember, tl_dtype, tuned)
+from .tuning import (DOT_MIN, OVERRIDES, PLANS, autotuning, blocks, dot_kind, finish, launch_opts, or_,
+                     overrides_key, precision, remember, tl_dtype, tuned)
 
 # Workspace budget for the split weight-gradient reduction (bytes of fp32 partial tiles).
 WORKSPACE_BYTES = 256 << 20
@@ -247,7 +247,7 @@ def dy_pass_kernel(
 
 def _reduce(ws, G, stride_gr, stride_gn, meta, N, seq_len, chunk, chunks, ws_rows, BN) -> None:
     """:func:`rank_reduce_kernel` over a workspace of ``chunks`` token chunks per example."""
-    rk = min(pow2(max(meta.max_pair_rank, 1)), 64)
+    rk = min(next_pow2(max(meta.max_pair_rank, 1), DOT_MIN), 64)
     cu = meta.cu_seqlens
     launch_triton(rank_reduce_kernel, (meta.feature_rank.numel(), cdiv(N, BN), cdiv(meta.max_feature_rank, rk)),
                   ws, G, meta.feature_pair_start, meta.pair_example, meta.pair_slot, meta.rank_offsets,
@@ -259,7 +259,7 @@ def owner_path(T: int, examples: int, pairs: int, present_features: int, tiles_n
     """Whether :func:`weight_grad` takes the owner path rather than the split one: at decode
     sizes (each owner walks a few tokens; a second launch and a workspace would cost more), or
     when no example uses more than one feature (the owners then read each row of R once too)
-    and one program per present feature and n-tile fills the device. ``OVERRIDES["rank_outer"]``
+    and one program per present feature and n-tile fills the device. ``OVERRIDES["weight_grad"]``
     may force either path (``force_owner`` / ``force_split``)."""
     if cfg.get("force_split"):
         return False
@@ -278,13 +278,13 @@ def split_chunks(examples: int, tiles_n: int, max_len: int, ws_rows: int, N: int
 def config(R: int, device: torch.device, *, sms: int | None = None) -> dict:
     """Untuned launch configuration for ``R`` rank slots per example (see :mod:`.tuning`);
     ``sms`` as in :func:`.shrink.config`."""
-    rk = pow2(R)
+    rk = next_pow2(R, DOT_MIN)
     # The tile is (n, rank) (see _outer_over_tokens): BLOCK_N = 64 rows for warpgroup MMA; 8 warps
     # keep the dropout variants at 64 rank rows free of register spills on sm_90.
     sms = num_sms(device) if sms is None else sms
     # BLOCK_S_MAX: the split path's slot block (an example's slots beyond it take more blocks).
     cfg = dict(BLOCK_RK=rk, BLOCK_S_MAX=128, BLOCK_T=64, BLOCK_N=64, num_warps=8, target_programs=4 * sms)
-    return finish("rank_outer", cfg, device)
+    return finish("weight_grad", cfg, device)
 
 
 def candidates(cfg: dict) -> list[dict]:
@@ -311,14 +311,14 @@ def weight_grad(Lmat, Rmat, G, stride_gr, stride_gn, meta, seq_len, max_len, com
 
     def run(cfg, G=G):
         BN, BT = cfg["BLOCK_N"], cfg["BLOCK_T"]
-        BS = min(pow2(S), cfg["BLOCK_S_MAX"])
+        BS = min(next_pow2(S, DOT_MIN), cfg["BLOCK_S_MAX"])
         ws_rows = cdiv(S, BS) * BS
         tiles_n = cdiv(N, BN)
         common = dict(IS_PACKED=cu is not None, HAS_DROPOUT=seed is not None, COMPUTE_DTYPE=tl_dtype(compute_dtype),
                       PRECISION=precision(compute_dtype), BLOCK_T=BT, BLOCK_N=BN, **launch_opts(cfg))
         chunks = split_chunks(B, tiles_n, max_len, ws_rows, N, cfg)
         if owner_path(T, B, P, meta.present_features.shape[0], tiles_n, cfg) or chunks < 1 or P == 0 or T == 0:
-            brk = min(pow2(rk), 64)
+            brk = min(next_pow2(rk, DOT_MIN), 64)
             launch_triton(rank_grad_kernel, (F, tiles_n, cdiv(meta.max_feature_rank, brk)),
                 Lmat, Rmat, G, meta.feature_pair_start, meta.pair_example, meta.pair_slot, meta.rank_offsets,
                 or_(cu, meta.pair_example), or_(seed, meta.pair_example),
@@ -339,8 +339,8 @@ def weight_grad(Lmat, Rmat, G, stride_gr, stride_gn, meta, seq_len, max_len, com
 
     cfg = config(S, Rmat.device)
     if autotuning():
-        key = (bucket(T), bucket(N), bucket(S), bucket(P), Rmat.dtype, Lmat.dtype, seed is not None)
-        cfg = tuned("rank_outer", cfg, candidates, key, lambda c: run(c, torch.empty_like(G)), Rmat.device)
+        key = (next_pow2(T), next_pow2(N), next_pow2(S), next_pow2(P), Rmat.dtype, Lmat.dtype, seed is not None)
+        cfg = tuned("weight_grad", cfg, candidates, key, lambda c: run(c, torch.empty_like(G)), Rmat.device)
     run(cfg)
     return G
 
@@ -355,7 +355,7 @@ def weight_grad_pair(H, dY, dB, stride_br, stride_bn, Gm, X, dA, stride_ar, stri
     T, N0 = dY.shape
     N1 = X.shape[1]
     F = meta.feature_rank.numel()
-    if T > DECODE_TOKENS or T == 0 or F == 0 or autotuning() or "rank_outer" in OVERRIDES:
+    if T > DECODE_TOKENS or T == 0 or F == 0 or autotuning() or "weight_grad" in OVERRIDES:
         weight_grad(H, dY, dB, stride_br, stride_bn, meta, seq_len, max_len, compute_dtype)
         weight_grad(Gm, X, dA, stride_ar, stride_an, meta, seq_len, max_len, compute_dtype, seed=seed, p_drop=p_drop)
         return
@@ -391,7 +391,7 @@ def dy_pass_config(S: int, device: torch.device, dtype: torch.dtype, *, sms: int
     """Launch configuration of :func:`dy_pass` for ``S`` rank slots per example and ``dtype``
     operands (the adapters'); ``sms`` as in :func:`.shrink.config`. ``OVERRIDES["dy_pass"]``
     replaces entries (``off=True``: the two-pass path)."""
-    bs = pow2(S)
+    bs = next_pow2(S, DOT_MIN)
     # All of an example's slots in one block (up to 128).
     tokens, columns = DY_PASS_TILES[dot_kind(dtype)][0 if bs <= 32 else 1 if bs <= 64 else 2]
     cfg = dict(BLOCK_S=bs, BLOCK_T=tokens, BLOCK_N=columns, num_warps=8, max_slots=128, min_tokens=DECODE_TOKENS + 1,

@@ -11,17 +11,31 @@ bfloat16 tensors, see :data:`INTERPRETER_BF16`).
 from __future__ import annotations
 
 import contextlib
+import enum
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["DECODE_TOKENS", "INTERPRETER_BF16", "Launch", "LaunchRecord", "call_extension", "cdiv", "launch_triton",
+__all__ = ["DECODE_TOKENS", "INTERPRETER_BF16", "ExpandMode", "Launch", "LaunchRecord", "call_extension", "cdiv", "launch_triton",
            "next_pow2", "num_sms", "recording"]
 
 # Token counts up to this are the decode shape class (launch plans and "auto" pick by it).
 DECODE_TOKENS = 64
+
+
+
+class ExpandMode(enum.IntEnum):
+    """What an expand launch (both kernel families) does with its output Y, given the update
+    ``U = drop(H M_S)``: WRITE ``Y = U``; ACCUMULATE ``Y += U`` (cuBLAS wrote the base into Y);
+    FUSED_BASE ``Y = X2 W2^T + bias + U``, the base GEMM in the same tile (Triton only). The
+    Triton kernel takes it as its ``MODE`` constexpr."""
+
+    WRITE = 0
+    ACCUMULATE = 1
+    FUSED_BASE = 2
+
 
 _SM_COUNT: dict[int, int] = {}
 

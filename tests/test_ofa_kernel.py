@@ -277,3 +277,15 @@ def test_benchmark_script_checks_before_timing(tmp_path):
     right = lambda P, Q: factorized_embedding(ids, P, Q, backend="torch")  # noqa: E731
     with pytest.raises(AssertionError, match="wrong result"):
         bench.check(off_by_one, right, (P.float(), Q.float()), (P, Q), gout, torch.float32)
+
+
+def test_launches_go_through_the_one_door(seed):
+    """OFA's kernels launch through flix_kernels._launch like FLix's: the recorder counts each of
+    them (forward: the gather matmul; backward: dQ's outer product, g, dP's segment sums)."""
+    from flix_kernels import _launch
+
+    gen = torch.Generator().manual_seed(seed)
+    with _launch.recording(run=True) as rec:
+        _check(torch.randint(0, 11, (3, 5), generator=gen), 11, 6, 7, torch.float32, gen)
+    assert rec.counts == {("triton", "gather_matmul_kernel"): 2, ("triton", "gathered_outer_kernel"): 1,
+                          ("triton", "segment_sum_kernel"): 1}, dict(rec.counts)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._autograd import any_requires_grad, apply
-from .._launch import DECODE_TOKENS, next_pow2
+from .._launch import DECODE_TOKENS, ExpandMode, next_pow2
 from ..routing import META_INTS, KernelMetadata, Routing
 
 __all__ = ["KernelOps", "draw_seed", "unfused_base"]
@@ -61,7 +61,7 @@ class KernelOps:
 
     ``base_path(key, fuse_base, fused, unfused, device) -> callable`` picks how ``x W^T + b``
     (and ``dy W`` in the input gradient) is combined with the low-rank update: ``unfused`` is
-    cuBLAS then an in-place expand; ``fused`` calls ``launch.expand(mode=2)``, which only the
+    cuBLAS then an in-place expand; ``fused`` calls ``launch.expand(mode=FUSED_BASE)``, which only the
     Triton launcher has; ``fuse_base()`` is the backend's current default for it.
     ``supports(x, lora_A)`` says why inputs cannot use the kernels (None when they can), and
     ``instead`` what to use then. The backend module exposes :meth:`prepare`, :meth:`delta` and
@@ -123,7 +123,7 @@ class KernelOps:
         if weight is None:
             y = x.new_empty((x.shape[0], lora_B.shape[0]))
             return launch.expand(h, lora_B, stride_br, stride_bn, y, slot_rank, slot_feature, cu, seq_len, cdt,
-                                 mode=0), h
+                                 mode=ExpandMode.WRITE), h
 
         def cublas_then_expand():
             if torch.is_autocast_enabled(x.device.type):  # x and weight are already in its dtype
@@ -132,7 +132,7 @@ class KernelOps:
             else:
                 y = F.linear(x, weight, bias)
             return launch.expand(h, lora_B, stride_br, stride_bn, y, slot_rank, slot_feature, cu, seq_len, cdt,
-                                 mode=1)
+                                 mode=ExpandMode.ACCUMULATE)
 
         if not fuse_base and self.base_path is unfused_base:
             return cublas_then_expand(), h
@@ -140,8 +140,8 @@ class KernelOps:
         def fused():
             y = x.new_empty((x.shape[0], lora_B.shape[0]))
             return launch.expand(h, lora_B, stride_br, stride_bn, y, slot_rank, slot_feature, cu, seq_len, cdt,
-                                 mode=2, X2=x, W2=weight, stride_wn=weight.stride(0), stride_wk=weight.stride(1),
-                                 bias=bias)
+                                 mode=ExpandMode.FUSED_BASE, X2=x, W2=weight, stride_wn=weight.stride(0),
+                                 stride_wk=weight.stride(1), bias=bias)
 
         T, N = x.shape[0], lora_B.shape[0]
         key = ("forward", T <= DECODE_TOKENS, next_pow2(T), N, x.shape[1], x.dtype)
@@ -169,20 +169,20 @@ class KernelOps:
             stride_ar, stride_ak = lora_A.stride()
             if weight is None:
                 dx = launch.expand(g, lora_A, stride_ar, stride_ak, x.new_empty(x.shape), slot_rank, slot_feature, cu,
-                                   seq_len, cdt, mode=0, seed=seed, p_drop=dropout_p)
+                                   seq_len, cdt, mode=ExpandMode.WRITE, seed=seed, p_drop=dropout_p)
             else:
                 def cublas_then_expand():
                     base = dy @ weight
                     return launch.expand(g, lora_A, stride_ar, stride_ak, base if base.dtype == x.dtype else
-                                         base.to(x.dtype), slot_rank, slot_feature, cu, seq_len, cdt, mode=1,
-                                         seed=seed, p_drop=dropout_p)
+                                         base.to(x.dtype), slot_rank, slot_feature, cu, seq_len, cdt,
+                                         mode=ExpandMode.ACCUMULATE, seed=seed, p_drop=dropout_p)
 
                 if not fuse_base and self.base_path is unfused_base:
                     dx = cublas_then_expand()
                 else:
                     def fused():
                         return launch.expand(g, lora_A, stride_ar, stride_ak, x.new_empty(x.shape), slot_rank,
-                                             slot_feature, cu, seq_len, cdt, mode=2, X2=dy, W2=weight,
+                                             slot_feature, cu, seq_len, cdt, mode=ExpandMode.FUSED_BASE, X2=dy, W2=weight,
                                              stride_wn=weight.stride(1), stride_wk=weight.stride(0), seed=seed,
                                              p_drop=dropout_p)
 

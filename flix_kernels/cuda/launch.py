@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from .. import _launch, settings
-from .._launch import DECODE_TOKENS, call_extension, cdiv, num_sms
+from .._launch import DECODE_TOKENS, ExpandMode, call_extension, cdiv, num_sms
 from . import _C, host_path_timing, unavailable_reason
 
 __all__ = ["OVERRIDES", "SUPPORTED_PAIRS", "DecodePlan", "decode_enabled", "decode_plan", "decode_splits", "expand",
@@ -290,14 +290,14 @@ def shrink(X, M, stride_mr, stride_mk, slot_rank, slot_feature, cu, scaling, sca
     return H
 
 
-def expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, compute_dtype, *, mode: int,
-           X2=None, W2=None, stride_wn=0, stride_wk=0, bias=None, seed=None, p_drop=0.0,
+def expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, compute_dtype, *,
+           mode: ExpandMode, X2=None, W2=None, stride_wn=0, stride_wk=0, bias=None, seed=None, p_drop=0.0,
            check: bool = True) -> torch.Tensor:
-    """``Y (T, N)``: mode 0 ``= U``, mode 1 ``+= U`` where ``U = drop(H M_S)``; ``M[r, n]`` at
-    ``M + r * stride_mr + n * stride_mn``. Mode 2 (base GEMM in the tile) is Triton's only."""
-    if mode not in (0, 1):
-        _fail("expand", f"mode must be 0 (write) or 1 (accumulate); mode {mode} (the fused base GEMM) is only in "
-              "the Triton backend", NotImplementedError)
+    """``Y (T, N)``: WRITE ``= U``, ACCUMULATE ``+= U`` where ``U = drop(H M_S)``; ``M[r, n]`` at
+    ``M + r * stride_mr + n * stride_mn``. FUSED_BASE (base GEMM in the tile) is Triton's only."""
+    if mode not in (ExpandMode.WRITE, ExpandMode.ACCUMULATE):
+        _fail("expand", f"mode must be ExpandMode.WRITE (0) or ACCUMULATE (1); mode {int(mode)} (the fused base "
+              "GEMM) is only in the Triton backend", NotImplementedError)
     if check:
         _check_tensor("expand", "Y", Y, dims=2, dtypes=set(_DTYPE_CODE), output=True)
         _check_tensor("expand", "H", H, dims=2, dtypes={torch.float32}, device=Y.device)
@@ -311,13 +311,13 @@ def expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, 
         _check_device("expand", Y.device)  # last: every other error is reported on any device
     T, N = Y.shape
     B, R = slot_rank.shape
-    if T == 0 or N == 0 or (mode == 1 and R == 0):
+    if T == 0 or N == 0 or (mode == ExpandMode.ACCUMULATE and R == 0):
         return Y
     device, stream = _launch_context(Y)
     tile = OVERRIDES.get("tile", _SMALL if T <= DECODE_TOKENS else _LARGE)
     call_extension(_C.expand, h=_matrix(H, T, R, H.stride(0), 1),
                    factor=_matrix(M, M.numel() // N, N, stride_mr, stride_mn),
-                   y=_matrix(Y, T, N, Y.stride(0), Y.stride(1)), accumulate=mode == 1,
+                   y=_matrix(Y, T, N, Y.stride(0), Y.stride(1)), accumulate=mode == ExpandMode.ACCUMULATE,
                    routing=_routing(slot_rank, slot_feature, cu, seq_len), dropout=_dropout(seed, p_drop), tile=tile,
                    device=device, stream=stream)
     return Y

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._launch import cdiv, next_pow2, num_sms
+from .._launch import cdiv, launch_triton, next_pow2, num_sms
 from ..backends import BackendUnavailableError, unavailable_reason
 
 try:  # Triton is optional; backend "triton" then reports why it is off (unavailable_reason).
@@ -199,8 +199,8 @@ def _gather_matmul(ids: Optional[Tensor], V: int, A: Tensor, stride_am: int, str
         return out
     cfg = _blocks("lookup" if ids is not None else "grad_gather", T, K, N, A.device)
     grid = (cdiv(N, cfg["BLOCK_N"]), cdiv(T, cfg["BLOCK_T"]))
-    gather_matmul_kernel[grid](
-        ids if ids is not None else A, A, B, out, T, K, N, V,
+    launch_triton(
+        gather_matmul_kernel, grid, ids if ids is not None else A, A, B, out, T, K, N, V,
         stride_am, stride_ak, stride_bk, stride_bn, out.stride(0), out.stride(1),
         HAS_IDS=ids is not None, COMPUTE_DTYPE=_tuning.tl_dtype(compute_dtype),
         PRECISION=_tuning.precision(compute_dtype), **cfg,
@@ -238,8 +238,8 @@ def _grad_primitive(ids: Tensor, P: Tensor, dout: Tensor, dtype: torch.dtype) ->
     splits = cdiv(T, per_split)
     partial = torch.empty(splits, K, D, device=P.device, dtype=torch.float32)
     grid = (cdiv(K, cfg["BLOCK_K"]), cdiv(D, cfg["BLOCK_N"]), splits)
-    gathered_outer_kernel[grid](
-        ids, P, dout, partial, T, K, D, V, per_split, P.stride(0), P.stride(1), dout.stride(0), dout.stride(1),
+    launch_triton(
+        gathered_outer_kernel, grid, ids, P, dout, partial, T, K, D, V, per_split, P.stride(0), P.stride(1), dout.stride(0), dout.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2),
         COMPUTE_DTYPE=_tuning.tl_dtype(P.dtype), PRECISION=_tuning.precision(P.dtype), **cfg,
     )
@@ -261,7 +261,8 @@ def _grad_coords(ids: Tensor, Q: Tensor, dout: Tensor, V: int, padding_idx: int,
     run_end = torch.searchsorted(sorted_ids, sorted_ids, right=True)
     cfg = _blocks("segment", T, K, 0, Q.device)
     grid = (T, cdiv(K, cfg["BLOCK_K"]))
-    segment_sum_kernel[grid](g, order, sorted_ids, run_end, dP, K, V, padding_idx, g.stride(0), dP.stride(0), **cfg)
+    launch_triton(segment_sum_kernel, grid, g, order, sorted_ids, run_end, dP, K, V, padding_idx, g.stride(0),
+                  dP.stride(0), **cfg)
     return dP
 
 

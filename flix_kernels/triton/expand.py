@@ -1,8 +1,8 @@
 """The expand kernel family: ``Y (=|+=) [X2 W2^T + bias] + drop(H M_S)``, each token against its
 example's gathered rank slots (``csrc/expand.cu`` is the CUDA counterpart).
 
-MODE 0 writes the update alone, MODE 1 accumulates into Y in place (after cuBLAS computed the
-base), MODE 2 computes the base GEMM in the same tile (fused forward, or fused
+MODE (:class:`~flix_kernels._launch.ExpandMode`) 0 writes the update alone, 1 accumulates into Y
+in place (after cuBLAS computed the base), 2 computes the base GEMM in the same tile (fused forward, or fused
 ``dx = dy W + drop'(g A_S)``): :func:`expand_kernel` by pointers on any GPU, or on Hopper
 :func:`fused_linear_tma_kernel`, the same tile with its GEMM operands moved by TMA on a
 persistent grid.
@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .. import settings
-from .._launch import DECODE_TOKENS, cdiv, launch_triton, next_pow2, num_sms
+from .._launch import DECODE_TOKENS, ExpandMode, cdiv, launch_triton, next_pow2, num_sms
 from .common import _keep, _token_range, _token_tile
 from .tuning import (DOT_MIN, PLANS, autotuning, blocks, dot_kind, finish, launch_opts, or_, overrides_key,
                      precision, remember, search_steps, tl_dtype, tuned)
@@ -211,28 +211,30 @@ def candidates(cfg: dict) -> list[dict]:
                     for bt in (16, 32, 64, 128) for bn in (32, 64, 128, 256) for w in (4, 8)]
 
 
-def expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, compute_dtype, *, mode: int,
+def expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, compute_dtype, *,
+           mode: ExpandMode,
            X2=None, W2=None, stride_wn=0, stride_wk=0, bias=None, seed=None, p_drop=0.0) -> torch.Tensor:
-    """``Y (T, N)``: mode 0 ``= U``, mode 1 ``+= U``, mode 2 ``= X2 W2^T + bias + U`` where
+    """``Y (T, N)``: WRITE ``= U``, ACCUMULATE ``+= U``, FUSED_BASE ``= X2 W2^T + bias + U`` where
     ``U = drop(H M_S)`` (dropout only with a seed: the input-gradient path)."""
     T, N = Y.shape
     B, R = slot_rank.shape
-    if T == 0 or N == 0 or (mode == 1 and R == 0):
+    if T == 0 or N == 0 or (mode == ExpandMode.ACCUMULATE and R == 0):
         return Y
-    K2 = X2.shape[1] if mode == 2 else 0
-    base_dtype = X2.dtype if mode == 2 else compute_dtype
-    flags = (mode, bias is not None, cu is not None, seed is not None)
+    fused = mode == ExpandMode.FUSED_BASE
+    K2 = X2.shape[1] if fused else 0
+    base_dtype = X2.dtype if fused else compute_dtype
+    flags = (int(mode), bias is not None, cu is not None, seed is not None)
     if autotuning():
         def run(cfg, Y=Y):
             _launch_expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, mode, X2, W2,
                            stride_wn, stride_wk, bias, seed, p_drop,
                            _plan(cfg, T, N, B, flags, compute_dtype, base_dtype))
 
-        key = (T <= DECODE_TOKENS, next_pow2(T), next_pow2(N), next_pow2(K2), next_pow2(R), Y.dtype, M.dtype, mode,
+        key = (T <= DECODE_TOKENS, next_pow2(T), next_pow2(N), next_pow2(K2), next_pow2(R), Y.dtype, M.dtype, int(mode),
                seed is not None)
         cfg = tuned("expand", config(T, N, K2, R, Y.device, base_dtype, compute_dtype), candidates, key,
                     lambda c: run(c, Y.clone()), Y.device)
-        run(cfg)  # the tuning runs on a scratch copy: mode 1 accumulates
+        run(cfg)  # the tuning runs on a scratch copy: ACCUMULATE adds to Y
         return Y
     key = ("expand", T, N, K2, R, B, flags, compute_dtype, base_dtype, Y.device, precision(compute_dtype),
            precision(base_dtype), overrides_key("expand"))
@@ -256,7 +258,7 @@ def _plan(cfg, T, N, B, flags, compute_dtype, base_dtype) -> tuple:
                                                                    "GROUP_T"))
     tiles = cdiv(T, cfg["BLOCK_T"]) * cdiv(N, cfg["BLOCK_N"])
     tma = None
-    if mode == 2 and cfg.get("TMA"):
+    if mode == ExpandMode.FUSED_BASE and cfg.get("TMA"):
         programs = min(tiles, cfg["PROGRAMS"])
         opts = {k: v for k, v in launch_opts(cfg).items() if k != "num_stages"}
         if "num_warps" in cfg:  # compiled (not the interpreter): the pipeline depth of the K loop
@@ -302,7 +304,7 @@ def _launch_expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, s
                           or_(seed, slot_rank), T, N, X2.shape[1], R, B, seq_len, float(p_drop), H.stride(0),
                           stride_mr, stride_mn, W_ROWS_ARE_N=w_rows_are_n, **tma[1])
             return
-    if mode == 2:
+    if mode == ExpandMode.FUSED_BASE:
         K2 = X2.shape[1]
         stride_xm, stride_xk = X2.stride()
     else:

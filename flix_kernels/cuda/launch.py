@@ -26,7 +26,6 @@ int32 buffer per stream (:func:`_counters`). ``OVERRIDES`` (tests) forces any ch
 
 from __future__ import annotations
 
-
 import torch
 
 from .. import _launch, settings

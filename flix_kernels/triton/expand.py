@@ -10,7 +10,6 @@ persistent grid.
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

@@ -16,7 +16,6 @@ atomics (``csrc/weight_grad.cu`` is the CUDA counterpart).
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

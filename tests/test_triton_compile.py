@@ -8,7 +8,8 @@ variant is printed (``-s``).
 
 The test suite runs the kernels in the interpreter on CPU machines (``TRITON_INTERPRET=1`` is
 set before flix_kernels is imported), so the compile runs in a subprocess without it:
-``python tests/test_triton_compile.py ARCH`` compiles every variant for ``sm_ARCH``.
+``python tests/test_triton_compile.py ARCH [--every]`` compiles a representative set of variants
+for ``sm_ARCH`` (with ``--every``, as ``FLIX_LONG_TESTS=1`` runs it: every variant).
 """
 
 import os
@@ -31,10 +32,14 @@ def compiles(tmp_path_factory):
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     logs = tmp_path_factory.mktemp("compiles")
+    from conftest import LONG_TESTS  # here, not at the top: this file also runs as the compile script
+
     jobs = {}
+    every = ["--every"] if LONG_TESTS else []  # the exhaustive compile of every variant: long mode
     for job in [str(a) for a in ARCHS] + [f"sass {d}" for d in SASS_DTYPES]:
         out = open(logs / job.replace(" ", "_"), "w+")  # a file, not a pipe: no job blocks on a full pipe
-        jobs[job] = (subprocess.Popen([sys.executable, __file__, *job.split()], env=env, stdout=out,
+        argv = job.split() + (every if job.isdigit() else [])
+        jobs[job] = (subprocess.Popen([sys.executable, __file__, *argv], env=env, stdout=out,
                                       stderr=subprocess.STDOUT, text=True), out)
     yield jobs
     for proc, out in jobs.values():
@@ -368,7 +373,9 @@ def sass_main(dtype: str) -> int:
     return 0
 
 
-def main(arch: int) -> int:
+def main(arch: int, every: bool) -> int:
+    """Compile the kernel variants for sm_ARCH: every one (``every``: the long mode), else one
+    representative set, the packed layout's (the harder example search), every family and mode."""
     try:
         import triton.language as tl
         from triton.backends.compiler import GPUTarget  # noqa: F401
@@ -378,8 +385,8 @@ def main(arch: int) -> int:
         return 77
     import triton
 
-    print(f"triton {triton.__version__}, sm_{arch}")
-    for packed in (False, True):
+    print(f"triton {triton.__version__}, sm_{arch}, {'every variant' if every else 'representative variants'}")
+    for packed in (False, True) if every else (True,):
         for dropout in (False, True):
             compile_shrink(arch, packed, dropout, tl)
         for mode in (0, 1, 2):
@@ -391,4 +398,4 @@ def main(arch: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(sass_main(sys.argv[2]) if sys.argv[1] == "sass" else main(int(sys.argv[1])))
+    sys.exit(sass_main(sys.argv[2]) if sys.argv[1] == "sass" else main(int(sys.argv[1]), "--every" in sys.argv))

@@ -37,6 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# The bench's own noise rules and summary, from this checkout: on a bare GPU machine the package is
+# installed only after this process started (its build is the first part), and what a running
+# interpreter imports is fixed when it starts.
+sys.path.insert(0, str(ROOT))
 # What the device tool brings back from $OUT (its README): files, bytes each, characters in a name.
 MAX_FILES, MAX_FILE_BYTES, NAME_OK = 8, 16 << 20, re.compile(r"^[A-Za-z0-9._-]+$")
 ARCHIVE, SUMMARY_JSON, SUMMARY_MD, LOG = "verify.tar.gz", "summary.json", "summary.md", "verify.log"
@@ -215,9 +219,7 @@ def outcome(step: Step, work: Path) -> dict:
         rec = json.loads(path.read_text())
         if "summary" not in rec and rec.get("rows"):  # cut: the bench's checkpoint, not yet summarised
             try:
-                from flix_kernels.bench import report
-
-                report.annotate(rec)
+                _report().annotate(rec)
             except Exception as exc:  # a partial record the report cannot read: keep the rows
                 rec["summary"] = {"error": f"{type(exc).__name__}: {exc}"}
         summary = rec.get("summary", {})
@@ -232,35 +234,38 @@ def outcome(step: Step, work: Path) -> dict:
     return {}
 
 
+def _report():
+    """:mod:`flix_kernels.bench.report` (imported when first needed: it brings torch)."""
+    from flix_kernels.bench import report
+
+    return report
+
+
 def headline_ms(rec: dict) -> dict:
-    """``{"forward"|"backward"|"forward+backward" [" graph"]: {variant: median ms}}`` of our
-    variants and base at the headline (and at decode T=8), for the decisions."""
+    """``{"<case> | <mode>[ | graph]": {variant: {"ms", "noise"}}}`` of our variants and base, for
+    the decisions (the noise as the bench's report reads it)."""
     out = {}
     for r in rec.get("rows", []):
         if r.get("median_ms") is None or not (r["ours"] or r["variant"] == "base F.linear"):
             continue
         key = f"{r['case']} | {r['mode']}{' | graph' if r.get('graph') else ''}"
-        out.setdefault(key, {})[r["variant"]] = {"ms": r["median_ms"], "noise": noise(r)}
+        out.setdefault(key, {})[r["variant"]] = {"ms": r["median_ms"], "noise": _report().noise(r)}
     return out
-
-
-def noise(row: dict) -> float:
-    """A timing's relative noise: the wider of its repeat spread and its p20..p80 width (as the
-    bench's report reads it)."""
-    width = (row.get("p80_ms", row["median_ms"]) - row.get("p20_ms", row["median_ms"])) / row["median_ms"]
-    return max(abs(row.get("spread") or 0.0), width)
 
 
 # ---- decisions -------------------------------------------------------------------------------
 
 def faster(a: dict | None, b: dict | None) -> str:
-    """"yes" when timing ``a`` beats ``b`` by more than their combined noise, "no" when it loses
-    by more, else "inconclusive" (or "not measured")."""
+    """"yes" when timing ``a`` beats ``b``, "no" when it loses, each only where the ratio is a
+    result by the bench's own rule (its uncertainty smaller than the difference), else
+    "inconclusive" (or "not measured")."""
     if not a or not b:
         return "not measured"
-    margin = (a["noise"] ** 2 + b["noise"] ** 2) ** 0.5
+    report = _report()
     ratio = a["ms"] / b["ms"]
-    return "yes" if ratio < 1 - margin else "no" if ratio > 1 + margin else "inconclusive"
+    if report.ratio_flag(ratio, report.combined_spread(a["noise"], b["noise"])):
+        return "inconclusive"
+    return "yes" if ratio < 1 else "no"
 
 
 def decide(parts: list[dict]) -> dict:
@@ -342,7 +347,8 @@ def markdown(summary: dict) -> str:
     targets = [(s["step"], name, t) for p in summary["parts"] for s in p["steps"]
                for name, t in s.get("targets", {}).items()]
     if targets:
-        lines += ["", "## Targets", "", "| run | target | goal | measured | ours | verdict |", "|---|---|---|---|---|---|"]
+        lines += ["", "## Targets", "", "| run | target | goal | measured | ours | verdict |",
+                  "|---|---|---|---|---|---|"]
         for step, name, t in targets:
             m = t.get("measured")
             shown = f"{m:.3f} ± {100 * t.get('uncertainty', 0):.0f}%" if isinstance(m, float) else str(m)
@@ -400,8 +406,7 @@ def dry_check(step: Step, work: Path) -> dict:
         argv = [a for a in argv if not a.startswith("--durations")] + ["--collect-only"]
         proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
         log.write_text(proc.stdout[-20000:] + proc.stderr[-5000:])
-        m = re.search(r"(\d+)(?:/\d+)? tests? collected", proc.stdout) or re.search(r"(\d+) tests? collected",
-                                                                                    proc.stdout)
+        m = re.search(r"(\d+)(?:/\d+)? tests? collected", proc.stdout)  # "131/600 tests collected" with -k
         n = int(m.group(1)) if m else 0
         ok = proc.returncode == 0 and n > 0
         return {"status": "ok" if ok else "fails", "tests": f"{n} collected", "rc": proc.returncode}

@@ -94,6 +94,9 @@ void launch(const Matrix& h, const Matrix& m, const Matrix& y, bool accumulate, 
   check_launch("expand_kernel");
 }
 
+// The two tile classes' block shapes (flix.h).
+constexpr BlockShape kSmall = kExpandBlock[0], kLarge = kExpandBlock[1];
+
 }  // namespace
 
 void expand(const Matrix& h, const Matrix& m, const Matrix& y, bool accumulate, const Routing& routing,
@@ -115,9 +118,9 @@ void expand(const Matrix& h, const Matrix& m, const Matrix& y, bool accumulate, 
     using TA = typename decltype(act)::type;
     using TC = typename decltype(compute)::type;
     if (tile == Tile::small) {
-      launch<TA, TC, kExpandBlock[0].rows, kExpandBlock[0].cols, kExpandBlock[0].k>(h, m, y, accumulate, routing, dropout, as_stream(stream));
+      launch<TA, TC, kSmall.rows, kSmall.cols, kSmall.k>(h, m, y, accumulate, routing, dropout, as_stream(stream));
     } else {
-      launch<TA, TC, kExpandBlock[1].rows, kExpandBlock[1].cols, kExpandBlock[1].k>(h, m, y, accumulate, routing, dropout, as_stream(stream));
+      launch<TA, TC, kLarge.rows, kLarge.cols, kLarge.k>(h, m, y, accumulate, routing, dropout, as_stream(stream));
     }
   });
 }

@@ -112,6 +112,9 @@ void launch(const Matrix& x, const Matrix& m, float* h, float* workspace, int* c
   check_launch("shrink_kernel");
 }
 
+// The two tile classes' block shapes (flix.h).
+constexpr BlockShape kSmall = kShrinkBlock[0], kLarge = kShrinkBlock[1];
+
 }  // namespace
 
 void shrink(const Matrix& x, const Matrix& m, float* h, float* workspace, int* counters, int splits,
@@ -133,9 +136,11 @@ void shrink(const Matrix& x, const Matrix& m, float* h, float* workspace, int* c
     using TA = typename decltype(act)::type;
     using TC = typename decltype(compute)::type;
     if (tile == Tile::small) {
-      launch<TA, TC, kShrinkBlock[0].rows, kShrinkBlock[0].cols, kShrinkBlock[0].k>(x, m, h, workspace, counters, splits, routing, scales, dropout, as_stream(stream));
+      launch<TA, TC, kSmall.rows, kSmall.cols, kSmall.k>(
+          x, m, h, workspace, counters, splits, routing, scales, dropout, as_stream(stream));
     } else {
-      launch<TA, TC, kShrinkBlock[1].rows, kShrinkBlock[1].cols, kShrinkBlock[1].k>(x, m, h, workspace, counters, splits, routing, scales, dropout, as_stream(stream));
+      launch<TA, TC, kLarge.rows, kLarge.cols, kLarge.k>(
+          x, m, h, workspace, counters, splits, routing, scales, dropout, as_stream(stream));
     }
   });
 }

@@ -201,6 +201,9 @@ void launch(const GradOperands& op, const Matrix& g, const Routing& routing, con
   check_launch("grad_reduce_kernel");
 }
 
+// The two tile classes' block shapes (flix.h).
+constexpr BlockShape kSmall = kWeightGradBlock[0], kLarge = kWeightGradBlock[1];
+
 }  // namespace
 
 void weight_grad(const Matrix& l, const Matrix& r, const Matrix& g, const Routing& routing, const Pairs& pairs,
@@ -226,9 +229,11 @@ void weight_grad(const Matrix& l, const Matrix& r, const Matrix& g, const Routin
     using TA = typename decltype(act)::type;
     using TC = typename decltype(compute)::type;
     if (tile == Tile::small) {
-      launch<TA, TC, kWeightGradBlock[0].rows, kWeightGradBlock[0].cols, kWeightGradBlock[0].k>(op, g, routing, pairs, workspace, chunks, chunk, dropout, as_stream(stream));
+      launch<TA, TC, kSmall.rows, kSmall.cols, kSmall.k>(
+          op, g, routing, pairs, workspace, chunks, chunk, dropout, as_stream(stream));
     } else {
-      launch<TA, TC, kWeightGradBlock[1].rows, kWeightGradBlock[1].cols, kWeightGradBlock[1].k>(op, g, routing, pairs, workspace, chunks, chunk, dropout, as_stream(stream));
+      launch<TA, TC, kLarge.rows, kLarge.cols, kLarge.k>(
+          op, g, routing, pairs, workspace, chunks, chunk, dropout, as_stream(stream));
     }
   });
 }

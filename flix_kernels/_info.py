@@ -8,7 +8,7 @@ import platform
 def info() -> dict:
     """Versions, the device, which backends can run here (and why not), how "auto" chooses, the
     CUDA extension's build (status, target archs, CUDA runtime, compiler), the kernel switches
-    (:mod:`flix_kernels.settings`) and the Triton settings."""
+    (:mod:`flix_kernels.settings`) and whether Triton runs in its interpreter."""
     import torch
 
     import flix_kernels
@@ -41,8 +41,5 @@ def info() -> dict:
     }
     out["switches"] = {name: s["value"] for name, s in settings.kernel_switches().items()}
     if triton_backend.launch is not None:
-        launch = triton_backend.launch
-        out["triton_settings"] = {"fuse_base (FLIX_FUSE_BASE)": triton_backend.FUSE_BASE,
-                                  "autotune (FLIX_TRITON_AUTOTUNE)": launch.autotuning(),
-                                  "interpreter (TRITON_INTERPRET)": launch.interpreting()}
+        out["triton_interpreter"] = triton_backend.launch.interpreting()
     return out

@@ -18,12 +18,11 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["DECODE_TOKENS", "INTERPRETER_BF16", "ExpandMode", "Launch", "LaunchRecord", "call_extension", "cdiv", "launch_triton",
-           "next_pow2", "num_sms", "recording"]
+__all__ = ["DECODE_TOKENS", "INTERPRETER_BF16", "ExpandMode", "Launch", "LaunchRecord", "call_extension", "cdiv",
+           "launch_triton", "next_pow2", "num_sms", "recording"]
 
 # Token counts up to this are the decode shape class (launch plans and "auto" pick by it).
 DECODE_TOKENS = 64
-
 
 
 class ExpandMode(enum.IntEnum):

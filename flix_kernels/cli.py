@@ -31,13 +31,13 @@ def _print_info() -> int:
         print(f"CUDA extension: not loaded: {ext['error']}")
     print("switches: " + ", ".join(f"{k}={int(v)}" for k, v in d["switches"].items())
           + " (the README's 'Environment variables' says what each does)")
-    if "triton_settings" in d:
-        print("triton settings: " + ", ".join(f"{k} {'on' if v else 'off'}" for k, v in d["triton_settings"].items()))
+    if "triton_interpreter" in d:
+        print(f"triton interpreter (TRITON_INTERPRET): {'on' if d['triton_interpreter'] else 'off'}")
     return 0
 
 
 INFO = ("show versions, the device, which backends can run here (and why not), how backend 'auto' chooses, "
-        "the CUDA extension's build and the Triton settings")
+        "the CUDA extension's build and the FLIX_* kernel switches")
 BENCH = ("time FLix layers against base F.linear, the per-feature loop, PEFT LoRA and more, each checked against "
          "float64 first; writes results.json, results.md and plots (CPU timings are smoke tests, not results)")
 DEMO = ("zero-shot composition experiment: FLix vs LoRA on held-out (language, task) pairs of real languages' "
@@ -224,10 +224,11 @@ def _bench(args) -> int:
               + "; ".join(f"{b} is not timed ({r})" for b, r in why.items() if r) + ". " + CPU_CAVEAT)
     shapes = args.shapes or ([] if only_modes else ["headline", "decode"] if args.quick else ["all"])
     shapes = SHAPE_SETS if "all" in shapes else tuple(shapes)
+    compare = None if args.compare is None else tuple(args.compare)
     cfg = Config(device=device, shapes=shapes, quick=args.quick, compile_torch=args.compile_torch,
-                 e2e=args.e2e_only or (args.e2e and not only_modes), compare=None if args.compare is None else tuple(args.compare), overhead=args.overhead or args.quick,
-                 serving=args.serving or args.quick, quantized=args.quantized or args.quick, backends=backends,
-                 rep_ms=args.rep_ms)
+                 e2e=args.e2e_only or (args.e2e and not only_modes), compare=compare,
+                 overhead=args.overhead or args.quick, serving=args.serving or args.quick,
+                 quantized=args.quantized or args.quick, backends=backends, rep_ms=args.rep_ms)
     # A live progress line shows nothing in a file until the end: a log gets a line per case.
     record = bench(cfg, out, show_progress=args.progress, case_lines=not _on_terminal())
     if record["failures"]:

@@ -134,7 +134,8 @@ def test_a_slow_step_is_cut_at_its_deadline_and_the_next_part_still_runs(tmp_pat
     sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
     budget = verify.MIN_STEP_S + 1
     parts = [verify.Part("slow", budget, "a step that outlives its part", [verify.Step("sleeper", sleep)]),
-             verify.Part("next", budget, "runs on its own budget", [verify.Step("quick", [sys.executable, "-c", "pass"])]),
+             verify.Part("next", budget, "runs on its own budget",
+                         [verify.Step("quick", [sys.executable, "-c", "pass"])]),
              verify.Part("late", 0.1, "gets what 'next' left", [verify.Step("heir", sleep)]),
              verify.Part("starved", 0.1, "nothing is left for it", [verify.Step("never", sleep)])]
     records = verify.run_plan(parts, tmp_path, lambda msg: None, total_s=100)
@@ -183,8 +184,8 @@ def test_a_cut_bench_run_still_gives_its_targets(tmp_path):
     summary reads the targets and timings from it."""
     rows = [_row("headline", "base F.linear", m, 1.0, ours=False) for m in ("forward", "forward+backward")]
     rows += [_row("headline", "ours: triton", m, 1.05) for m in ("forward", "forward+backward")]
-    rec = {"device": {"type": "cuda", "name": "NVIDIA H100"}, "rows": rows, "cases": [{"label": "headline", "floors_ms": {}}],
-           "failures": []}
+    rec = {"device": {"type": "cuda", "name": "NVIDIA H100"}, "rows": rows,
+           "cases": [{"label": "headline", "floors_ms": {}}], "failures": []}
     (tmp_path / "results" / "headline").mkdir(parents=True)
     (tmp_path / "results" / "headline" / "results.json").write_text(json.dumps(rec))
     got = verify.outcome(verify.bench_step("headline"), tmp_path)
@@ -225,3 +226,30 @@ def test_real_steps_are_run_and_read_back(tmp_path):
     assert "decode T=8 forward / base" in bench["targets"]
     assert set(bench["headline_ms"]["decode T=8 | forward"]) == {"base F.linear", "ours: torch"}
     assert verify.decide(records)["AUTO_TABLE"]["decode"][0] == "torch"
+
+
+def test_a_failed_extension_build_installs_without_it_and_says_so(tmp_path):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "results").mkdir()
+    install = [sys.executable, "-c", "import os, sys; sys.exit(0 if os.environ.get('FLIX_CUDA') == '0' else 1)"]
+    records = verify.run_plan([verify.Part("build", 60, "install", [verify.Step("install", install)])], tmp_path,
+                              lambda msg: None, total_s=100)
+    (step,) = records[0]["steps"]
+    assert step["status"] == "failed" and step["fallback"]["rc"] == 0
+    assert "CUDA backend was not verified" in records[0]["note"]
+
+
+def test_outputs_that_would_not_come_back_are_refused(tmp_path):
+    for i in range(verify.MAX_FILES + 1):
+        (tmp_path / f"f{i}.txt").write_text("x")
+    with pytest.raises(SystemExit, match="9 files"):
+        verify.check_limits(tmp_path)
+    with pytest.raises(SystemExit, match="is not empty"):
+        verify.main(["--dry-run", "--out", str(tmp_path)])
+    bad = tmp_path / "sub"
+    bad.mkdir()
+    (bad / "a name.txt").write_text("x")
+    for p in tmp_path.glob("f*.txt"):
+        p.unlink()
+    with pytest.raises(SystemExit, match="a name the tool does not return"):
+        verify.check_limits(tmp_path)

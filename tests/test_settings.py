@@ -17,7 +17,8 @@ def test_every_flix_variable_the_repository_reads_is_declared():
     files = [p for p in ROOT.rglob("*") if p.is_file() and p.suffix in (".py", ".sh", ".toml")
              and not any(part.startswith(".") or part in ("build", "results") or part.endswith(".egg-info")
                          for part in p.relative_to(ROOT).parts[:-1])]
-    files += [ROOT / ".ci" / "run", ROOT / "Makefile"]  # (CMakeLists.txt's FLIX_* are CMake variables, not the environment)
+    # (CMakeLists.txt's FLIX_* are CMake variables, not the environment)
+    files += [ROOT / ".ci" / "run", ROOT / "Makefile"]
     used = set()
     for p in files:
         try:

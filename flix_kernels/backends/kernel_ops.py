@@ -182,9 +182,9 @@ class KernelOps:
                 else:
                     def fused():
                         return launch.expand(g, lora_A, stride_ar, stride_ak, x.new_empty(x.shape), slot_rank,
-                                             slot_feature, cu, seq_len, cdt, mode=ExpandMode.FUSED_BASE, X2=dy, W2=weight,
-                                             stride_wn=weight.stride(1), stride_wk=weight.stride(0), seed=seed,
-                                             p_drop=dropout_p)
+                                             slot_feature, cu, seq_len, cdt, mode=ExpandMode.FUSED_BASE, X2=dy,
+                                             W2=weight, stride_wn=weight.stride(1), stride_wk=weight.stride(0),
+                                             seed=seed, p_drop=dropout_p)
 
                     T, K = x.shape
                     key = ("input_grad", T <= DECODE_TOKENS, next_pow2(T), K, dy.shape[1], x.dtype)

@@ -239,8 +239,8 @@ def _grad_primitive(ids: Tensor, P: Tensor, dout: Tensor, dtype: torch.dtype) ->
     partial = torch.empty(splits, K, D, device=P.device, dtype=torch.float32)
     grid = (cdiv(K, cfg["BLOCK_K"]), cdiv(D, cfg["BLOCK_N"]), splits)
     launch_triton(
-        gathered_outer_kernel, grid, ids, P, dout, partial, T, K, D, V, per_split, P.stride(0), P.stride(1), dout.stride(0), dout.stride(1),
-        partial.stride(0), partial.stride(1), partial.stride(2),
+        gathered_outer_kernel, grid, ids, P, dout, partial, T, K, D, V, per_split, P.stride(0), P.stride(1),
+        dout.stride(0), dout.stride(1), partial.stride(0), partial.stride(1), partial.stride(2),
         COMPUTE_DTYPE=_tuning.tl_dtype(P.dtype), PRECISION=_tuning.precision(P.dtype), **cfg,
     )
     return (partial[0] if splits == 1 else partial.sum(0)).to(dtype)

@@ -2,8 +2,8 @@
 example's gathered rank slots (``csrc/expand.cu`` is the CUDA counterpart).
 
 MODE (:class:`~flix_kernels._launch.ExpandMode`) 0 writes the update alone, 1 accumulates into Y
-in place (after cuBLAS computed the base), 2 computes the base GEMM in the same tile (fused forward, or fused
-``dx = dy W + drop'(g A_S)``): :func:`expand_kernel` by pointers on any GPU, or on Hopper
+in place (after cuBLAS computed the base), 2 computes the base GEMM in the same tile (fused
+forward, or fused ``dx = dy W + drop'(g A_S)``): :func:`expand_kernel` by pointers on any GPU, or on Hopper
 :func:`fused_linear_tma_kernel`, the same tile with its GEMM operands moved by TMA on a
 persistent grid.
 """
@@ -185,14 +185,16 @@ def config(T: int, N: int, K2: int, R: int, device: torch.device, dtype: torch.d
         # stages of them exceed shared memory.
         ieee = "ieee" in (dot_kind(dtype), dot_kind(compute_dtype))
         block_k = {"16-bit": 64, "tf32": 32, "ieee": 16}[dot_kind(dtype)]
-        cfg = dict(BLOCK_T=64 if ieee else 128, BLOCK_N=128, BLOCK_R=next_pow2(R, DOT_MIN, 32), BLOCK_K=block_k, GROUP_T=8,
-                   num_warps=8, TMA=has_tma(device), PROGRAMS=num_sms(device) if sms is None else sms, TMA_STAGES=4)
+        cfg = dict(BLOCK_T=64 if ieee else 128, BLOCK_N=128, BLOCK_R=next_pow2(R, DOT_MIN, 32), BLOCK_K=block_k,
+                   GROUP_T=8, num_warps=8, TMA=has_tma(device), PROGRAMS=num_sms(device) if sms is None else sms,
+                   TMA_STAGES=4)
     else:
         # 64 x 64 tiles with 8 warps for the in-place update: with 4 warps, up to 64 rank slots
         # and dropout reach 255 registers per thread and spill on sm_90 (test_triton_compile.py);
         # IEEE fp32 (FMA dots) takes slot blocks of 32.
         ieee = dot_kind(compute_dtype) == "ieee"
-        cfg = dict(BLOCK_T=64, BLOCK_N=64, BLOCK_R=next_pow2(R, DOT_MIN, 32 if ieee else 64), BLOCK_K=64, GROUP_T=1, num_warps=8)
+        cfg = dict(BLOCK_T=64, BLOCK_N=64, BLOCK_R=next_pow2(R, DOT_MIN, 32 if ieee else 64), BLOCK_K=64, GROUP_T=1,
+                   num_warps=8)
     return finish("expand", cfg, device)
 
 
@@ -229,8 +231,8 @@ def expand(H, M, stride_mr, stride_mn, Y, slot_rank, slot_feature, cu, seq_len, 
                            stride_wn, stride_wk, bias, seed, p_drop,
                            _plan(cfg, T, N, B, flags, compute_dtype, base_dtype))
 
-        key = (T <= DECODE_TOKENS, next_pow2(T), next_pow2(N), next_pow2(K2), next_pow2(R), Y.dtype, M.dtype, int(mode),
-               seed is not None)
+        key = (T <= DECODE_TOKENS, next_pow2(T), next_pow2(N), next_pow2(K2), next_pow2(R), Y.dtype, M.dtype,
+               int(mode), seed is not None)
         cfg = tuned("expand", config(T, N, K2, R, Y.device, base_dtype, compute_dtype), candidates, key,
                     lambda c: run(c, Y.clone()), Y.device)
         run(cfg)  # the tuning runs on a scratch copy: ACCUMULATE adds to Y

@@ -16,6 +16,6 @@ from .tuning import (OVERRIDES, SUPPORTED_DTYPES, autotuning, choose, interprete
                      precision, tl_dtype, tuned_configs)
 from .weight_grad import USE_DY_PASS, WORKSPACE_BYTES, dy_pass, weight_grad, weight_grad_pair
 
-__all__ = ["OVERRIDES", "SUPPORTED_DTYPES", "USE_DY_PASS", "WORKSPACE_BYTES", "autotuning", "choose", "dy_pass", "expand", "has_tma",
-           "interpreter_unavailable_reason", "interpreting", "keep_mask", "precision", "shrink", "tl_dtype", "tuned_configs", "weight_grad",
-           "weight_grad_pair"]
+__all__ = ["OVERRIDES", "SUPPORTED_DTYPES", "USE_DY_PASS", "WORKSPACE_BYTES", "autotuning", "choose", "dy_pass",
+           "expand", "has_tma", "interpreter_unavailable_reason", "interpreting", "keep_mask", "precision", "shrink",
+           "tl_dtype", "tuned_configs", "weight_grad", "weight_grad_pair"]

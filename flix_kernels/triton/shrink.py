@@ -74,8 +74,8 @@ def config(T: int, K: int, R: int, device: torch.device, compute_dtype: torch.dt
     # caps these kernels at 128 registers and spilled 64 x 32 with dropout).
     block_k = 128 if decode else 128 // max(compute_dtype.itemsize, 2)
     ieee = not decode and dot_kind(compute_dtype) == "ieee"
-    cfg = dict(BLOCK_T=16 if decode else 32 if ieee else 64, BLOCK_R=next_pow2(R, DOT_MIN, 32 if ieee else 64), BLOCK_K=block_k,
-               num_warps=4 if decode else 8)
+    cfg = dict(BLOCK_T=16 if decode else 32 if ieee else 64, BLOCK_R=next_pow2(R, DOT_MIN, 32 if ieee else 64),
+               BLOCK_K=block_k, num_warps=4 if decode else 8)
     # Decode reads A_S once per example: split K so every SM streams a part of it.
     tiles = cdiv(T, cfg["BLOCK_T"]) * cdiv(R, cfg["BLOCK_R"])
     sms = num_sms(device) if sms is None else sms

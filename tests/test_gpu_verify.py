@@ -232,11 +232,16 @@ def test_a_failed_extension_build_installs_without_it_and_says_so(tmp_path):
     (tmp_path / "logs").mkdir()
     (tmp_path / "results").mkdir()
     install = [sys.executable, "-c", "import os, sys; sys.exit(0 if os.environ.get('FLIX_CUDA') == '0' else 1)"]
-    records = verify.run_plan([verify.Part("build", 60, "install", [verify.Step("install", install)])], tmp_path,
-                              lambda msg: None, total_s=100)
+    planned = verify.plan(0, "90")[0].steps[0]  # the plan's own install step, with this program instead of pip
+    step = verify.Step("install", install, env=planned.env, fallback=planned.fallback,
+                       fallback_note=planned.fallback_note)
+    records = verify.run_plan([verify.Part("build", 60, "install", [step])], tmp_path, lambda msg: None, total_s=100)
     (step,) = records[0]["steps"]
     assert step["status"] == "failed" and step["fallback"]["rc"] == 0
     assert "CUDA backend was not verified" in records[0]["note"]
+    summary = {"dry_run": False, "provenance": verify.provenance(), "seconds": 1.0, "parts": records,
+               "decisions": verify.decide(records)}
+    assert "**build**: the CUDA extension did not build" in verify.markdown(summary)
 
 
 def test_outputs_that_would_not_come_back_are_refused(tmp_path):
